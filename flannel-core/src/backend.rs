@@ -1,0 +1,194 @@
+//! The backend contract and the backend registry.
+//!
+//! A backend turns leases into a data plane (vxlan devices and FDB entries, host routes, a userspace
+//! tunnel, …). Each backend crate registers a constructor under its type name, like Go flannel's
+//! `backend.Register` in `init()`; `flanneld` picks one by the network config's `Backend.Type`.
+//!
+//! Writing a backend:
+//!
+//! ```
+//! use async_trait::async_trait;
+//! use flannel_core::{Backend, BackendContext, BackendError, Lease, LeaseAttrs, Network, NetworkConfig};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! #[derive(Debug)]
+//! struct Noop(BackendContext);
+//!
+//! #[async_trait]
+//! impl Backend for Noop {
+//!     async fn register_network(&self, _config: &NetworkConfig) -> Result<Box<dyn Network>, BackendError> {
+//!         let attrs = LeaseAttrs { public_ip: self.0.ext_iface.ext_addr.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED), ..Default::default() };
+//!         let lease = self.0.subnet_manager.acquire_lease(&attrs).await?;
+//!         Ok(Box::new(NoopNet { lease, mtu: self.0.ext_iface.mtu }))
+//!     }
+//! }
+//!
+//! #[derive(Debug)]
+//! struct NoopNet { lease: Lease, mtu: u32 }
+//!
+//! #[async_trait]
+//! impl Network for NoopNet {
+//!     fn lease(&self) -> &Lease { &self.lease }
+//!     fn mtu(&self) -> u32 { self.mtu }
+//!     async fn run(self: Box<Self>, shutdown: CancellationToken) -> Result<(), BackendError> {
+//!         shutdown.cancelled().await;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! flannel_core::register_backend!("noop-doc", |ctx| Ok(Box::new(Noop(ctx))));
+//!
+//! assert!(flannel_core::registered_backends().contains(&"noop-doc"));
+//! ```
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::{ExternalInterface, Lease, NetworkConfig, SubnetError, SubnetManager};
+
+/// Errors of a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// No backend is registered under that name.
+    #[error(
+        "unknown backend type {name:?}: this flanneld knows {registered}; set Backend.Type in the network config to one of them"
+    )]
+    Unknown {
+        /// The requested name.
+        name: String,
+        /// The registered names, comma separated.
+        registered: String,
+    },
+    /// The backend's options in the network config are wrong.
+    #[error("invalid {backend} backend options: {message}")]
+    InvalidOptions {
+        /// The backend type.
+        backend: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// The subnet manager failed.
+    #[error(transparent)]
+    Subnet(#[from] SubnetError),
+    /// A kernel or I/O operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, naming the object (e.g. `creating vxlan device flannel.1`).
+        context: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What a backend constructor gets: the subnet manager and the chosen external interface.
+#[derive(Debug, Clone)]
+pub struct BackendContext {
+    /// The subnet manager, for acquiring the lease.
+    pub subnet_manager: Arc<dyn SubnetManager>,
+    /// The interface the overlay runs over.
+    pub ext_iface: ExternalInterface,
+}
+
+/// A backend: sets up the node's part of one network.
+#[async_trait]
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Creates what the backend needs (devices), acquires the lease through the subnet manager with
+    /// the backend's data in it, and returns the network ready to [`run`](Network::run).
+    async fn register_network(
+        &self,
+        config: &NetworkConfig,
+    ) -> Result<Box<dyn Network>, BackendError>;
+}
+
+/// A registered network: knows its lease and MTU and keeps the data plane in step with the leases.
+#[async_trait]
+pub trait Network: Send + Sync + std::fmt::Debug {
+    /// The node's own lease.
+    fn lease(&self) -> &Lease;
+
+    /// The MTU pods should use (written to `subnet.env`).
+    fn mtu(&self) -> u32;
+
+    /// Processes lease events until `shutdown` is cancelled. The data plane is left in place on return.
+    async fn run(self: Box<Self>, shutdown: CancellationToken) -> Result<(), BackendError>;
+}
+
+/// A backend constructor.
+pub type BackendCtor = fn(BackendContext) -> Result<Box<dyn Backend>, BackendError>;
+
+/// One entry of the backend registry; create it with [`register_backend!`](crate::register_backend).
+#[derive(Debug)]
+pub struct BackendRegistration {
+    /// The type name, lower case (`vxlan`, `host-gw`, …).
+    pub name: &'static str,
+    /// The constructor.
+    pub ctor: BackendCtor,
+}
+
+inventory::collect!(BackendRegistration);
+
+/// Registers a backend constructor under a type name. Use it once at the top level of a backend crate:
+///
+/// ```ignore
+/// flannel_core::register_backend!("vxlan", VxlanBackend::new);
+/// ```
+///
+/// The binary must name the crate (`use my_backend as _;`) or the linker drops the registration.
+#[macro_export]
+macro_rules! register_backend {
+    ($name:expr, $ctor:expr) => {
+        $crate::inventory::submit! {
+            $crate::BackendRegistration { name: $name, ctor: $ctor }
+        }
+    };
+}
+
+/// The names of every backend linked into this binary, sorted.
+pub fn registered_backends() -> Vec<&'static str> {
+    let mut names: Vec<_> = inventory::iter::<BackendRegistration>
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// Finds a backend by type name, case-insensitively.
+pub fn lookup_backend(name: &str) -> Result<&'static BackendRegistration, BackendError> {
+    inventory::iter::<BackendRegistration>
+        .into_iter()
+        .find(|r| r.name.eq_ignore_ascii_case(name))
+        .ok_or_else(|| {
+            let names = registered_backends();
+            BackendError::Unknown {
+                name: name.to_string(),
+                registered: if names.is_empty() {
+                    "no backends".to_string()
+                } else {
+                    names.join(", ")
+                },
+            }
+        })
+}
+
+/// Finds the backend named `name` and constructs it.
+pub fn new_backend(name: &str, ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
+    (lookup_backend(name)?.ctor)(ctx)
+}
+
+/// Runs a future until `shutdown` is cancelled; handy in [`Network::run`] implementations.
+pub async fn until_cancelled<F: std::future::Future>(
+    shutdown: &CancellationToken,
+    f: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        out = f => Some(out),
+    }
+}

@@ -1,0 +1,705 @@
+//! Choosing the external interface the overlay runs over (Go flannel's `--iface`, `--iface-regex`,
+//! `--iface-can-reach`, `--public-ip` rules).
+//!
+//! The choice itself is a pure function, [`choose`], over a [`HostSnapshot`] of links, addresses and
+//! default routes; [`select_external_interface`] reads that snapshot from the kernel over netlink (and
+//! asks the kernel's route lookup for `--iface-can-reach`).
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
+use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+
+/// The interface flanneld uses and the addresses it advertises.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalInterface {
+    /// Kernel interface index.
+    pub index: u32,
+    /// Interface name.
+    pub name: String,
+    /// Interface MTU.
+    pub mtu: u32,
+    /// The interface's IPv4 address (when the IPv4 stack is enabled).
+    pub iface_addr: Option<Ipv4Addr>,
+    /// The interface's IPv6 address (when the IPv6 stack is enabled).
+    pub iface_v6_addr: Option<Ipv6Addr>,
+    /// The advertised IPv4 address: `--public-ip`, else `iface_addr`.
+    pub ext_addr: Option<Ipv4Addr>,
+    /// The advertised IPv6 address: `--public-ipv6`, else `iface_v6_addr`.
+    pub ext_v6_addr: Option<Ipv6Addr>,
+}
+
+impl fmt::Display for ExternalInterface {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (index {}, mtu {}", self.name, self.index, self.mtu)?;
+        if let Some(a) = self.ext_addr {
+            write!(f, ", public ip {a}")?;
+        }
+        if let Some(a) = self.ext_v6_addr {
+            write!(f, ", public ipv6 {a}")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// What the operator asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IfaceSpec {
+    /// `--iface` values (names or IP addresses), tried in order.
+    pub ifaces: Vec<String>,
+    /// `--iface-regex` values, tried after `ifaces`.
+    pub iface_regexes: Vec<String>,
+    /// `--iface-can-reach`: use the interface the kernel routes this address through.
+    pub can_reach: Option<IpAddr>,
+    /// `--public-ip`.
+    pub public_ip: Option<Ipv4Addr>,
+    /// `--public-ipv6`.
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// Whether the IPv4 stack is in use (config `EnableIPv4`).
+    pub ipv4: bool,
+    /// Whether the IPv6 stack is in use (config `EnableIPv6`).
+    pub ipv6: bool,
+}
+
+/// One address of a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostAddr {
+    /// The address.
+    pub ip: IpAddr,
+    /// Whether it is deprecated (skipped).
+    pub deprecated: bool,
+    /// Whether it is permanent (preferred over dynamic ones).
+    pub permanent: bool,
+}
+
+/// One link and its addresses, in kernel order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLink {
+    /// Kernel index.
+    pub index: u32,
+    /// Name.
+    pub name: String,
+    /// MTU.
+    pub mtu: u32,
+    /// Addresses.
+    pub addrs: Vec<HostAddr>,
+}
+
+/// The host's links and default routes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostSnapshot {
+    /// Links in kernel index order.
+    pub links: Vec<HostLink>,
+    /// The link of the first IPv4 default route of the main table.
+    pub default_v4: Option<u32>,
+    /// The link of the first IPv6 default route of the main table.
+    pub default_v6: Option<u32>,
+    /// The kernel's answer for `--iface-can-reach`: output link and preferred source.
+    pub can_reach: Option<(u32, Option<IpAddr>)>,
+}
+
+/// Why no interface could be chosen.
+#[derive(Debug, thiserror::Error)]
+pub enum IfaceError {
+    /// Nothing matched.
+    #[error("{0}")]
+    NotFound(String),
+    /// The interface has no usable address of a needed family.
+    #[error(
+        "interface {iface} has no usable {family} address; give it one, or pick another interface with --iface"
+    )]
+    NoAddress {
+        /// Interface name.
+        iface: String,
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+    },
+    /// The interface reports MTU 0.
+    #[error("interface {0} has MTU 0; check the interface configuration")]
+    ZeroMtu(String),
+    /// An `--iface-regex` does not compile.
+    #[error("invalid --iface-regex {0:?}: {1}")]
+    BadRegex(String, String),
+    /// The kernel could not be asked.
+    #[error("reading interfaces over netlink: {0}")]
+    Netlink(String),
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
+    }
+}
+
+/// The address flanneld uses on `link` for one family: deprecated addresses skipped, global before
+/// link-local, permanent before dynamic, otherwise kernel order.
+fn best_addr(link: &HostLink, v6: bool) -> Option<IpAddr> {
+    let mut cands: Vec<&HostAddr> = link
+        .addrs
+        .iter()
+        .filter(|a| {
+            a.ip.is_ipv6() == v6 && !a.deprecated && !a.ip.is_loopback() && !a.ip.is_multicast()
+        })
+        .collect();
+    cands.sort_by_key(|a| (is_link_local(&a.ip), !a.permanent));
+    cands.first().map(|a| a.ip)
+}
+
+fn finish(
+    spec: &IfaceSpec,
+    link: &HostLink,
+    fixed: Option<IpAddr>,
+) -> Result<ExternalInterface, IfaceError> {
+    if link.mtu == 0 {
+        return Err(IfaceError::ZeroMtu(link.name.clone()));
+    }
+    let pick = |v6: bool| match fixed {
+        Some(ip) if ip.is_ipv6() == v6 => Some(ip),
+        _ => best_addr(link, v6),
+    };
+    let iface_addr = if spec.ipv4 {
+        match pick(false) {
+            Some(IpAddr::V4(a)) => Some(a),
+            _ => {
+                return Err(IfaceError::NoAddress {
+                    iface: link.name.clone(),
+                    family: "IPv4",
+                });
+            }
+        }
+    } else {
+        None
+    };
+    let iface_v6_addr = if spec.ipv6 {
+        match pick(true) {
+            Some(IpAddr::V6(a)) => Some(a),
+            _ => {
+                return Err(IfaceError::NoAddress {
+                    iface: link.name.clone(),
+                    family: "IPv6",
+                });
+            }
+        }
+    } else {
+        None
+    };
+    Ok(ExternalInterface {
+        index: link.index,
+        name: link.name.clone(),
+        mtu: link.mtu,
+        iface_addr,
+        iface_v6_addr,
+        ext_addr: if spec.ipv4 {
+            spec.public_ip.or(iface_addr)
+        } else {
+            None
+        },
+        ext_v6_addr: if spec.ipv6 {
+            spec.public_ipv6.or(iface_v6_addr)
+        } else {
+            None
+        },
+    })
+}
+
+/// Looks an `--iface` value up: an IP address names the interface that owns it, anything else is a
+/// name.
+fn by_name_or_ip<'a>(
+    host: &'a HostSnapshot,
+    value: &str,
+) -> Option<(&'a HostLink, Option<IpAddr>)> {
+    if let Ok(ip) = value.parse::<IpAddr>() {
+        return host
+            .links
+            .iter()
+            .find(|l| l.addrs.iter().any(|a| a.ip == ip))
+            .map(|l| (l, Some(ip)));
+    }
+    host.links
+        .iter()
+        .find(|l| l.name == value)
+        .map(|l| (l, None))
+}
+
+fn by_regex<'a>(
+    host: &'a HostSnapshot,
+    spec: &IfaceSpec,
+    re: &regex::Regex,
+) -> Option<(&'a HostLink, Option<IpAddr>)> {
+    // Address match first: the link must have a matching address of every enabled family.
+    for link in &host.links {
+        let m = |v6: bool| {
+            link.addrs
+                .iter()
+                .filter(|a| a.ip.is_ipv6() == v6 && !a.deprecated)
+                .find(|a| re.is_match(&a.ip.to_string()))
+                .map(|a| a.ip)
+        };
+        let v4 = if spec.ipv4 { m(false) } else { None };
+        let v6 = if spec.ipv6 { m(true) } else { None };
+        if (!spec.ipv4 || v4.is_some()) && (!spec.ipv6 || v6.is_some()) {
+            return Some((link, v4.or(v6)));
+        }
+    }
+    host.links
+        .iter()
+        .find(|l| re.is_match(&l.name))
+        .map(|l| (l, None))
+}
+
+/// Chooses the external interface from a host snapshot, following Go flannel's order (see the
+/// module docs). Candidates that fail are logged and skipped; the error lists what was tried.
+pub fn choose(spec: &IfaceSpec, host: &HostSnapshot) -> Result<ExternalInterface, IfaceError> {
+    let explicit =
+        !spec.ifaces.is_empty() || !spec.iface_regexes.is_empty() || spec.can_reach.is_some();
+    if !explicit {
+        let name = spec
+            .public_ip
+            .map(|a| a.to_string())
+            .or(spec.public_ipv6.map(|a| a.to_string()));
+        if let Some(name) = name {
+            let (link, fixed) = by_name_or_ip(host, &name).ok_or_else(|| {
+                IfaceError::NotFound(format!(
+                    "no local interface has the address {name} given by --public-ip/--public-ipv6; \
+                     behind NAT also pass --iface to name the interface"
+                ))
+            })?;
+            return finish(spec, link, fixed);
+        }
+        let index = match (spec.ipv4, spec.ipv6) {
+            (true, true) => match (host.default_v4, host.default_v6) {
+                (Some(a), Some(b)) if a == b => Some(a),
+                (Some(_), Some(_)) => {
+                    return Err(IfaceError::NotFound(
+                        "the IPv4 and IPv6 default routes use different interfaces; choose one with --iface".into(),
+                    ));
+                }
+                _ => None,
+            },
+            (true, false) => host.default_v4,
+            (false, _) => host.default_v6,
+        };
+        let link = index
+            .and_then(|i| host.links.iter().find(|l| l.index == i))
+            .ok_or_else(|| {
+                IfaceError::NotFound(
+                    "no default route found to pick the external interface; choose one with --iface, \
+                     --iface-regex or --iface-can-reach"
+                        .into(),
+                )
+            })?;
+        return finish(spec, link, None);
+    }
+    let mut tried = Vec::new();
+    for value in &spec.ifaces {
+        match by_name_or_ip(host, value).map(|(l, ip)| finish(spec, l, ip)) {
+            Some(Ok(e)) => return Ok(e),
+            Some(Err(e)) => {
+                tracing::warn!(iface = %value, error = %e, "skipping --iface candidate");
+                tried.push(format!("--iface {value}: {e}"));
+            }
+            None => tried.push(format!("--iface {value}: no such interface or address")),
+        }
+    }
+    for pattern in &spec.iface_regexes {
+        let re = regex::Regex::new(pattern)
+            .map_err(|e| IfaceError::BadRegex(pattern.clone(), e.to_string()))?;
+        match by_regex(host, spec, &re).map(|(l, ip)| finish(spec, l, ip)) {
+            Some(Ok(e)) => return Ok(e),
+            Some(Err(e)) => {
+                tracing::warn!(regex = %pattern, error = %e, "skipping --iface-regex candidate");
+                tried.push(format!("--iface-regex {pattern}: {e}"));
+            }
+            None => tried.push(format!("--iface-regex {pattern}: nothing matches")),
+        }
+    }
+    if let Some(target) = spec.can_reach {
+        match host
+            .can_reach
+            .and_then(|(i, src)| host.links.iter().find(|l| l.index == i).map(|l| (l, src)))
+        {
+            Some((link, src)) => match finish(spec, link, src) {
+                Ok(e) => return Ok(e),
+                Err(e) => tried.push(format!("--iface-can-reach {target}: {e}")),
+            },
+            None => tried.push(format!("--iface-can-reach {target}: no route")),
+        }
+    }
+    Err(IfaceError::NotFound(format!(
+        "Failed to find interface to use that matches the interfaces and/or regexes provided ({})",
+        tried.join("; ")
+    )))
+}
+
+fn nl<E: fmt::Display>(e: E) -> IfaceError {
+    IfaceError::Netlink(e.to_string())
+}
+
+/// Reads links, addresses and default routes of the current network namespace over netlink, and
+/// asks the kernel's route lookup for `can_reach` when given.
+pub async fn read_host(can_reach: Option<IpAddr>) -> Result<HostSnapshot, IfaceError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(nl)?;
+    let conn = tokio::spawn(conn);
+    let result = async {
+        let mut host = HostSnapshot::default();
+        let mut links = handle.link().get().execute();
+        while let Some(msg) = links.try_next().await.map_err(nl)? {
+            let mut link = HostLink {
+                index: msg.header.index,
+                name: String::new(),
+                mtu: 0,
+                addrs: Vec::new(),
+            };
+            for a in msg.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => link.name = n,
+                    LinkAttribute::Mtu(m) => link.mtu = m,
+                    _ => {}
+                }
+            }
+            host.links.push(link);
+        }
+        host.links.sort_by_key(|l| l.index);
+        let mut addrs = handle.address().get().execute();
+        while let Some(msg) = addrs.try_next().await.map_err(nl)? {
+            let mut ip = None;
+            let mut local = None;
+            let mut flags = AddressFlags::empty();
+            for a in msg.attributes {
+                match a {
+                    AddressAttribute::Address(a) => ip = Some(a),
+                    AddressAttribute::Local(a) => local = Some(a),
+                    AddressAttribute::Flags(f) => flags = f,
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(link)) = (
+                local.or(ip),
+                host.links.iter_mut().find(|l| l.index == msg.header.index),
+            ) {
+                link.addrs.push(HostAddr {
+                    ip,
+                    deprecated: flags.contains(AddressFlags::Deprecated),
+                    permanent: flags.contains(AddressFlags::Permanent),
+                });
+            }
+        }
+        for v6 in [false, true] {
+            let msg = if v6 {
+                rtnetlink::RouteMessageBuilder::<Ipv6Addr>::new().build()
+            } else {
+                rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build()
+            };
+            let mut routes = handle.route().get(msg).execute();
+            while let Some(r) = routes.try_next().await.map_err(nl)? {
+                let table = r
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(r.header.table));
+                let oif = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                });
+                if table != 254 || r.header.destination_prefix_length != 0 {
+                    continue;
+                }
+                let slot = if v6 {
+                    &mut host.default_v6
+                } else {
+                    &mut host.default_v4
+                };
+                if slot.is_none() {
+                    *slot = oif;
+                }
+            }
+        }
+        if let Some(target) = can_reach {
+            let msg = match target {
+                IpAddr::V4(a) => rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(a, 32)
+                    .build(),
+                IpAddr::V6(a) => rtnetlink::RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(a, 128)
+                    .build(),
+            };
+            let mut req = handle.route().get(msg);
+            req.message_mut().header.address_family = if target.is_ipv4() {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            };
+            let mut routes = req.execute();
+            if let Ok(Some(r)) = routes.try_next().await {
+                let oif = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                });
+                let src = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::PrefSource(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+                    RouteAttribute::PrefSource(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+                    _ => None,
+                });
+                host.can_reach = oif.map(|i| (i, src));
+            }
+        }
+        Ok(host)
+    }
+    .await;
+    conn.abort();
+    result
+}
+
+/// Reads the host over netlink and [`choose`]s the external interface.
+pub async fn select_external_interface(spec: &IfaceSpec) -> Result<ExternalInterface, IfaceError> {
+    let host = read_host(spec.can_reach).await?;
+    choose(spec, &host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> HostAddr {
+        HostAddr {
+            ip: s.parse().unwrap(),
+            deprecated: false,
+            permanent: true,
+        }
+    }
+
+    fn host() -> HostSnapshot {
+        HostSnapshot {
+            links: vec![
+                HostLink {
+                    index: 1,
+                    name: "lo".into(),
+                    mtu: 65536,
+                    addrs: vec![addr("127.0.0.1"), addr("::1")],
+                },
+                HostLink {
+                    index: 2,
+                    name: "eth0".into(),
+                    mtu: 1500,
+                    addrs: vec![addr("fe80::1"), addr("192.168.1.10"), addr("2001:db8::10")],
+                },
+                HostLink {
+                    index: 3,
+                    name: "eth1".into(),
+                    mtu: 9000,
+                    addrs: vec![addr("10.0.0.5"), addr("10.0.0.6")],
+                },
+                HostLink {
+                    index: 4,
+                    name: "eth2".into(),
+                    mtu: 0,
+                    addrs: vec![addr("10.9.0.5")],
+                },
+                HostLink {
+                    index: 5,
+                    name: "eth3".into(),
+                    mtu: 1500,
+                    addrs: vec![addr("fe80::3")],
+                },
+            ],
+            default_v4: Some(2),
+            default_v6: Some(2),
+            can_reach: None,
+        }
+    }
+
+    fn v4() -> IfaceSpec {
+        IfaceSpec {
+            ipv4: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn default_route_interface() {
+        let e = choose(&v4(), &host()).unwrap();
+        assert_eq!((e.name.as_str(), e.mtu), ("eth0", 1500));
+        assert_eq!(e.iface_addr.unwrap().to_string(), "192.168.1.10");
+        assert_eq!(e.ext_addr, e.iface_addr);
+        let dual = IfaceSpec { ipv6: true, ..v4() };
+        let e = choose(&dual, &host()).unwrap();
+        assert_eq!(
+            e.iface_v6_addr.unwrap().to_string(),
+            "2001:db8::10",
+            "global before link-local"
+        );
+        let mut h = host();
+        h.default_v6 = Some(3);
+        assert!(
+            choose(&dual, &h)
+                .unwrap_err()
+                .to_string()
+                .contains("different interfaces")
+        );
+        h.default_v4 = None;
+        assert!(
+            choose(&v4(), &h)
+                .unwrap_err()
+                .to_string()
+                .contains("no default route")
+        );
+    }
+
+    #[test]
+    fn iface_by_name_and_ip_in_order() {
+        let spec = IfaceSpec {
+            ifaces: vec!["nope".into(), "eth1".into()],
+            ..v4()
+        };
+        let e = choose(&spec, &host()).unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.iface_addr.unwrap().to_string()),
+            ("eth1", "10.0.0.5".into())
+        );
+        let spec = IfaceSpec {
+            ifaces: vec!["10.0.0.6".into()],
+            ..v4()
+        };
+        let e = choose(&spec, &host()).unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.iface_addr.unwrap().to_string()),
+            ("eth1", "10.0.0.6".into())
+        );
+    }
+
+    #[test]
+    fn failing_candidates_are_skipped_and_reported() {
+        let spec = IfaceSpec {
+            ifaces: vec!["eth2".into(), "eth3".into()],
+            ..v4()
+        };
+        let err = choose(&spec, &host()).unwrap_err().to_string();
+        assert!(err.starts_with("Failed to find interface to use"), "{err}");
+        assert!(err.contains("eth2 has MTU 0"), "{err}");
+        assert!(err.contains("eth3 has no usable IPv4 address"), "{err}");
+    }
+
+    #[test]
+    fn regex_matches_addresses_then_names() {
+        let spec = IfaceSpec {
+            iface_regexes: vec![r"^10\.0\.0\.6$".into()],
+            ..v4()
+        };
+        let e = choose(&spec, &host()).unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.iface_addr.unwrap().to_string()),
+            ("eth1", "10.0.0.6".into())
+        );
+        let spec = IfaceSpec {
+            iface_regexes: vec!["^eth0$".into()],
+            ..v4()
+        };
+        assert_eq!(choose(&spec, &host()).unwrap().name, "eth0");
+        let spec = IfaceSpec {
+            iface_regexes: vec!["(".into()],
+            ..v4()
+        };
+        assert!(matches!(
+            choose(&spec, &host()),
+            Err(IfaceError::BadRegex(..))
+        ));
+        let spec = IfaceSpec {
+            ifaces: vec!["nope".into()],
+            iface_regexes: vec!["^eth1".into()],
+            ..v4()
+        };
+        assert_eq!(
+            choose(&spec, &host()).unwrap().name,
+            "eth1",
+            "regexes come after --iface"
+        );
+    }
+
+    #[test]
+    fn can_reach_uses_kernel_answer() {
+        let mut h = host();
+        h.can_reach = Some((3, Some("10.0.0.6".parse().unwrap())));
+        let spec = IfaceSpec {
+            can_reach: Some("10.0.0.1".parse().unwrap()),
+            ..v4()
+        };
+        let e = choose(&spec, &h).unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.iface_addr.unwrap().to_string()),
+            ("eth1", "10.0.0.6".into())
+        );
+        h.can_reach = None;
+        assert!(
+            choose(&spec, &h)
+                .unwrap_err()
+                .to_string()
+                .contains("no route")
+        );
+    }
+
+    #[test]
+    fn public_ip_alone_picks_the_owner() {
+        let spec = IfaceSpec {
+            public_ip: Some("10.0.0.6".parse().unwrap()),
+            ..v4()
+        };
+        let e = choose(&spec, &host()).unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.ext_addr.unwrap().to_string()),
+            ("eth1", "10.0.0.6".into())
+        );
+        let spec = IfaceSpec {
+            public_ip: Some("203.0.113.9".parse().unwrap()),
+            ..v4()
+        };
+        assert!(
+            choose(&spec, &host())
+                .unwrap_err()
+                .to_string()
+                .contains("--iface")
+        );
+        // With --iface, --public-ip only overrides the advertised address (NAT).
+        let spec = IfaceSpec {
+            ifaces: vec!["eth0".into()],
+            public_ip: Some("203.0.113.9".parse().unwrap()),
+            ..v4()
+        };
+        let e = choose(&spec, &host()).unwrap();
+        assert_eq!(e.iface_addr.unwrap().to_string(), "192.168.1.10");
+        assert_eq!(e.ext_addr.unwrap().to_string(), "203.0.113.9");
+    }
+
+    #[test]
+    fn deprecated_and_dynamic_addresses_rank_last() {
+        let mut h = host();
+        h.links[2].addrs = vec![
+            HostAddr {
+                ip: "10.0.0.7".parse().unwrap(),
+                deprecated: true,
+                permanent: true,
+            },
+            HostAddr {
+                ip: "10.0.0.8".parse().unwrap(),
+                deprecated: false,
+                permanent: false,
+            },
+            addr("10.0.0.9"),
+        ];
+        let spec = IfaceSpec {
+            ifaces: vec!["eth1".into()],
+            ..v4()
+        };
+        assert_eq!(
+            choose(&spec, &h).unwrap().iface_addr.unwrap().to_string(),
+            "10.0.0.9"
+        );
+    }
+}

@@ -1,0 +1,50 @@
+//! # flannel-core
+//!
+//! The shared contracts of the flannel overlay network agent: everything the subnet managers
+//! (`flannel-subnet`), the backends (`flannel-backend-*`), the `flanneld` binary and third-party code
+//! agree on. It names no implementation.
+//!
+//! - [`NetworkConfig`]: the network config JSON, parsed and validated exactly as Go flannel does.
+//! - [`Lease`], [`LeaseAttrs`], [`SubnetKey`], [`LeaseEvent`], [`LeaseWatchResult`], [`LeaseTracker`]:
+//!   leases as stored in etcd, byte-compatible with Go flanneld, and the events about them.
+//! - [`SubnetManager`]: the store of leases (etcd v3 in `flannel-subnet`).
+//! - [`Backend`], [`Network`] and the registry ([`register_backend!`], [`lookup_backend`]): how a data
+//!   plane plugs in.
+//! - [`SubnetEnv`]: `/run/flannel/subnet.env`, written atomically.
+//! - [`iface`]: choosing the external interface and the public address.
+//! - [`gojson`]: Go `encoding/json` decoding rules (case-insensitive keys) for backend options.
+//!
+//! ```
+//! use flannel_core::{NetworkConfig, SubnetEnv};
+//! let cfg = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+//! let env = SubnetEnv {
+//!     network: cfg.network(),
+//!     subnet: Some("10.5.72.0/24".parse().unwrap()),
+//!     ipv6_network: None,
+//!     ipv6_subnet: None,
+//!     mtu: 1450,
+//!     ip_masq: false,
+//! };
+//! assert!(env.render().starts_with("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.72.1/24\n"));
+//! ```
+
+pub mod backend;
+pub mod config;
+pub mod gojson;
+pub mod iface;
+pub mod lease;
+pub mod manager;
+pub mod subnet_env;
+
+pub use backend::{
+    Backend, BackendContext, BackendCtor, BackendError, BackendRegistration, Network,
+    lookup_backend, new_backend, registered_backends,
+};
+pub use config::{ConfigError, NetworkConfig, NetworkConfigInput, SubnetPool};
+pub use iface::{ExternalInterface, IfaceError, IfaceSpec};
+pub use lease::{Lease, LeaseAttrs, LeaseEvent, LeaseTracker, LeaseWatchResult, SubnetKey};
+pub use manager::{SubnetError, SubnetManager};
+pub use subnet_env::{PreviousSubnets, SubnetEnv};
+
+#[doc(hidden)]
+pub use inventory;
