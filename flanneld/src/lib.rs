@@ -1,1 +1,97 @@
-//! wip
+//! # flanneld
+//!
+//! The flannel agent as a library plus a thin `main`. [`main_with_args`] is the whole program: parse
+//! flags (Go flanneld's names, also from `FLANNELD_*`), set up logging, connect to etcd, wait for the
+//! network config, choose the external interface, register the backend named by `Backend.Type`,
+//! write `subnet.env`, then keep the lease and the data plane up until SIGINT/SIGTERM. The data plane
+//! and the lease are left in place on exit, so a restart does not disturb pods.
+//!
+//! A third party builds its own flanneld with an extra backend by linking its backend crate and
+//! calling [`main_with_args`]:
+//!
+//! ```no_run
+//! // src/main.rs of a crate that depends on flanneld and on its backend crate `my_backend`,
+//! // which calls flannel_core::register_backend!("my-backend", ...) once.
+//! // use my_backend as _; // make sure the linker keeps the registration
+//! fn main() -> std::process::ExitCode {
+//!     flanneld::main_with_args(std::env::args_os())
+//! }
+//! ```
+//!
+//! See `examples/flanneld-alloc` in the repository for a complete one.
+
+pub mod config;
+mod health;
+mod logging;
+mod run;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+pub use config::{Cli, Config};
+pub use run::run;
+
+// Name every in-tree backend crate so the linker keeps their registrations.
+use flannel_backend_hostgw as _;
+use flannel_backend_udp as _;
+use flannel_backend_vxlan as _;
+
+/// The flanneld version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Runs flanneld with the given command line (including the program name) and returns its exit code:
+/// 0 after a signal, `--help` or `--version`; 1 on a fatal error; 2 on a malformed command line.
+pub fn main_with_args<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let cli = match Cli::try_parse_from(config::normalize_args(args)) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    if cli.version == Some(true) {
+        eprintln!("{VERSION}");
+        return ExitCode::SUCCESS;
+    }
+    let config = match config::load(&cli, None) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("flanneld: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(e) = logging::init(&config) {
+        eprintln!("flanneld: setting up logging: {e:#}");
+        return ExitCode::from(1);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("flanneld: starting the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(run::cancel_on_signals(shutdown.clone()));
+        run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("flanneld: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

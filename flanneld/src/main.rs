@@ -1,1 +1,5 @@
-fn main() {}
+//! The flanneld binary: everything lives in the library.
+
+fn main() -> std::process::ExitCode {
+    flanneld::main_with_args(std::env::args_os())
+}

@@ -1,0 +1,385 @@
+//! The thin store seam under the subnet manager (Go flannel's `etcd/registry.go`): get, list,
+//! create-if-absent, put, delete, TTL and watch, over etcd v3.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
+};
+
+/// A key and its value as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    /// The full key.
+    pub key: String,
+    /// The value bytes.
+    pub value: Vec<u8>,
+    /// The etcd lease the key is attached to, 0 for none (a reservation).
+    pub lease_id: i64,
+    /// The revision of the last change.
+    pub mod_revision: i64,
+}
+
+/// One change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryEvent {
+    /// The key was created or its value replaced.
+    Put(KeyValue),
+    /// The key was deleted or its lease expired.
+    Delete(String),
+}
+
+/// What a watch yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchItem {
+    /// Changes, and the store revision they bring the watcher to.
+    Events(Vec<RegistryEvent>, i64),
+    /// The requested start revision was compacted away: re-list and watch again.
+    Compacted(i64),
+}
+
+/// Store errors, with a hint where one helps.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The etcd client failed.
+    #[error("etcd: {message}{hint}")]
+    Etcd {
+        /// The client's message.
+        message: String,
+        /// How to fix it, when known.
+        hint: String,
+    },
+    /// TLS files could not be read.
+    #[error("reading etcd TLS file {path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+impl From<etcd_client::Error> for RegistryError {
+    fn from(e: etcd_client::Error) -> Self {
+        let message = e.to_string();
+        let m = message.to_lowercase();
+        let hint = if m.contains("authentication failed") || m.contains("invalid auth token") {
+            "; check --etcd-username and --etcd-password"
+        } else if m.contains("permission denied") || m.contains("user name is empty") {
+            "; etcd requires authentication or the user lacks permission: set --etcd-username/--etcd-password and grant access to the prefix"
+        } else if m.contains("certificate") || m.contains("tls") || m.contains("handshake") {
+            "; check --etcd-cafile, --etcd-certfile and --etcd-keyfile, and that the endpoints use https://"
+        } else if m.contains("transport") || m.contains("connect") || m.contains("unavailable") {
+            "; is etcd running and reachable at --etcd-endpoints?"
+        } else {
+            ""
+        };
+        RegistryError::Etcd {
+            message,
+            hint: hint.to_string(),
+        }
+    }
+}
+
+/// A stream of watch results.
+#[async_trait]
+pub trait RegistryWatch: Send {
+    /// The next result; `Ok(None)` when the stream ended (reconnect).
+    async fn next(&mut self) -> Result<Option<WatchItem>, RegistryError>;
+}
+
+/// The operations the subnet manager needs from its store.
+#[async_trait]
+pub trait Registry: Send + Sync + fmt::Debug {
+    /// Reads one key, with the store revision of the read.
+    async fn get(&self, key: &str) -> Result<(Option<KeyValue>, i64), RegistryError>;
+    /// Reads every key under `prefix` in one range read, with the store revision of the read.
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), RegistryError>;
+    /// Creates `key` only if it does not exist (`Version == 0`), attached to a fresh lease of `ttl`
+    /// (none when `ttl` is `None`). Returns the lease id, or `None` if the key already existed.
+    async fn create(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<Option<i64>, RegistryError>;
+    /// Writes `key` unconditionally, attached to a fresh lease of `ttl` (none when `None`).
+    /// Returns the lease id (0 for none).
+    async fn put(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<i64, RegistryError>;
+    /// Deletes `key`.
+    async fn delete(&self, key: &str) -> Result<(), RegistryError>;
+    /// The remaining time of a lease; `None` if it has none or expired.
+    async fn ttl(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError>;
+    /// Watches `key` (or every key under it when `prefix`) from revision `since`.
+    async fn watch(
+        &self,
+        key: &str,
+        prefix: bool,
+        since: i64,
+    ) -> Result<Box<dyn RegistryWatch>, RegistryError>;
+}
+
+/// How to reach etcd.
+#[derive(Clone, Default)]
+pub struct EtcdConfig {
+    /// Endpoints, e.g. `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Client key file (TLS).
+    pub keyfile: Option<String>,
+    /// Client certificate file (TLS).
+    pub certfile: Option<String>,
+    /// CA certificate file (TLS).
+    pub cafile: Option<String>,
+    /// User name for etcd authentication.
+    pub username: Option<String>,
+    /// Password for etcd authentication.
+    pub password: Option<String>,
+    /// How long to wait for a connection.
+    pub dial_timeout: Option<Duration>,
+}
+
+impl fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("keyfile", &self.keyfile)
+            .field("certfile", &self.certfile)
+            .field("cafile", &self.cafile)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl EtcdConfig {
+    /// Whether the connection will use TLS: a client certificate and key, a CA file, or an
+    /// `https://` endpoint. (Go flanneld only turns TLS on when both key and certificate are given.)
+    pub fn uses_tls(&self) -> bool {
+        (self.keyfile.is_some() && self.certfile.is_some())
+            || self.cafile.is_some()
+            || self.endpoints.iter().any(|e| e.starts_with("https://"))
+    }
+}
+
+/// The etcd v3 registry.
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    client: Client,
+}
+
+impl fmt::Debug for EtcdRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdRegistry").finish_non_exhaustive()
+    }
+}
+
+fn read(path: &str) -> Result<Vec<u8>, RegistryError> {
+    std::fs::read(path).map_err(|source| RegistryError::TlsFile {
+        path: path.to_string(),
+        source,
+    })
+}
+
+impl EtcdRegistry {
+    /// Connects to etcd (lazily: unreachable endpoints surface as errors of the first requests).
+    pub async fn connect(cfg: &EtcdConfig) -> Result<Self, RegistryError> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(cfg.dial_timeout.unwrap_or(Duration::from_secs(5)))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_require_leader(true);
+        if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
+            opts = opts.with_user(u.clone(), p.clone());
+        }
+        let mut endpoints = cfg.endpoints.clone();
+        if cfg.uses_tls() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &cfg.cafile {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&cfg.certfile, &cfg.keyfile) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            opts = opts.with_tls(tls);
+            for e in &mut endpoints {
+                if let Some(rest) = e.strip_prefix("http://") {
+                    *e = format!("https://{rest}");
+                }
+            }
+        } else {
+            tracing::warn!(
+                "the etcd connection is not encrypted; pass --etcd-certfile, --etcd-keyfile and --etcd-cafile to use TLS"
+            );
+        }
+        let client = Client::connect(endpoints, Some(opts)).await?;
+        Ok(Self { client })
+    }
+
+    /// The underlying etcd client.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    async fn grant(&self, ttl: Option<Duration>) -> Result<i64, RegistryError> {
+        match ttl {
+            None => Ok(0),
+            Some(t) => {
+                let secs = i64::try_from(t.as_secs().max(1)).unwrap_or(i64::MAX);
+                Ok(self.client.clone().lease_grant(secs, None).await?.id())
+            }
+        }
+    }
+}
+
+fn kv(k: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(k.key()).into_owned(),
+        value: k.value().to_vec(),
+        lease_id: k.lease(),
+        mod_revision: k.mod_revision(),
+    }
+}
+
+fn put_opts(lease: i64) -> Option<PutOptions> {
+    (lease != 0).then(|| PutOptions::new().with_lease(lease))
+}
+
+#[async_trait]
+impl Registry for EtcdRegistry {
+    async fn get(&self, key: &str) -> Result<(Option<KeyValue>, i64), RegistryError> {
+        let r = self.client.clone().get(key, None).await?;
+        let rev = r.header().map_or(0, |h| h.revision());
+        Ok((r.kvs().first().map(kv), rev))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), RegistryError> {
+        let r = self
+            .client
+            .clone()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
+        let rev = r.header().map_or(0, |h| h.revision());
+        Ok((r.kvs().iter().map(kv).collect(), rev))
+    }
+
+    async fn create(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<Option<i64>, RegistryError> {
+        let lease = self.grant(ttl).await?;
+        let txn = Txn::new()
+            .when([Compare::version(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, put_opts(lease))]);
+        let result = self.client.clone().txn(txn).await;
+        match result {
+            Ok(r) if r.succeeded() => Ok(Some(lease)),
+            other => {
+                if lease != 0 {
+                    let _ = self.client.clone().lease_revoke(lease).await;
+                }
+                other?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<i64, RegistryError> {
+        let lease = self.grant(ttl).await?;
+        if let Err(e) = self.client.clone().put(key, value, put_opts(lease)).await {
+            if lease != 0 {
+                let _ = self.client.clone().lease_revoke(lease).await;
+            }
+            return Err(e.into());
+        }
+        Ok(lease)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), RegistryError> {
+        self.client.clone().delete(key, None).await?;
+        Ok(())
+    }
+
+    async fn ttl(&self, lease_id: i64) -> Result<Option<Duration>, RegistryError> {
+        if lease_id == 0 {
+            return Ok(None);
+        }
+        let r = self
+            .client
+            .clone()
+            .lease_time_to_live(lease_id, None)
+            .await?;
+        Ok(u64::try_from(r.ttl())
+            .ok()
+            .filter(|t| *t > 0)
+            .map(Duration::from_secs))
+    }
+
+    async fn watch(
+        &self,
+        key: &str,
+        prefix: bool,
+        since: i64,
+    ) -> Result<Box<dyn RegistryWatch>, RegistryError> {
+        let mut opts = WatchOptions::new().with_start_revision(since);
+        if prefix {
+            opts = opts.with_prefix();
+        }
+        let stream = self.client.clone().watch(key, Some(opts)).await?;
+        Ok(Box::new(EtcdWatch { stream }))
+    }
+}
+
+struct EtcdWatch {
+    stream: WatchStream,
+}
+
+#[async_trait]
+impl RegistryWatch for EtcdWatch {
+    async fn next(&mut self) -> Result<Option<WatchItem>, RegistryError> {
+        loop {
+            let Some(r) = self.stream.message().await? else {
+                return Ok(None);
+            };
+            if r.compact_revision() != 0 {
+                return Ok(Some(WatchItem::Compacted(r.compact_revision())));
+            }
+            if r.canceled() {
+                // Canceled for another reason (e.g. lost leader): reconnect.
+                tracing::debug!(reason = r.cancel_reason(), "etcd watch canceled");
+                return Ok(None);
+            }
+            if r.created() && r.events().is_empty() {
+                continue;
+            }
+            let rev = r.header().map_or(0, |h| h.revision());
+            let events = r
+                .events()
+                .iter()
+                .filter_map(|e| {
+                    let k = e.kv()?;
+                    Some(match e.event_type() {
+                        EventType::Put => RegistryEvent::Put(kv(k)),
+                        EventType::Delete => {
+                            RegistryEvent::Delete(String::from_utf8_lossy(k.key()).into_owned())
+                        }
+                    })
+                })
+                .collect();
+            return Ok(Some(WatchItem::Events(events, rev)));
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The agent's life: from settings to a running network.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use flannel_core::iface::{IfaceSpec, select_external_interface};
+use flannel_core::{
+    BackendContext, NetworkConfig, PreviousSubnets, SubnetEnv, SubnetError, SubnetManager,
+    new_backend,
+};
+use flannel_subnet::{EtcdConfig, EtcdRegistry, LocalManager, ManagerOptions, SUBNET_TTL};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+fn opt(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// Cancels `shutdown` on the first SIGINT or SIGTERM.
+pub(crate) async fn cancel_on_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers; stop flanneld with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("received SIGTERM, shutting down"),
+        _ = int.recv() => info!("received SIGINT, shutting down"),
+    }
+    shutdown.cancel();
+}
+
+/// Tells systemd we are ready (`Type=notify`), when `$NOTIFY_SOCKET` is set.
+fn sd_notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "sd_notify failed");
+            return;
+        }
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|addr| sock.send_to_addr(b"READY=1", &addr))
+    } else {
+        sock.send_to(b"READY=1", &path)
+    };
+    if let Err(e) = result {
+        warn!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Waits for a valid network config, retrying every second (a missing or invalid config is logged,
+/// never fatal). Returns `None` on shutdown.
+async fn wait_for_config(
+    sm: &dyn SubnetManager,
+    shutdown: &CancellationToken,
+) -> Option<NetworkConfig> {
+    loop {
+        match sm.get_network_config().await {
+            Ok(c) => return Some(c),
+            Err(e @ SubnetError::ConfigInvalid(_)) => {
+                error!("{e}; fix the config in etcd, retrying every second")
+            }
+            Err(e) => warn!("{e}; retrying every second"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled (Ok) or something fatal happens (Err).
+pub async fn run(config: crate::Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if config.kube_subnet_mgr {
+        bail!("--kube-subnet-mgr is not supported yet; run with etcd (--etcd-endpoints)");
+    }
+    if config.ip_masq {
+        bail!(
+            "--ip-masq is not implemented yet; run without it (pods then need masquerading from elsewhere, \
+             e.g. the CNI bridge plugin's ipMasq)"
+        );
+    }
+    if !config.vmodule.is_empty() || !config.log_backtrace_at.is_empty() {
+        info!(
+            "--vmodule and --log_backtrace_at are accepted for compatibility and ignored; use RUST_LOG"
+        );
+    }
+    let ready = Arc::new(AtomicBool::new(false));
+    if config.healthz_port > 0 {
+        crate::health::serve(
+            &config.healthz_ip,
+            config.healthz_port,
+            ready.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+    }
+
+    let etcd = EtcdConfig {
+        endpoints: config.endpoints(),
+        keyfile: opt(&config.etcd_keyfile),
+        certfile: opt(&config.etcd_certfile),
+        cafile: opt(&config.etcd_cafile),
+        username: opt(&config.etcd_username),
+        password: opt(&config.etcd_password),
+        dial_timeout: None,
+    };
+    if etcd.endpoints.is_empty() {
+        bail!(
+            "--etcd-endpoints is empty; give at least one etcd URL such as http://127.0.0.1:2379"
+        );
+    }
+    let registry = EtcdRegistry::connect(&etcd)
+        .await
+        .with_context(|| format!("connecting to etcd at {}", config.etcd_endpoints))?;
+    let previous = PreviousSubnets::read(&config.subnet_file);
+    let margin_minutes = u64::try_from(config.subnet_lease_renew_margin).unwrap_or(60);
+    let sm: Arc<dyn SubnetManager> = Arc::new(LocalManager::new(
+        registry,
+        ManagerOptions {
+            prefix: config.etcd_prefix.clone(),
+            previous,
+            renew_margin: Duration::from_secs(margin_minutes * 60),
+            lease_ttl: SUBNET_TTL,
+        },
+    ));
+    info!(prefix = %config.etcd_prefix, "waiting for the network config in etcd");
+    let Some(net) = wait_for_config(sm.as_ref(), &shutdown).await else {
+        return Ok(());
+    };
+    info!(backend = %net.backend_type, network = ?net.network(), ipv6_network = ?net.ipv6_network(), "network config read");
+
+    let spec = IfaceSpec {
+        ifaces: config.iface.clone(),
+        iface_regexes: config.iface_regex.clone(),
+        can_reach: opt(&config.iface_can_reach).and_then(|s| s.parse::<IpAddr>().ok()),
+        public_ip: opt(&config.public_ip).and_then(|s| s.parse().ok()),
+        public_ipv6: opt(&config.public_ipv6).and_then(|s| s.parse().ok()),
+        ipv4: net.ipv4.is_some(),
+        ipv6: net.ipv6.is_some(),
+    };
+    let ext_iface = select_external_interface(&spec)
+        .await
+        .context("choosing the external interface")?;
+    info!(iface = %ext_iface, "using external interface");
+
+    let backend = new_backend(
+        &net.backend_type,
+        BackendContext {
+            subnet_manager: sm.clone(),
+            ext_iface,
+        },
+    )?;
+    let network = backend
+        .register_network(&net)
+        .await
+        .with_context(|| format!("setting up the {} backend", net.backend_type))?;
+    let lease = network.lease().clone();
+    info!(subnet = %lease.key, mtu = network.mtu(), "lease acquired");
+
+    let env = SubnetEnv {
+        network: net.network(),
+        subnet: lease.subnet(),
+        ipv6_network: net.ipv6_network(),
+        ipv6_subnet: lease.ipv6_subnet(),
+        mtu: network.mtu(),
+        ip_masq: config.ip_masq,
+    };
+    env.write_atomic(&config.subnet_file)
+        .with_context(|| format!("writing the subnet file {}", config.subnet_file.display()))?;
+    info!(path = %config.subnet_file.display(), "wrote subnet file");
+
+    let net_stop = shutdown.child_token();
+    let mut net_task = tokio::spawn(network.run(net_stop.clone()));
+    ready.store(true, Ordering::SeqCst);
+    sd_notify_ready();
+    info!("running; the data plane and the lease stay in place when flanneld stops");
+
+    let keep = sm.complete_lease(lease, shutdown.clone());
+    tokio::pin!(keep);
+    let outcome = tokio::select! {
+        r = &mut keep => r.context("keeping the lease"),
+        r = &mut net_task => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context("the backend stopped")),
+            Err(e) => Err(anyhow::anyhow!("the backend task failed: {e}")),
+        },
+    };
+    net_stop.cancel();
+    if !net_task.is_finished() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), net_task).await;
+    }
+    outcome
+}
