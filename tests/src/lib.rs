@@ -1,1 +1,86 @@
-//! wip
+//! Test harness shared by the integration tests, the demo and the benchmarks: a real etcd server on
+//! 127.0.0.1 with ephemeral ports ([`etcd::EtcdServer`]), network namespaces with drop guards
+//! ([`netns::Netns`]), root detection ([`require_root`]) and the paths of the built binaries
+//! ([`bin_path`]).
+
+pub mod etcd;
+pub mod netns;
+
+use std::path::PathBuf;
+
+/// Whether `FLANNEL_REQUIRE_ROOT_TESTS=1` is set (CI): then a test that would skip fails instead.
+pub fn skips_forbidden() -> bool {
+    std::env::var("FLANNEL_REQUIRE_ROOT_TESTS").is_ok_and(|v| v == "1")
+}
+
+/// Skips (returns false, printing why) or, under `FLANNEL_REQUIRE_ROOT_TESTS=1`, fails the test.
+///
+/// # Panics
+/// When skipping is forbidden.
+pub fn skip(test: &str, reason: &str) -> bool {
+    assert!(
+        !skips_forbidden(),
+        "{test}: cannot run ({reason}) and FLANNEL_REQUIRE_ROOT_TESTS=1 forbids skipping"
+    );
+    eprintln!("skipped: {test}: {reason}");
+    false
+}
+
+/// True when running as root; otherwise skips as [`skip`] does.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    skip(test, "needs root (CAP_NET_ADMIN) for network namespaces")
+}
+
+/// True when the `etcd` binary is installed; otherwise skips.
+pub fn require_etcd(test: &str) -> bool {
+    if etcd::etcd_binary().is_some() {
+        return true;
+    }
+    skip(test, "needs the etcd binary (Debian package etcd-server)")
+}
+
+/// The path of a binary built by this workspace (`flanneld`, `flanneld-alloc`), next to the test
+/// executable's target directory.
+///
+/// # Panics
+/// When the binary has not been built; the message says how to build it.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test-binary>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run `cargo build --workspace` (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}
+
+/// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: std::time::Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
