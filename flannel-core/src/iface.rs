@@ -142,9 +142,7 @@ fn best_addr(link: &HostLink, v6: bool) -> Option<IpAddr> {
     let mut cands: Vec<&HostAddr> = link
         .addrs
         .iter()
-        .filter(|a| {
-            a.ip.is_ipv6() == v6 && !a.deprecated && !a.ip.is_loopback() && !a.ip.is_multicast()
-        })
+        .filter(|a| a.ip.is_ipv6() == v6 && !a.deprecated && !a.ip.is_multicast())
         .collect();
     cands.sort_by_key(|a| (is_link_local(&a.ip), !a.permanent));
     cands.first().map(|a| a.ip)

@@ -1,0 +1,286 @@
+//! The flanneld binaries as a user runs them: flags, environment, config errors, the backend
+//! registry, and a third-party flanneld (flanneld-alloc) writing subnet.env from etcd.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flannel_tests::etcd::EtcdServer;
+use flannel_tests::{bin_path, require_etcd};
+
+/// Kills the child (by PID) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn stop(mut self) -> (Option<i32>, String) {
+        // SAFETY: sending SIGTERM to our own child by PID.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Ok(Some(s)) = self.0.try_wait() {
+                break s.code();
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = self.0.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        (status, err)
+    }
+}
+
+fn wait_for(path: &Path, timeout: Duration) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn etcdctl_put(url: &str, key: &str, value: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([url], None).await.unwrap();
+        c.put(key, value, None).await.unwrap();
+    });
+}
+
+fn etcd_get(url: &str, prefix: &str) -> Vec<(String, String)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([url], None).await.unwrap();
+        let r = c
+            .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        r.kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    kv.key_str().unwrap().to_string(),
+                    kv.value_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn linked_backends_are_registered() {
+    // This test binary links flanneld (and so its in-tree backend crates) and flanneld-alloc.
+    use flanneld_alloc as _;
+    assert_eq!(flannel_core::registered_backends(), vec!["alloc"]);
+    assert_eq!(
+        flannel_core::lookup_backend("ALLOC").unwrap().name,
+        "alloc",
+        "lookup ignores case"
+    );
+    let e = flannel_core::lookup_backend("vxlan-typo")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("\"vxlan-typo\"") && e.contains("alloc"), "{e}");
+}
+
+#[test]
+fn help_version_and_bad_flags() {
+    let out = Command::new(bin_path("flanneld"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for f in [
+        "--etcd-endpoints",
+        "--iface",
+        "--subnet-file",
+        "--public-ip",
+        "FLANNELD_",
+    ] {
+        assert!(help.contains(f), "--help lacks {f}");
+    }
+    let out = Command::new(bin_path("flanneld"))
+        .arg("-version")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        flanneld::VERSION,
+        "Go prints the version to stderr"
+    );
+    let out = Command::new(bin_path("flanneld"))
+        .arg("--bogus")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bogus"));
+    let out = Command::new(bin_path("flanneld"))
+        .env("FLANNELD_SUBNET_LEASE_RENEW_MARGIN", "5000")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("between 1 and 1439"));
+}
+
+fn start(bin: &str, etcd: &EtcdServer, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(bin_path(bin));
+    cmd.arg(format!("--etcd-endpoints={}", etcd.url()))
+        .arg(format!(
+            "--subnet-file={}",
+            dir.join("subnet.env").display()
+        ))
+        .args(extra)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    Proc(cmd.spawn().unwrap())
+}
+
+#[test]
+fn unknown_backend_and_env_iface_are_reported() {
+    if !require_etcd("unknown_backend_and_env_iface_are_reported") {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    etcdctl_put(
+        &etcd.url(),
+        "/coreos.com/network/config",
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#,
+    );
+    // FLANNELD_IFACE is picked up: a missing interface is named in the error.
+    let p = start(
+        "flanneld-alloc",
+        &etcd,
+        dir.path(),
+        &[],
+        &[("FLANNELD_IFACE", "flt-nosuch0")],
+    );
+    let (code, err) = p.stop_when_exited(Duration::from_secs(15));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("flt-nosuch0") && err.contains("Failed to find interface"),
+        "{err}"
+    );
+    // The plain flanneld does not link alloc: the error lists what it knows.
+    let p = start("flanneld", &etcd, dir.path(), &["--iface=lo"], &[]);
+    let (code, err) = p.stop_when_exited(Duration::from_secs(15));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("unknown backend type \"alloc\""), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+impl Proc {
+    fn stop_when_exited(mut self, timeout: Duration) -> (Option<i32>, String) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.stop()
+    }
+}
+
+#[test]
+fn third_party_flanneld_waits_for_config_then_writes_subnet_env() {
+    if !require_etcd("third_party_flanneld_waits_for_config") {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let env_path = dir.path().join("subnet.env");
+    let p = start(
+        "flanneld-alloc",
+        &etcd,
+        dir.path(),
+        &["-iface=lo", "--public-ip=10.0.0.21"],
+        &[],
+    );
+    // No config: it waits.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!env_path.exists());
+    // Malformed config: it keeps waiting, no panic.
+    etcdctl_put(
+        &etcd.url(),
+        "/coreos.com/network/config",
+        r#"{"Network":"10.5.0.0/16","SubnetLen":"24"}"#,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!env_path.exists());
+    // Valid config: subnet.env appears with the lease.
+    etcdctl_put(
+        &etcd.url(),
+        "/coreos.com/network/config",
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"ALLOC"}}"#,
+    );
+    let text = wait_for(&env_path, Duration::from_secs(15)).expect("subnet.env written");
+    let leases = etcd_get(&etcd.url(), "/coreos.com/network/subnets/");
+    assert_eq!(leases.len(), 1);
+    let (key, value) = &leases[0];
+    assert_eq!(
+        value, r#"{"PublicIP":"10.0.0.21","PublicIPv6":null}"#,
+        "alloc leases carry no BackendType"
+    );
+    let subnet = key.rsplit('/').next().unwrap().replace('-', "/");
+    let sn: ipnet::Ipv4Net = subnet.parse().unwrap();
+    let first = std::net::Ipv4Addr::from(u32::from(sn.addr()) + 1);
+    assert_eq!(
+        text,
+        format!(
+            "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET={first}/24\nFLANNEL_MTU=65536\nFLANNEL_IPMASQ=false\n"
+        )
+    );
+    let (code, err) = p.stop();
+    assert_eq!(code, Some(0), "SIGTERM is a clean exit: {err}");
+    assert!(
+        err.contains("flannel config not found in etcd store"),
+        "{err}"
+    );
+    assert!(
+        err.contains("config.SubnetLen"),
+        "the malformed config is explained: {err}"
+    );
+    // Data plane and lease stay: the key is still in etcd after exit.
+    assert_eq!(
+        etcd_get(&etcd.url(), "/coreos.com/network/subnets/").len(),
+        1
+    );
+    // A restart keeps the subnet.
+    let p = start(
+        "flanneld-alloc",
+        &etcd,
+        dir.path(),
+        &["--iface=lo", "--public-ip=10.0.0.21"],
+        &[],
+    );
+    std::fs::remove_file(&env_path).unwrap();
+    let again = wait_for(&env_path, Duration::from_secs(15)).expect("subnet.env rewritten");
+    assert_eq!(again, text);
+    let (code, _) = p.stop();
+    assert_eq!(code, Some(0));
+}
