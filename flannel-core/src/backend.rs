@@ -135,7 +135,7 @@ inventory::collect!(BackendRegistration);
 /// Registers a backend constructor under a type name. Use it once at the top level of a backend crate:
 ///
 /// ```ignore
-/// flannel_core::register_backend!("vxlan", VxlanBackend::new);
+/// flannel_core::register_backend!("vxlan", VxlanBackend::create);
 /// ```
 ///
 /// The binary must name the crate (`use my_backend as _;`) or the linker drops the registration.

@@ -360,7 +360,7 @@ impl SubnetPool {
         let subnet_min = pick(min, f.min, base + size)?;
         let subnet_max = pick(max, f.max, end + 1 - size)?;
         for (name, ip) in [(f.min, subnet_min), (f.max, subnet_max)] {
-            if ip_to_u128(ip) % size != 0 {
+            if !ip_to_u128(ip).is_multiple_of(size) {
                 return Err(invalid(
                     format!("{name} is not on a SubnetLen boundary: {ip}"),
                     format!("{name} must be the first address of a /{subnet_len} subnet"),

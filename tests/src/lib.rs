@@ -50,15 +50,20 @@ pub fn require_etcd(test: &str) -> bool {
 /// When the binary has not been built; the message says how to build it.
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test-binary>
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is not built; run `cargo build --workspace` (the README's test command does)",
-        p.display()
-    );
-    p
+    // Test binaries live in target/<profile>/deps, other binaries in target/<profile>.
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join(name))
+        .collect();
+    let found = candidates.iter().find(|p| p.exists()).cloned();
+    found.unwrap_or_else(|| {
+        panic!(
+            "{name} is not built next to {}; run `cargo build --workspace` (the README's test command does)",
+            exe.display()
+        )
+    })
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).

@@ -1,5 +1,7 @@
 //! The etcd v3 subnet manager against a real etcd server.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! The flanneld binaries as a user runs them: flags, environment, config errors, the backend
 //! registry, and a third-party flanneld (flanneld-alloc) writing subnet.env from etcd.
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

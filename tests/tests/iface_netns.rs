@@ -1,5 +1,7 @@
 //! External interface selection against the real kernel, inside a network namespace.
 
+#![allow(clippy::unwrap_used)]
+
 use flannel_core::iface::{IfaceSpec, select_external_interface};
 use flannel_tests::netns::Netns;
 use flannel_tests::require_root;

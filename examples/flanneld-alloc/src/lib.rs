@@ -26,12 +26,12 @@ pub struct AllocBackend {
 
 impl AllocBackend {
     /// The registered constructor.
-    pub fn new(ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
+    pub fn create(ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
         Ok(Box::new(Self { ctx }))
     }
 }
 
-flannel_core::register_backend!("alloc", AllocBackend::new);
+flannel_core::register_backend!("alloc", AllocBackend::create);
 
 #[async_trait]
 impl Backend for AllocBackend {
