@@ -134,7 +134,7 @@ inventory::collect!(BackendRegistration);
 
 /// Registers a backend constructor under a type name. Use it once at the top level of a backend crate:
 ///
-/// ```ignore
+/// ```text
 /// flannel_core::register_backend!("vxlan", VxlanBackend::create);
 /// ```
 ///

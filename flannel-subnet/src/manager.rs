@@ -11,7 +11,7 @@ use flannel_core::{
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::alloc::{
     allocate_subnet, config_key, ipv6_only, is_compatible, lease_key, previous_key, subnets_prefix,
@@ -84,11 +84,32 @@ pub fn lease_from_kv(kv: &KeyValue, asof: i64) -> Option<Lease> {
     })
 }
 
-/// Sleeps for `d` unless `shutdown` fires first; returns false on shutdown.
-async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => false,
-        _ = tokio::time::sleep(d) => true,
+/// Exponential reconnect backoff, 100 ms doubling to 5 s (Go flannel HEAD's watch backoff).
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+
+    /// Logs `what` failed, sleeps for the current delay and doubles it; false if `shutdown` fired.
+    async fn wait(
+        &mut self,
+        what: &str,
+        error: &(dyn std::fmt::Display + Sync),
+        shutdown: &CancellationToken,
+    ) -> bool {
+        warn!(%error, retry_in = ?self.0, "{what}");
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
     }
 }
 
@@ -146,8 +167,7 @@ impl<R: Registry> LocalManager<R> {
         shutdown: CancellationToken,
     ) -> Result<(), SubnetError> {
         let mut since: Option<i64> = None;
-        let mut backoff = Duration::from_millis(100);
-        let backoff_max = Duration::from_secs(5);
+        let mut backoff = Backoff(Backoff::FIRST);
         loop {
             if shutdown.is_cancelled() || sink.is_closed() {
                 return Ok(());
@@ -174,11 +194,9 @@ impl<R: Registry> LocalManager<R> {
                             rev + 1
                         }
                         Err(e) => {
-                            warn!(error = %e, retry_in = ?backoff, "listing leases failed");
-                            if !sleep_or_cancel(backoff, &shutdown).await {
+                            if !backoff.wait("listing leases failed", &e, &shutdown).await {
                                 return Ok(());
                             }
-                            backoff = (backoff * 2).min(backoff_max);
                             continue;
                         }
                     }
@@ -187,11 +205,12 @@ impl<R: Registry> LocalManager<R> {
             let mut watch = match self.registry.watch(key, prefix, from).await {
                 Ok(w) => w,
                 Err(e) => {
-                    warn!(error = %e, retry_in = ?backoff, "starting the lease watch failed");
-                    if !sleep_or_cancel(backoff, &shutdown).await {
+                    if !backoff
+                        .wait("starting the lease watch failed", &e, &shutdown)
+                        .await
+                    {
                         return Ok(());
                     }
-                    backoff = (backoff * 2).min(backoff_max);
                     continue;
                 }
             };
@@ -203,7 +222,7 @@ impl<R: Registry> LocalManager<R> {
                 };
                 match item {
                     Ok(Some(WatchItem::Events(events, rev))) => {
-                        backoff = Duration::from_millis(100);
+                        backoff.reset();
                         since = Some(rev + 1);
                         let batch: Vec<LeaseEvent> = events
                             .iter()
@@ -237,19 +256,25 @@ impl<R: Registry> LocalManager<R> {
                         break;
                     }
                     Ok(None) => {
-                        debug!("lease watch closed; reconnecting");
-                        if !sleep_or_cancel(backoff, &shutdown).await {
+                        if !backoff
+                            .wait(
+                                "lease watch closed; reconnecting",
+                                &"stream ended",
+                                &shutdown,
+                            )
+                            .await
+                        {
                             return Ok(());
                         }
-                        backoff = (backoff * 2).min(backoff_max);
                         break;
                     }
                     Err(e) => {
-                        warn!(error = %e, retry_in = ?backoff, "lease watch failed; reconnecting");
-                        if !sleep_or_cancel(backoff, &shutdown).await {
+                        if !backoff
+                            .wait("lease watch failed; reconnecting", &e, &shutdown)
+                            .await
+                        {
                             return Ok(());
                         }
-                        backoff = (backoff * 2).min(backoff_max);
                         break;
                     }
                 }
