@@ -1,7 +1,588 @@
 //! # flannel-backend-vxlan
 //!
-//! The vxlan backend (flannel.<VNI> devices, neighbour/FDB/route entries per peer, DirectRouting), per shared/spec/flannel-compat.md §5.1.
+//! flannel's vxlan backend (shared/spec/flannel-compat.md §5.1), registered as `vxlan`.
 //!
-//! **Not implemented yet**: this crate registers no backend, so a network config selecting it gets
-//! flanneld's "unknown backend type" error listing the backends that are available. It exists so the
-//! workspace layout and `flanneld`'s linking (`use flannel_backend_vxlan as _;`) are in place.
+//! ## Design
+//!
+//! Each host has one vxlan device, `flannel.<VNI>`, on its external interface, with the lease subnet's
+//! network address as a /32. For every peer lease it installs, in this order, exactly what Go flannel
+//! installs, so either implementation's kernel state works with the other:
+//!
+//! - `ip neigh replace <peer-subnet-addr> lladdr <VtepMAC> dev flannel.N nud permanent`
+//! - `bridge fdb replace <VtepMAC> dev flannel.N dst <PublicIP> self permanent`
+//! - `ip route replace <peer-subnet> via <peer-subnet-addr> dev flannel.N onlink`
+//!
+//! With `DirectRouting`, a peer whose public IP is on the external interface's own network gets
+//! `ip route replace <peer-subnet> via <PublicIP> dev <ext>` instead.
+//!
+//! Unlike Go flannel, nothing is fire-and-forget: the desired entries are computed from the leases as
+//! data ([`desired_state`], pure), compared with the kernel, and the difference applied, on every lease
+//! event, on every netlink notification and periodically (see `flannel_core::dataplane::driver`). A
+//! deleted device is recreated with the same MAC; deleted or changed entries come back; stale entries
+//! of departed peers are removed. Entries on other devices are never touched.
+//!
+//! The device's MAC stays the same across restarts because a compatible existing device is reused.
+//! Options (case-insensitive): `VNI` (1), `Port` (0 = kernel default 8472), `GBP`, `Learning`,
+//! `DirectRouting`, `MTU` (external MTU). IPv4 only for now.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use flannel_core::dataplane::driver::{self, Model};
+use flannel_core::dataplane::netlink::{Netlink, VxlanAttrs, VxlanSpec};
+use flannel_core::dataplane::{Fdb, KernelState, MacAddr, Neigh, Ownership, Route};
+use flannel_core::gojson::GoObject;
+use flannel_core::{
+    Backend, BackendContext, BackendError, ExternalInterface, Lease, LeaseAttrs, Network,
+    NetworkConfig, SubnetManager,
+};
+use ipnet::{IpNet, Ipv4Net};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+flannel_core::register_backend!("vxlan", VxlanBackend::create);
+
+/// The vxlan options of the network config's `Backend` object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanOptions {
+    /// `VNI`, default 1.
+    pub vni: u32,
+    /// `Port`, 0 = kernel default (8472).
+    pub port: u16,
+    /// `GBP`.
+    pub gbp: bool,
+    /// `Learning`.
+    pub learning: bool,
+    /// `DirectRouting`.
+    pub direct_routing: bool,
+    /// `MTU` of the underlay to assume (default: the external interface's).
+    pub mtu: Option<u32>,
+}
+
+fn bad(message: String) -> BackendError {
+    BackendError::InvalidOptions {
+        backend: "vxlan".into(),
+        message,
+    }
+}
+
+impl VxlanOptions {
+    /// Parses the options with Go's rules. A VNI above 65535 is refused: Go flanneld v0.20.2 peers
+    /// decode it into 16 bits and would reject our lease.
+    pub fn parse(backend: &serde_json::Value) -> Result<Self, BackendError> {
+        let o = GoObject::new(backend, "Backend").map_err(|e| bad(e.to_string()))?;
+        let f = |e: flannel_core::gojson::FieldError| bad(e.to_string());
+        let vni = o.uint("VNI").map_err(f)?.unwrap_or(1);
+        if vni == 0 || vni > 65535 {
+            return Err(bad(format!(
+                "VNI {vni} is out of range: use 1..65535 (Go flanneld v0.20.2 peers cannot read larger VNIs)"
+            )));
+        }
+        let port = o.uint("Port").map_err(f)?.unwrap_or(0);
+        let port = u16::try_from(port)
+            .map_err(|_| bad(format!("Port {port} is not a UDP port (0..65535)")))?;
+        let mtu = o.uint("MTU").map_err(f)?.filter(|m| *m > 0);
+        let mtu = mtu
+            .map(|m| {
+                u32::try_from(m)
+                    .ok()
+                    .filter(|m| *m >= 100)
+                    .ok_or_else(|| bad(format!("MTU {m} is too small")))
+            })
+            .transpose()?;
+        Ok(Self {
+            vni: vni as u32,
+            port,
+            gbp: o.bool("GBP").map_err(f)?.unwrap_or(false),
+            learning: o.bool("Learning").map_err(f)?.unwrap_or(false),
+            direct_routing: o.bool("DirectRouting").map_err(f)?.unwrap_or(false),
+            mtu,
+        })
+    }
+
+    /// The device name, `flannel.<VNI>`.
+    pub fn device_name(&self) -> String {
+        format!("flannel.{}", self.vni)
+    }
+}
+
+/// A peer's vxlan lease data (`{"VNI":1,"VtepMAC":"…"}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerData {
+    /// The peer's VNI.
+    pub vni: u64,
+    /// The peer's VTEP MAC.
+    pub vtep_mac: MacAddr,
+}
+
+impl PeerData {
+    /// Decodes a lease's `BackendData`.
+    pub fn from_lease(lease: &Lease) -> Result<Self, String> {
+        let data = lease.attrs.backend_data.as_ref().ok_or("no BackendData")?;
+        let o = GoObject::new(data, "BackendData").map_err(|e| e.to_string())?;
+        let mac = o
+            .string("VtepMAC")
+            .map_err(|e| e.to_string())?
+            .ok_or("no VtepMAC")?;
+        Ok(Self {
+            vni: o.uint("VNI").map_err(|e| e.to_string())?.unwrap_or(0),
+            vtep_mac: mac
+                .parse()
+                .map_err(|e: flannel_core::dataplane::BadMac| e.to_string())?,
+        })
+    }
+}
+
+/// Everything [`desired_state`] needs besides the leases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    /// The cluster network.
+    pub network: Ipv4Net,
+    /// The own subnet (never touched).
+    pub own_subnet: Ipv4Net,
+    /// `flannel.<VNI>`'s index.
+    pub vxlan_index: u32,
+    /// The external interface's index.
+    pub ext_index: u32,
+    /// The external interface's networks (for DirectRouting's "is the peer directly reachable").
+    pub ext_networks: Vec<IpNet>,
+    /// Whether DirectRouting is on.
+    pub direct_routing: bool,
+}
+
+/// The entries the kernel should hold for `leases` (pure). Leases of other backend types are ignored,
+/// as Go flannel does; leases with unreadable data produce a warning.
+pub fn desired_state(topo: &Topology, leases: &[&Lease]) -> (KernelState, Ownership, Vec<String>) {
+    let mut state = KernelState::default();
+    let mut warnings = Vec::new();
+    for lease in leases {
+        let Some(subnet) = lease.subnet() else {
+            continue;
+        };
+        if lease.attrs.backend_type != "vxlan" {
+            continue;
+        }
+        let peer_ip = IpAddr::V4(lease.attrs.public_ip);
+        if topo.direct_routing && topo.ext_networks.iter().any(|n| n.contains(&peer_ip)) {
+            state.routes.insert(Route {
+                dst: IpNet::V4(subnet),
+                gateway: Some(peer_ip),
+                oif: topo.ext_index,
+                onlink: false,
+            });
+            continue;
+        }
+        let data = match PeerData::from_lease(lease) {
+            Ok(d) => d,
+            Err(e) => {
+                warnings.push(format!(
+                    "ignoring vxlan lease {}: bad BackendData: {e}",
+                    lease.key
+                ));
+                continue;
+            }
+        };
+        let gw = IpAddr::V4(subnet.network());
+        state.neighs.insert(Neigh {
+            ifindex: topo.vxlan_index,
+            ip: gw,
+            mac: data.vtep_mac,
+        });
+        state.fdb.insert(Fdb {
+            ifindex: topo.vxlan_index,
+            mac: data.vtep_mac,
+            dst: peer_ip,
+        });
+        state.routes.insert(Route {
+            dst: IpNet::V4(subnet),
+            gateway: Some(gw),
+            oif: topo.vxlan_index,
+            onlink: true,
+        });
+    }
+    let own = Ownership {
+        networks: vec![IpNet::V4(topo.network)],
+        route_oifs: vec![topo.vxlan_index],
+        gateway_route_oifs: if topo.direct_routing {
+            vec![topo.ext_index]
+        } else {
+            vec![]
+        },
+        keep: vec![IpNet::V4(topo.own_subnet)],
+        neigh_ifindexes: vec![topo.vxlan_index],
+        fdb_ifindexes: vec![topo.vxlan_index],
+    };
+    (state, own, warnings)
+}
+
+/// The registered backend.
+#[derive(Debug)]
+pub struct VxlanBackend {
+    ctx: BackendContext,
+}
+
+impl VxlanBackend {
+    /// The registered constructor.
+    pub fn create(ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
+        Ok(Box::new(Self { ctx }))
+    }
+}
+
+fn io(e: flannel_core::dataplane::DataplaneError) -> BackendError {
+    BackendError::Io {
+        context: e.context,
+        source: std::io::Error::other(e.message),
+    }
+}
+
+/// Creates or reuses `flannel.<VNI>` and returns its index and MAC. A compatible existing device is
+/// reused as is (keeping its MAC); an incompatible one is deleted and recreated.
+async fn ensure_device(nl: &Netlink, spec: &VxlanSpec) -> Result<(u32, MacAddr), BackendError> {
+    if let Some(link) = nl.link_by_name(&spec.name).await.map_err(io)? {
+        let compatible = link.vxlan.as_ref().is_some_and(|have| {
+            let want = &spec.attrs;
+            have.vni == want.vni
+                && (have.link.is_none() || want.link.is_none() || have.link == want.link)
+                && (have.local.is_none() || want.local.is_none() || have.local == want.local)
+                && (have.port == 0 || want.port == 0 || have.port == want.port)
+                && have.gbp == want.gbp
+        });
+        match (compatible, link.mac) {
+            (true, Some(mac)) => return Ok((link.index, mac)),
+            _ => {
+                warn!(device = %spec.name, "existing device is incompatible with the config; recreating it");
+                nl.delete_link(link.index).await.map_err(io)?;
+            }
+        }
+    }
+    nl.create_vxlan(spec).await.map_err(io)?;
+    let link = nl
+        .link_by_name(&spec.name)
+        .await
+        .map_err(io)?
+        .ok_or_else(|| {
+            BackendError::Other(format!("{} vanished right after it was created", spec.name))
+        })?;
+    Ok((link.index, link.mac.unwrap_or(spec.mac)))
+}
+
+#[async_trait]
+impl Backend for VxlanBackend {
+    async fn register_network(
+        &self,
+        config: &NetworkConfig,
+    ) -> Result<Box<dyn Network>, BackendError> {
+        let opts = VxlanOptions::parse(&config.backend)?;
+        let network = config.network().ok_or_else(|| {
+            bad("the vxlan backend needs an IPv4 Network (IPv6-only is not supported yet)".into())
+        })?;
+        let ext = self.ctx.ext_iface.clone();
+        let local = ext
+            .iface_addr
+            .ok_or_else(|| bad(format!("interface {} has no IPv4 address", ext.name)))?;
+        let nl = Netlink::new().map_err(io)?;
+        let underlay_mtu = opts.mtu.unwrap_or(ext.mtu);
+        let mtu = underlay_mtu.saturating_sub(50);
+        let mut spec = VxlanSpec {
+            name: opts.device_name(),
+            attrs: VxlanAttrs {
+                vni: opts.vni,
+                link: Some(ext.index),
+                local: Some(local),
+                port: opts.port,
+                learning: opts.learning,
+                gbp: opts.gbp,
+            },
+            mac: MacAddr::random_local(),
+            mtu,
+        };
+        let (index, mac) = ensure_device(&nl, &spec).await?;
+        spec.mac = mac;
+        info!(device = %spec.name, %mac, index, "vxlan device ready");
+        let attrs = LeaseAttrs {
+            public_ip: ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            public_ipv6: None,
+            backend_type: "vxlan".into(),
+            backend_data: Some(serde_json::json!({"VNI": opts.vni, "VtepMAC": mac.to_string()})),
+            backend_v6_data: None,
+        };
+        let lease = self.ctx.subnet_manager.acquire_lease(&attrs).await?;
+        let own_subnet = lease
+            .subnet()
+            .ok_or_else(|| BackendError::Other("the lease has no IPv4 subnet".into()))?;
+        let mut model = VxlanModel {
+            nl,
+            spec,
+            ext,
+            network,
+            own_subnet,
+            opts,
+            index,
+        };
+        model.prepare().await?;
+        Ok(Box::new(VxlanNetwork {
+            lease,
+            mtu,
+            model,
+            sm: self.ctx.subnet_manager.clone(),
+        }))
+    }
+}
+
+/// The device and topology the reconcile loop keeps up.
+#[derive(Debug)]
+struct VxlanModel {
+    nl: Netlink,
+    spec: VxlanSpec,
+    ext: ExternalInterface,
+    network: Ipv4Net,
+    own_subnet: Ipv4Net,
+    opts: VxlanOptions,
+    index: u32,
+}
+
+#[async_trait]
+impl Model for VxlanModel {
+    async fn prepare(&mut self) -> Result<(), BackendError> {
+        let link = self.nl.link_by_name(&self.spec.name).await.map_err(io)?;
+        let link = match link {
+            Some(l) if l.vxlan.is_some() => l,
+            _ => {
+                warn!(device = %self.spec.name, mac = %self.spec.mac, "vxlan device is missing; recreating it with the same MAC");
+                let (index, _) = ensure_device(&self.nl, &self.spec).await?;
+                self.nl
+                    .link_by_name(&self.spec.name)
+                    .await
+                    .map_err(io)?
+                    .filter(|l| l.index == index)
+                    .ok_or_else(|| {
+                        BackendError::Other(format!("{} could not be recreated", self.spec.name))
+                    })?
+            }
+        };
+        self.index = link.index;
+        let addr = IpNet::V4(
+            Ipv4Net::new(self.own_subnet.network(), 32)
+                .map_err(|e| BackendError::Other(e.to_string()))?,
+        );
+        self.nl
+            .ensure_only_address(link.index, addr, IpNet::V4(self.network))
+            .await
+            .map_err(io)?;
+        if !link.up {
+            self.nl.set_up(link.index).await.map_err(io)?;
+        }
+        Ok(())
+    }
+
+    fn desired(&self, leases: &[&Lease]) -> (KernelState, Ownership, Vec<String>) {
+        let topo = Topology {
+            network: self.network,
+            own_subnet: self.own_subnet,
+            vxlan_index: self.index,
+            ext_index: self.ext.index,
+            ext_networks: self.ext.iface_networks.clone(),
+            direct_routing: self.opts.direct_routing,
+        };
+        desired_state(&topo, leases)
+    }
+}
+
+/// The running vxlan network.
+#[derive(Debug)]
+pub struct VxlanNetwork {
+    lease: Lease,
+    mtu: u32,
+    model: VxlanModel,
+    sm: Arc<dyn SubnetManager>,
+}
+
+#[async_trait]
+impl Network for VxlanNetwork {
+    fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    async fn run(self: Box<Self>, shutdown: CancellationToken) -> Result<(), BackendError> {
+        let VxlanNetwork {
+            lease,
+            mut model,
+            sm,
+            ..
+        } = *self;
+        driver::run_on_netlink(&mut model, sm, lease.key, shutdown).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flannel_core::dataplane::{FakeKernel, diff};
+    use serde_json::json;
+
+    fn lease(key: &str, ip: &str, data: serde_json::Value, ty: &str) -> Lease {
+        Lease {
+            key: key.parse().unwrap(),
+            enable_ipv4: true,
+            attrs: LeaseAttrs {
+                public_ip: ip.parse().unwrap(),
+                backend_type: ty.into(),
+                backend_data: Some(data),
+                ..Default::default()
+            },
+            expiration: None,
+            asof: 0,
+        }
+    }
+
+    fn topo(direct: bool) -> Topology {
+        Topology {
+            network: "10.5.0.0/16".parse().unwrap(),
+            own_subnet: "10.5.1.0/24".parse().unwrap(),
+            vxlan_index: 7,
+            ext_index: 2,
+            ext_networks: vec!["192.168.0.0/24".parse().unwrap()],
+            direct_routing: direct,
+        }
+    }
+
+    #[test]
+    fn options_parse_like_go() {
+        let o = VxlanOptions::parse(&json!({"Type":"vxlan"})).unwrap();
+        assert_eq!(
+            (o.vni, o.port, o.gbp, o.learning, o.direct_routing, o.mtu),
+            (1, 0, false, false, false, None)
+        );
+        assert_eq!(o.device_name(), "flannel.1");
+        let o = VxlanOptions::parse(
+            &json!({"type":"vxlan","vni":42,"port":4789,"directrouting":true,"GBP":true}),
+        )
+        .unwrap();
+        assert_eq!(
+            (o.vni, o.port, o.gbp, o.direct_routing),
+            (42, 4789, true, true)
+        );
+        for (bad, want) in [
+            (json!({"VNI": 70000}), "1..65535"),
+            (json!({"VNI": "1"}), "Backend.VNI"),
+            (json!({"Port": 70000}), "not a UDP port"),
+            (json!({"DirectRouting": "yes"}), "Backend.DirectRouting"),
+        ] {
+            let e = VxlanOptions::parse(&bad).unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn peer_entries_match_go() {
+        let peers = [
+            lease(
+                "10.5.2.0-24",
+                "192.168.0.2",
+                json!({"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}),
+                "vxlan",
+            ),
+            lease(
+                "10.5.3.0-24",
+                "192.168.9.3",
+                json!({"vni":1,"vtepmac":"AA:BB:CC:DD:EE:03"}),
+                "vxlan",
+            ),
+            lease("10.5.4.0-24", "192.168.0.4", json!(null), "host-gw"),
+            lease(
+                "10.5.5.0-24",
+                "192.168.0.5",
+                json!({"VNI":1,"VtepMAC":"nope"}),
+                "vxlan",
+            ),
+        ];
+        let refs: Vec<&Lease> = peers.iter().collect();
+        let (s, own, warnings) = desired_state(&topo(false), &refs);
+        let routes: Vec<String> = s.routes.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            routes,
+            vec![
+                "10.5.2.0/24 via 10.5.2.0 dev #7 onlink",
+                "10.5.3.0/24 via 10.5.3.0 dev #7 onlink"
+            ]
+        );
+        let neighs: Vec<String> = s.neighs.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            neighs,
+            vec![
+                "10.5.2.0 lladdr aa:bb:cc:dd:ee:02 dev #7",
+                "10.5.3.0 lladdr aa:bb:cc:dd:ee:03 dev #7"
+            ]
+        );
+        let fdb: Vec<String> = s.fdb.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            fdb,
+            vec![
+                "aa:bb:cc:dd:ee:02 dst 192.168.0.2 dev #7",
+                "aa:bb:cc:dd:ee:03 dst 192.168.9.3 dev #7"
+            ]
+        );
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("10.5.5.0-24"));
+        assert_eq!(own.keep, vec!["10.5.1.0/24".parse::<IpNet>().unwrap()]);
+        assert!(own.gateway_route_oifs.is_empty());
+    }
+
+    #[test]
+    fn direct_routing_only_inside_the_segment() {
+        let peers = [
+            lease(
+                "10.5.2.0-24",
+                "192.168.0.2",
+                json!({"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}),
+                "vxlan",
+            ),
+            lease(
+                "10.5.3.0-24",
+                "192.168.9.3",
+                json!({"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:03"}),
+                "vxlan",
+            ),
+        ];
+        let refs: Vec<&Lease> = peers.iter().collect();
+        let (s, own, _) = desired_state(&topo(true), &refs);
+        let routes: Vec<String> = s.routes.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            routes,
+            vec![
+                "10.5.2.0/24 via 192.168.0.2 dev #2",
+                "10.5.3.0/24 via 10.5.3.0 dev #7 onlink"
+            ]
+        );
+        assert_eq!(s.neighs.len(), 1);
+        assert_eq!(own.gateway_route_oifs, vec![2]);
+    }
+
+    #[tokio::test]
+    async fn departed_peer_is_cleaned_on_the_fake_kernel() {
+        let k = FakeKernel::default();
+        let peers = [lease(
+            "10.5.2.0-24",
+            "192.168.0.2",
+            json!({"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"}),
+            "vxlan",
+        )];
+        let refs: Vec<&Lease> = peers.iter().collect();
+        let (s, own, _) = desired_state(&topo(false), &refs);
+        flannel_core::dataplane::reconcile_once(&k, &s, &own)
+            .await
+            .unwrap();
+        assert_eq!(k.state.lock().unwrap().len(), 3);
+        let (empty, own, _) = desired_state(&topo(false), &[]);
+        flannel_core::dataplane::reconcile_once(&k, &empty, &own)
+            .await
+            .unwrap();
+        assert!(k.state.lock().unwrap().is_empty());
+        assert!(diff(&empty, &k.state.lock().unwrap(), &own).is_empty());
+    }
+}

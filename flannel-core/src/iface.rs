@@ -31,6 +31,9 @@ pub struct ExternalInterface {
     pub ext_addr: Option<Ipv4Addr>,
     /// The advertised IPv6 address: `--public-ipv6`, else `iface_v6_addr`.
     pub ext_v6_addr: Option<Ipv6Addr>,
+    /// The networks directly attached to the interface (its addresses with their prefixes): peers
+    /// inside them are on-link.
+    pub iface_networks: Vec<ipnet::IpNet>,
 }
 
 impl fmt::Display for ExternalInterface {
@@ -70,6 +73,8 @@ pub struct IfaceSpec {
 pub struct HostAddr {
     /// The address.
     pub ip: IpAddr,
+    /// Its prefix length.
+    pub prefix_len: u8,
     /// Whether it is deprecated (skipped).
     pub deprecated: bool,
     /// Whether it is permanent (preferred over dynamic ones).
@@ -202,6 +207,15 @@ fn finish(
         } else {
             None
         },
+        iface_networks: link
+            .addrs
+            .iter()
+            .filter_map(|a| {
+                ipnet::IpNet::new(a.ip, a.prefix_len)
+                    .ok()
+                    .map(|n| n.trunc())
+            })
+            .collect(),
     })
 }
 
@@ -382,6 +396,7 @@ pub async fn read_host(can_reach: Option<IpAddr>) -> Result<HostSnapshot, IfaceE
             ) {
                 link.addrs.push(HostAddr {
                     ip,
+                    prefix_len: msg.header.prefix_len,
                     deprecated: flags.contains(AddressFlags::Deprecated),
                     permanent: flags.contains(AddressFlags::Permanent),
                 });
@@ -469,6 +484,7 @@ mod tests {
     fn addr(s: &str) -> HostAddr {
         HostAddr {
             ip: s.parse().unwrap(),
+            prefix_len: 24,
             deprecated: false,
             permanent: true,
         }
@@ -681,11 +697,13 @@ mod tests {
         h.links[2].addrs = vec![
             HostAddr {
                 ip: "10.0.0.7".parse().unwrap(),
+                prefix_len: 24,
                 deprecated: true,
                 permanent: true,
             },
             HostAddr {
                 ip: "10.0.0.8".parse().unwrap(),
+                prefix_len: 24,
                 deprecated: false,
                 permanent: false,
             },

@@ -30,6 +30,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod dataplane;
 pub mod gojson;
 pub mod iface;
 pub mod lease;

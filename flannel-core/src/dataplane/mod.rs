@@ -1,0 +1,593 @@
+//! The data plane shared by the kernel backends (vxlan, host-gw): desired state as plain data, a pure
+//! diff against the actual state, one narrow kernel seam, and one reconcile driver.
+//!
+//! A backend describes what the kernel should hold for the current leases as a [`KernelState`] (routes,
+//! neighbours, FDB entries) plus an [`Ownership`] saying which existing entries are flannel's. [`diff`]
+//! turns desired and actual state into [`Op`]s; [`KernelOps`] reads and applies them (over netlink in
+//! [`netlink::Netlink`], in memory in [`FakeKernel`]); [`driver::run`] repeats this on every lease
+//! event, on kernel notifications and periodically, so deleted or changed entries come back and stale
+//! ones go away, without ever touching entries that are not flannel's.
+//!
+//! ```
+//! use flannel_core::dataplane::{diff, KernelState, Op, Ownership, Route};
+//! let route = Route { dst: "10.5.2.0/24".parse().unwrap(), gateway: Some("192.168.0.2".parse().unwrap()), oif: 2, onlink: false };
+//! let mut desired = KernelState::default();
+//! desired.routes.insert(route.clone());
+//! let own = Ownership { networks: vec!["10.5.0.0/16".parse().unwrap()], gateway_route_oifs: vec![2], ..Default::default() };
+//! assert_eq!(diff(&desired, &KernelState::default(), &own), vec![Op::AddRoute(route)]);
+//! ```
+
+pub mod driver;
+pub mod netlink;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use ipnet::IpNet;
+
+/// An Ethernet address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A random locally administered unicast address (first byte: bit 0 clear, bit 1 set), as Go
+    /// flannel generates for `flannel.<VNI>`.
+    pub fn random_local() -> Self {
+        let mut b: [u8; 6] = rand::random();
+        b[0] = (b[0] & 0xfe) | 0x02;
+        Self(b)
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+/// Text that is not a MAC address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a MAC address (expected aa:bb:cc:dd:ee:ff)")]
+pub struct BadMac(pub String);
+
+impl FromStr for MacAddr {
+    type Err = BadMac;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(BadMac(s.to_string()));
+        }
+        let mut b = [0u8; 6];
+        for (i, p) in parts.iter().enumerate() {
+            if p.len() != 2 {
+                return Err(BadMac(s.to_string()));
+            }
+            b[i] = u8::from_str_radix(p, 16).map_err(|_| BadMac(s.to_string()))?;
+        }
+        Ok(Self(b))
+    }
+}
+
+impl TryFrom<&[u8]> for MacAddr {
+    type Error = BadMac;
+    fn try_from(v: &[u8]) -> Result<Self, Self::Error> {
+        <[u8; 6]>::try_from(v)
+            .map(Self)
+            .map_err(|_| BadMac(format!("{v:?}")))
+    }
+}
+
+/// A route in the main table (`ip route replace <dst> [via <gateway>] dev <oif> [onlink]`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    /// Destination subnet.
+    pub dst: IpNet,
+    /// Next hop.
+    pub gateway: Option<IpAddr>,
+    /// Output interface index.
+    pub oif: u32,
+    /// Whether the next hop is declared on-link (`RTNH_F_ONLINK`).
+    pub onlink: bool,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.dst)?;
+        if let Some(g) = self.gateway {
+            write!(f, " via {g}")?;
+        }
+        write!(f, " dev #{}", self.oif)?;
+        if self.onlink {
+            write!(f, " onlink")?;
+        }
+        Ok(())
+    }
+}
+
+/// A permanent neighbour entry (`ip neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Neigh {
+    /// Device index.
+    pub ifindex: u32,
+    /// The IP address.
+    pub ip: IpAddr,
+    /// Its link-layer address.
+    pub mac: MacAddr,
+}
+
+impl fmt::Display for Neigh {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} lladdr {} dev #{}", self.ip, self.mac, self.ifindex)
+    }
+}
+
+/// A permanent FDB entry of a vxlan device (`bridge fdb replace <mac> dev <ifindex> dst <dst> self permanent`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fdb {
+    /// Device index.
+    pub ifindex: u32,
+    /// The remote VTEP's MAC.
+    pub mac: MacAddr,
+    /// The remote VTEP's underlay address.
+    pub dst: IpAddr,
+}
+
+impl fmt::Display for Fdb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} dst {} dev #{}", self.mac, self.dst, self.ifindex)
+    }
+}
+
+/// Routes, neighbours and FDB entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelState {
+    /// Routes.
+    pub routes: BTreeSet<Route>,
+    /// Neighbours.
+    pub neighs: BTreeSet<Neigh>,
+    /// FDB entries.
+    pub fdb: BTreeSet<Fdb>,
+}
+
+impl KernelState {
+    /// The number of entries.
+    pub fn len(&self) -> usize {
+        self.routes.len() + self.neighs.len() + self.fdb.len()
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Which existing entries belong to the backend (and so may be removed when not desired). Everything
+/// else is never touched.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ownership {
+    /// The cluster networks: only routes into them are considered.
+    pub networks: Vec<IpNet>,
+    /// Devices all of whose routes into the networks are ours (e.g. `flannel.1`).
+    pub route_oifs: Vec<u32>,
+    /// Devices whose routes into the networks **with a gateway** are ours (host-gw and DirectRouting
+    /// routes on the external interface).
+    pub gateway_route_oifs: Vec<u32>,
+    /// Routes that are never ours even if they match (e.g. the own subnet).
+    pub keep: Vec<IpNet>,
+    /// Devices whose neighbour entries are ours.
+    pub neigh_ifindexes: Vec<u32>,
+    /// Devices whose FDB entries (with a remote address) are ours.
+    pub fdb_ifindexes: Vec<u32>,
+}
+
+impl Ownership {
+    fn owns_route(&self, r: &Route) -> bool {
+        let in_net = self.networks.iter().any(|n| n.contains(&r.dst));
+        let kept = self.keep.iter().any(|k| k.contains(&r.dst));
+        in_net
+            && !kept
+            && (self.route_oifs.contains(&r.oif)
+                || (r.gateway.is_some() && self.gateway_route_oifs.contains(&r.oif)))
+    }
+}
+
+/// One change to the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Remove a route.
+    DelRoute(Route),
+    /// Remove a neighbour.
+    DelNeigh(Neigh),
+    /// Remove an FDB entry.
+    DelFdb(Fdb),
+    /// Add or replace a neighbour.
+    AddNeigh(Neigh),
+    /// Add or replace an FDB entry.
+    AddFdb(Fdb),
+    /// Add or replace a route.
+    AddRoute(Route),
+}
+
+impl Op {
+    /// A short kind name for logs and metrics (`route`, `neigh`, `fdb`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::DelRoute(_) | Op::AddRoute(_) => "route",
+            Op::DelNeigh(_) | Op::AddNeigh(_) => "neigh",
+            Op::DelFdb(_) | Op::AddFdb(_) => "fdb",
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::DelRoute(r) => write!(f, "delete route {r}"),
+            Op::DelNeigh(n) => write!(f, "delete neigh {n}"),
+            Op::DelFdb(e) => write!(f, "delete fdb {e}"),
+            Op::AddNeigh(n) => write!(f, "add neigh {n}"),
+            Op::AddFdb(e) => write!(f, "add fdb {e}"),
+            Op::AddRoute(r) => write!(f, "add route {r}"),
+        }
+    }
+}
+
+/// The operations that turn `actual` into `desired`, in a safe order: stale routes first, then stale
+/// neighbours and FDB entries, then neighbours and FDB entries before the routes that need them (so
+/// the kernel never has to ARP). Adds use replace semantics, so a changed entry is one add. Entries
+/// that [`Ownership`] does not cover are never deleted.
+pub fn diff(desired: &KernelState, actual: &KernelState, own: &Ownership) -> Vec<Op> {
+    let mut ops = Vec::new();
+    // Routes are keyed by destination in the main table: a desired route replaces any route to the
+    // same destination, so only destinations nobody wants any more are deleted.
+    let wanted_dsts: BTreeSet<&IpNet> = desired.routes.iter().map(|r| &r.dst).collect();
+    for r in &actual.routes {
+        if own.owns_route(r) && !wanted_dsts.contains(&r.dst) {
+            ops.push(Op::DelRoute(r.clone()));
+        }
+    }
+    let wanted_neigh: BTreeSet<(u32, IpAddr)> =
+        desired.neighs.iter().map(|n| (n.ifindex, n.ip)).collect();
+    for n in &actual.neighs {
+        if own.neigh_ifindexes.contains(&n.ifindex) && !wanted_neigh.contains(&(n.ifindex, n.ip)) {
+            ops.push(Op::DelNeigh(n.clone()));
+        }
+    }
+    let wanted_fdb: BTreeSet<(u32, MacAddr)> =
+        desired.fdb.iter().map(|e| (e.ifindex, e.mac)).collect();
+    for e in &actual.fdb {
+        if own.fdb_ifindexes.contains(&e.ifindex) && !wanted_fdb.contains(&(e.ifindex, e.mac)) {
+            ops.push(Op::DelFdb(e.clone()));
+        }
+    }
+    ops.extend(
+        desired
+            .neighs
+            .difference(&actual.neighs)
+            .cloned()
+            .map(Op::AddNeigh),
+    );
+    ops.extend(desired.fdb.difference(&actual.fdb).cloned().map(Op::AddFdb));
+    ops.extend(
+        desired
+            .routes
+            .difference(&actual.routes)
+            .cloned()
+            .map(Op::AddRoute),
+    );
+    ops
+}
+
+/// Errors of the kernel seam, naming the object.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}: {message}")]
+pub struct DataplaneError {
+    /// What was being done (e.g. `add route 10.5.2.0/24 via 10.5.2.0 dev #5 onlink`).
+    pub context: String,
+    /// The kernel's answer, with a hint where one helps.
+    pub message: String,
+}
+
+/// What the reconcile loop needs from the kernel: read the entries of interest, apply one change.
+#[async_trait]
+pub trait KernelOps: Send + Sync + fmt::Debug {
+    /// Reads the main-table routes into `own.networks` and the neighbour and FDB entries of the devices
+    /// named in `own`.
+    async fn read(&self, own: &Ownership) -> Result<KernelState, DataplaneError>;
+    /// Applies one change (adds replace).
+    async fn apply(&self, op: &Op) -> Result<(), DataplaneError>;
+}
+
+/// An in-memory kernel that records every applied op; for tests of backends and the reconcile loop.
+#[derive(Debug, Default)]
+pub struct FakeKernel {
+    /// The current entries.
+    pub state: Mutex<KernelState>,
+    /// Every op applied, in order.
+    pub applied: Mutex<Vec<Op>>,
+}
+
+#[async_trait]
+impl KernelOps for FakeKernel {
+    async fn read(&self, _own: &Ownership) -> Result<KernelState, DataplaneError> {
+        Ok(self.state.lock().map(|s| s.clone()).unwrap_or_default())
+    }
+
+    async fn apply(&self, op: &Op) -> Result<(), DataplaneError> {
+        if let Ok(mut s) = self.state.lock() {
+            match op {
+                Op::DelRoute(r) => {
+                    s.routes.remove(r);
+                }
+                Op::DelNeigh(n) => {
+                    s.neighs.remove(n);
+                }
+                Op::DelFdb(e) => {
+                    s.fdb.remove(e);
+                }
+                Op::AddRoute(r) => {
+                    s.routes.retain(|x| x.dst != r.dst);
+                    s.routes.insert(r.clone());
+                }
+                Op::AddNeigh(n) => {
+                    s.neighs.retain(|x| (x.ifindex, x.ip) != (n.ifindex, n.ip));
+                    s.neighs.insert(n.clone());
+                }
+                Op::AddFdb(e) => {
+                    s.fdb.retain(|x| (x.ifindex, x.mac) != (e.ifindex, e.mac));
+                    s.fdb.insert(e.clone());
+                }
+            }
+        }
+        if let Ok(mut a) = self.applied.lock() {
+            a.push(op.clone());
+        }
+        Ok(())
+    }
+}
+
+/// Counts of what one reconcile pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Ops applied successfully, by kind and direction (`add route`, `delete fdb`, …).
+    pub applied: BTreeMap<String, usize>,
+    /// Ops that failed, with the error.
+    pub failed: Vec<String>,
+}
+
+impl ReconcileReport {
+    /// Whether nothing had to change.
+    pub fn is_noop(&self) -> bool {
+        self.applied.is_empty() && self.failed.is_empty()
+    }
+}
+
+/// One pass: read, diff, apply every op (continuing past failures, which are reported).
+pub async fn reconcile_once(
+    kernel: &dyn KernelOps,
+    desired: &KernelState,
+    own: &Ownership,
+) -> Result<ReconcileReport, DataplaneError> {
+    let actual = kernel.read(own).await?;
+    let mut report = ReconcileReport::default();
+    for op in diff(desired, &actual, own) {
+        let label = match &op {
+            Op::AddRoute(_) | Op::AddNeigh(_) | Op::AddFdb(_) => format!("add {}", op.kind()),
+            _ => format!("delete {}", op.kind()),
+        };
+        match kernel.apply(&op).await {
+            Ok(()) => *report.applied.entry(label).or_default() += 1,
+            Err(e) => report.failed.push(e.to_string()),
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(dst: &str, gw: &str, oif: u32, onlink: bool) -> Route {
+        Route {
+            dst: dst.parse().unwrap(),
+            gateway: Some(gw.parse().unwrap()),
+            oif,
+            onlink,
+        }
+    }
+    fn neigh(ip: &str, mac: &str) -> Neigh {
+        Neigh {
+            ifindex: 5,
+            ip: ip.parse().unwrap(),
+            mac: mac.parse().unwrap(),
+        }
+    }
+    fn fdb(mac: &str, dst: &str) -> Fdb {
+        Fdb {
+            ifindex: 5,
+            mac: mac.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+        }
+    }
+    fn state(routes: Vec<Route>, neighs: Vec<Neigh>, fdbs: Vec<Fdb>) -> KernelState {
+        KernelState {
+            routes: routes.into_iter().collect(),
+            neighs: neighs.into_iter().collect(),
+            fdb: fdbs.into_iter().collect(),
+        }
+    }
+    fn vxlan_own() -> Ownership {
+        Ownership {
+            networks: vec!["10.5.0.0/16".parse().unwrap()],
+            route_oifs: vec![5],
+            gateway_route_oifs: vec![2],
+            keep: vec!["10.5.1.0/24".parse().unwrap()],
+            neigh_ifindexes: vec![5],
+            fdb_ifindexes: vec![5],
+        }
+    }
+
+    struct Case {
+        name: &'static str,
+        desired: KernelState,
+        actual: KernelState,
+        want: Vec<Op>,
+    }
+
+    #[test]
+    fn diff_cases() {
+        let peer_route = route("10.5.2.0/24", "10.5.2.0", 5, true);
+        let peer_neigh = neigh("10.5.2.0", "aa:aa:aa:aa:aa:02");
+        let peer_fdb = fdb("aa:aa:aa:aa:aa:02", "192.168.0.2");
+        let peer = state(
+            vec![peer_route.clone()],
+            vec![peer_neigh.clone()],
+            vec![peer_fdb.clone()],
+        );
+        let cases = vec![
+            Case {
+                name: "empty kernel: neighbour and fdb before the route",
+                desired: peer.clone(),
+                actual: KernelState::default(),
+                want: vec![
+                    Op::AddNeigh(peer_neigh.clone()),
+                    Op::AddFdb(peer_fdb.clone()),
+                    Op::AddRoute(peer_route.clone()),
+                ],
+            },
+            Case {
+                name: "in sync: nothing",
+                desired: peer.clone(),
+                actual: peer.clone(),
+                want: vec![],
+            },
+            Case {
+                name: "departed peer: route first, then neigh and fdb",
+                desired: KernelState::default(),
+                actual: peer.clone(),
+                want: vec![
+                    Op::DelRoute(peer_route.clone()),
+                    Op::DelNeigh(peer_neigh.clone()),
+                    Op::DelFdb(peer_fdb.clone()),
+                ],
+            },
+            Case {
+                name: "changed VtepMAC: neighbour replaced, old fdb removed, new fdb added",
+                desired: state(
+                    vec![peer_route.clone()],
+                    vec![neigh("10.5.2.0", "aa:aa:aa:aa:aa:99")],
+                    vec![fdb("aa:aa:aa:aa:aa:99", "192.168.0.2")],
+                ),
+                actual: peer.clone(),
+                want: vec![
+                    Op::DelFdb(peer_fdb.clone()),
+                    Op::AddNeigh(neigh("10.5.2.0", "aa:aa:aa:aa:aa:99")),
+                    Op::AddFdb(fdb("aa:aa:aa:aa:aa:99", "192.168.0.2")),
+                ],
+            },
+            Case {
+                name: "wrong gateway on a route: replaced, not deleted",
+                desired: state(
+                    vec![route("10.5.3.0/24", "192.168.0.3", 2, false)],
+                    vec![],
+                    vec![],
+                ),
+                actual: state(
+                    vec![route("10.5.3.0/24", "192.168.0.9", 2, false)],
+                    vec![],
+                    vec![],
+                ),
+                want: vec![Op::AddRoute(route("10.5.3.0/24", "192.168.0.3", 2, false))],
+            },
+            Case {
+                name: "foreign entries are never touched",
+                desired: KernelState::default(),
+                actual: state(
+                    vec![
+                        route("10.6.0.0/24", "10.6.0.1", 5, false), // outside the cluster network
+                        route("10.5.9.0/24", "192.168.0.1", 3, false), // on another device
+                        Route {
+                            dst: "10.5.8.0/24".parse().unwrap(),
+                            gateway: None,
+                            oif: 2,
+                            onlink: false,
+                        }, // no gateway on ext
+                        route("10.5.1.0/24", "10.5.1.0", 5, true),  // own subnet is kept
+                    ],
+                    vec![Neigh {
+                        ifindex: 2,
+                        ip: "192.168.0.1".parse().unwrap(),
+                        mac: "00:11:22:33:44:55".parse().unwrap(),
+                    }],
+                    vec![Fdb {
+                        ifindex: 7,
+                        mac: "00:11:22:33:44:55".parse().unwrap(),
+                        dst: "1.2.3.4".parse().unwrap(),
+                    }],
+                ),
+                want: vec![],
+            },
+            Case {
+                name: "stale route into the network on flannel.1 is removed",
+                desired: peer.clone(),
+                actual: state(
+                    vec![
+                        peer_route.clone(),
+                        route("10.5.77.0/24", "10.5.77.0", 5, true),
+                    ],
+                    vec![peer_neigh.clone()],
+                    vec![peer_fdb.clone()],
+                ),
+                want: vec![Op::DelRoute(route("10.5.77.0/24", "10.5.77.0", 5, true))],
+            },
+        ];
+        for c in cases {
+            assert_eq!(
+                diff(&c.desired, &c.actual, &vxlan_own()),
+                c.want,
+                "{}",
+                c.name
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn reconcile_converges_on_the_fake_kernel() {
+        let k = FakeKernel::default();
+        let desired = state(
+            vec![route("10.5.2.0/24", "10.5.2.0", 5, true)],
+            vec![neigh("10.5.2.0", "aa:aa:aa:aa:aa:02")],
+            vec![fdb("aa:aa:aa:aa:aa:02", "192.168.0.2")],
+        );
+        let r = reconcile_once(&k, &desired, &vxlan_own()).await.unwrap();
+        assert_eq!(r.applied.values().sum::<usize>(), 3);
+        assert_eq!(*k.state.lock().unwrap(), desired);
+        let r = reconcile_once(&k, &desired, &vxlan_own()).await.unwrap();
+        assert!(r.is_noop(), "second pass changes nothing");
+    }
+
+    #[test]
+    fn mac_text_round_trip_and_local_bit() {
+        let m: MacAddr = "C6:d2:32:6f:8f:44".parse().unwrap();
+        assert_eq!(m.to_string(), "c6:d2:32:6f:8f:44");
+        assert!("c6:d2:32:6f:8f".parse::<MacAddr>().is_err());
+        assert!("c6:d2:32:6f:8f:4g".parse::<MacAddr>().is_err());
+        for _ in 0..20 {
+            let r = MacAddr::random_local();
+            assert_eq!(
+                r.0[0] & 0x03,
+                0x02,
+                "{r} must be locally administered unicast"
+            );
+        }
+    }
+}

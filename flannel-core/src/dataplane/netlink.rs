@@ -1,0 +1,584 @@
+//! The real kernel seam over rtnetlink, plus the link and address helpers the backends need.
+//!
+//! Each method names the `ip`/`bridge` command it is equivalent to.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+use ipnet::IpNet;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,
+};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use rtnetlink::{Handle, LinkUnspec, LinkVxlan, MulticastGroup, RouteMessageBuilder};
+use tokio::sync::mpsc;
+
+use super::{DataplaneError, Fdb, KernelOps, KernelState, MacAddr, Neigh, Op, Ownership, Route};
+
+fn err(context: impl Into<String>, e: impl std::fmt::Display) -> DataplaneError {
+    let message = e.to_string();
+    let hint = if message.contains("Network is unreachable") || message.contains("-101") {
+        " (the next hop is not on-link: is the peer on the same L2 network?)"
+    } else if message.contains("Operation not permitted") || message.contains("-1)") {
+        " (flanneld needs CAP_NET_ADMIN: run it as root)"
+    } else if message.contains("File exists") {
+        " (an entry with that key exists and was not replaced)"
+    } else {
+        ""
+    };
+    DataplaneError {
+        context: context.into(),
+        message: format!("{message}{hint}"),
+    }
+}
+
+/// A netlink connection to the kernel of the current network namespace.
+#[derive(Debug, Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+/// What the kernel reports about a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkState {
+    /// Index.
+    pub index: u32,
+    /// Name.
+    pub name: String,
+    /// MAC address.
+    pub mac: Option<MacAddr>,
+    /// Whether it is administratively up.
+    pub up: bool,
+    /// MTU.
+    pub mtu: u32,
+    /// The vxlan attributes, for a vxlan device.
+    pub vxlan: Option<VxlanAttrs>,
+}
+
+/// The attributes of a vxlan device that decide whether it can be reused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VxlanAttrs {
+    /// VNI.
+    pub vni: u32,
+    /// Underlay device index.
+    pub link: Option<u32>,
+    /// Local address.
+    pub local: Option<Ipv4Addr>,
+    /// UDP port (0: kernel default).
+    pub port: u16,
+    /// Whether learning is on.
+    pub learning: bool,
+    /// Whether Group Based Policy is on.
+    pub gbp: bool,
+}
+
+/// What a vxlan device to create looks like (`ip link add <name> address <mac> mtu <mtu> type vxlan
+/// id <vni> local <local> dev <link> [nolearning] [dstport <port>] [gbp]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanSpec {
+    /// Device name, `flannel.<VNI>`.
+    pub name: String,
+    /// The wanted attributes.
+    pub attrs: VxlanAttrs,
+    /// MAC address.
+    pub mac: MacAddr,
+    /// MTU.
+    pub mtu: u32,
+}
+
+impl Netlink {
+    /// Opens a connection (the connection task runs on the current tokio runtime).
+    pub fn new() -> Result<Self, DataplaneError> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| err("opening a netlink socket", e))?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// Subscribes to link, address, route and neighbour notifications; each one sends a `()` (the
+    /// channel holds at most one pending trigger, so bursts collapse).
+    pub fn subscribe() -> Result<mpsc::Receiver<()>, DataplaneError> {
+        let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Link,
+            MulticastGroup::Ipv4Route,
+            MulticastGroup::Ipv6Route,
+            MulticastGroup::Neigh,
+            MulticastGroup::Ipv4Ifaddr,
+        ])
+        .map_err(|e| err("subscribing to netlink notifications", e))?;
+        tokio::spawn(conn);
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            while messages.next().await.is_some() {
+                match tx.try_send(()) {
+                    Ok(()) | Err(mpsc::error::TrySendError::Full(())) => {}
+                    Err(mpsc::error::TrySendError::Closed(())) => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// The link called `name` (`ip -d link show <name>`).
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkState>, DataplaneError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(Some(link_state(msg))),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc_enodev() => Ok(None),
+            Err(e) => Err(err(format!("looking up link {name}"), e)),
+        }
+    }
+
+    /// Creates a vxlan device.
+    pub async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<(), DataplaneError> {
+        let a = &spec.attrs;
+        let mut b = LinkVxlan::new(&spec.name, a.vni)
+            .learning(a.learning)
+            .address(spec.mac.0.to_vec())
+            .mtu(spec.mtu);
+        if let Some(l) = a.link {
+            b = b.dev(l);
+        }
+        if let Some(l) = a.local {
+            b = b.local(l);
+        }
+        if a.port > 0 {
+            b = b.port(a.port);
+        }
+        if a.gbp {
+            b = b.gbp();
+        }
+        self.handle
+            .link()
+            .add(b.build())
+            .execute()
+            .await
+            .map_err(|e| {
+                err(
+                    format!("creating vxlan device {} (vni {})", spec.name, a.vni),
+                    e,
+                )
+            })
+    }
+
+    /// Deletes a link (`ip link del`).
+    pub async fn delete_link(&self, index: u32) -> Result<(), DataplaneError> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|e| err(format!("deleting link #{index}"), e))
+    }
+
+    /// Sets a link up (`ip link set <dev> up`).
+    pub async fn set_up(&self, index: u32) -> Result<(), DataplaneError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| err(format!("setting link #{index} up"), e))
+    }
+
+    /// The addresses of a link, with their prefix lengths.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>, DataplaneError> {
+        let mut out = Vec::new();
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(|e| err(format!("listing addresses of link #{index}"), e))?
+        {
+            let ip = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let ip = ip.or_else(|| {
+                msg.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+            if let Some(net) = ip.and_then(|ip| IpNet::new(ip, msg.header.prefix_len).ok()) {
+                out.push(net);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes `addr` the only address of `index` inside `network` (`ip addr add`, `ip addr del` of the
+    /// others), as Go flannel's `EnsureV4AddressOnLink`.
+    pub async fn ensure_only_address(
+        &self,
+        index: u32,
+        addr: IpNet,
+        network: IpNet,
+    ) -> Result<(), DataplaneError> {
+        let have = self.addresses(index).await?;
+        for a in &have {
+            if *a != addr && network.contains(&a.addr()) {
+                let mut msgs = self
+                    .handle
+                    .address()
+                    .get()
+                    .set_link_index_filter(index)
+                    .set_address_filter(a.addr())
+                    .execute();
+                if let Ok(Some(m)) = msgs.try_next().await {
+                    self.handle.address().del(m).execute().await.map_err(|e| {
+                        err(format!("removing stale address {a} from link #{index}"), e)
+                    })?;
+                }
+            }
+        }
+        if !have.contains(&addr) {
+            self.handle
+                .address()
+                .add(index, addr.addr(), addr.prefix_len())
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| err(format!("adding address {addr} to link #{index}"), e))?;
+        }
+        Ok(())
+    }
+
+    async fn routes(
+        &self,
+        v6: bool,
+        own: &Ownership,
+        out: &mut KernelState,
+    ) -> Result<(), DataplaneError> {
+        let msg = if v6 {
+            RouteMessageBuilder::<Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new().build()
+        };
+        let mut routes = self.handle.route().get(msg).execute();
+        while let Some(r) = routes
+            .try_next()
+            .await
+            .map_err(|e| err("listing routes", e))?
+        {
+            if let Some(route) = route_of(&r)
+                && own.networks.iter().any(|n| n.contains(&route.dst))
+            {
+                out.routes.insert(route);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn libc_enodev() -> i32 {
+    19
+}
+
+fn link_state(msg: rtnetlink::packet_route::link::LinkMessage) -> LinkState {
+    let mut s = LinkState {
+        index: msg.header.index,
+        name: String::new(),
+        mac: None,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        mtu: 0,
+        vxlan: None,
+    };
+    for a in msg.attributes {
+        match a {
+            LinkAttribute::IfName(n) => s.name = n,
+            LinkAttribute::Mtu(m) => s.mtu = m,
+            LinkAttribute::Address(mac) => s.mac = MacAddr::try_from(mac.as_slice()).ok(),
+            LinkAttribute::LinkInfo(infos) => {
+                let is_vxlan = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)));
+                if is_vxlan {
+                    let mut v = VxlanAttrs {
+                        learning: true,
+                        ..Default::default()
+                    };
+                    for i in infos {
+                        if let LinkInfo::Data(InfoData::Vxlan(data)) = i {
+                            for d in data {
+                                match d {
+                                    InfoVxlan::Id(id) => v.vni = id,
+                                    InfoVxlan::Link(l) => v.link = Some(l),
+                                    InfoVxlan::Local(l) => v.local = Some(l),
+                                    InfoVxlan::Port(p) => v.port = p,
+                                    InfoVxlan::Learning(l) => v.learning = l,
+                                    InfoVxlan::Gbp => v.gbp = true,
+                                    _ => {}
+                                }
+                            }
+                        }
+                    }
+                    s.vxlan = Some(v);
+                }
+            }
+            _ => {}
+        }
+    }
+    s
+}
+
+/// Converts a dumped route of the main table with one next hop into a [`Route`].
+fn route_of(r: &RouteMessage) -> Option<Route> {
+    let table = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table));
+    if table != 254 || r.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut dst = None;
+    let mut gateway = None;
+    let mut oif = None;
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(IpAddr::V4(*ip)),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => dst = Some(IpAddr::V6(*ip)),
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(IpAddr::V4(*ip)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => gateway = Some(IpAddr::V6(*ip)),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    let dst = IpNet::new(dst?, r.header.destination_prefix_length).ok()?;
+    Some(Route {
+        dst,
+        gateway,
+        oif: oif?,
+        onlink: r.header.flags.contains(RouteFlags::Onlink),
+    })
+}
+
+fn route_message(r: &Route) -> RouteMessage {
+    let mut msg = match (r.dst, r.gateway) {
+        (IpNet::V4(d), gw) => {
+            let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d.addr(), d.prefix_len())
+                .output_interface(r.oif);
+            if let Some(IpAddr::V4(g)) = gw {
+                b = b.gateway(g);
+            }
+            if r.onlink {
+                b = b.onlink();
+            }
+            b.build()
+        }
+        (IpNet::V6(d), gw) => {
+            let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d.addr(), d.prefix_len())
+                .output_interface(r.oif);
+            if let Some(IpAddr::V6(g)) = gw {
+                b = b.gateway(g);
+            }
+            if r.onlink {
+                b = b.onlink();
+            }
+            b.build()
+        }
+    };
+    msg.header.protocol = RouteProtocol::Boot;
+    msg
+}
+
+fn neigh_message(family: AddressFamily, ifindex: u32) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = family;
+    m.header.ifindex = ifindex;
+    m
+}
+
+fn neigh_addr(ip: IpAddr) -> NeighbourAddress {
+    match ip {
+        IpAddr::V4(a) => NeighbourAddress::Inet(a),
+        IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+    }
+}
+
+fn neigh_ip(a: &NeighbourAddress) -> Option<IpAddr> {
+    match a {
+        NeighbourAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        NeighbourAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        // FDB dumps carry the remote address as raw bytes.
+        NeighbourAddress::Other(b) if b.len() == 4 => {
+            Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])))
+        }
+        NeighbourAddress::Other(b) if b.len() == 16 => <[u8; 16]>::try_from(b.as_slice())
+            .ok()
+            .map(|o| IpAddr::V6(o.into())),
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl KernelOps for Netlink {
+    async fn read(&self, own: &Ownership) -> Result<KernelState, DataplaneError> {
+        let mut out = KernelState::default();
+        if own.networks.iter().any(|n| n.addr().is_ipv4()) {
+            self.routes(false, own, &mut out).await?;
+        }
+        if own.networks.iter().any(|n| n.addr().is_ipv6()) {
+            self.routes(true, own, &mut out).await?;
+        }
+        if !own.neigh_ifindexes.is_empty() {
+            for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+                let mut neighs = self
+                    .handle
+                    .neighbours()
+                    .get()
+                    .set_address_family(family)
+                    .execute();
+                while let Some(m) = neighs
+                    .try_next()
+                    .await
+                    .map_err(|e| err("listing neighbours", e))?
+                {
+                    if !own.neigh_ifindexes.contains(&m.header.ifindex)
+                        || m.header.state != NeighbourState::Permanent
+                    {
+                        continue;
+                    }
+                    let ip = m.attributes.iter().find_map(|a| match a {
+                        NeighbourAttribute::Destination(d) => neigh_ip(d),
+                        _ => None,
+                    });
+                    let mac = m.attributes.iter().find_map(|a| match a {
+                        NeighbourAttribute::LinkLayerAddress(l) => {
+                            MacAddr::try_from(l.as_slice()).ok()
+                        }
+                        _ => None,
+                    });
+                    if let (Some(ip), Some(mac)) = (ip, mac) {
+                        out.neighs.insert(Neigh {
+                            ifindex: m.header.ifindex,
+                            ip,
+                            mac,
+                        });
+                    }
+                }
+            }
+        }
+        if !own.fdb_ifindexes.is_empty() {
+            let mut fdb = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(AddressFamily::Bridge)
+                .execute();
+            while let Some(m) = fdb
+                .try_next()
+                .await
+                .map_err(|e| err("listing FDB entries", e))?
+            {
+                if !own.fdb_ifindexes.contains(&m.header.ifindex) {
+                    continue;
+                }
+                let dst = m.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::Destination(d) => neigh_ip(d),
+                    _ => None,
+                });
+                let mac = m.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::LinkLayerAddress(l) => MacAddr::try_from(l.as_slice()).ok(),
+                    _ => None,
+                });
+                if let (Some(dst), Some(mac)) = (dst, mac) {
+                    out.fdb.insert(Fdb {
+                        ifindex: m.header.ifindex,
+                        mac,
+                        dst,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn apply(&self, op: &Op) -> Result<(), DataplaneError> {
+        tracing::trace!(%op, "netlink");
+        let result = match op {
+            Op::AddRoute(r) => {
+                self.handle
+                    .route()
+                    .add(route_message(r))
+                    .replace()
+                    .execute()
+                    .await
+            }
+            Op::DelRoute(r) => {
+                let mut m = route_message(r);
+                // Match routes whoever built them.
+                m.header.protocol = RouteProtocol::Unspec;
+                m.header.scope = RouteScope::NoWhere;
+                self.handle.route().del(m).execute().await
+            }
+            Op::AddNeigh(n) => {
+                self.handle
+                    .neighbours()
+                    .add(n.ifindex, n.ip)
+                    .link_layer_address(&n.mac.0)
+                    .state(NeighbourState::Permanent)
+                    .replace()
+                    .execute()
+                    .await
+            }
+            Op::DelNeigh(n) => {
+                let family = if n.ip.is_ipv4() {
+                    AddressFamily::Inet
+                } else {
+                    AddressFamily::Inet6
+                };
+                let mut m = neigh_message(family, n.ifindex);
+                m.attributes
+                    .push(NeighbourAttribute::Destination(neigh_addr(n.ip)));
+                self.handle.neighbours().del(m).execute().await
+            }
+            Op::AddFdb(e) => {
+                self.handle
+                    .neighbours()
+                    .add_bridge(e.ifindex, &e.mac.0)
+                    .destination(e.dst)
+                    .flags(NeighbourFlags::Own)
+                    .state(NeighbourState::Permanent)
+                    .replace()
+                    .execute()
+                    .await
+            }
+            Op::DelFdb(e) => {
+                let mut m = neigh_message(AddressFamily::Bridge, e.ifindex);
+                m.header.flags = NeighbourFlags::Own;
+                m.attributes
+                    .push(NeighbourAttribute::LinkLayerAddress(e.mac.0.to_vec()));
+                m.attributes
+                    .push(NeighbourAttribute::Destination(neigh_addr(e.dst)));
+                self.handle.neighbours().del(m).execute().await
+            }
+        };
+        result.map_err(|e| err(op.to_string(), e))
+    }
+}
