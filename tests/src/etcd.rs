@@ -119,6 +119,7 @@ pub struct EtcdServer {
     host: String,
     tls: Option<TlsFiles>,
     log: PathBuf,
+    netns: Option<String>,
 }
 
 impl EtcdServer {
@@ -133,6 +134,14 @@ impl EtcdServer {
     /// # Panics
     /// When etcd cannot be started or does not become healthy within 20 s.
     pub fn start_on(host: &str, tls: Option<TlsFiles>) -> Self {
+        Self::start_in(None, host, 0, tls)
+    }
+
+    /// Starts etcd inside the named network namespace (when given) on `host:port` (0: a free port).
+    ///
+    /// # Panics
+    /// As [`start_on`](Self::start_on).
+    pub fn start_in(netns: Option<&str>, host: &str, port: u16, tls: Option<TlsFiles>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("flannel-etcd-")
             .tempdir()
@@ -141,10 +150,11 @@ impl EtcdServer {
             child: None,
             log: dir.path().join("etcd.log"),
             dir,
-            client_port: free_port(),
-            peer_port: free_port(),
+            client_port: if port == 0 { free_port() } else { port },
+            peer_port: if port == 0 { free_port() } else { port + 1 },
             host: host.to_string(),
             tls,
+            netns: netns.map(str::to_string),
         };
         s.spawn();
         s
@@ -164,7 +174,14 @@ impl EtcdServer {
     fn spawn(&mut self) {
         let bin = etcd_binary().expect("etcd binary (Debian package etcd-server)");
         let peer = format!("http://{}:{}", self.host, self.peer_port);
-        let mut cmd = Command::new(bin);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         cmd.arg("--name")
             .arg("flannel-test")
             .arg("--data-dir")
@@ -211,7 +228,11 @@ impl EtcdServer {
                     std::fs::read_to_string(&self.log).unwrap_or_default()
                 );
             }
-            if std::net::TcpStream::connect((self.host.as_str(), self.client_port)).is_ok() {
+            let addr = (self.host.clone(), self.client_port);
+            let reachable = crate::netns::in_netns(self.netns.as_deref(), move || {
+                std::net::TcpStream::connect((addr.0.as_str(), addr.1)).is_ok()
+            });
+            if reachable {
                 // The port is open; give the member a moment to elect itself leader.
                 std::thread::sleep(Duration::from_millis(300));
                 return;

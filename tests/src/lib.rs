@@ -4,6 +4,7 @@
 //! ([`bin_path`]).
 
 pub mod etcd;
+pub mod lab;
 pub mod netns;
 
 use std::path::PathBuf;

@@ -22,6 +22,28 @@ pub fn ip(args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// Runs `f` on a thread inside the named namespace (or on the current thread when `None`).
+///
+/// # Panics
+/// When the namespace cannot be entered or `f` panics.
+pub fn in_netns<T: Send + 'static>(
+    name: Option<&str>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let Some(name) = name else { return f() };
+    let path = format!("/var/run/netns/{name}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid namespace fd affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
 /// A named network namespace, deleted (by name) when dropped.
 #[derive(Debug)]
 pub struct Netns {
@@ -62,21 +84,13 @@ impl Netns {
         &self,
         f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
     ) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("open netns");
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns on a valid namespace fd affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        in_netns(Some(&self.name), move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             rt.block_on(f())
         })
-        .join()
-        .expect("netns thread panicked")
     }
 }
 

@@ -92,7 +92,10 @@ fn etcd_get(url: &str, prefix: &str) -> Vec<(String, String)> {
 fn linked_backends_are_registered() {
     // This test binary links flanneld (and so its in-tree backend crates) and flanneld-alloc.
     use flanneld_alloc as _;
-    assert_eq!(flannel_core::registered_backends(), vec!["alloc"]);
+    assert_eq!(
+        flannel_core::registered_backends(),
+        vec!["alloc", "host-gw", "vxlan"]
+    );
     assert_eq!(
         flannel_core::lookup_backend("ALLOC").unwrap().name,
         "alloc",

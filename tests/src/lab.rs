@@ -1,0 +1,497 @@
+//! The multi-host lab: N hosts as network namespaces on an underlay bridge, one etcd reachable from
+//! every host, the real `flanneld` binary in each host, and pods attached to a `cni0` bridge that holds
+//! the host's subnet. Shared by the lab tests, the demo and the benchmarks.
+//!
+//! Layout (all inside namespaces this lab creates; nothing touches the root namespace):
+//!
+//! ```text
+//!   <lab>-sw:  br0 192.168.100.1/24 (segment 0)   etcd on 192.168.100.1:2379
+//!              [br1 192.168.101.1/24 (segment 1), routing between them, when two segments]
+//!   <lab>-hN:  eth0 192.168.10S.(10+N)/24, default via the switch; flanneld; cni0 = FLANNEL_SUBNET
+//!   <lab>-hNpM: eth0 = next address of the host's subnet, default via cni0
+//! ```
+//!
+//! Every namespace is named `flt<pid>-<lab>-…` and removed (with its links) when the [`Lab`] drops,
+//! also when a test fails; processes are stopped by PID.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::etcd::EtcdServer;
+use crate::netns::{Netns, in_netns};
+
+static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// One pod.
+#[derive(Debug)]
+pub struct Pod {
+    /// Its namespace.
+    pub ns: Netns,
+    /// Its address.
+    pub ip: Ipv4Addr,
+}
+
+/// One host.
+#[derive(Debug)]
+pub struct Host {
+    /// Its number (1-based).
+    pub n: usize,
+    /// Its namespace.
+    pub ns: Netns,
+    /// Its underlay address.
+    pub addr: Ipv4Addr,
+    /// Its subnet file.
+    pub subnet_file: PathBuf,
+    /// Its flanneld log.
+    pub log: PathBuf,
+    flanneld: Option<Child>,
+    extra_args: Vec<String>,
+    /// Its pods.
+    pub pods: Vec<Pod>,
+}
+
+impl Host {
+    /// Runs a shell-free command in the host (`ip netns exec`), panicking on failure.
+    pub fn sh(&self, cmd: &str) -> String {
+        let args: Vec<&str> = cmd.split_whitespace().collect();
+        self.ns
+            .exec(&args)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.ns.name()))
+    }
+
+    /// Whether flanneld is running.
+    pub fn flanneld_running(&mut self) -> bool {
+        self.flanneld
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The flanneld log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The `subnet.env` values.
+    pub fn subnet_env(&self) -> Option<std::collections::BTreeMap<String, String>> {
+        let text = std::fs::read_to_string(&self.subnet_file).ok()?;
+        Some(
+            text.lines()
+                .filter_map(|l| {
+                    l.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The lab.
+#[derive(Debug)]
+pub struct Lab {
+    /// The hosts.
+    pub hosts: Vec<Host>,
+    /// etcd, inside the switch namespace.
+    pub etcd: EtcdServer,
+    /// The switch namespace.
+    pub sw: Netns,
+    /// The flanneld binary used.
+    pub flanneld: PathBuf,
+    tag: String,
+    dir: tempfile::TempDir,
+}
+
+/// How to build a lab.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    /// Hosts per segment, e.g. `[3]` or `[2, 1]` for two L2 segments joined by the switch's routing.
+    pub segments: Vec<usize>,
+    /// The network config JSON.
+    pub config: String,
+    /// Extra flanneld flags.
+    pub flanneld_args: Vec<String>,
+}
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Lab {
+    /// Builds the lab and starts etcd (the config is written; flanneld is not started yet).
+    ///
+    /// # Panics
+    /// When a step fails.
+    pub fn new(spec: &LabSpec, flanneld: PathBuf) -> Self {
+        let id = LAB_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("l{id}");
+        let dir = tempfile::Builder::new()
+            .prefix("flannel-lab-")
+            .tempdir()
+            .expect("tempdir");
+        let sw = Netns::new(&format!("{tag}-sw"));
+        let swsh = |cmd: &str| {
+            let args: Vec<&str> = cmd.split_whitespace().collect();
+            sw.exec(&args).unwrap_or_else(|e| panic!("switch: {e}"));
+        };
+        for (s, _) in spec.segments.iter().enumerate() {
+            swsh(&format!("ip link add br{s} type bridge"));
+            swsh(&format!("ip addr add 192.168.{}.1/24 dev br{s}", 100 + s));
+            swsh(&format!("ip link set br{s} up"));
+        }
+        swsh("sysctl -qw net.ipv4.ip_forward=1");
+        let etcd = EtcdServer::start_in(Some(sw.name()), "192.168.100.1", 2379, None);
+        let mut lab = Self {
+            hosts: Vec::new(),
+            etcd,
+            sw,
+            flanneld,
+            tag: tag.clone(),
+            dir,
+        };
+        lab.etcd_put("/coreos.com/network/config", &spec.config);
+        let mut n = 0;
+        for (s, count) in spec.segments.iter().enumerate() {
+            for _ in 0..*count {
+                n += 1;
+                lab.add_host(n, s, &tag, spec.flanneld_args.clone());
+            }
+        }
+        lab
+    }
+
+    fn add_host(&mut self, n: usize, segment: usize, tag: &str, extra_args: Vec<String>) {
+        let ns = Netns::new(&format!("{tag}-h{n}"));
+        let addr = Ipv4Addr::new(192, 168, 100 + segment as u8, 10 + n as u8);
+        let sw = self.sw.name().to_string();
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &sw,
+            "ip",
+            "link",
+            "add",
+            &format!("h{n}"),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]))
+        .unwrap_or_else(|e| panic!("{e}"));
+        self.sw
+            .exec(&[
+                "ip",
+                "link",
+                "set",
+                &format!("h{n}"),
+                "master",
+                &format!("br{segment}"),
+                "up",
+            ])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let host = Host {
+            n,
+            ns,
+            addr,
+            subnet_file: self.dir.path().join(format!("h{n}/subnet.env")),
+            log: self.dir.path().join(format!("h{n}.log")),
+            flanneld: None,
+            extra_args,
+            pods: Vec::new(),
+        };
+        host.sh(&format!("ip addr add {addr}/24 dev eth0"));
+        host.sh("ip link set eth0 up");
+        host.sh(&format!(
+            "ip route add default via 192.168.{}.1",
+            100 + segment
+        ));
+        host.sh("sysctl -qw net.ipv4.ip_forward=1");
+        self.hosts.push(host);
+    }
+
+    /// The etcd endpoint as the hosts see it.
+    pub fn etcd_url(&self) -> String {
+        self.etcd.url()
+    }
+
+    fn etcd<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(
+            etcd_client::Client,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>
+        + Send
+        + 'static,
+    ) -> T {
+        let url = self.etcd_url();
+        in_netns(Some(self.sw.name()), move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let c = etcd_client::Client::connect([url.as_str()], None)
+                    .await
+                    .expect("etcd connect");
+                f(c).await
+            })
+        })
+    }
+
+    /// Writes a key.
+    pub fn etcd_put(&self, key: &str, value: &str) {
+        let (k, v) = (key.to_string(), value.to_string());
+        self.etcd(move |mut c| {
+            Box::pin(async move {
+                c.put(k, v, None).await.expect("etcd put");
+            })
+        });
+    }
+
+    /// Deletes a key.
+    pub fn etcd_delete(&self, key: &str) {
+        let k = key.to_string();
+        self.etcd(move |mut c| {
+            Box::pin(async move {
+                c.delete(k, None).await.expect("etcd delete");
+            })
+        });
+    }
+
+    /// Every key and value under a prefix.
+    pub fn etcd_list(&self, prefix: &str) -> Vec<(String, String)> {
+        let p = prefix.to_string();
+        self.etcd(move |mut c| {
+            Box::pin(async move {
+                let r = c
+                    .get(p, Some(etcd_client::GetOptions::new().with_prefix()))
+                    .await
+                    .expect("etcd get");
+                r.kvs()
+                    .iter()
+                    .map(|kv| {
+                        (
+                            kv.key_str().unwrap_or_default().to_string(),
+                            kv.value_str().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+        })
+    }
+
+    /// Writes many leases in one go (for benchmarks), returns after etcd accepted them all.
+    pub fn etcd_put_many(&self, kvs: Vec<(String, String)>) {
+        self.etcd(move |c| {
+            Box::pin(async move {
+                let mut tasks = Vec::new();
+                for chunk in kvs.chunks(kvs.len().div_ceil(16).max(1)) {
+                    let (mut c, chunk) = (c.clone(), chunk.to_vec());
+                    tasks.push(tokio::spawn(async move {
+                        for (k, v) in chunk {
+                            c.put(k, v, None).await.expect("etcd put");
+                        }
+                    }));
+                }
+                for t in tasks {
+                    t.await.expect("put task");
+                }
+            })
+        })
+    }
+
+    /// Starts flanneld on host `i` (0-based) and waits until it wrote subnet.env.
+    ///
+    /// # Panics
+    /// When it does not come up within 20 s.
+    pub fn start_flanneld(&mut self, i: usize) {
+        let url = self.etcd_url();
+        let bin = self.flanneld.clone();
+        let h = &mut self.hosts[i];
+        let _ = std::fs::remove_file(&h.subnet_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&h.log)
+            .expect("log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", h.ns.name()])
+            .arg(&bin)
+            .arg(format!("--etcd-endpoints={url}"))
+            .arg("--iface=eth0")
+            .arg(format!("--subnet-file={}", h.subnet_file.display()))
+            .args(&h.extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn flanneld");
+        h.flanneld = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !h.subnet_file.exists() {
+            if !h.flanneld_running() {
+                panic!("flanneld on {} exited:\n{}", h.ns.name(), h.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "flanneld on {} wrote no subnet.env in 20 s:\n{}",
+                h.ns.name(),
+                h.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts flanneld on every host.
+    pub fn start_all(&mut self) {
+        for i in 0..self.hosts.len() {
+            self.start_flanneld(i);
+        }
+    }
+
+    /// Stops flanneld on host `i` with SIGTERM (by PID) and returns its exit code.
+    pub fn stop_flanneld(&mut self, i: usize) -> Option<i32> {
+        let mut child = self.hosts[i].flanneld.take()?;
+        // SAFETY: SIGTERM to our own child, by PID.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                return s.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Creates `count` pods on host `i`: a `cni0` bridge with the host's FLANNEL_SUBNET gateway and
+    /// MTU, and per pod a namespace attached by veth with the next address and a default route.
+    ///
+    /// # Panics
+    /// When subnet.env is missing or a command fails.
+    pub fn add_pods(&mut self, i: usize, count: usize) {
+        let tag = self.tag.clone();
+        let h = &mut self.hosts[i];
+        let env = h.subnet_env().expect("subnet.env");
+        let gw_cidr = env["FLANNEL_SUBNET"].clone();
+        let mtu = env["FLANNEL_MTU"].clone();
+        let (gw, prefix) = gw_cidr.split_once('/').expect("cidr");
+        let gw: Ipv4Addr = gw.parse().expect("gateway");
+        if h.ns.exec(&["ip", "link", "show", "cni0"]).is_err() {
+            h.sh("ip link add cni0 type bridge");
+            h.sh(&format!("ip addr add {gw_cidr} dev cni0"));
+            h.sh(&format!("ip link set cni0 mtu {mtu} up"));
+        }
+        for _ in 0..count {
+            let j = h.pods.len() + 1;
+            let ns = Netns::new(&format!("{tag}-h{}p{j}", h.n));
+            let ip = Ipv4Addr::from(u32::from(gw) + j as u32);
+            let veth = format!("p{j}");
+            h.ns.exec(&[
+                "ip",
+                "link",
+                "add",
+                &veth,
+                "mtu",
+                &mtu,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ])
+            .unwrap_or_else(|e| panic!("{e}"));
+            h.sh(&format!("ip link set {veth} master cni0 up"));
+            for cmd in [
+                format!("ip addr add {ip}/{prefix} dev eth0"),
+                format!("ip link set eth0 mtu {mtu} up"),
+                format!("ip route add default via {gw}"),
+            ] {
+                let args: Vec<&str> = cmd.split_whitespace().collect();
+                ns.exec(&args).unwrap_or_else(|e| panic!("{e}"));
+            }
+            h.pods.push(Pod { ns, ip });
+        }
+    }
+
+    /// Pings `to` once from pod `(host, pod)`; true when it answered within `wait`.
+    pub fn ping(&self, from: (usize, usize), to: Ipv4Addr, wait: Duration) -> bool {
+        let pod = &self.hosts[from.0].pods[from.1];
+        let secs = wait.as_secs().max(1).to_string();
+        pod.ns
+            .exec(&["ping", "-c", "1", "-W", &secs, &to.to_string()])
+            .is_ok()
+    }
+
+    /// Every pod's address with its (host, pod) position.
+    pub fn all_pods(&self) -> Vec<((usize, usize), Ipv4Addr)> {
+        self.hosts
+            .iter()
+            .enumerate()
+            .flat_map(|(h, host)| {
+                host.pods
+                    .iter()
+                    .enumerate()
+                    .map(move |(p, pod)| ((h, p), pod.ip))
+            })
+            .collect()
+    }
+
+    /// Pings every pod from every pod (retrying each pair for up to `within`); returns the failures.
+    pub fn ping_all(&self, within: Duration) -> Vec<String> {
+        let pods = self.all_pods();
+        let mut failures = Vec::new();
+        for (from, _) in &pods {
+            for (to_pos, to) in &pods {
+                if from == to_pos {
+                    continue;
+                }
+                let deadline = Instant::now() + within;
+                let mut ok = self.ping(*from, *to, Duration::from_secs(1));
+                while !ok && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(100));
+                    ok = self.ping(*from, *to, Duration::from_secs(1));
+                }
+                if !ok {
+                    failures.push(format!("pod {from:?} -> {to}"));
+                }
+            }
+        }
+        failures
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            if let Some(mut c) = h.flanneld.take() {
+                // SAFETY: SIGTERM to our own child, by PID.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                std::thread::sleep(Duration::from_millis(50));
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        self.etcd.stop();
+        // Pods, hosts and the switch namespaces are removed by their own guards (fields drop after
+        // this), which also deletes every link inside them.
+    }
+}

@@ -1,0 +1,483 @@
+//! vxlan and host-gw in the multi-host lab: pods on different hosts reach each other, the kernel holds
+//! exactly Go flannel's entries, and the data plane heals itself.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use flannel_tests::lab::{Lab, LabSpec};
+use flannel_tests::{bin_path, require_etcd, require_root};
+
+fn lab(test: &str, segments: Vec<usize>, backend: &str) -> Option<Lab> {
+    if !require_root(test) || !require_etcd(test) {
+        return None;
+    }
+    let spec = LabSpec {
+        segments,
+        config: format!(r#"{{"Network":"10.5.0.0/16","Backend":{backend}}}"#),
+        flanneld_args: vec![],
+    };
+    Some(Lab::new(&spec, bin_path("flanneld")))
+}
+
+/// Polls `f` until it returns true or `within` passes.
+fn until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The leases in etcd: (subnet, public ip, vtep mac).
+fn leases(lab: &Lab) -> Vec<(String, String, Option<String>)> {
+    lab.etcd_list("/coreos.com/network/subnets/")
+        .into_iter()
+        .map(|(k, v)| {
+            let subnet = k.rsplit('/').next().unwrap().replace('-', "/");
+            let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+            let mac = v["BackendData"]["VtepMAC"].as_str().map(str::to_string);
+            (subnet, v["PublicIP"].as_str().unwrap().to_string(), mac)
+        })
+        .collect()
+}
+
+fn lines(s: &str) -> BTreeSet<String> {
+    s.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// The kernel entries Go flannel's vxlan backend installs on `host` for the other leases.
+fn expected_vxlan(
+    lab: &Lab,
+    host: usize,
+) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) {
+    let me = lab.hosts[host].addr.to_string();
+    let (mut routes, mut neighs, mut fdb) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    for (subnet, ip, mac) in leases(lab) {
+        if ip == me {
+            continue;
+        }
+        let gw = subnet.split('/').next().unwrap().to_string();
+        let mac = mac.unwrap();
+        routes.insert(format!("{subnet} via {gw} dev flannel.1 onlink"));
+        neighs.insert(format!("{gw} lladdr {mac} PERMANENT"));
+        fdb.insert(format!("{mac} dst {ip} self permanent"));
+    }
+    (routes, neighs, fdb)
+}
+
+fn actual_vxlan(lab: &Lab, host: usize) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) {
+    let h = &lab.hosts[host];
+    // `proto boot` is iproute2's default and not printed; Go's netlink library uses it too.
+    let routes = lines(&h.sh("ip route show"))
+        .into_iter()
+        .filter(|l| l.contains("dev flannel.1"))
+        .collect();
+    (
+        routes,
+        lines(&h.sh("ip neigh show dev flannel.1")),
+        lines(&h.sh("bridge fdb show dev flannel.1")),
+    )
+}
+
+#[test]
+fn vxlan_pods_ping_and_kernel_entries_match_go() {
+    let Some(mut lab) = lab("vxlan_pods_ping", vec![3], r#"{"Type":"vxlan"}"#) else {
+        return;
+    };
+    lab.start_all();
+    for i in 0..3 {
+        lab.add_pods(i, 2);
+    }
+    let failures = lab.ping_all(Duration::from_secs(5));
+    assert!(failures.is_empty(), "unreachable: {failures:?}");
+    for h in 0..3 {
+        let want = expected_vxlan(&lab, h);
+        assert!(
+            until(Duration::from_secs(5), || actual_vxlan(&lab, h) == want),
+            "host {h}: {:?} != {:?}",
+            actual_vxlan(&lab, h),
+            want
+        );
+        let env = lab.hosts[h].subnet_env().unwrap();
+        assert_eq!(env["FLANNEL_MTU"], "1450");
+    }
+}
+
+/// The routes Go flannel's host-gw backend installs on `host` (or DirectRouting routes).
+fn expected_direct(lab: &Lab, host: usize, only: impl Fn(&str) -> bool) -> BTreeSet<String> {
+    let me = lab.hosts[host].addr.to_string();
+    leases(lab)
+        .into_iter()
+        .filter(|(_, ip, _)| *ip != me && only(ip))
+        .map(|(subnet, ip, _)| format!("{subnet} via {ip} dev eth0"))
+        .collect()
+}
+
+fn actual_direct(lab: &Lab, host: usize) -> BTreeSet<String> {
+    lines(&lab.hosts[host].sh("ip route show"))
+        .into_iter()
+        .filter(|l| l.starts_with("10.5.") && l.contains("dev eth0"))
+        .collect()
+}
+
+/// Pings `to` from pod (1,0) every 100 ms while `during` runs; returns (sent, received).
+fn ping_during(
+    lab: &mut Lab,
+    from: (usize, usize),
+    to: std::net::Ipv4Addr,
+    during: impl FnOnce(&mut Lab),
+) -> (u32, u32) {
+    let ns = lab.hosts[from.0].pods[from.1].ns.name().to_string();
+    let child = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "ping",
+            "-i",
+            "0.1",
+            "-c",
+            "60",
+            "-W",
+            "1",
+            &to.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    during(lab);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let stats = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary: {text}"));
+    let nums: Vec<u32> = stats
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (nums[0], nums[1])
+}
+
+fn vtep_mac(lab: &Lab, host: usize) -> String {
+    let out = lab.hosts[host].sh("ip -o link show flannel.1");
+    let i = out.find("link/ether ").unwrap() + "link/ether ".len();
+    out[i..i + 17].to_string()
+}
+
+fn lease_of(lab: &Lab, host: usize) -> (String, String, Option<String>) {
+    let me = lab.hosts[host].addr.to_string();
+    leases(lab)
+        .into_iter()
+        .find(|(_, ip, _)| *ip == me)
+        .unwrap()
+}
+
+#[test]
+fn vxlan_departed_peer_and_restart() {
+    let Some(mut lab) = lab(
+        "vxlan_departed_peer_and_restart",
+        vec![3],
+        r#"{"Type":"vxlan"}"#,
+    ) else {
+        return;
+    };
+    lab.start_all();
+    for i in 0..3 {
+        lab.add_pods(i, 1);
+    }
+    assert!(lab.ping_all(Duration::from_secs(5)).is_empty());
+
+    // Restart host 0's flanneld while host 1's pod pings host 0's pod: same subnet, same MAC, no loss.
+    let before = lease_of(&lab, 0);
+    let mac_before = vtep_mac(&lab, 0);
+    let to = lab.hosts[0].pods[0].ip;
+    let (sent, received) = ping_during(&mut lab, (1, 0), to, |lab| {
+        assert_eq!(lab.stop_flanneld(0), Some(0), "SIGTERM is a clean exit");
+        lab.start_flanneld(0);
+    });
+    eprintln!("restart: {sent} pings sent, {received} received");
+    assert_eq!(
+        sent - received,
+        0,
+        "pings were lost across a flanneld restart"
+    );
+    assert_eq!(
+        lease_of(&lab, 0),
+        before,
+        "same subnet and VtepMAC after restart"
+    );
+    assert_eq!(vtep_mac(&lab, 0), mac_before);
+    assert_eq!(
+        before.2.as_deref(),
+        Some(mac_before.as_str()),
+        "the lease advertises the device MAC"
+    );
+
+    // Host 2 goes away for good: its lease is deleted, the others drop its entries.
+    let (gone_subnet, _, _) = lease_of(&lab, 2);
+    lab.stop_flanneld(2);
+    lab.etcd_delete(&format!(
+        "/coreos.com/network/subnets/{}",
+        gone_subnet.replace('/', "-")
+    ));
+    for h in 0..2 {
+        assert!(
+            until(Duration::from_secs(5), || actual_vxlan(&lab, h)
+                == expected_vxlan(&lab, h)),
+            "host {h} kept entries of the departed peer: {:?}",
+            actual_vxlan(&lab, h)
+        );
+        assert!(!lab.hosts[h].sh("ip route show").contains(&gone_subnet));
+    }
+}
+
+#[test]
+fn vxlan_chaos_is_repaired() {
+    let Some(mut lab) = lab("vxlan_chaos_is_repaired", vec![3], r#"{"Type":"vxlan"}"#) else {
+        return;
+    };
+    lab.start_all();
+    for i in 0..3 {
+        lab.add_pods(i, 1);
+    }
+    assert!(lab.ping_all(Duration::from_secs(5)).is_empty());
+    let mac = vtep_mac(&lab, 0);
+    let (peer_subnet, peer_ip, peer_mac) = lease_of(&lab, 1);
+    let peer_mac = peer_mac.unwrap();
+    let peer_gw = peer_subnet.split('/').next().unwrap().to_string();
+    let chaos: Vec<(&str, String)> = vec![
+        ("delete flannel.1", "ip link del flannel.1".into()),
+        ("delete a peer route", format!("ip route del {peer_subnet}")),
+        (
+            "flush flannel.1's neighbours",
+            "ip neigh flush dev flannel.1 nud permanent".into(),
+        ),
+        (
+            "delete an FDB entry",
+            format!("bridge fdb del {peer_mac} dev flannel.1 dst {peer_ip} self"),
+        ),
+        (
+            "add a stale route",
+            "ip route add 10.5.250.0/24 via 10.5.250.0 dev flannel.1 onlink".into(),
+        ),
+        ("set flannel.1 down", "ip link set flannel.1 down".into()),
+        ("underlay down", "ip link set eth0 down".into()),
+    ];
+    for (what, cmd) in chaos {
+        lab.hosts[0].sh(&cmd);
+        if what == "underlay down" {
+            std::thread::sleep(Duration::from_millis(500));
+            lab.hosts[0].sh("ip link set eth0 up");
+        }
+        let start = Instant::now();
+        let healed = until(Duration::from_secs(10), || {
+            actual_vxlan(&lab, 0) == expected_vxlan(&lab, 0)
+        });
+        assert!(
+            healed,
+            "{what}: not repaired: {:?}\nlog:\n{}",
+            actual_vxlan(&lab, 0),
+            lab.hosts[0].log_text()
+        );
+        let failures = lab.ping_all(Duration::from_secs(5));
+        assert!(
+            failures.is_empty(),
+            "{what}: pods cannot talk: {failures:?}"
+        );
+        eprintln!("{what}: repaired in {:?}", start.elapsed());
+        assert_eq!(vtep_mac(&lab, 0), mac, "{what}: the VTEP MAC changed");
+        assert!(
+            lab.hosts[0]
+                .sh("ip neigh show dev flannel.1")
+                .contains(&format!("{peer_gw} lladdr {peer_mac}"))
+        );
+    }
+    assert!(lab.hosts[0].flanneld_running());
+}
+
+#[test]
+fn vxlan_direct_routing_and_two_segments() {
+    let Some(mut lab) = lab(
+        "vxlan_direct_routing",
+        vec![2, 1],
+        r#"{"Type":"vxlan","DirectRouting":true}"#,
+    ) else {
+        return;
+    };
+    lab.start_all();
+    for i in 0..3 {
+        lab.add_pods(i, 1);
+    }
+    let failures = lab.ping_all(Duration::from_secs(5));
+    assert!(failures.is_empty(), "unreachable: {failures:?}");
+    // Host 0 and 1 share segment 192.168.100.0/24: direct routes between them, vxlan to host 2.
+    let same_segment = |ip: &str| ip.starts_with("192.168.100.");
+    assert!(
+        until(Duration::from_secs(5), || actual_direct(&lab, 0)
+            == expected_direct(&lab, 0, same_segment)),
+        "{:?}",
+        actual_direct(&lab, 0)
+    );
+    let (far_subnet, far_ip, far_mac) = lease_of(&lab, 2);
+    let routes = lab.hosts[0].sh("ip route show");
+    assert!(
+        routes.contains(&format!(
+            "{far_subnet} via {} dev flannel.1 onlink",
+            far_subnet.split('/').next().unwrap()
+        )),
+        "{routes}"
+    );
+    let fdb = lab.hosts[0].sh("bridge fdb show dev flannel.1");
+    assert_eq!(
+        lines(&fdb),
+        BTreeSet::from([format!("{} dst {far_ip} self permanent", far_mac.unwrap())])
+    );
+    // Host 2 is alone on its segment: everything goes through vxlan.
+    assert!(actual_direct(&lab, 2).is_empty());
+    assert_eq!(actual_vxlan(&lab, 2), expected_vxlan(&lab, 2));
+}
+
+#[test]
+fn vxlan_works_across_a_router() {
+    let Some(mut lab) = lab(
+        "vxlan_works_across_a_router",
+        vec![2, 1],
+        r#"{"Type":"vxlan"}"#,
+    ) else {
+        return;
+    };
+    lab.start_all();
+    for i in 0..3 {
+        lab.add_pods(i, 1);
+    }
+    let failures = lab.ping_all(Duration::from_secs(5));
+    assert!(failures.is_empty(), "unreachable: {failures:?}");
+    for h in 0..3 {
+        assert_eq!(actual_vxlan(&lab, h), expected_vxlan(&lab, h));
+    }
+}
+
+#[test]
+fn hostgw_pods_ping_heal_and_restart() {
+    let Some(mut lab) = lab("hostgw_pods_ping", vec![3], r#"{"Type":"host-gw"}"#) else {
+        return;
+    };
+    lab.start_all();
+    for i in 0..3 {
+        lab.add_pods(i, 2);
+    }
+    let failures = lab.ping_all(Duration::from_secs(5));
+    assert!(failures.is_empty(), "unreachable: {failures:?}");
+    for h in 0..3 {
+        assert!(
+            until(Duration::from_secs(5), || actual_direct(&lab, h)
+                == expected_direct(&lab, h, |_| true)),
+            "{:?}",
+            actual_direct(&lab, h)
+        );
+        assert_eq!(lab.hosts[h].subnet_env().unwrap()["FLANNEL_MTU"], "1500");
+        let lease = lab.etcd_list("/coreos.com/network/subnets/");
+        assert!(
+            lease
+                .iter()
+                .all(|(_, v)| v.ends_with(r#","PublicIPv6":null,"BackendType":"host-gw"}"#)),
+            "{lease:?}"
+        );
+    }
+    let (peer_subnet, _, _) = lease_of(&lab, 1);
+    for (what, cmd) in [
+        ("delete a peer route", format!("ip route del {peer_subnet}")),
+        (
+            "add a stale route",
+            "ip route add 10.5.250.0/24 via 192.168.100.99 dev eth0".to_string(),
+        ),
+        (
+            "wrong gateway",
+            format!("ip route replace {peer_subnet} via 192.168.100.98 dev eth0"),
+        ),
+        ("underlay down", "ip link set eth0 down".to_string()),
+    ] {
+        lab.hosts[0].sh(&cmd);
+        if what == "underlay down" {
+            std::thread::sleep(Duration::from_millis(500));
+            lab.hosts[0].sh("ip link set eth0 up");
+        }
+        let healed = until(Duration::from_secs(10), || {
+            actual_direct(&lab, 0) == expected_direct(&lab, 0, |_| true)
+        });
+        assert!(healed, "{what}: not repaired: {:?}", actual_direct(&lab, 0));
+        assert!(
+            lab.ping_all(Duration::from_secs(5)).is_empty(),
+            "{what}: pods cannot talk"
+        );
+    }
+    let to = lab.hosts[0].pods[0].ip;
+    let before = lease_of(&lab, 0);
+    let (sent, received) = ping_during(&mut lab, (1, 0), to, |lab| {
+        lab.stop_flanneld(0);
+        lab.start_flanneld(0);
+    });
+    eprintln!("restart: {sent} pings sent, {received} received");
+    assert_eq!(
+        sent - received,
+        0,
+        "pings were lost across a flanneld restart"
+    );
+    assert_eq!(lease_of(&lab, 0), before);
+    // A departed peer's route goes away.
+    let (gone, _, _) = lease_of(&lab, 2);
+    lab.stop_flanneld(2);
+    lab.etcd_delete(&format!(
+        "/coreos.com/network/subnets/{}",
+        gone.replace('/', "-")
+    ));
+    assert!(until(Duration::from_secs(5), || !lab.hosts[0]
+        .sh("ip route show")
+        .contains(&gone)));
+}
+
+#[test]
+fn hostgw_reports_an_unreachable_next_hop() {
+    let Some(mut lab) = lab(
+        "hostgw_reports_an_unreachable_next_hop",
+        vec![2, 1],
+        r#"{"Type":"host-gw"}"#,
+    ) else {
+        return;
+    };
+    lab.start_all();
+    for i in 0..3 {
+        lab.add_pods(i, 1);
+    }
+    // Hosts on the same segment work.
+    assert!(
+        lab.ping((0, 0), lab.hosts[1].pods[0].ip, Duration::from_secs(3))
+            || lab.ping((0, 0), lab.hosts[1].pods[0].ip, Duration::from_secs(3))
+    );
+    let far = lease_of(&lab, 2).0;
+    assert!(
+        until(Duration::from_secs(5), || lab.hosts[0]
+            .log_text()
+            .contains(&format!("host-gw cannot reach subnet {far}"))),
+        "no clear error in host 0's log:\n{}",
+        lab.hosts[0].log_text()
+    );
+    assert!(lab.hosts[0].log_text().contains("use the vxlan backend"));
+    assert!(
+        lab.hosts[0].flanneld_running(),
+        "an unreachable peer is not fatal"
+    );
+}
