@@ -5,9 +5,9 @@
 //! Layout (all inside namespaces this lab creates; nothing touches the root namespace):
 //!
 //! ```text
-//!   <lab>-sw:  br0 192.168.100.1/24 (segment 0)   etcd on 192.168.100.1:2379
-//!              [br1 192.168.101.1/24 (segment 1), routing between them, when two segments]
-//!   <lab>-hN:  eth0 192.168.10S.(10+N)/24, default via the switch; flanneld; cni0 = FLANNEL_SUBNET
+//!   <lab>-sw:  br0 172.20.0.1/16 (segment 0)   etcd on 172.20.0.1:2379
+//!              [br1 172.21.0.1/16 (segment 1), routing between them, when two segments]
+//!   <lab>-hN:  eth0 172.2S.0.(10+N)/16, default via the switch; flanneld; cni0 = FLANNEL_SUBNET
 //!   <lab>-hNpM: eth0 = next address of the host's subnet, default via cni0
 //! ```
 //!
@@ -24,6 +24,11 @@ use crate::etcd::EtcdServer;
 use crate::netns::{Netns, in_netns};
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The switch's address on segment `s` (172.20.0.1, 172.21.0.1, …); segment `s` is 172.(20+s).0.0/16.
+pub fn segment_gateway(s: usize) -> Ipv4Addr {
+    Ipv4Addr::new(172, 20 + s as u8, 0, 1)
+}
 
 /// One pod.
 #[derive(Debug)]
@@ -145,11 +150,11 @@ impl Lab {
         };
         for (s, _) in spec.segments.iter().enumerate() {
             swsh(&format!("ip link add br{s} type bridge"));
-            swsh(&format!("ip addr add 192.168.{}.1/24 dev br{s}", 100 + s));
+            swsh(&format!("ip addr add {}/16 dev br{s}", segment_gateway(s)));
             swsh(&format!("ip link set br{s} up"));
         }
         swsh("sysctl -qw net.ipv4.ip_forward=1");
-        let etcd = EtcdServer::start_in(Some(sw.name()), "192.168.100.1", 2379, None);
+        let etcd = EtcdServer::start_in(Some(sw.name()), &segment_gateway(0).to_string(), 2379, None);
         let mut lab = Self {
             hosts: Vec::new(),
             etcd,
@@ -171,7 +176,7 @@ impl Lab {
 
     fn add_host(&mut self, n: usize, segment: usize, tag: &str, extra_args: Vec<String>) {
         let ns = Netns::new(&format!("{tag}-h{n}"));
-        let addr = Ipv4Addr::new(192, 168, 100 + segment as u8, 10 + n as u8);
+        let addr = Ipv4Addr::new(172, 20 + segment as u8, 0, 10 + n as u8);
         let sw = self.sw.name().to_string();
         run(Command::new("ip").args([
             "netns",
@@ -211,12 +216,9 @@ impl Lab {
             extra_args,
             pods: Vec::new(),
         };
-        host.sh(&format!("ip addr add {addr}/24 dev eth0"));
+        host.sh(&format!("ip addr add {addr}/16 dev eth0"));
         host.sh("ip link set eth0 up");
-        host.sh(&format!(
-            "ip route add default via 192.168.{}.1",
-            100 + segment
-        ));
+        host.sh(&format!("ip route add default via {}", segment_gateway(segment)));
         host.sh("sysctl -qw net.ipv4.ip_forward=1");
         self.hosts.push(host);
     }
@@ -309,6 +311,31 @@ impl Lab {
                 }
             })
         })
+    }
+
+    /// Deletes many keys in one go (for benchmarks).
+    pub fn etcd_delete_many(&self, keys: Vec<String>) {
+        self.etcd(move |c| {
+            Box::pin(async move {
+                let mut tasks = Vec::new();
+                for chunk in keys.chunks(keys.len().div_ceil(16).max(1)) {
+                    let (mut c, chunk) = (c.clone(), chunk.to_vec());
+                    tasks.push(tokio::spawn(async move {
+                        for k in chunk {
+                            c.delete(k, None).await.expect("etcd delete");
+                        }
+                    }));
+                }
+                for t in tasks {
+                    t.await.expect("delete task");
+                }
+            })
+        })
+    }
+
+    /// The PID of host `i`'s flanneld.
+    pub fn flanneld_pid(&self, i: usize) -> Option<u32> {
+        self.hosts[i].flanneld.as_ref().map(Child::id)
     }
 
     /// Starts flanneld on host `i` (0-based) and waits until it wrote subnet.env.

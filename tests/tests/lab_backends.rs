@@ -323,8 +323,8 @@ fn vxlan_direct_routing_and_two_segments() {
     }
     let failures = lab.ping_all(Duration::from_secs(5));
     assert!(failures.is_empty(), "unreachable: {failures:?}");
-    // Host 0 and 1 share segment 192.168.100.0/24: direct routes between them, vxlan to host 2.
-    let same_segment = |ip: &str| ip.starts_with("192.168.100.");
+    // Host 0 and 1 share segment 172.20.0.0/16: direct routes between them, vxlan to host 2.
+    let same_segment = |ip: &str| ip.starts_with("172.20.");
     assert!(
         until(Duration::from_secs(5), || actual_direct(&lab, 0)
             == expected_direct(&lab, 0, same_segment)),
@@ -402,11 +402,11 @@ fn hostgw_pods_ping_heal_and_restart() {
         ("delete a peer route", format!("ip route del {peer_subnet}")),
         (
             "add a stale route",
-            "ip route add 10.5.250.0/24 via 192.168.100.99 dev eth0".to_string(),
+            "ip route add 10.5.250.0/24 via 172.20.0.99 dev eth0".to_string(),
         ),
         (
             "wrong gateway",
-            format!("ip route replace {peer_subnet} via 192.168.100.98 dev eth0"),
+            format!("ip route replace {peer_subnet} via 172.20.0.98 dev eth0"),
         ),
         ("underlay down", "ip link set eth0 down".to_string()),
     ] {

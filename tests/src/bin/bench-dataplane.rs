@@ -1,0 +1,131 @@
+//! Benchmark: how fast flanneld's kernel backends follow the lease set, in the netns lab.
+//!
+//! For vxlan and host-gw: (a) N = 100, 1000, 5000 fake peer leases written to etcd as fast as it takes
+//! them while flanneld runs on two hosts: time from the last write until both hosts hold every kernel
+//! entry, and entries still missing after that; (b) a third host joining with 5000 leases present:
+//! time until its entries are installed (from process start); (c) time to remove them all after the
+//! leases are deleted; (d) flanneld's resident memory idle and at 5000 peers.
+//!
+//! Needs root. `cargo build --release --workspace && ./target/release/bench-dataplane`
+
+use std::time::{Duration, Instant};
+
+use flannel_tests::bin_path;
+use flannel_tests::lab::{Lab, LabSpec};
+
+struct Fake {
+    key: String,
+    value: String,
+}
+
+fn fakes(n: usize, backend: &str) -> Vec<Fake> {
+    (0..n)
+        .map(|i| {
+            let (a, b) = (i / 256, i % 256);
+            let ip = format!("172.20.{}.{}", 1 + i / 250, 1 + i % 250);
+            let value = if backend == "vxlan" {
+                format!(r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:{a:02x}:{b:02x}"}}}}"#)
+            } else {
+                format!(r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"host-gw"}}"#)
+            };
+            Fake { key: format!("/coreos.com/network/subnets/10.{}.{b}.0-24", 100 + a), value }
+        })
+        .collect()
+}
+
+/// Kernel entries for fake peers on host `h`: (routes, neighbours, fdb).
+fn counts(lab: &Lab, h: usize, backend: &str) -> (usize, usize, usize) {
+    let host = &lab.hosts[h];
+    let routes = host.ns.exec(&["ip", "-4", "route", "show"]).unwrap_or_default();
+    let r = routes.lines().filter(|l| l.starts_with("10.1")).count();
+    if backend != "vxlan" {
+        return (r, 0, 0);
+    }
+    let neigh = host.ns.exec(&["ip", "neigh", "show", "dev", "flannel.1"]).unwrap_or_default();
+    let fdb = host.ns.exec(&["bridge", "fdb", "show", "dev", "flannel.1"]).unwrap_or_default();
+    (r, neigh.lines().filter(|l| l.starts_with("10.1")).count(), fdb.lines().filter(|l| l.starts_with("02:00:00:00:")).count())
+}
+
+fn complete(c: (usize, usize, usize), n: usize, backend: &str) -> bool {
+    if backend == "vxlan" { c == (n, n, n) } else { c.0 == n }
+}
+
+fn missing(c: (usize, usize, usize), n: usize, backend: &str) -> usize {
+    if backend == "vxlan" { 3 * n - (c.0 + c.1 + c.2).min(3 * n) } else { n - c.0.min(n) }
+}
+
+/// Waits until every host in `hosts` holds `n` entries; returns the time and the entries missing.
+fn wait_for(lab: &Lab, hosts: &[usize], n: usize, backend: &str, timeout: Duration) -> (Duration, usize) {
+    let start = Instant::now();
+    loop {
+        let all: Vec<_> = hosts.iter().map(|&h| counts(lab, h, backend)).collect();
+        if all.iter().all(|&c| complete(c, n, backend)) {
+            return (start.elapsed(), 0);
+        }
+        if start.elapsed() > timeout {
+            return (start.elapsed(), all.iter().map(|&c| missing(c, n, backend)).sum());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn rss_mib(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("bench-dataplane needs root (network namespaces)");
+        std::process::exit(1);
+    }
+    let flanneld = bin_path("flanneld");
+    println!("{:<8} {:>6} {:>12} {:>8} {:>11} {:>10}", "backend", "peers", "install_ms", "missing", "remove_ms", "rss_MiB");
+    let mut joins = Vec::new();
+    for backend in ["vxlan", "host-gw"] {
+        let spec = LabSpec {
+            segments: vec![3],
+            config: format!(r#"{{"Network":"10.0.0.0/8","Backend":{{"Type":"{backend}"}}}}"#),
+            flanneld_args: vec![],
+        };
+        let mut lab = Lab::new(&spec, flanneld.clone());
+        lab.start_flanneld(0);
+        lab.start_flanneld(1);
+        std::thread::sleep(Duration::from_secs(1));
+        let idle = rss_mib(lab.flanneld_pid(0));
+        println!("{backend:<8} {:>6} {:>12} {:>8} {:>11} {idle:>10.1}", 0, "-", "-", "-");
+        for n in [100, 1000, 5000] {
+            let leases = fakes(n, backend);
+            lab.etcd_put_many(leases.iter().map(|f| (f.key.clone(), f.value.clone())).collect());
+            let (install, miss) = wait_for(&lab, &[0, 1], n, backend, Duration::from_secs(60));
+            let rss = rss_mib(lab.flanneld_pid(0));
+            if n == 5000 {
+                let start = Instant::now();
+                lab.start_flanneld(2);
+                let (t, m) = wait_for(&lab, &[2], n, backend, Duration::from_secs(60));
+                let _ = t;
+                joins.push((backend, start.elapsed().as_secs_f64() * 1000.0, m));
+            }
+            lab.etcd_delete_many(leases.iter().map(|f| f.key.clone()).collect());
+            let hosts: Vec<usize> = if n == 5000 { vec![0, 1, 2] } else { vec![0, 1] };
+            let (remove, left) = wait_for(&lab, &hosts, 0, backend, Duration::from_secs(60));
+            let remove = if left == 0 { format!("{:.0}", remove.as_secs_f64() * 1000.0) } else { format!("{left} left") };
+            println!(
+                "{backend:<8} {n:>6} {:>12.0} {miss:>8} {remove:>11} {rss:>10.1}",
+                install.as_secs_f64() * 1000.0
+            );
+        }
+    }
+    println!();
+    println!("{:<8} {:>24} {:>8}", "backend", "join_with_5000_ms", "missing");
+    for (backend, ms, m) in joins {
+        println!("{backend:<8} {ms:>24.0} {m:>8}");
+    }
+}
