@@ -154,7 +154,8 @@ impl Lab {
             swsh(&format!("ip link set br{s} up"));
         }
         swsh("sysctl -qw net.ipv4.ip_forward=1");
-        let etcd = EtcdServer::start_in(Some(sw.name()), &segment_gateway(0).to_string(), 2379, None);
+        let etcd =
+            EtcdServer::start_in(Some(sw.name()), &segment_gateway(0).to_string(), 2379, None);
         let mut lab = Self {
             hosts: Vec::new(),
             etcd,
@@ -218,7 +219,10 @@ impl Lab {
         };
         host.sh(&format!("ip addr add {addr}/16 dev eth0"));
         host.sh("ip link set eth0 up");
-        host.sh(&format!("ip route add default via {}", segment_gateway(segment)));
+        host.sh(&format!(
+            "ip route add default via {}",
+            segment_gateway(segment)
+        ));
         host.sh("sysctl -qw net.ipv4.ip_forward=1");
         self.hosts.push(host);
     }

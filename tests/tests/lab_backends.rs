@@ -89,30 +89,6 @@ fn actual_vxlan(lab: &Lab, host: usize) -> (BTreeSet<String>, BTreeSet<String>, 
     )
 }
 
-#[test]
-fn vxlan_pods_ping_and_kernel_entries_match_go() {
-    let Some(mut lab) = lab("vxlan_pods_ping", vec![3], r#"{"Type":"vxlan"}"#) else {
-        return;
-    };
-    lab.start_all();
-    for i in 0..3 {
-        lab.add_pods(i, 2);
-    }
-    let failures = lab.ping_all(Duration::from_secs(5));
-    assert!(failures.is_empty(), "unreachable: {failures:?}");
-    for h in 0..3 {
-        let want = expected_vxlan(&lab, h);
-        assert!(
-            until(Duration::from_secs(5), || actual_vxlan(&lab, h) == want),
-            "host {h}: {:?} != {:?}",
-            actual_vxlan(&lab, h),
-            want
-        );
-        let env = lab.hosts[h].subnet_env().unwrap();
-        assert_eq!(env["FLANNEL_MTU"], "1450");
-    }
-}
-
 /// The routes Go flannel's host-gw backend installs on `host` (or DirectRouting routes).
 fn expected_direct(lab: &Lab, host: usize, only: impl Fn(&str) -> bool) -> BTreeSet<String> {
     let me = lab.hosts[host].addr.to_string();
@@ -186,129 +162,6 @@ fn lease_of(lab: &Lab, host: usize) -> (String, String, Option<String>) {
 }
 
 #[test]
-fn vxlan_departed_peer_and_restart() {
-    let Some(mut lab) = lab(
-        "vxlan_departed_peer_and_restart",
-        vec![3],
-        r#"{"Type":"vxlan"}"#,
-    ) else {
-        return;
-    };
-    lab.start_all();
-    for i in 0..3 {
-        lab.add_pods(i, 1);
-    }
-    assert!(lab.ping_all(Duration::from_secs(5)).is_empty());
-
-    // Restart host 0's flanneld while host 1's pod pings host 0's pod: same subnet, same MAC, no loss.
-    let before = lease_of(&lab, 0);
-    let mac_before = vtep_mac(&lab, 0);
-    let to = lab.hosts[0].pods[0].ip;
-    let (sent, received) = ping_during(&mut lab, (1, 0), to, |lab| {
-        assert_eq!(lab.stop_flanneld(0), Some(0), "SIGTERM is a clean exit");
-        lab.start_flanneld(0);
-    });
-    eprintln!("restart: {sent} pings sent, {received} received");
-    assert_eq!(
-        sent - received,
-        0,
-        "pings were lost across a flanneld restart"
-    );
-    assert_eq!(
-        lease_of(&lab, 0),
-        before,
-        "same subnet and VtepMAC after restart"
-    );
-    assert_eq!(vtep_mac(&lab, 0), mac_before);
-    assert_eq!(
-        before.2.as_deref(),
-        Some(mac_before.as_str()),
-        "the lease advertises the device MAC"
-    );
-
-    // Host 2 goes away for good: its lease is deleted, the others drop its entries.
-    let (gone_subnet, _, _) = lease_of(&lab, 2);
-    lab.stop_flanneld(2);
-    lab.etcd_delete(&format!(
-        "/coreos.com/network/subnets/{}",
-        gone_subnet.replace('/', "-")
-    ));
-    for h in 0..2 {
-        assert!(
-            until(Duration::from_secs(5), || actual_vxlan(&lab, h)
-                == expected_vxlan(&lab, h)),
-            "host {h} kept entries of the departed peer: {:?}",
-            actual_vxlan(&lab, h)
-        );
-        assert!(!lab.hosts[h].sh("ip route show").contains(&gone_subnet));
-    }
-}
-
-#[test]
-fn vxlan_chaos_is_repaired() {
-    let Some(mut lab) = lab("vxlan_chaos_is_repaired", vec![3], r#"{"Type":"vxlan"}"#) else {
-        return;
-    };
-    lab.start_all();
-    for i in 0..3 {
-        lab.add_pods(i, 1);
-    }
-    assert!(lab.ping_all(Duration::from_secs(5)).is_empty());
-    let mac = vtep_mac(&lab, 0);
-    let (peer_subnet, peer_ip, peer_mac) = lease_of(&lab, 1);
-    let peer_mac = peer_mac.unwrap();
-    let peer_gw = peer_subnet.split('/').next().unwrap().to_string();
-    let chaos: Vec<(&str, String)> = vec![
-        ("delete flannel.1", "ip link del flannel.1".into()),
-        ("delete a peer route", format!("ip route del {peer_subnet}")),
-        (
-            "flush flannel.1's neighbours",
-            "ip neigh flush dev flannel.1 nud permanent".into(),
-        ),
-        (
-            "delete an FDB entry",
-            format!("bridge fdb del {peer_mac} dev flannel.1 dst {peer_ip} self"),
-        ),
-        (
-            "add a stale route",
-            "ip route add 10.5.250.0/24 via 10.5.250.0 dev flannel.1 onlink".into(),
-        ),
-        ("set flannel.1 down", "ip link set flannel.1 down".into()),
-        ("underlay down", "ip link set eth0 down".into()),
-    ];
-    for (what, cmd) in chaos {
-        lab.hosts[0].sh(&cmd);
-        if what == "underlay down" {
-            std::thread::sleep(Duration::from_millis(500));
-            lab.hosts[0].sh("ip link set eth0 up");
-        }
-        let start = Instant::now();
-        let healed = until(Duration::from_secs(10), || {
-            actual_vxlan(&lab, 0) == expected_vxlan(&lab, 0)
-        });
-        assert!(
-            healed,
-            "{what}: not repaired: {:?}\nlog:\n{}",
-            actual_vxlan(&lab, 0),
-            lab.hosts[0].log_text()
-        );
-        let failures = lab.ping_all(Duration::from_secs(5));
-        assert!(
-            failures.is_empty(),
-            "{what}: pods cannot talk: {failures:?}"
-        );
-        eprintln!("{what}: repaired in {:?}", start.elapsed());
-        assert_eq!(vtep_mac(&lab, 0), mac, "{what}: the VTEP MAC changed");
-        assert!(
-            lab.hosts[0]
-                .sh("ip neigh show dev flannel.1")
-                .contains(&format!("{peer_gw} lladdr {peer_mac}"))
-        );
-    }
-    assert!(lab.hosts[0].flanneld_running());
-}
-
-#[test]
 fn vxlan_direct_routing_and_two_segments() {
     let Some(mut lab) = lab(
         "vxlan_direct_routing",
@@ -371,85 +224,6 @@ fn vxlan_works_across_a_router() {
 }
 
 #[test]
-fn hostgw_pods_ping_heal_and_restart() {
-    let Some(mut lab) = lab("hostgw_pods_ping", vec![3], r#"{"Type":"host-gw"}"#) else {
-        return;
-    };
-    lab.start_all();
-    for i in 0..3 {
-        lab.add_pods(i, 2);
-    }
-    let failures = lab.ping_all(Duration::from_secs(5));
-    assert!(failures.is_empty(), "unreachable: {failures:?}");
-    for h in 0..3 {
-        assert!(
-            until(Duration::from_secs(5), || actual_direct(&lab, h)
-                == expected_direct(&lab, h, |_| true)),
-            "{:?}",
-            actual_direct(&lab, h)
-        );
-        assert_eq!(lab.hosts[h].subnet_env().unwrap()["FLANNEL_MTU"], "1500");
-        let lease = lab.etcd_list("/coreos.com/network/subnets/");
-        assert!(
-            lease
-                .iter()
-                .all(|(_, v)| v.ends_with(r#","PublicIPv6":null,"BackendType":"host-gw"}"#)),
-            "{lease:?}"
-        );
-    }
-    let (peer_subnet, _, _) = lease_of(&lab, 1);
-    for (what, cmd) in [
-        ("delete a peer route", format!("ip route del {peer_subnet}")),
-        (
-            "add a stale route",
-            "ip route add 10.5.250.0/24 via 172.20.0.99 dev eth0".to_string(),
-        ),
-        (
-            "wrong gateway",
-            format!("ip route replace {peer_subnet} via 172.20.0.98 dev eth0"),
-        ),
-        ("underlay down", "ip link set eth0 down".to_string()),
-    ] {
-        lab.hosts[0].sh(&cmd);
-        if what == "underlay down" {
-            std::thread::sleep(Duration::from_millis(500));
-            lab.hosts[0].sh("ip link set eth0 up");
-        }
-        let healed = until(Duration::from_secs(10), || {
-            actual_direct(&lab, 0) == expected_direct(&lab, 0, |_| true)
-        });
-        assert!(healed, "{what}: not repaired: {:?}", actual_direct(&lab, 0));
-        assert!(
-            lab.ping_all(Duration::from_secs(5)).is_empty(),
-            "{what}: pods cannot talk"
-        );
-    }
-    let to = lab.hosts[0].pods[0].ip;
-    let before = lease_of(&lab, 0);
-    let (sent, received) = ping_during(&mut lab, (1, 0), to, |lab| {
-        lab.stop_flanneld(0);
-        lab.start_flanneld(0);
-    });
-    eprintln!("restart: {sent} pings sent, {received} received");
-    assert_eq!(
-        sent - received,
-        0,
-        "pings were lost across a flanneld restart"
-    );
-    assert_eq!(lease_of(&lab, 0), before);
-    // A departed peer's route goes away.
-    let (gone, _, _) = lease_of(&lab, 2);
-    lab.stop_flanneld(2);
-    lab.etcd_delete(&format!(
-        "/coreos.com/network/subnets/{}",
-        gone.replace('/', "-")
-    ));
-    assert!(until(Duration::from_secs(5), || !lab.hosts[0]
-        .sh("ip route show")
-        .contains(&gone)));
-}
-
-#[test]
 fn hostgw_reports_an_unreachable_next_hop() {
     let Some(mut lab) = lab(
         "hostgw_reports_an_unreachable_next_hop",
@@ -480,4 +254,268 @@ fn hostgw_reports_an_unreachable_next_hop() {
         lab.hosts[0].flanneld_running(),
         "an unreachable peer is not fatal"
     );
+}
+
+/// The three data-plane flavours every scenario runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    Vxlan,
+    VxlanDirect,
+    HostGw,
+}
+
+impl Flavor {
+    const ALL: [Flavor; 3] = [Flavor::Vxlan, Flavor::VxlanDirect, Flavor::HostGw];
+
+    fn backend(self) -> &'static str {
+        match self {
+            Flavor::Vxlan => r#"{"Type":"vxlan"}"#,
+            Flavor::VxlanDirect => r#"{"Type":"vxlan","DirectRouting":true}"#,
+            Flavor::HostGw => r#"{"Type":"host-gw"}"#,
+        }
+    }
+
+    fn mtu(self) -> &'static str {
+        if self == Flavor::HostGw {
+            "1500"
+        } else {
+            "1450"
+        }
+    }
+
+    /// Whether host `h` holds exactly Go flannel's entries for the current leases. With one segment,
+    /// DirectRouting installs only direct routes (and no neighbour/FDB entries), like host-gw.
+    fn in_sync(self, lab: &Lab, h: usize) -> bool {
+        match self {
+            Flavor::Vxlan => actual_vxlan(lab, h) == expected_vxlan(lab, h),
+            Flavor::VxlanDirect => {
+                actual_direct(lab, h) == expected_direct(lab, h, |_| true)
+                    && lines(&lab.hosts[h].sh("ip neigh show dev flannel.1")).is_empty()
+                    && lines(&lab.hosts[h].sh("bridge fdb show dev flannel.1")).is_empty()
+            }
+            Flavor::HostGw => actual_direct(lab, h) == expected_direct(lab, h, |_| true),
+        }
+    }
+
+    fn describe(self, lab: &Lab, h: usize) -> String {
+        match self {
+            Flavor::Vxlan => format!("{:?}", actual_vxlan(lab, h)),
+            _ => format!("{:?}", actual_direct(lab, h)),
+        }
+    }
+
+    /// Ways to break host 0's data plane, each with the command(s) that do it.
+    fn chaos(self, lab: &Lab) -> Vec<(&'static str, Vec<String>)> {
+        let (peer_subnet, peer_ip, peer_mac) = lease_of(lab, 1);
+        let mut c = vec![
+            (
+                "delete a peer route",
+                vec![format!("ip route del {peer_subnet}")],
+            ),
+            (
+                "underlay down and up",
+                vec![
+                    "ip link set eth0 down".into(),
+                    "SLEEP".into(),
+                    "ip link set eth0 up".into(),
+                ],
+            ),
+        ];
+        match self {
+            Flavor::Vxlan => c.extend([
+                ("delete flannel.1", vec!["ip link del flannel.1".into()]),
+                (
+                    "flush flannel.1's neighbours",
+                    vec!["ip neigh flush dev flannel.1 nud permanent".into()],
+                ),
+                (
+                    "delete an FDB entry",
+                    vec![format!(
+                        "bridge fdb del {} dev flannel.1 dst {peer_ip} self",
+                        peer_mac.unwrap()
+                    )],
+                ),
+                (
+                    "add a stale route on flannel.1",
+                    vec!["ip route add 10.5.250.0/24 via 10.5.250.0 dev flannel.1 onlink".into()],
+                ),
+                (
+                    "set flannel.1 down",
+                    vec!["ip link set flannel.1 down".into()],
+                ),
+            ]),
+            Flavor::VxlanDirect => c.extend([
+                ("delete flannel.1", vec!["ip link del flannel.1".into()]),
+                (
+                    "add a stale direct route",
+                    vec!["ip route add 10.5.250.0/24 via 172.20.0.99 dev eth0".into()],
+                ),
+                (
+                    "add a stale route on flannel.1",
+                    vec!["ip route add 10.5.251.0/24 via 10.5.251.0 dev flannel.1 onlink".into()],
+                ),
+            ]),
+            Flavor::HostGw => c.extend([
+                (
+                    "add a stale route",
+                    vec!["ip route add 10.5.250.0/24 via 172.20.0.99 dev eth0".into()],
+                ),
+                (
+                    "change a route's gateway",
+                    vec![format!(
+                        "ip route replace {peer_subnet} via 172.20.0.98 dev eth0"
+                    )],
+                ),
+            ]),
+        }
+        c
+    }
+}
+
+fn flavor_lab(test: &str, flavor: Flavor, pods: usize) -> Option<Lab> {
+    let mut lab = lab(&format!("{test} ({flavor:?})"), vec![3], flavor.backend())?;
+    lab.start_all();
+    for i in 0..3 {
+        lab.add_pods(i, pods);
+    }
+    Some(lab)
+}
+
+#[test]
+fn pods_ping_and_kernel_entries_match_go() {
+    for flavor in Flavor::ALL {
+        let Some(lab) = flavor_lab("pods_ping_and_kernel_entries_match_go", flavor, 2) else {
+            return;
+        };
+        let failures = lab.ping_all(Duration::from_secs(5));
+        assert!(failures.is_empty(), "{flavor:?}: unreachable: {failures:?}");
+        for h in 0..3 {
+            assert!(
+                until(Duration::from_secs(5), || flavor.in_sync(&lab, h)),
+                "{flavor:?} host {h}: {}",
+                flavor.describe(&lab, h)
+            );
+            assert_eq!(
+                lab.hosts[h].subnet_env().unwrap()["FLANNEL_MTU"],
+                flavor.mtu(),
+                "{flavor:?}"
+            );
+        }
+        let want_type = if flavor == Flavor::HostGw {
+            "host-gw"
+        } else {
+            "vxlan"
+        };
+        for (k, v) in lab.etcd_list("/coreos.com/network/subnets/") {
+            assert!(
+                v.contains(&format!(r#""PublicIPv6":null,"BackendType":"{want_type}""#)),
+                "{flavor:?} {k}: {v}"
+            );
+        }
+    }
+}
+
+#[test]
+fn restart_keeps_pods_talking_and_departed_peers_are_removed() {
+    for flavor in Flavor::ALL {
+        let Some(mut lab) = flavor_lab("restart_and_departed_peer", flavor, 1) else {
+            return;
+        };
+        assert!(
+            lab.ping_all(Duration::from_secs(5)).is_empty(),
+            "{flavor:?}"
+        );
+        let before = lease_of(&lab, 0);
+        let mac_before = (flavor != Flavor::HostGw).then(|| vtep_mac(&lab, 0));
+        let to = lab.hosts[0].pods[0].ip;
+        let (sent, received) = ping_during(&mut lab, (1, 0), to, |lab| {
+            assert_eq!(lab.stop_flanneld(0), Some(0), "SIGTERM is a clean exit");
+            lab.start_flanneld(0);
+        });
+        eprintln!("{flavor:?} restart: {sent} pings sent, {received} received");
+        assert_eq!(
+            sent - received,
+            0,
+            "{flavor:?}: pings were lost across a flanneld restart"
+        );
+        assert_eq!(
+            lease_of(&lab, 0),
+            before,
+            "{flavor:?}: same subnet and backend data after restart"
+        );
+        if let Some(mac) = mac_before {
+            assert_eq!(vtep_mac(&lab, 0), mac, "{flavor:?}: same VTEP MAC");
+            assert_eq!(
+                before.2.as_deref(),
+                Some(mac.as_str()),
+                "{flavor:?}: the lease advertises the device MAC"
+            );
+        }
+        // Host 2 goes away for good: its lease is deleted, the others drop its entries.
+        let (gone, _, _) = lease_of(&lab, 2);
+        lab.stop_flanneld(2);
+        lab.etcd_delete(&format!(
+            "/coreos.com/network/subnets/{}",
+            gone.replace('/', "-")
+        ));
+        for h in 0..2 {
+            assert!(
+                until(Duration::from_secs(5), || flavor.in_sync(&lab, h)),
+                "{flavor:?} host {h} kept the departed peer: {}",
+                flavor.describe(&lab, h)
+            );
+            assert!(
+                !lab.hosts[h].sh("ip route show").contains(&gone),
+                "{flavor:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn chaos_is_repaired() {
+    for flavor in Flavor::ALL {
+        let Some(lab) = flavor_lab("chaos_is_repaired", flavor, 1) else {
+            return;
+        };
+        assert!(
+            lab.ping_all(Duration::from_secs(5)).is_empty(),
+            "{flavor:?}"
+        );
+        let mac = (flavor != Flavor::HostGw).then(|| vtep_mac(&lab, 0));
+        for (what, cmds) in flavor.chaos(&lab) {
+            for cmd in &cmds {
+                if cmd == "SLEEP" {
+                    std::thread::sleep(Duration::from_millis(500));
+                } else {
+                    lab.hosts[0].sh(cmd);
+                }
+            }
+            let start = Instant::now();
+            let healed = until(Duration::from_secs(10), || flavor.in_sync(&lab, 0));
+            assert!(
+                healed,
+                "{flavor:?} {what}: not repaired: {}\nlog:\n{}",
+                flavor.describe(&lab, 0),
+                lab.hosts[0].log_text()
+            );
+            let failures = lab.ping_all(Duration::from_secs(5));
+            assert!(
+                failures.is_empty(),
+                "{flavor:?} {what}: pods cannot talk: {failures:?}"
+            );
+            eprintln!("{flavor:?} {what}: repaired in {:?}", start.elapsed());
+            if let Some(mac) = &mac {
+                assert_eq!(
+                    &vtep_mac(&lab, 0),
+                    mac,
+                    "{flavor:?} {what}: the VTEP MAC changed"
+                );
+            }
+        }
+        assert!(
+            lab.hosts[0].log_text().contains("data plane repaired"),
+            "{flavor:?}: repairs are logged"
+        );
+    }
 }

@@ -36,26 +36,55 @@ fn fakes(n: usize, backend: &str) -> Vec<Fake> {
 /// Kernel entries for fake peers on host `h`: (routes, neighbours, fdb).
 fn counts(lab: &Lab, h: usize, backend: &str) -> (usize, usize, usize) {
     let host = &lab.hosts[h];
-    let routes = host.ns.exec(&["ip", "-4", "route", "show"]).unwrap_or_default();
+    let routes = host
+        .ns
+        .exec(&["ip", "-4", "route", "show"])
+        .unwrap_or_default();
     let r = routes.lines().filter(|l| l.starts_with("10.1")).count();
     if backend != "vxlan" {
         return (r, 0, 0);
     }
-    let neigh = host.ns.exec(&["ip", "neigh", "show", "dev", "flannel.1"]).unwrap_or_default();
-    let fdb = host.ns.exec(&["bridge", "fdb", "show", "dev", "flannel.1"]).unwrap_or_default();
-    (r, neigh.lines().filter(|l| l.starts_with("10.1")).count(), fdb.lines().filter(|l| l.starts_with("02:00:00:00:")).count())
+    let neigh = host
+        .ns
+        .exec(&["ip", "neigh", "show", "dev", "flannel.1"])
+        .unwrap_or_default();
+    let fdb = host
+        .ns
+        .exec(&["bridge", "fdb", "show", "dev", "flannel.1"])
+        .unwrap_or_default();
+    (
+        r,
+        neigh.lines().filter(|l| l.starts_with("10.1")).count(),
+        fdb.lines()
+            .filter(|l| l.starts_with("02:00:00:00:"))
+            .count(),
+    )
 }
 
 fn complete(c: (usize, usize, usize), n: usize, backend: &str) -> bool {
-    if backend == "vxlan" { c == (n, n, n) } else { c.0 == n }
+    if backend == "vxlan" {
+        c == (n, n, n)
+    } else {
+        c.0 == n
+    }
 }
 
 fn missing(c: (usize, usize, usize), n: usize, backend: &str) -> usize {
-    if backend == "vxlan" { 3 * n - (c.0 + c.1 + c.2).min(3 * n) } else { n - c.0.min(n) }
+    if backend == "vxlan" {
+        3 * n - (c.0 + c.1 + c.2).min(3 * n)
+    } else {
+        n - c.0.min(n)
+    }
 }
 
 /// Waits until every host in `hosts` holds `n` entries; returns the time and the entries missing.
-fn wait_for(lab: &Lab, hosts: &[usize], n: usize, backend: &str, timeout: Duration) -> (Duration, usize) {
+fn wait_for(
+    lab: &Lab,
+    hosts: &[usize],
+    n: usize,
+    backend: &str,
+    timeout: Duration,
+) -> (Duration, usize) {
     let start = Instant::now();
     loop {
         let all: Vec<_> = hosts.iter().map(|&h| counts(lab, h, backend)).collect();
@@ -63,18 +92,25 @@ fn wait_for(lab: &Lab, hosts: &[usize], n: usize, backend: &str, timeout: Durati
             return (start.elapsed(), 0);
         }
         if start.elapsed() > timeout {
-            return (start.elapsed(), all.iter().map(|&c| missing(c, n, backend)).sum());
+            return (
+                start.elapsed(),
+                all.iter().map(|&c| missing(c, n, backend)).sum(),
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
 fn rss_mib(pid: Option<u32>) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+fn status_mib(pid: Option<u32>, field: &str) -> f64 {
     let Some(pid) = pid else { return 0.0 };
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
@@ -87,7 +123,17 @@ fn main() {
         std::process::exit(1);
     }
     let flanneld = bin_path("flanneld");
-    println!("{:<8} {:>6} {:>12} {:>8} {:>11} {:>10}", "backend", "peers", "install_ms", "missing", "remove_ms", "rss_MiB");
+    println!(
+        "{:<8} {:>6} {:>11} {:>8} {:>10} {:>8} {:>11} {:>9}",
+        "backend",
+        "peers",
+        "install_ms",
+        "missing",
+        "remove_ms",
+        "rss_MiB",
+        "settled_MiB",
+        "peak_MiB"
+    );
     let mut joins = Vec::new();
     for backend in ["vxlan", "host-gw"] {
         let spec = LabSpec {
@@ -100,12 +146,23 @@ fn main() {
         lab.start_flanneld(1);
         std::thread::sleep(Duration::from_secs(1));
         let idle = rss_mib(lab.flanneld_pid(0));
-        println!("{backend:<8} {:>6} {:>12} {:>8} {:>11} {idle:>10.1}", 0, "-", "-", "-");
+        println!(
+            "{backend:<8} {:>6} {:>11} {:>8} {:>10} {idle:>8.1} {:>11} {:>9}",
+            0, "-", "-", "-", "-", "-"
+        );
         for n in [100, 1000, 5000] {
             let leases = fakes(n, backend);
-            lab.etcd_put_many(leases.iter().map(|f| (f.key.clone(), f.value.clone())).collect());
+            lab.etcd_put_many(
+                leases
+                    .iter()
+                    .map(|f| (f.key.clone(), f.value.clone()))
+                    .collect(),
+            );
             let (install, miss) = wait_for(&lab, &[0, 1], n, backend, Duration::from_secs(60));
             let rss = rss_mib(lab.flanneld_pid(0));
+            std::thread::sleep(Duration::from_secs(6));
+            let settled = rss_mib(lab.flanneld_pid(0));
+            let peak = status_mib(lab.flanneld_pid(0), "VmHWM:");
             if n == 5000 {
                 let start = Instant::now();
                 lab.start_flanneld(2);
@@ -116,15 +173,22 @@ fn main() {
             lab.etcd_delete_many(leases.iter().map(|f| f.key.clone()).collect());
             let hosts: Vec<usize> = if n == 5000 { vec![0, 1, 2] } else { vec![0, 1] };
             let (remove, left) = wait_for(&lab, &hosts, 0, backend, Duration::from_secs(60));
-            let remove = if left == 0 { format!("{:.0}", remove.as_secs_f64() * 1000.0) } else { format!("{left} left") };
+            let remove = if left == 0 {
+                format!("{:.0}", remove.as_secs_f64() * 1000.0)
+            } else {
+                format!("{left} left")
+            };
             println!(
-                "{backend:<8} {n:>6} {:>12.0} {miss:>8} {remove:>11} {rss:>10.1}",
+                "{backend:<8} {n:>6} {:>11.0} {miss:>8} {remove:>10} {rss:>8.1} {settled:>11.1} {peak:>9.1}",
                 install.as_secs_f64() * 1000.0
             );
         }
     }
     println!();
-    println!("{:<8} {:>24} {:>8}", "backend", "join_with_5000_ms", "missing");
+    println!(
+        "{:<8} {:>24} {:>8}",
+        "backend", "join_with_5000_ms", "missing"
+    );
     for (backend, ms, m) in joins {
         println!("{backend:<8} {ms:>24.0} {m:>8}");
     }

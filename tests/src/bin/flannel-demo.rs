@@ -34,9 +34,17 @@ fn indent(text: &str) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let backend = value("--backend").unwrap_or_else(|| "vxlan".into());
-    let hosts: usize = value("--hosts").and_then(|h| h.parse().ok()).unwrap_or(3).clamp(2, 20);
+    let hosts: usize = value("--hosts")
+        .and_then(|h| h.parse().ok())
+        .unwrap_or(3)
+        .clamp(2, 20);
     let hold = args.iter().any(|a| a == "--hold");
     let backend_json = match backend.as_str() {
         "vxlan" => r#"{"Type":"vxlan"}"#,
@@ -59,9 +67,21 @@ fn main() {
     }
     let config = format!(r#"{{"Network":"10.5.0.0/16","Backend":{backend_json}}}"#);
     section(&format!("Building a {hosts}-host lab (backend {backend})"));
-    println!("    hosts are network namespaces on one underlay switch (172.20.0.0/16); etcd runs on the switch");
-    let mut lab = Lab::new(&LabSpec { segments: vec![hosts], config: config.clone(), flanneld_args: vec![] }, bin_path("flanneld"));
-    println!("    etcd: {}   network config at /coreos.com/network/config:", lab.etcd_url());
+    println!(
+        "    hosts are network namespaces on one underlay switch (172.20.0.0/16); etcd runs on the switch"
+    );
+    let mut lab = Lab::new(
+        &LabSpec {
+            segments: vec![hosts],
+            config: config.clone(),
+            flanneld_args: vec![],
+        },
+        bin_path("flanneld"),
+    );
+    println!(
+        "    etcd: {}   network config at /coreos.com/network/config:",
+        lab.etcd_url()
+    );
     indent(&config);
 
     section("Starting flanneld on every host");
@@ -72,7 +92,10 @@ fn main() {
         lab.start_flanneld(i);
         let h = &lab.hosts[i];
         println!("    host{} ({}): subnet.env", h.n, h.addr);
-        for line in std::fs::read_to_string(&h.subnet_file).unwrap_or_default().lines() {
+        for line in std::fs::read_to_string(&h.subnet_file)
+            .unwrap_or_default()
+            .lines()
+        {
             println!("        {line}");
         }
     }
@@ -103,7 +126,11 @@ fn main() {
             }
         }
     }
-    println!("    {ok} pings answered, {} failed {}", failed.len(), if failed.is_empty() { "" } else { "(see below)" });
+    println!(
+        "    {ok} pings answered, {} failed {}",
+        failed.len(),
+        if failed.is_empty() { "" } else { "(see below)" }
+    );
     for f in &failed {
         println!("    FAILED {f}");
     }
@@ -121,7 +148,9 @@ fn main() {
         indent(&h.sh("bridge fdb show dev flannel.1"));
     }
 
-    section("The leases in etcd (one per host; the key is the subnet, the value Go flanneld's JSON)");
+    section(
+        "The leases in etcd (one per host; the key is the subnet, the value Go flanneld's JSON)",
+    );
     for (k, v) in lab.etcd_list("/coreos.com/network/subnets/") {
         println!("    {k}\n        {v}");
     }
@@ -141,7 +170,10 @@ fn main() {
     println!("    half a second later:");
     indent(&back);
     let again = lab.ping((0, 0), lab.hosts[1].pods[0].ip, Duration::from_secs(2));
-    println!("    host1 pod -> host2 pod: {}", if again { "answered" } else { "FAILED" });
+    println!(
+        "    host1 pod -> host2 pod: {}",
+        if again { "answered" } else { "FAILED" }
+    );
 
     if hold {
         section("Holding the lab; press Ctrl-C to clean up");
