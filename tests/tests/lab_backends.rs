@@ -77,15 +77,20 @@ fn expected_vxlan(
 
 fn actual_vxlan(lab: &Lab, host: usize) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) {
     let h = &lab.hosts[host];
+    // Polled while the data plane may be broken: a missing device reads as no entries.
+    let run = |cmd: &str| {
+        h.ns.exec(&cmd.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
     // `proto boot` is iproute2's default and not printed; Go's netlink library uses it too.
-    let routes = lines(&h.sh("ip route show"))
+    let routes = lines(&run("ip route show"))
         .into_iter()
         .filter(|l| l.contains("dev flannel.1"))
         .collect();
     (
         routes,
-        lines(&h.sh("ip neigh show dev flannel.1")),
-        lines(&h.sh("bridge fdb show dev flannel.1")),
+        lines(&run("ip neigh show dev flannel.1")),
+        lines(&run("bridge fdb show dev flannel.1")),
     )
 }
 
@@ -287,11 +292,23 @@ impl Flavor {
     /// DirectRouting installs only direct routes (and no neighbour/FDB entries), like host-gw.
     fn in_sync(self, lab: &Lab, h: usize) -> bool {
         match self {
-            Flavor::Vxlan => actual_vxlan(lab, h) == expected_vxlan(lab, h),
+            Flavor::Vxlan => {
+                lab.hosts[h]
+                    .ns
+                    .exec(&["ip", "link", "show", "flannel.1"])
+                    .is_ok()
+                    && actual_vxlan(lab, h) == expected_vxlan(lab, h)
+            }
             Flavor::VxlanDirect => {
-                actual_direct(lab, h) == expected_direct(lab, h, |_| true)
-                    && lines(&lab.hosts[h].sh("ip neigh show dev flannel.1")).is_empty()
-                    && lines(&lab.hosts[h].sh("bridge fdb show dev flannel.1")).is_empty()
+                let (_, neighs, fdb) = actual_vxlan(lab, h);
+                let device = lab.hosts[h]
+                    .ns
+                    .exec(&["ip", "link", "show", "flannel.1"])
+                    .is_ok();
+                device
+                    && actual_direct(lab, h) == expected_direct(lab, h, |_| true)
+                    && neighs.is_empty()
+                    && fdb.is_empty()
             }
             Flavor::HostGw => actual_direct(lab, h) == expected_direct(lab, h, |_| true),
         }
