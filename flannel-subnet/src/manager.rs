@@ -372,10 +372,37 @@ impl<R: Registry + 'static> SubnetManager for LocalManager<R> {
     async fn renew_lease(&self, lease: &mut Lease) -> Result<(), SubnetError> {
         let key = lease_key(&self.opts.prefix, &lease.key);
         let ttl = lease.expiration.map(|_| self.opts.lease_ttl);
-        self.registry
-            .put(&key, lease.attrs.to_json().as_bytes(), ttl)
+        let ours = lease.attrs.to_json();
+        // Only extend what is still ours: another node may have taken the subnet meanwhile.
+        let renewed = self
+            .registry
+            .put_if_value(&key, ours.as_bytes(), ours.as_bytes(), ttl)
             .await
             .map_err(store)?;
+        if renewed.is_none() {
+            let (current, _) = self.registry.get(&key).await.map_err(store)?;
+            match current {
+                None => {
+                    if self.reclaim(lease.key, &lease.attrs).await?.is_none() {
+                        return Err(lost(lease.key));
+                    }
+                    info!(subnet = %lease.key, "our lease had disappeared; re-created it");
+                    lease.expiration = Some(SystemTime::now() + self.opts.lease_ttl);
+                    return Ok(());
+                }
+                Some(kv) => {
+                    let holder = lease_from_kv(&kv, 0).map(|l| l.attrs.public_ip);
+                    if holder != Some(lease.attrs.public_ip) {
+                        return Err(lost(lease.key));
+                    }
+                    // Our node, other attributes (e.g. written by an older run): take it over.
+                    self.registry
+                        .put(&key, ours.as_bytes(), ttl)
+                        .await
+                        .map_err(store)?;
+                }
+            }
+        }
         lease.expiration = ttl.map(|t| SystemTime::now() + t);
         Ok(())
     }
@@ -427,6 +454,7 @@ impl<R: Registry + 'static> SubnetManager for LocalManager<R> {
                             info!(subnet = %lease.key, "renewed the lease");
                             next_renew = renew_at(&lease, self.opts.renew_margin);
                         }
+                        Err(e @ SubnetError::LeaseLost(..)) => return Err(e),
                         Err(e) => {
                             warn!(subnet = %lease.key, error = %e, retry_in = ?retry, "renewing the lease failed");
                             next_renew = Some(SystemTime::now() + retry);
@@ -434,11 +462,22 @@ impl<R: Registry + 'static> SubnetManager for LocalManager<R> {
                     }
                 }
                 msg = rx.recv() => {
-                    let gone = match msg {
-                        Some(LeaseWatchResult::Snapshot(v)) => v.is_empty(),
-                        Some(LeaseWatchResult::Events(ev)) => matches!(ev.last(), Some(LeaseEvent::Removed(_))),
-                        None => false,
+                    // The latest state of our key in this result: None = gone, Some(ip) = held by ip.
+                    let latest: Option<Option<std::net::Ipv4Addr>> = match msg {
+                        Some(LeaseWatchResult::Snapshot(v)) => Some(v.first().map(|l| l.attrs.public_ip)),
+                        Some(LeaseWatchResult::Events(ev)) => ev.last().map(|e| match e {
+                            LeaseEvent::Added(l) => Some(l.attrs.public_ip),
+                            LeaseEvent::Removed(_) => None,
+                        }),
+                        None => None,
                     };
+                    if let Some(Some(holder)) = latest
+                        && holder != lease.attrs.public_ip
+                    {
+                        warn!(subnet = %lease.key, %holder, "another node wrote our lease");
+                        return Err(lost(lease.key));
+                    }
+                    let gone = matches!(latest, Some(None));
                     if gone {
                         warn!(subnet = %lease.key, "our lease was deleted or expired; taking it back");
                         match self.reclaim(lease.key, &lease.attrs).await {
@@ -447,12 +486,7 @@ impl<R: Registry + 'static> SubnetManager for LocalManager<R> {
                                 lease = l;
                                 next_renew = renew_at(&lease, self.opts.renew_margin);
                             }
-                            Ok(None) => {
-                                return Err(SubnetError::LeaseLost(
-                                    lease.key,
-                                    "another node holds the subnet now; restart flanneld to acquire a new one".into(),
-                                ));
-                            }
+                            Ok(None) => return Err(lost(lease.key)),
                             Err(e) => {
                                 warn!(error = %e, "re-creating the lease failed; will retry on the next watch result");
                                 next_renew = Some(SystemTime::now() + Duration::from_secs(1));
@@ -463,6 +497,13 @@ impl<R: Registry + 'static> SubnetManager for LocalManager<R> {
             }
         }
     }
+}
+
+fn lost(key: SubnetKey) -> SubnetError {
+    SubnetError::LeaseLost(
+        key,
+        "another node holds the subnet now; restart flanneld to acquire a new one".into(),
+    )
 }
 
 fn renew_at(lease: &Lease, margin: Duration) -> Option<SystemTime> {

@@ -114,6 +114,16 @@ pub trait Registry: Send + Sync + fmt::Debug {
         value: &[u8],
         ttl: Option<Duration>,
     ) -> Result<i64, RegistryError>;
+    /// Writes `key` attached to a fresh lease of `ttl` only if its current value is `expected`
+    /// (a transaction comparing the value). Returns the lease id, or `None` if the value differed or
+    /// the key was absent.
+    async fn put_if_value(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<Option<i64>, RegistryError>;
     /// Deletes `key`.
     async fn delete(&self, key: &str) -> Result<(), RegistryError>;
     /// The remaining time of a lease; `None` if it has none or expired.
@@ -306,6 +316,30 @@ impl Registry for EtcdRegistry {
             return Err(e.into());
         }
         Ok(lease)
+    }
+
+    async fn put_if_value(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<Option<i64>, RegistryError> {
+        let lease = self.grant(ttl).await?;
+        let txn = Txn::new()
+            .when([Compare::value(key, CompareOp::Equal, expected)])
+            .and_then([TxnOp::put(key, value, put_opts(lease))]);
+        let result = self.client.clone().txn(txn).await;
+        match result {
+            Ok(r) if r.succeeded() => Ok(Some(lease)),
+            other => {
+                if lease != 0 {
+                    let _ = self.client.clone().lease_revoke(lease).await;
+                }
+                other?;
+                Ok(None)
+            }
+        }
     }
 
     async fn delete(&self, key: &str) -> Result<(), RegistryError> {

@@ -420,6 +420,15 @@ impl Registry for Gated {
     ) -> Result<i64, RegistryError> {
         self.inner.put(key, value, ttl).await
     }
+    async fn put_if_value(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<Option<i64>, RegistryError> {
+        self.inner.put_if_value(key, expected, value, ttl).await
+    }
     async fn delete(&self, key: &str) -> Result<(), RegistryError> {
         self.inner.delete(key).await
     }
@@ -566,22 +575,24 @@ async fn renewal_keeps_a_short_lease_alive_and_a_deleted_lease_comes_back() {
     };
     c.delete(key.as_str(), None).await.unwrap();
     c.put(key.as_str(), other.to_json(), None).await.unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(10), keeper).await;
-    match outcome {
-        // The put may land before the keeper sees the delete; then the lease is simply ours again.
-        Err(_) => {
-            let r = c.get(key.as_str(), None).await.unwrap();
-            assert!(r.kvs()[0].value_str().unwrap().contains("10.0.0.77"));
-            stop.cancel();
-        }
-        Ok(r) => {
-            let e = r.unwrap().unwrap_err();
-            assert!(
-                e.to_string().contains("another node holds the subnet"),
-                "{e}"
-            );
-        }
-    }
+    // Whether the keeper sees the delete first (its re-create then fails) or re-creates the key before
+    // the other node's put lands (it then sees a foreign value), it must report the loss and must not
+    // overwrite the other node's lease with a renewal.
+    let outcome = tokio::time::timeout(Duration::from_secs(10), keeper)
+        .await
+        .expect("the keeper noticed the takeover within 10 s");
+    let e = outcome.unwrap().unwrap_err();
+    assert!(
+        e.to_string().contains("another node holds the subnet"),
+        "{e}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = c.get(key.as_str(), None).await.unwrap();
+    assert!(
+        r.kvs()[0].value_str().unwrap().contains("10.0.0.77"),
+        "the other node's lease was overwritten"
+    );
+    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
