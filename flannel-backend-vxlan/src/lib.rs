@@ -35,7 +35,7 @@ use flannel_core::dataplane::{Fdb, KernelState, MacAddr, Neigh, Ownership, Route
 use flannel_core::gojson::GoObject;
 use flannel_core::{
     Backend, BackendContext, BackendError, ExternalInterface, Lease, LeaseAttrs, Network,
-    NetworkConfig, SubnetManager,
+    NetworkConfig, RawJson, SubnetManager,
 };
 use ipnet::{IpNet, Ipv4Net};
 use tokio_util::sync::CancellationToken;
@@ -119,8 +119,13 @@ pub struct PeerData {
 impl PeerData {
     /// Decodes a lease's `BackendData`.
     pub fn from_lease(lease: &Lease) -> Result<Self, String> {
-        let data = lease.attrs.backend_data.as_ref().ok_or("no BackendData")?;
-        let o = GoObject::new(data, "BackendData").map_err(|e| e.to_string())?;
+        let data = lease
+            .attrs
+            .backend_data
+            .as_ref()
+            .ok_or("no BackendData")?
+            .to_value();
+        let o = GoObject::new(&data, "BackendData").map_err(|e| e.to_string())?;
         let mac = o
             .string("VtepMAC")
             .map_err(|e| e.to_string())?
@@ -304,7 +309,9 @@ impl Backend for VxlanBackend {
             public_ip: ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED),
             public_ipv6: None,
             backend_type: "vxlan".into(),
-            backend_data: Some(serde_json::json!({"VNI": opts.vni, "VtepMAC": mac.to_string()})),
+            backend_data: Some(RawJson::from_value(
+                &serde_json::json!({"VNI": opts.vni, "VtepMAC": mac.to_string()}),
+            )),
             backend_v6_data: None,
         };
         let lease = self.ctx.subnet_manager.acquire_lease(&attrs).await?;
@@ -432,7 +439,7 @@ mod tests {
             attrs: LeaseAttrs {
                 public_ip: ip.parse().unwrap(),
                 backend_type: ty.into(),
-                backend_data: Some(data),
+                backend_data: Some(RawJson::from_value(&data)),
                 ..Default::default()
             },
             expiration: None,

@@ -111,6 +111,42 @@ impl FromStr for SubnetKey {
     }
 }
 
+/// A JSON value kept as its compact text, like Go's `json.RawMessage`: one small allocation per lease
+/// instead of a parsed tree, and written back exactly as read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RawJson(Box<str>);
+
+impl RawJson {
+    /// The compact text of `v`.
+    pub fn from_value(v: &Value) -> Self {
+        Self(v.to_string().into_boxed_str())
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The parsed value (`null` if the text is somehow not JSON).
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(&self.0).unwrap_or(Value::Null)
+    }
+}
+
+impl fmt::Display for RawJson {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for RawJson {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let raw: &serde_json::value::RawValue =
+            serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
+        raw.serialize(s)
+    }
+}
+
 /// The value of a lease key: the owner's public addresses and backend data.
 ///
 /// Serializes to Go's compact JSON with fields in Go's order; `BackendType`, `BackendData` and
@@ -128,10 +164,10 @@ pub struct LeaseAttrs {
     pub backend_type: String,
     /// Backend data for IPv4, e.g. `{"VNI":1,"VtepMAC":"…"}`.
     #[serde(rename = "BackendData", skip_serializing_if = "Option::is_none")]
-    pub backend_data: Option<Value>,
+    pub backend_data: Option<RawJson>,
     /// Backend data for IPv6.
     #[serde(rename = "BackendV6Data", skip_serializing_if = "Option::is_none")]
-    pub backend_v6_data: Option<Value>,
+    pub backend_v6_data: Option<RawJson>,
 }
 
 impl Default for LeaseAttrs {
@@ -169,8 +205,8 @@ impl LeaseAttrs {
                 .unwrap_or(Ipv4Addr::UNSPECIFIED),
             public_ipv6: o.parsed("PublicIPv6", "an IPv6 address", false, |s| s.parse().ok())?,
             backend_type: o.string("BackendType")?.unwrap_or_default().to_string(),
-            backend_data: o.value("BackendData").cloned(),
-            backend_v6_data: o.value("BackendV6Data").cloned(),
+            backend_data: o.value("BackendData").map(RawJson::from_value),
+            backend_v6_data: o.value("BackendV6Data").map(RawJson::from_value),
         })
     }
 

@@ -43,7 +43,9 @@ pub use backend::{
 };
 pub use config::{ConfigError, NetworkConfig, NetworkConfigInput, SubnetPool};
 pub use iface::{ExternalInterface, IfaceError, IfaceSpec};
-pub use lease::{Lease, LeaseAttrs, LeaseEvent, LeaseTracker, LeaseWatchResult, SubnetKey};
+pub use lease::{
+    Lease, LeaseAttrs, LeaseEvent, LeaseTracker, LeaseWatchResult, RawJson, SubnetKey,
+};
 pub use manager::{SubnetError, SubnetManager};
 pub use subnet_env::{PreviousSubnets, SubnetEnv};
 

@@ -180,14 +180,24 @@ impl EtcdConfig {
 }
 
 /// The etcd v3 registry.
+///
+/// It talks to one endpoint at a time: the first of `--etcd-endpoints` that answers. When a request
+/// finds that endpoint unavailable, it fails over to the next one that answers and retries once. (A
+/// client balanced over all endpoints would keep sending requests to a dead one, which Go flanneld's
+/// default list, `http://127.0.0.1:4001,http://127.0.0.1:2379`, usually contains.)
 #[derive(Clone)]
 pub struct EtcdRegistry {
-    client: Client,
+    endpoints: Vec<String>,
+    opts: ConnectOptions,
+    probe_timeout: Duration,
+    current: std::sync::Arc<tokio::sync::RwLock<Client>>,
 }
 
 impl fmt::Debug for EtcdRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EtcdRegistry").finish_non_exhaustive()
+        f.debug_struct("EtcdRegistry")
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
     }
 }
 
@@ -198,11 +208,26 @@ fn read(path: &str) -> Result<Vec<u8>, RegistryError> {
     })
 }
 
+/// Whether an error means "this endpoint cannot be reached" (so another one may help).
+fn is_unavailable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(
+                format!("{:?}", s.code()).as_str(),
+                "Unavailable" | "DeadlineExceeded" | "Unknown"
+            ) && !s.message().contains("authentication")
+        }
+        _ => false,
+    }
+}
+
 impl EtcdRegistry {
-    /// Connects to etcd (lazily: unreachable endpoints surface as errors of the first requests).
+    /// Connects to the first endpoint that answers.
     pub async fn connect(cfg: &EtcdConfig) -> Result<Self, RegistryError> {
+        let probe_timeout = cfg.dial_timeout.unwrap_or(Duration::from_secs(5));
         let mut opts = ConnectOptions::new()
-            .with_connect_timeout(cfg.dial_timeout.unwrap_or(Duration::from_secs(5)))
+            .with_connect_timeout(probe_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_require_leader(true);
         if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
@@ -228,13 +253,36 @@ impl EtcdRegistry {
                 "the etcd connection is not encrypted; pass --etcd-certfile, --etcd-keyfile and --etcd-cafile to use TLS"
             );
         }
-        let client = Client::connect(endpoints, Some(opts)).await?;
-        Ok(Self { client })
+        let client = connect_any(&endpoints, &opts, probe_timeout).await?;
+        Ok(Self {
+            endpoints,
+            opts,
+            probe_timeout,
+            current: std::sync::Arc::new(tokio::sync::RwLock::new(client)),
+        })
     }
 
-    /// The underlying etcd client.
-    pub fn client(&self) -> Client {
-        self.client.clone()
+    /// The etcd client in use.
+    pub async fn client(&self) -> Client {
+        self.current.read().await.clone()
+    }
+
+    /// Runs `op` on the current client; if the endpoint is unavailable, fails over and retries once.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, RegistryError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let client = self.client().await;
+        match op(client).await {
+            Err(e) if is_unavailable(&e) && self.endpoints.len() > 1 => {
+                tracing::warn!(error = %e, "etcd endpoint unavailable; trying the others");
+                let fresh = connect_any(&self.endpoints, &self.opts, self.probe_timeout).await?;
+                *self.current.write().await = fresh.clone();
+                Ok(op(fresh).await?)
+            }
+            r => Ok(r?),
+        }
     }
 
     async fn grant(&self, ttl: Option<Duration>) -> Result<i64, RegistryError> {
@@ -242,10 +290,66 @@ impl EtcdRegistry {
             None => Ok(0),
             Some(t) => {
                 let secs = i64::try_from(t.as_secs().max(1)).unwrap_or(i64::MAX);
-                Ok(self.client.clone().lease_grant(secs, None).await?.id())
+                self.call(|mut c| async move { c.lease_grant(secs, None).await.map(|r| r.id()) })
+                    .await
             }
         }
     }
+
+    async fn revoke(&self, lease: i64) {
+        if lease != 0 {
+            let _ = self
+                .call(|mut c| async move { c.lease_revoke(lease).await })
+                .await;
+        }
+    }
+}
+
+/// Connects to one endpoint and checks that it answers.
+async fn connect_one(
+    endpoint: &str,
+    opts: &ConnectOptions,
+    timeout: Duration,
+) -> Result<Client, etcd_client::Error> {
+    let mut client = Client::connect([endpoint], Some(opts.clone())).await?;
+    match tokio::time::timeout(timeout, client.status()).await {
+        Ok(Ok(_)) => Ok(client),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{endpoint} did not answer within {timeout:?}"),
+        ))),
+    }
+}
+
+/// The first endpoint that answers; an error that is not about reachability (wrong credentials, TLS)
+/// is returned at once.
+async fn connect_any(
+    endpoints: &[String],
+    opts: &ConnectOptions,
+    timeout: Duration,
+) -> Result<Client, RegistryError> {
+    let mut last = None;
+    for ep in endpoints {
+        match connect_one(ep, opts, timeout).await {
+            Ok(c) => {
+                tracing::debug!(endpoint = %ep, "connected to etcd");
+                return Ok(c);
+            }
+            Err(e) if is_unavailable(&e) => {
+                tracing::debug!(endpoint = %ep, error = %e, "etcd endpoint unavailable");
+                last = Some(e);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(match last {
+        Some(e) => e.into(),
+        None => RegistryError::Etcd {
+            message: "no etcd endpoints given".into(),
+            hint: "; set --etcd-endpoints".into(),
+        },
+    })
 }
 
 fn kv(k: &etcd_client::KeyValue) -> KeyValue {
@@ -264,16 +368,16 @@ fn put_opts(lease: i64) -> Option<PutOptions> {
 #[async_trait]
 impl Registry for EtcdRegistry {
     async fn get(&self, key: &str) -> Result<(Option<KeyValue>, i64), RegistryError> {
-        let r = self.client.clone().get(key, None).await?;
+        let r = self
+            .call(|mut c| async move { c.get(key, None).await })
+            .await?;
         let rev = r.header().map_or(0, |h| h.revision());
         Ok((r.kvs().first().map(kv), rev))
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), RegistryError> {
         let r = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .call(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
             .await?;
         let rev = r.header().map_or(0, |h| h.revision());
         Ok((r.kvs().iter().map(kv).collect(), rev))
@@ -286,16 +390,18 @@ impl Registry for EtcdRegistry {
         ttl: Option<Duration>,
     ) -> Result<Option<i64>, RegistryError> {
         let lease = self.grant(ttl).await?;
-        let txn = Txn::new()
-            .when([Compare::version(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, value, put_opts(lease))]);
-        let result = self.client.clone().txn(txn).await;
+        let result = self
+            .call(|mut c| async move {
+                let txn = Txn::new()
+                    .when([Compare::version(key, CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key, value, put_opts(lease))]);
+                c.txn(txn).await
+            })
+            .await;
         match result {
             Ok(r) if r.succeeded() => Ok(Some(lease)),
             other => {
-                if lease != 0 {
-                    let _ = self.client.clone().lease_revoke(lease).await;
-                }
+                self.revoke(lease).await;
                 other?;
                 Ok(None)
             }
@@ -309,11 +415,12 @@ impl Registry for EtcdRegistry {
         ttl: Option<Duration>,
     ) -> Result<i64, RegistryError> {
         let lease = self.grant(ttl).await?;
-        if let Err(e) = self.client.clone().put(key, value, put_opts(lease)).await {
-            if lease != 0 {
-                let _ = self.client.clone().lease_revoke(lease).await;
-            }
-            return Err(e.into());
+        let result = self
+            .call(|mut c| async move { c.put(key, value, put_opts(lease)).await })
+            .await;
+        if let Err(e) = result {
+            self.revoke(lease).await;
+            return Err(e);
         }
         Ok(lease)
     }
@@ -326,16 +433,18 @@ impl Registry for EtcdRegistry {
         ttl: Option<Duration>,
     ) -> Result<Option<i64>, RegistryError> {
         let lease = self.grant(ttl).await?;
-        let txn = Txn::new()
-            .when([Compare::value(key, CompareOp::Equal, expected)])
-            .and_then([TxnOp::put(key, value, put_opts(lease))]);
-        let result = self.client.clone().txn(txn).await;
+        let result = self
+            .call(|mut c| async move {
+                let txn = Txn::new()
+                    .when([Compare::value(key, CompareOp::Equal, expected)])
+                    .and_then([TxnOp::put(key, value, put_opts(lease))]);
+                c.txn(txn).await
+            })
+            .await;
         match result {
             Ok(r) if r.succeeded() => Ok(Some(lease)),
             other => {
-                if lease != 0 {
-                    let _ = self.client.clone().lease_revoke(lease).await;
-                }
+                self.revoke(lease).await;
                 other?;
                 Ok(None)
             }
@@ -343,7 +452,8 @@ impl Registry for EtcdRegistry {
     }
 
     async fn delete(&self, key: &str) -> Result<(), RegistryError> {
-        self.client.clone().delete(key, None).await?;
+        self.call(|mut c| async move { c.delete(key, None).await })
+            .await?;
         Ok(())
     }
 
@@ -352,9 +462,7 @@ impl Registry for EtcdRegistry {
             return Ok(None);
         }
         let r = self
-            .client
-            .clone()
-            .lease_time_to_live(lease_id, None)
+            .call(|mut c| async move { c.lease_time_to_live(lease_id, None).await })
             .await?;
         Ok(u64::try_from(r.ttl())
             .ok()
@@ -368,11 +476,15 @@ impl Registry for EtcdRegistry {
         prefix: bool,
         since: i64,
     ) -> Result<Box<dyn RegistryWatch>, RegistryError> {
-        let mut opts = WatchOptions::new().with_start_revision(since);
-        if prefix {
-            opts = opts.with_prefix();
-        }
-        let stream = self.client.clone().watch(key, Some(opts)).await?;
+        let stream = self
+            .call(|mut c| async move {
+                let mut opts = WatchOptions::new().with_start_revision(since);
+                if prefix {
+                    opts = opts.with_prefix();
+                }
+                c.watch(key, Some(opts)).await
+            })
+            .await?;
         Ok(Box::new(EtcdWatch { stream }))
     }
 }

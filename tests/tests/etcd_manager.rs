@@ -225,7 +225,7 @@ async fn restart_keeps_subnet_and_go_json_is_compatible() {
         .find(|l| l.key.to_string() == "10.5.99.0-24")
         .expect("Go lease read");
     assert_eq!(
-        golang.attrs.backend_data.as_ref().unwrap()["VtepMAC"],
+        golang.attrs.backend_data.as_ref().unwrap().to_value()["VtepMAC"],
         "c6:d2:32:6f:8f:44"
     );
     assert_eq!(golang.attrs.to_json(), go);
@@ -671,4 +671,29 @@ async fn username_password_auth() {
         msg.contains("authentication failed") && msg.contains("--etcd-password"),
         "{msg}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_endpoints_with_a_dead_one_like_gos_default() {
+    if !require_etcd("several_endpoints_with_a_dead_one") {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    // Go's default list names 127.0.0.1:4001, which is normally dead; here a free port plays it.
+    let dead = format!("http://127.0.0.1:{}", flannel_tests::free_port());
+    let reg = EtcdRegistry::connect(&EtcdConfig {
+        endpoints: vec![dead, etcd.url()],
+        ..Default::default()
+    })
+    .await
+    .expect("connect with one dead endpoint");
+    reg.put(&format!("{PREFIX}/config"), CONFIG.as_bytes(), None)
+        .await
+        .expect("put");
+    let m = LocalManager::new(reg, ManagerOptions::default());
+    for i in 1..=10 {
+        m.acquire_lease(&attrs(&format!("10.0.1.{i}")))
+            .await
+            .expect("every request reaches the live endpoint");
+    }
 }
