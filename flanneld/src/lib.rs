@@ -22,6 +22,7 @@
 
 pub mod config;
 mod health;
+pub mod iptables;
 mod logging;
 mod run;
 

@@ -98,16 +98,47 @@ async fn wait_for_config(
     }
 }
 
+/// The iptables rule sets `--ip-masq` and `--iptables-forward-rules` ask for (IPv4).
+fn traffic_rules(
+    config: &crate::Config,
+    net: &NetworkConfig,
+    lease: &flannel_core::Lease,
+) -> anyhow::Result<Vec<crate::iptables::RuleSet>> {
+    let (Some(network), Some(subnet)) = (net.network(), lease.subnet()) else {
+        return Ok(Vec::new());
+    };
+    if !config.ip_masq && !config.iptables_forward_rules {
+        return Ok(Vec::new());
+    }
+    if net.enable_nftables {
+        bail!(
+            "EnableNFTables is not supported yet: remove it from the network config to use iptables, or run with \
+             --ip-masq=false --iptables-forward-rules=false"
+        );
+    }
+    let (version, nft) = crate::iptables::iptables_version()
+        .context("--ip-masq and --iptables-forward-rules need iptables (or pass --iptables-forward-rules=false)")?;
+    info!(
+        mode = if nft { "nf_tables" } else { "legacy" },
+        ?version,
+        "using iptables"
+    );
+    let mut sets = Vec::new();
+    if config.ip_masq {
+        let random_fully =
+            crate::iptables::supports_random_fully(version) && !config.ip_masq_fully_random_disable;
+        sets.push(crate::iptables::masq_rules(network, subnet, random_fully));
+    }
+    if config.iptables_forward_rules {
+        sets.push(crate::iptables::forward_rules(network));
+    }
+    Ok(sets)
+}
+
 /// Runs the agent until `shutdown` is cancelled (Ok) or something fatal happens (Err).
 pub async fn run(config: crate::Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     if config.kube_subnet_mgr {
         bail!("--kube-subnet-mgr is not supported yet; run with etcd (--etcd-endpoints)");
-    }
-    if config.ip_masq {
-        bail!(
-            "--ip-masq is not implemented yet; run without it (pods then need masquerading from elsewhere, \
-             e.g. the CNI bridge plugin's ipMasq)"
-        );
     }
     if !config.vmodule.is_empty() || !config.log_backtrace_at.is_empty() {
         info!(
@@ -186,6 +217,18 @@ pub async fn run(config: crate::Config, shutdown: CancellationToken) -> anyhow::
         .with_context(|| format!("setting up the {} backend", net.backend_type))?;
     let lease = network.lease().clone();
     info!(subnet = %lease.key, mtu = network.mtu(), "lease acquired");
+
+    let rule_sets = traffic_rules(&config, &net, &lease)?;
+    if !rule_sets.is_empty() {
+        for set in &rule_sets {
+            crate::iptables::ensure(set).with_context(|| {
+                format!("installing the {} rules in table {}", set.chain, set.table)
+            })?;
+        }
+        info!(chains = ?rule_sets.iter().map(|s| s.chain).collect::<Vec<_>>(), "iptables rules installed");
+        let every = Duration::from_secs(config.iptables_resync.max(1));
+        tokio::spawn(crate::iptables::keep(rule_sets, every, shutdown.clone()));
+    }
 
     let env = SubnetEnv {
         network: net.network(),

@@ -155,6 +155,8 @@ fn start(bin: &str, etcd: &EtcdServer, dir: &Path, extra: &[&str], env: &[(&str,
             "--subnet-file={}",
             dir.join("subnet.env").display()
         ))
+        // These run in the root namespace: never touch its firewall.
+        .arg("--iptables-forward-rules=false")
         .args(extra)
         .envs(env.iter().copied())
         .env("RUST_LOG", "info")

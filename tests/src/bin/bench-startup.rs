@@ -58,6 +58,8 @@ fn main() -> anyhow::Result<()> {
                 .arg(format!("--etcd-endpoints={url}"))
                 .arg(format!("--subnet-file={}", env.display()))
                 .arg("--iface=lo")
+                // Runs in the root namespace: never touch its firewall.
+                .arg("--iptables-forward-rules=false")
                 .arg(format!("--public-ip=192.0.2.{}", run + 1))
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null())

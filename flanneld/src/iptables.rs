@@ -1,0 +1,358 @@
+//! IP masquerade (`--ip-masq`) and forward (`--iptables-forward-rules`) rules, shared/spec/flannel-compat.md
+//! §6, in Go flanneld HEAD's rule set (v0.21.3+: jumps appended, RETURN rules split by subnet).
+//!
+//! Rule generation is pure ([`masq_rules`], [`forward_rules`], [`restore_payload`], [`in_sync`]); applying is
+//! one `iptables-restore --noflush --wait` transaction per table that declares (creates or flushes) the
+//! flannel chain, fills it, and replaces the jump into it. Because the chain is rebuilt whole, rules for
+//! an old subnet from a previous run disappear at start. A resync loop compares `iptables -S` with the
+//! expected rules every `--iptables-resync` seconds and rebuilds on any difference.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// The masquerade chain.
+pub const MASQ_CHAIN: &str = "FLANNEL-POSTRTG";
+/// The forward chain.
+pub const FWD_CHAIN: &str = "FLANNEL-FWD";
+
+/// One table's flannel chain and the jump into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSet {
+    /// `nat` or `filter`.
+    pub table: &'static str,
+    /// The flannel chain.
+    pub chain: &'static str,
+    /// The built-in chain that jumps to it.
+    pub parent: &'static str,
+    /// The jump rule's arguments.
+    pub jump: Vec<String>,
+    /// The chain's rules' arguments, in order.
+    pub rules: Vec<Vec<String>>,
+}
+
+fn args(s: &str, comment: &str) -> Vec<String> {
+    // `C` stands for the comment match, kept as one token for the comment text.
+    let mut out = Vec::new();
+    for t in s.split_whitespace() {
+        if t == "C" {
+            out.extend([
+                "-m".to_string(),
+                "comment".into(),
+                "--comment".into(),
+                comment.to_string(),
+            ]);
+        } else {
+            out.push(t.to_string());
+        }
+    }
+    out
+}
+
+/// The masquerade rules for cluster network `n` and own subnet `s` (HEAD's set).
+pub fn masq_rules(n: Ipv4Net, s: Ipv4Net, random_fully: bool) -> RuleSet {
+    let c = "flanneld masq";
+    let rf = if random_fully { " --random-fully" } else { "" };
+    RuleSet {
+        table: "nat",
+        chain: MASQ_CHAIN,
+        parent: "POSTROUTING",
+        jump: args(&format!("C -j {MASQ_CHAIN}"), c),
+        rules: vec![
+            args("-m mark --mark 0x4000/0x4000 C -j RETURN", c),
+            args(&format!("-s {s} -d {n} C -j RETURN"), c),
+            args(&format!("-s {n} -d {s} C -j RETURN"), c),
+            args(&format!("! -s {n} -d {s} C -j RETURN"), c),
+            args(&format!("-s {n} ! -d 224.0.0.0/4 C -j MASQUERADE{rf}"), c),
+            args(&format!("! -s {n} -d {n} C -j MASQUERADE{rf}"), c),
+        ],
+    }
+}
+
+/// The forward accept rules for cluster network `n`.
+pub fn forward_rules(n: Ipv4Net) -> RuleSet {
+    let c = "flanneld forward";
+    RuleSet {
+        table: "filter",
+        chain: FWD_CHAIN,
+        parent: "FORWARD",
+        jump: args(&format!("C -j {FWD_CHAIN}"), c),
+        rules: vec![
+            args(&format!("-s {n} C -j ACCEPT"), c),
+            args(&format!("-d {n} C -j ACCEPT"), c),
+        ],
+    }
+}
+
+/// Renders arguments as `iptables -S` prints them (arguments with spaces in double quotes).
+fn render(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            if a.contains(' ') {
+                format!("\"{a}\"")
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl RuleSet {
+    /// The chain as `iptables -t <table> -S <chain>` lists it.
+    pub fn chain_listing(&self) -> Vec<String> {
+        std::iter::once(format!("-N {}", self.chain))
+            .chain(
+                self.rules
+                    .iter()
+                    .map(|r| format!("-A {} {}", self.chain, render(r))),
+            )
+            .collect()
+    }
+
+    /// The jump as `iptables -S <parent>` lists it.
+    pub fn jump_line(&self) -> String {
+        format!("-A {} {}", self.parent, render(&self.jump))
+    }
+}
+
+/// The `iptables-restore --noflush` payload that rebuilds the chain and its jump; `existing_jumps` is
+/// how often the jump is present now (each copy is deleted first).
+pub fn restore_payload(set: &RuleSet, existing_jumps: usize) -> String {
+    let mut p = format!("*{}\n:{} - [0:0]\n", set.table, set.chain);
+    for r in &set.rules {
+        p.push_str(&format!("-A {} {}\n", set.chain, render(r)));
+    }
+    for _ in 0..existing_jumps {
+        p.push_str(&format!("-D {} {}\n", set.parent, render(&set.jump)));
+    }
+    p.push_str(&format!(
+        "-A {} {}\nCOMMIT\n",
+        set.parent,
+        render(&set.jump)
+    ));
+    p
+}
+
+/// Whether the listings of the chain and its parent show exactly the expected rules and one jump.
+pub fn in_sync(set: &RuleSet, chain_listing: &str, parent_listing: &str) -> bool {
+    let have: Vec<&str> = chain_listing
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let want = set.chain_listing();
+    let jumps = parent_listing
+        .lines()
+        .filter(|l| l.trim() == set.jump_line())
+        .count();
+    have == want && jumps == 1
+}
+
+/// Errors from running iptables.
+#[derive(Debug, thiserror::Error)]
+#[error("{command}: {message}")]
+pub struct IptablesError {
+    command: String,
+    message: String,
+}
+
+fn run(args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
+    let err = |message: String| IptablesError {
+        command: args.join(" "),
+        message,
+    };
+    let mut child = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| err(format!("{e} (is iptables installed?)")))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| err(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| err(e.to_string()))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+    }
+}
+
+/// What `iptables --version` says: the version and whether it is the nf_tables variant.
+pub fn iptables_version() -> Result<((u32, u32, u32), bool), IptablesError> {
+    let v = run(&["iptables", "--version"], None)?;
+    let nft = v.contains("nf_tables");
+    let num = v
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('v'))
+        .unwrap_or("0.0.0");
+    let mut parts = num.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    Ok((
+        (
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+        ),
+        nft,
+    ))
+}
+
+/// Whether `--random-fully` may be used (iptables ≥ 1.6.2, as Go checks).
+pub fn supports_random_fully(version: (u32, u32, u32)) -> bool {
+    version >= (1, 6, 2)
+}
+
+fn listing(table: &str, chain: &str) -> String {
+    run(&["iptables", "-w", "-t", table, "-S", chain], None).unwrap_or_default()
+}
+
+/// Makes the kernel hold exactly `set` (one transaction). Returns whether anything had to change.
+pub fn ensure(set: &RuleSet) -> Result<bool, IptablesError> {
+    let chain = listing(set.table, set.chain);
+    let parent = listing(set.table, set.parent);
+    if in_sync(set, &chain, &parent) {
+        return Ok(false);
+    }
+    let jumps = parent
+        .lines()
+        .filter(|l| l.trim() == set.jump_line())
+        .count();
+    run(
+        &["iptables-restore", "--noflush", "--wait"],
+        Some(&restore_payload(set, jumps)),
+    )?;
+    Ok(true)
+}
+
+/// Installs the rule sets now and keeps them in place until `shutdown` (checking every `every`).
+/// Rules are left in place on exit, as Go flanneld does.
+pub async fn keep(sets: Vec<RuleSet>, every: Duration, shutdown: CancellationToken) {
+    loop {
+        for set in &sets {
+            let s = set.clone();
+            match tokio::task::spawn_blocking(move || ensure(&s)).await {
+                Ok(Ok(true)) => info!(
+                    table = set.table,
+                    chain = set.chain,
+                    "iptables rules (re)installed"
+                ),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => warn!(error = %e, "installing iptables rules failed; will retry"),
+                Err(e) => warn!(error = %e, "iptables task failed"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n() -> Ipv4Net {
+        "10.10.0.0/16".parse().unwrap()
+    }
+    fn s() -> Ipv4Net {
+        "10.10.1.0/24".parse().unwrap()
+    }
+
+    #[test]
+    fn golden_masq_listing() {
+        let set = masq_rules(n(), s(), true);
+        assert_eq!(
+            set.jump_line(),
+            r#"-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG"#
+        );
+        assert_eq!(
+            set.chain_listing(),
+            vec![
+                "-N FLANNEL-POSTRTG",
+                r#"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN"#,
+                r#"-A FLANNEL-POSTRTG -s 10.10.1.0/24 -d 10.10.0.0/16 -m comment --comment "flanneld masq" -j RETURN"#,
+                r#"-A FLANNEL-POSTRTG -s 10.10.0.0/16 -d 10.10.1.0/24 -m comment --comment "flanneld masq" -j RETURN"#,
+                r#"-A FLANNEL-POSTRTG ! -s 10.10.0.0/16 -d 10.10.1.0/24 -m comment --comment "flanneld masq" -j RETURN"#,
+                r#"-A FLANNEL-POSTRTG -s 10.10.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully"#,
+                r#"-A FLANNEL-POSTRTG ! -s 10.10.0.0/16 -d 10.10.0.0/16 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully"#,
+            ]
+        );
+        assert!(
+            !masq_rules(n(), s(), false)
+                .chain_listing()
+                .iter()
+                .any(|l| l.contains("random-fully"))
+        );
+    }
+
+    #[test]
+    fn golden_forward_listing() {
+        let set = forward_rules(n());
+        assert_eq!(
+            set.jump_line(),
+            r#"-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD"#
+        );
+        assert_eq!(
+            set.chain_listing(),
+            vec![
+                "-N FLANNEL-FWD",
+                r#"-A FLANNEL-FWD -s 10.10.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT"#,
+                r#"-A FLANNEL-FWD -d 10.10.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn payload_rebuilds_chain_and_replaces_jumps() {
+        let set = forward_rules(n());
+        let p = restore_payload(&set, 2);
+        assert!(p.starts_with("*filter\n:FLANNEL-FWD - [0:0]\n-A FLANNEL-FWD -s 10.10.0.0/16"));
+        assert_eq!(p.matches("-D FORWARD ").count(), 2);
+        assert!(p.ends_with(
+            "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\nCOMMIT\n"
+        ));
+    }
+
+    #[test]
+    fn sync_check() {
+        let set = forward_rules(n());
+        let chain = set.chain_listing().join("\n");
+        let parent = format!("-P FORWARD ACCEPT\n{}\n", set.jump_line());
+        assert!(in_sync(&set, &chain, &parent));
+        assert!(
+            !in_sync(&set, &chain, "-P FORWARD ACCEPT\n"),
+            "missing jump"
+        );
+        assert!(
+            !in_sync(&set, &chain, &format!("{parent}{}\n", set.jump_line())),
+            "duplicate jump"
+        );
+        let partial = set.chain_listing()[..2].join("\n");
+        assert!(!in_sync(&set, &partial, &parent), "missing rule");
+        let stale = masq_rules(n(), "10.10.9.0/24".parse().unwrap(), true);
+        let now = masq_rules(n(), s(), true);
+        assert!(
+            !in_sync(&now, &stale.chain_listing().join("\n"), &now.jump_line()),
+            "old subnet"
+        );
+    }
+
+    #[test]
+    fn random_fully_version_gate() {
+        assert!(supports_random_fully((1, 8, 9)));
+        assert!(supports_random_fully((1, 6, 2)));
+        assert!(!supports_random_fully((1, 6, 1)));
+    }
+}
