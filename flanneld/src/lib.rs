@@ -21,6 +21,7 @@
 //! See `examples/flanneld-alloc` in the repository for a complete one.
 
 pub mod config;
+pub mod docker_opts;
 mod health;
 pub mod iptables;
 mod logging;

@@ -291,3 +291,46 @@ fn third_party_flanneld_waits_for_config_then_writes_subnet_env() {
     let (code, _) = p.stop();
     assert_eq!(code, Some(0));
 }
+
+#[test]
+fn mk_docker_opts_matches_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = dir.path().join("subnet.env");
+    let out = dir.path().join("docker_opts.env");
+    std::fs::write(&env, "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n").unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(bin_path("mk-docker-opts"))
+            .arg("-f")
+            .arg(&env)
+            .arg("-d")
+            .arg(&out)
+            .args(extra)
+            .env_remove("DOCKER_OPTS")
+            .output()
+            .unwrap()
+    };
+    let o = run(&[]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "DOCKER_OPT_BIP=\"--bip=10.1.74.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=true\"\nDOCKER_OPT_MTU=\"--mtu=1472\"\nDOCKER_OPTS=\" --bip=10.1.74.1/24 --ip-masq=true --mtu=1472\"\n"
+    );
+    let o = run(&["-c", "-k", "DOCKER_NETWORK_OPTIONS"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "DOCKER_NETWORK_OPTIONS=\" --bip=10.1.74.1/24 --ip-masq=true --mtu=1472\"\n"
+    );
+    let o = run(&["-h"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Generate Docker daemon options"));
+    std::fs::write(&env, "FLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_IPMASQ=maybe\n").unwrap();
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Invalid value of FLANNEL_IPMASQ: maybe"));
+}
