@@ -463,6 +463,101 @@ impl Lab {
         }
     }
 
+    /// Runs the `flannel` CNI plugin (`plugin`) in host `i` with `command` for container `id` in network
+    /// namespace `netns`, with `netconf` on stdin and Debian's reference plugins on CNI_PATH. Returns the
+    /// exit code and stdout.
+    pub fn cni(
+        &self,
+        i: usize,
+        plugin: &std::path::Path,
+        command: &str,
+        id: &str,
+        netns: &str,
+        netconf: &str,
+    ) -> (Option<i32>, String) {
+        use std::io::Write as _;
+        let h = &self.hosts[i];
+        let plugin_dir = plugin
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", h.ns.name()])
+            .arg(plugin)
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_NETNS", format!("/var/run/netns/{netns}"))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", format!("/usr/lib/cni:{plugin_dir}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the CNI plugin");
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(netconf.as_bytes()).expect("write netconf");
+        }
+        let out = child.wait_with_output().expect("CNI plugin output");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// The CNI network config for host `i`, as a runtime would pass it (upstream's reference
+    /// `10-flannel.conflist` delegate settings; state directories inside the lab).
+    pub fn cni_netconf(&self, i: usize) -> String {
+        let dir = self.dir.path().join(format!("cni-h{}", self.hosts[i].n));
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "cbr0",
+            "type": "flannel",
+            "subnetFile": self.hosts[i].subnet_file,
+            "dataDir": dir.join("flannel"),
+            "ipam": {"dataDir": dir.join("ipam")},
+            "delegate": {"hairpinMode": true, "isDefaultGateway": true}
+        })
+        .to_string()
+    }
+
+    /// Creates `count` pods on host `i` through the `flannel` CNI plugin (`plugin`) and Debian's
+    /// reference plugins, as a container runtime would.
+    ///
+    /// # Panics
+    /// When the plugin fails.
+    pub fn add_cni_pods(&mut self, i: usize, count: usize, plugin: &std::path::Path) {
+        for _ in 0..count {
+            let j = self.hosts[i].pods.len() + 1;
+            let ns = Netns::new(&format!("{}-h{}c{j}", self.tag, self.hosts[i].n));
+            let (code, out) = self.cni(
+                i,
+                plugin,
+                "ADD",
+                &format!("ctr-h{}-{j}", self.hosts[i].n),
+                ns.name(),
+                &self.cni_netconf(i),
+            );
+            assert_eq!(code, Some(0), "CNI ADD failed: {out}");
+            let result: serde_json::Value = serde_json::from_str(&out).expect("CNI result");
+            let ip = result["ips"][0]["address"]
+                .as_str()
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse().ok())
+                .expect("CNI result has an IPv4 address");
+            self.hosts[i].pods.push(Pod { ns, ip });
+        }
+    }
+
+    /// A scratch directory of the lab (removed with it).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// A new, empty pod namespace `<lab>-<name>` (for CNI tests).
+    pub fn pod_netns(&self, name: &str) -> Netns {
+        Netns::new(&format!("{}-{name}", self.tag))
+    }
+
     /// Pings `to` once from pod `(host, pod)`; true when it answered within `wait`.
     pub fn ping(&self, from: (usize, usize), to: Ipv4Addr, wait: Duration) -> bool {
         let pod = &self.hosts[from.0].pods[from.1];

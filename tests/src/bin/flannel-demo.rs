@@ -100,9 +100,22 @@ fn main() {
         }
     }
 
-    section("Creating two pods per host (veth on the host's cni0 bridge, MTU from subnet.env)");
+    let cni = std::path::Path::new("/usr/lib/cni/bridge").exists();
+    if cni {
+        section(
+            "Creating two pods per host through the flannel CNI plugin (it delegates to bridge + host-local)",
+        );
+        println!("    CNI config given to the plugin on host1:");
+        indent(&lab.cni_netconf(0));
+    } else {
+        section("Creating two pods per host (veth on the host's cni0 bridge, MTU from subnet.env)");
+    }
     for i in 0..hosts {
-        lab.add_pods(i, 2);
+        if cni {
+            lab.add_cni_pods(i, 2, &bin_path("flannel"));
+        } else {
+            lab.add_pods(i, 2);
+        }
         let ips: Vec<String> = lab.hosts[i].pods.iter().map(|p| p.ip.to_string()).collect();
         println!("    host{}: pods {}", lab.hosts[i].n, ips.join(", "));
     }
