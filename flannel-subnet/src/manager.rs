@@ -56,6 +56,7 @@ pub struct LocalManager<R: Registry> {
 }
 
 fn store(e: RegistryError) -> SubnetError {
+    flannel_core::metrics::inc(&flannel_core::metrics::metrics().etcd_errors);
     SubnetError::Store(e.to_string())
 }
 
@@ -241,6 +242,17 @@ impl<R: Registry> LocalManager<R> {
                                 }),
                             })
                             .collect();
+                        let m = flannel_core::metrics::metrics();
+                        for e in &batch {
+                            match e {
+                                LeaseEvent::Added(_) => {
+                                    flannel_core::metrics::inc(&m.lease_events_added)
+                                }
+                                LeaseEvent::Removed(_) => {
+                                    flannel_core::metrics::inc(&m.lease_events_removed)
+                                }
+                            }
+                        }
                         if !batch.is_empty()
                             && sink.send(LeaseWatchResult::Events(batch)).await.is_err()
                         {
@@ -451,11 +463,15 @@ impl<R: Registry + 'static> SubnetManager for LocalManager<R> {
                 _ = async { match wait { Some(w) => tokio::time::sleep(w).await, None => std::future::pending().await } } => {
                     match self.renew_lease(&mut lease).await {
                         Ok(()) => {
+                            let m = flannel_core::metrics::metrics();
+                            flannel_core::metrics::inc(&m.lease_renewals);
+                            m.set_lease(&lease.key.ipv4.to_string(), lease.expiration.map(flannel_core::metrics::unix_seconds));
                             info!(subnet = %lease.key, "renewed the lease");
                             next_renew = renew_at(&lease, self.opts.renew_margin);
                         }
                         Err(e @ SubnetError::LeaseLost(..)) => return Err(e),
                         Err(e) => {
+                            flannel_core::metrics::inc(&flannel_core::metrics::metrics().lease_renewal_errors);
                             warn!(subnet = %lease.key, error = %e, retry_in = ?retry, "renewing the lease failed");
                             next_renew = Some(SystemTime::now() + retry);
                         }

@@ -1,5 +1,5 @@
 //! The `/healthz` endpoint (Go flanneld's `--healthz-ip`/`--healthz-port`): 200 `flanneld is running`;
-//! `/readyz` answers 200 once subnet.env is written, else 503.
+//! `/readyz` answers 200 once subnet.env is written, else 503; `/metrics` serves Prometheus text.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,14 +43,35 @@ pub(crate) async fn serve(
                 };
                 let req = String::from_utf8_lossy(&buf[..n]);
                 let path = req.split_whitespace().nth(1).unwrap_or("/");
-                let (status, body) = match path {
-                    "/healthz" => ("200 OK", "flanneld is running"),
-                    "/readyz" if ready.load(Ordering::SeqCst) => ("200 OK", "flanneld is ready"),
-                    "/readyz" => ("503 Service Unavailable", "flanneld is not ready yet"),
-                    _ => ("404 Not Found", "404 page not found"),
+                let metrics;
+                let (status, body, ctype) = match path {
+                    "/healthz" => ("200 OK", "flanneld is running", "text/plain; charset=utf-8"),
+                    "/readyz" if ready.load(Ordering::SeqCst) => {
+                        ("200 OK", "flanneld is ready", "text/plain; charset=utf-8")
+                    }
+                    "/readyz" => (
+                        "503 Service Unavailable",
+                        "flanneld is not ready yet",
+                        "text/plain; charset=utf-8",
+                    ),
+                    "/metrics" => {
+                        metrics = flannel_core::metrics::render_prometheus(
+                            flannel_core::metrics::metrics(),
+                        );
+                        (
+                            "200 OK",
+                            metrics.as_str(),
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )
+                    }
+                    _ => (
+                        "404 Not Found",
+                        "404 page not found",
+                        "text/plain; charset=utf-8",
+                    ),
                 };
                 let resp = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 );
                 let _ = sock.write_all(resp.as_bytes()).await;

@@ -232,6 +232,7 @@ pub fn ensure(set: &RuleSet) -> Result<bool, IptablesError> {
         &["iptables-restore", "--noflush", "--wait"],
         Some(&restore_payload(set, jumps)),
     )?;
+    flannel_core::metrics::inc(&flannel_core::metrics::metrics().iptables_installs);
     Ok(true)
 }
 

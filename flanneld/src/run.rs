@@ -217,6 +217,10 @@ pub async fn run(config: crate::Config, shutdown: CancellationToken) -> anyhow::
         .with_context(|| format!("setting up the {} backend", net.backend_type))?;
     let lease = network.lease().clone();
     info!(subnet = %lease.key, mtu = network.mtu(), "lease acquired");
+    flannel_core::metrics::metrics().set_lease(
+        &lease.key.ipv4.to_string(),
+        lease.expiration.map(flannel_core::metrics::unix_seconds),
+    );
 
     let rule_sets = traffic_rules(&config, &net, &lease)?;
     if !rule_sets.is_empty() {

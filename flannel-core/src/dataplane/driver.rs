@@ -106,8 +106,17 @@ pub async fn run(
                         error!("{w}");
                     }
                     warned = now;
+                    let m = crate::metrics::metrics();
+                    crate::metrics::inc(&m.reconcile_runs);
                     match reconcile_once(kernel, &desired, &ownership).await {
                         Ok(report) => {
+                            for (label, n) in &report.applied {
+                                m.record_change(label, *n as u64);
+                            }
+                            m.netlink_errors.fetch_add(
+                                report.failed.len() as u64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
                             log_report(&report, !synced_once);
                             synced_once = true;
                             for f in &report.failed {
@@ -117,6 +126,7 @@ pub async fn run(
                             report.failed.is_empty()
                         }
                         Err(e) => {
+                            crate::metrics::inc(&m.netlink_errors);
                             warn!(error = %e, "reading the kernel state failed");
                             false
                         }
