@@ -161,7 +161,7 @@ pub struct IptablesError {
     message: String,
 }
 
-fn run(args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
+pub(crate) fn run(args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
     let err = |message: String| IptablesError {
         command: args.join(" "),
         message,
@@ -176,7 +176,7 @@ fn run(args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| err(format!("{e} (is iptables installed?)")))?;
+        .map_err(|e| err(format!("{e} (is {} installed?)", args[0])))?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(input.as_bytes())
             .map_err(|e| err(e.to_string()))?;
@@ -232,30 +232,67 @@ pub fn ensure(set: &RuleSet) -> Result<bool, IptablesError> {
         &["iptables-restore", "--noflush", "--wait"],
         Some(&restore_payload(set, jumps)),
     )?;
-    flannel_core::metrics::inc(&flannel_core::metrics::metrics().iptables_installs);
     Ok(true)
 }
 
-/// Installs the rule sets now and keeps them in place until `shutdown` (checking every `every`).
-/// Rules are left in place on exit, as Go flanneld does.
-pub async fn keep(sets: Vec<RuleSet>, every: Duration, shutdown: CancellationToken) {
-    loop {
-        for set in &sets {
-            let s = set.clone();
-            match tokio::task::spawn_blocking(move || ensure(&s)).await {
-                Ok(Ok(true)) => info!(
-                    table = set.table,
-                    chain = set.chain,
-                    "iptables rules (re)installed"
-                ),
-                Ok(Ok(false)) => {}
-                Ok(Err(e)) => warn!(error = %e, "installing iptables rules failed; will retry"),
-                Err(e) => warn!(error = %e, "iptables task failed"),
-            }
+/// Removes the flannel chains and jumps (when switching to nftables mode); best effort.
+pub fn remove(sets: &[RuleSet]) {
+    for set in sets {
+        let parent = listing(set.table, set.parent);
+        for _ in parent.lines().filter(|l| l.trim() == set.jump_line()) {
+            let mut args = vec!["iptables", "-w", "-t", set.table, "-D", set.parent];
+            args.extend(set.jump.iter().map(String::as_str));
+            let _ = run(&args, None);
         }
+        let _ = run(&["iptables", "-w", "-t", set.table, "-F", set.chain], None);
+        let _ = run(&["iptables", "-w", "-t", set.table, "-X", set.chain], None);
+    }
+}
+
+/// The masquerade and forward rules in one of the two kernel interfaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrafficRules {
+    /// iptables chains (default).
+    Iptables(Vec<RuleSet>),
+    /// The nftables table (`EnableNFTables`).
+    Nftables(crate::nftables::NftTable),
+}
+
+impl TrafficRules {
+    /// Makes the kernel hold exactly these rules; returns whether anything changed.
+    pub fn ensure(&self) -> Result<bool, IptablesError> {
+        let changed = match self {
+            TrafficRules::Iptables(sets) => {
+                let mut changed = false;
+                for set in sets {
+                    changed |= ensure(set)?;
+                }
+                changed
+            }
+            TrafficRules::Nftables(t) => crate::nftables::ensure(t)?,
+        };
+        if changed {
+            flannel_core::metrics::inc(&flannel_core::metrics::metrics().iptables_installs);
+        }
+        Ok(changed)
+    }
+}
+
+/// Keeps the rules in place until `shutdown`, checking every `every` and rebuilding on any
+/// difference ("Some rules are missing; deleting and recreating rules"). Rules stay on exit, as with
+/// Go flanneld.
+pub async fn keep(rules: TrafficRules, every: Duration, shutdown: CancellationToken) {
+    loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
+        }
+        let r = rules.clone();
+        match tokio::task::spawn_blocking(move || r.ensure()).await {
+            Ok(Ok(true)) => info!("some flannel rules were missing or changed; recreated them"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => warn!(error = %e, "reinstalling the flannel rules failed; will retry"),
+            Err(e) => warn!(error = %e, "rule check task failed"),
         }
     }
 }

@@ -98,24 +98,34 @@ async fn wait_for_config(
     }
 }
 
-/// The iptables rule sets `--ip-masq` and `--iptables-forward-rules` ask for (IPv4).
+/// The rules `--ip-masq` and `--iptables-forward-rules` ask for (IPv4), as iptables chains or, with
+/// `EnableNFTables`, an nftables table; the other mode's leftovers are removed (best effort).
 fn traffic_rules(
     config: &crate::Config,
     net: &NetworkConfig,
     lease: &flannel_core::Lease,
-) -> anyhow::Result<Vec<crate::iptables::RuleSet>> {
+) -> anyhow::Result<Option<crate::iptables::TrafficRules>> {
+    use crate::iptables::{TrafficRules, forward_rules, masq_rules, supports_random_fully};
     let (Some(network), Some(subnet)) = (net.network(), lease.subnet()) else {
-        return Ok(Vec::new());
+        return Ok(None);
     };
     if !config.ip_masq && !config.iptables_forward_rules {
-        return Ok(Vec::new());
+        return Ok(None);
     }
+    let random = !config.ip_masq_fully_random_disable;
     if net.enable_nftables {
-        bail!(
-            "EnableNFTables is not supported yet: remove it from the network config to use iptables, or run with \
-             --ip-masq=false --iptables-forward-rules=false"
+        crate::iptables::remove(&[masq_rules(network, subnet, false), forward_rules(network)]);
+        let table = crate::nftables::nft_rules(
+            network,
+            subnet,
+            config.ip_masq,
+            config.iptables_forward_rules,
+            random,
         );
+        info!("using nftables (EnableNFTables)");
+        return Ok(Some(TrafficRules::Nftables(table)));
     }
+    crate::nftables::remove();
     let (version, nft) = crate::iptables::iptables_version()
         .context("--ip-masq and --iptables-forward-rules need iptables (or pass --iptables-forward-rules=false)")?;
     info!(
@@ -125,14 +135,16 @@ fn traffic_rules(
     );
     let mut sets = Vec::new();
     if config.ip_masq {
-        let random_fully =
-            crate::iptables::supports_random_fully(version) && !config.ip_masq_fully_random_disable;
-        sets.push(crate::iptables::masq_rules(network, subnet, random_fully));
+        sets.push(masq_rules(
+            network,
+            subnet,
+            random && supports_random_fully(version),
+        ));
     }
     if config.iptables_forward_rules {
-        sets.push(crate::iptables::forward_rules(network));
+        sets.push(forward_rules(network));
     }
-    Ok(sets)
+    Ok(Some(TrafficRules::Iptables(sets)))
 }
 
 /// Runs the agent until `shutdown` is cancelled (Ok) or something fatal happens (Err).
@@ -222,16 +234,13 @@ pub async fn run(config: crate::Config, shutdown: CancellationToken) -> anyhow::
         lease.expiration.map(flannel_core::metrics::unix_seconds),
     );
 
-    let rule_sets = traffic_rules(&config, &net, &lease)?;
-    if !rule_sets.is_empty() {
-        for set in &rule_sets {
-            crate::iptables::ensure(set).with_context(|| {
-                format!("installing the {} rules in table {}", set.chain, set.table)
-            })?;
-        }
-        info!(chains = ?rule_sets.iter().map(|s| s.chain).collect::<Vec<_>>(), "iptables rules installed");
+    if let Some(rules) = traffic_rules(&config, &net, &lease)? {
+        rules
+            .ensure()
+            .context("installing the masquerade/forward rules")?;
+        info!("masquerade/forward rules installed");
         let every = Duration::from_secs(config.iptables_resync.max(1));
-        tokio::spawn(crate::iptables::keep(rule_sets, every, shutdown.clone()));
+        tokio::spawn(crate::iptables::keep(rules, every, shutdown.clone()));
     }
 
     let env = SubnetEnv {

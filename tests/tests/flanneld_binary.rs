@@ -334,3 +334,40 @@ fn mk_docker_opts_matches_upstream() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("Invalid value of FLANNEL_IPMASQ: maybe"));
 }
+
+#[test]
+fn sd_notify_ready_after_subnet_env() {
+    if !require_etcd("sd_notify_ready_after_subnet_env") {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    etcdctl_put(
+        &etcd.url(),
+        "/coreos.com/network/config",
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#,
+    );
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let notify = sock_path.display().to_string();
+    let p = start(
+        "flanneld-alloc",
+        &etcd,
+        dir.path(),
+        &["--iface=lo", "--public-ip=10.0.0.31"],
+        &[("NOTIFY_SOCKET", notify.as_str())],
+    );
+    let mut buf = [0u8; 64];
+    let n = sock
+        .recv(&mut buf)
+        .expect("flanneld sent nothing to NOTIFY_SOCKET");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(
+        dir.path().join("subnet.env").exists(),
+        "READY=1 only after subnet.env is written"
+    );
+    let (code, _) = p.stop();
+    assert_eq!(code, Some(0));
+}

@@ -11,12 +11,20 @@ use flannel_tests::netns::in_netns;
 use flannel_tests::{bin_path, require_etcd, require_root};
 
 fn lab(test: &str, args: &[&str]) -> Option<Lab> {
+    lab_with(
+        test,
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
+        args,
+    )
+}
+
+fn lab_with(test: &str, config: &str, args: &[&str]) -> Option<Lab> {
     if !require_root(test) || !require_etcd(test) {
         return None;
     }
     let spec = LabSpec {
         segments: vec![2],
-        config: r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#.into(),
+        config: config.into(),
         flanneld_args: args.iter().map(|s| s.to_string()).collect(),
     };
     Some(Lab::new(&spec, bin_path("flanneld")))
@@ -245,4 +253,86 @@ fn without_ip_masq_pods_cannot_leave_the_cluster() {
         "reached the outside without masquerade?"
     );
     assert!(lab.ping((0, 0), lab.hosts[1].pods[0].ip, Duration::from_secs(2)));
+}
+
+#[test]
+fn nftables_mode() {
+    let config = r#"{"Network":"10.5.0.0/16","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
+    let Some(mut lab) = lab_with(
+        "nftables_mode",
+        config,
+        &["--ip-masq", "--iptables-resync=1"],
+    ) else {
+        return;
+    };
+    // Leftovers of iptables mode are removed when switching to nftables.
+    let h0 = &lab.hosts[0];
+    h0.sh("iptables -w -t nat -N FLANNEL-POSTRTG");
+    h0.ns
+        .exec(&[
+            "iptables",
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "flanneld masq",
+            "-j",
+            "FLANNEL-POSTRTG",
+        ])
+        .unwrap();
+    lab.start_all();
+    lab.add_pods(0, 1);
+    lab.add_pods(1, 1);
+    let env = lab.hosts[0].subnet_env().unwrap();
+    let sn: ipnet::Ipv4Net = env["FLANNEL_SUBNET"]
+        .parse::<ipnet::Ipv4Net>()
+        .unwrap()
+        .trunc();
+    let want = flanneld::nftables::nft_rules("10.5.0.0/16".parse().unwrap(), sn, true, true, true);
+    let table = || {
+        lab.hosts[0]
+            .ns
+            .exec(&["nft", "list", "table", "ip", "flannel-ipv4"])
+            .unwrap_or_default()
+    };
+    assert!(flanneld::nftables::in_sync(&want, &table()), "{}", table());
+    assert!(
+        listing(&lab, 0, "nat", "FLANNEL-POSTRTG").is_empty(),
+        "iptables leftovers removed"
+    );
+    assert!(
+        !listing(&lab, 0, "nat", "POSTROUTING")
+            .iter()
+            .any(|l| l.contains("FLANNEL-POSTRTG"))
+    );
+    assert!(
+        lab.ping((0, 0), segment_gateway(0), Duration::from_secs(2)),
+        "masquerade through nftables"
+    );
+    assert_eq!(
+        udp_source(&lab, (0, 0), (1, 0)),
+        Some(lab.hosts[0].pods[0].ip),
+        "pod-to-pod not masqueraded"
+    );
+    lab.hosts[0].sh("nft flush chain ip flannel-ipv4 postrtg");
+    assert!(
+        until(Duration::from_secs(5), || flanneld::nftables::in_sync(
+            &want,
+            &table()
+        )),
+        "not restored: {}",
+        table()
+    );
+    lab.hosts[0].sh("nft delete table ip flannel-ipv4");
+    assert!(
+        until(Duration::from_secs(5), || flanneld::nftables::in_sync(
+            &want,
+            &table()
+        )),
+        "table not restored"
+    );
 }

@@ -148,10 +148,13 @@ fn main() {
         println!("    FAILED {f}");
     }
 
-    section("What flanneld put in host1's kernel");
+    section("Each host's routes (flannel's are the ones into 10.5.0.0/16 via flannel.1 or eth0)");
+    for h in &lab.hosts {
+        println!("    host{} $ ip route", h.n);
+        indent(&h.sh("ip route"));
+    }
+    section("The rest of what flanneld put in host1's kernel");
     let h = &lab.hosts[0];
-    println!("    $ ip route");
-    indent(&h.sh("ip route"));
     if backend.starts_with("vxlan") {
         println!("    $ ip -d link show flannel.1");
         indent(&h.sh("ip -d link show flannel.1"));
