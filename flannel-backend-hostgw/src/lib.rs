@@ -17,17 +17,15 @@
 //! interface are considered flannel's.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 
 use async_trait::async_trait;
-use flannel_core::dataplane::driver::{self, Model};
+use flannel_core::dataplane::driver::{Model, ReconciledNetwork};
 use flannel_core::dataplane::{KernelState, Ownership, Route};
 use flannel_core::{
     Backend, BackendContext, BackendError, ExternalInterface, Lease, LeaseAttrs, Network,
-    NetworkConfig, SubnetManager,
+    NetworkConfig,
 };
 use ipnet::{IpNet, Ipv4Net};
-use tokio_util::sync::CancellationToken;
 
 flannel_core::register_backend!("host-gw", HostGwBackend::create);
 
@@ -126,16 +124,18 @@ impl Backend for HostGwBackend {
         let own_subnet = lease
             .subnet()
             .ok_or_else(|| BackendError::Other("the lease has no IPv4 subnet".into()))?;
-        Ok(Box::new(HostGwNetwork {
-            mtu: ext.mtu,
-            model: HostGwModel {
-                ext,
-                network,
-                own_subnet,
-            },
+        let mtu = ext.mtu;
+        let model = HostGwModel {
+            ext,
+            network,
+            own_subnet,
+        };
+        Ok(Box::new(ReconciledNetwork::new(
             lease,
-            sm: self.ctx.subnet_manager.clone(),
-        }))
+            mtu,
+            model,
+            self.ctx.subnet_manager.clone(),
+        )))
     }
 }
 
@@ -160,36 +160,6 @@ impl Model for HostGwModel {
             ext_networks: self.ext.iface_networks.clone(),
         };
         desired_state(&topo, leases)
-    }
-}
-
-/// The running host-gw network.
-#[derive(Debug)]
-pub struct HostGwNetwork {
-    lease: Lease,
-    mtu: u32,
-    model: HostGwModel,
-    sm: Arc<dyn SubnetManager>,
-}
-
-#[async_trait]
-impl Network for HostGwNetwork {
-    fn lease(&self) -> &Lease {
-        &self.lease
-    }
-
-    fn mtu(&self) -> u32 {
-        self.mtu
-    }
-
-    async fn run(self: Box<Self>, shutdown: CancellationToken) -> Result<(), BackendError> {
-        let HostGwNetwork {
-            lease,
-            mut model,
-            sm,
-            ..
-        } = *self;
-        driver::run_on_netlink(&mut model, sm, lease.key, shutdown).await
     }
 }
 

@@ -26,19 +26,17 @@
 //! `DirectRouting`, `MTU` (external MTU). IPv4 only for now.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 
 use async_trait::async_trait;
-use flannel_core::dataplane::driver::{self, Model};
+use flannel_core::dataplane::driver::{Model, ReconciledNetwork};
 use flannel_core::dataplane::netlink::{Netlink, VxlanAttrs, VxlanSpec};
 use flannel_core::dataplane::{Fdb, KernelState, MacAddr, Neigh, Ownership, Route};
 use flannel_core::gojson::GoObject;
 use flannel_core::{
     Backend, BackendContext, BackendError, ExternalInterface, Lease, LeaseAttrs, Network,
-    NetworkConfig, RawJson, SubnetManager,
+    NetworkConfig, RawJson,
 };
 use ipnet::{IpNet, Ipv4Net};
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 flannel_core::register_backend!("vxlan", VxlanBackend::create);
@@ -328,12 +326,12 @@ impl Backend for VxlanBackend {
             index,
         };
         model.prepare().await?;
-        Ok(Box::new(VxlanNetwork {
+        Ok(Box::new(ReconciledNetwork::new(
             lease,
             mtu,
             model,
-            sm: self.ctx.subnet_manager.clone(),
-        }))
+            self.ctx.subnet_manager.clone(),
+        )))
     }
 }
 
@@ -393,36 +391,6 @@ impl Model for VxlanModel {
             direct_routing: self.opts.direct_routing,
         };
         desired_state(&topo, leases)
-    }
-}
-
-/// The running vxlan network.
-#[derive(Debug)]
-pub struct VxlanNetwork {
-    lease: Lease,
-    mtu: u32,
-    model: VxlanModel,
-    sm: Arc<dyn SubnetManager>,
-}
-
-#[async_trait]
-impl Network for VxlanNetwork {
-    fn lease(&self) -> &Lease {
-        &self.lease
-    }
-
-    fn mtu(&self) -> u32 {
-        self.mtu
-    }
-
-    async fn run(self: Box<Self>, shutdown: CancellationToken) -> Result<(), BackendError> {
-        let VxlanNetwork {
-            lease,
-            mut model,
-            sm,
-            ..
-        } = *self;
-        driver::run_on_netlink(&mut model, sm, lease.key, shutdown).await
     }
 }
 

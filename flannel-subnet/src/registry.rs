@@ -296,6 +296,36 @@ impl EtcdRegistry {
         }
     }
 
+    /// Puts `key` with a fresh lease of `ttl` in a transaction guarded by `compare`; the lease is
+    /// revoked again when the compare fails or the request errs.
+    async fn put_when(
+        &self,
+        compare: Compare,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<Option<i64>, RegistryError> {
+        let lease = self.grant(ttl).await?;
+        let result = self
+            .call(|mut c| {
+                let txn = Txn::new().when([compare.clone()]).and_then([TxnOp::put(
+                    key,
+                    value,
+                    put_opts(lease),
+                )]);
+                async move { c.txn(txn).await }
+            })
+            .await;
+        match result {
+            Ok(r) if r.succeeded() => Ok(Some(lease)),
+            other => {
+                self.revoke(lease).await;
+                other?;
+                Ok(None)
+            }
+        }
+    }
+
     async fn revoke(&self, lease: i64) {
         if lease != 0 {
             let _ = self
@@ -389,23 +419,8 @@ impl Registry for EtcdRegistry {
         value: &[u8],
         ttl: Option<Duration>,
     ) -> Result<Option<i64>, RegistryError> {
-        let lease = self.grant(ttl).await?;
-        let result = self
-            .call(|mut c| async move {
-                let txn = Txn::new()
-                    .when([Compare::version(key, CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(key, value, put_opts(lease))]);
-                c.txn(txn).await
-            })
-            .await;
-        match result {
-            Ok(r) if r.succeeded() => Ok(Some(lease)),
-            other => {
-                self.revoke(lease).await;
-                other?;
-                Ok(None)
-            }
-        }
+        self.put_when(Compare::version(key, CompareOp::Equal, 0), key, value, ttl)
+            .await
     }
 
     async fn put(
@@ -432,23 +447,13 @@ impl Registry for EtcdRegistry {
         value: &[u8],
         ttl: Option<Duration>,
     ) -> Result<Option<i64>, RegistryError> {
-        let lease = self.grant(ttl).await?;
-        let result = self
-            .call(|mut c| async move {
-                let txn = Txn::new()
-                    .when([Compare::value(key, CompareOp::Equal, expected)])
-                    .and_then([TxnOp::put(key, value, put_opts(lease))]);
-                c.txn(txn).await
-            })
-            .await;
-        match result {
-            Ok(r) if r.succeeded() => Ok(Some(lease)),
-            other => {
-                self.revoke(lease).await;
-                other?;
-                Ok(None)
-            }
-        }
+        self.put_when(
+            Compare::value(key, CompareOp::Equal, expected),
+            key,
+            value,
+            ttl,
+        )
+        .await
     }
 
     async fn delete(&self, key: &str) -> Result<(), RegistryError> {

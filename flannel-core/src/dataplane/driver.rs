@@ -213,3 +213,46 @@ pub async fn run_on_netlink(
     )
     .await
 }
+
+/// A [`crate::Network`] whose data plane is kept by this driver on the real kernel: what a kernel
+/// backend returns from `register_network` once its devices exist and its lease is acquired.
+#[derive(Debug)]
+pub struct ReconciledNetwork<M: Model + Sync + 'static> {
+    lease: crate::Lease,
+    mtu: u32,
+    model: M,
+    sm: Arc<dyn SubnetManager>,
+}
+
+impl<M: Model + Sync + 'static> ReconciledNetwork<M> {
+    /// A network for `lease` with pod MTU `mtu`, kept by `model`.
+    pub fn new(lease: crate::Lease, mtu: u32, model: M, sm: Arc<dyn SubnetManager>) -> Self {
+        Self {
+            lease,
+            mtu,
+            model,
+            sm,
+        }
+    }
+}
+
+#[async_trait]
+impl<M: Model + Sync + 'static> crate::Network for ReconciledNetwork<M> {
+    fn lease(&self) -> &crate::Lease {
+        &self.lease
+    }
+
+    fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    async fn run(self: Box<Self>, shutdown: CancellationToken) -> Result<(), BackendError> {
+        let ReconciledNetwork {
+            lease,
+            mut model,
+            sm,
+            ..
+        } = *self;
+        run_on_netlink(&mut model, sm, lease.key, shutdown).await
+    }
+}
