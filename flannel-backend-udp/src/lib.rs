@@ -1,7 +1,389 @@
 //! # flannel-backend-udp
 //!
-//! The udp backend (userspace encapsulation over a TUN device, wire-compatible with Go flannel), per shared/spec/flannel-compat.md §5.3.
+//! flannel's udp backend (shared/spec/flannel-compat.md §5.3), registered as `udp` (the default type
+//! when the network config has no `Backend`): pods' packets go through the TUN device `flannel0` and
+//! travel to the peer as the whole payload of one UDP datagram (port 8285 by default), wire-compatible
+//! with Go flannel.
 //!
-//! **Not implemented yet**: this crate registers no backend, so a network config selecting it gets
-//! flanneld's "unknown backend type" error listing the backends that are available. It exists so the
-//! workspace layout and `flanneld`'s linking (`use flannel_backend_udp as _;`) are in place.
+//! ## Design
+//!
+//! - [`packet`]: the data path as pure code (encapsulation, decapsulation, TTL decrement with an
+//!   incremental checksum fix, ICMP net-unreachable replies), returning an [`packet::Outcome`].
+//! - [`table`]: the forwarding table (longest prefix match subnet → peer) and the reverse map that
+//!   lets decapsulation drop datagrams from unknown peers or with an inner source outside the sending
+//!   peer's subnet (anti-spoofing; Go flannel forwards them).
+//! - The table is rebuilt from the lease set by the shared reconcile driver, which also keeps the
+//!   cluster route `<Network> dev flannel0` in place; the I/O loop only reads an `Arc` of the current
+//!   table, so lease updates never stall it.
+//! - `flannel0` is created persistent: it and its route survive a flanneld restart and the next run
+//!   re-attaches, so pods see a gap of the restart time only (Go's device disappears with the process).
+//!
+//! Not yet: batched system calls (recvmmsg/sendmmsg), TUN offloads and several queues. Each datagram
+//! costs one system call per direction for now.
+
+pub mod packet;
+pub mod table;
+mod tun;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use flannel_core::dataplane::driver::{self, Model};
+use flannel_core::dataplane::netlink::Netlink;
+use flannel_core::dataplane::{KernelState, Ownership, Route};
+use flannel_core::gojson::GoObject;
+use flannel_core::metrics::metrics;
+use flannel_core::{
+    Backend, BackendContext, BackendError, Lease, LeaseAttrs, Network, NetworkConfig, SubnetManager,
+};
+use ipnet::{IpNet, Ipv4Net};
+use tokio::io::unix::AsyncFd;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::packet::{Outcome, from_tun, from_udp};
+use crate::table::Table;
+
+flannel_core::register_backend!("udp", UdpBackend::create);
+
+/// The TUN device name.
+pub const DEVICE: &str = "flannel0";
+
+/// The registered backend.
+#[derive(Debug)]
+pub struct UdpBackend {
+    ctx: BackendContext,
+}
+
+impl UdpBackend {
+    /// The registered constructor.
+    pub fn create(ctx: BackendContext) -> Result<Box<dyn Backend>, BackendError> {
+        Ok(Box::new(Self { ctx }))
+    }
+}
+
+fn bad(message: String) -> BackendError {
+    BackendError::InvalidOptions {
+        backend: "udp".into(),
+        message,
+    }
+}
+
+fn io(e: flannel_core::dataplane::DataplaneError) -> BackendError {
+    BackendError::Io {
+        context: e.context,
+        source: std::io::Error::other(e.message),
+    }
+}
+
+/// The `Port` option (default 8285).
+pub fn parse_port(backend: &serde_json::Value) -> Result<u16, BackendError> {
+    let o = GoObject::new(backend, "Backend").map_err(|e| bad(e.to_string()))?;
+    let port = o
+        .uint("Port")
+        .map_err(|e| bad(e.to_string()))?
+        .unwrap_or(8285);
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| bad(format!("Port {port} is not a UDP port (1..65535)")))
+}
+
+#[async_trait]
+impl Backend for UdpBackend {
+    async fn register_network(
+        &self,
+        config: &NetworkConfig,
+    ) -> Result<Box<dyn Network>, BackendError> {
+        let port = parse_port(&config.backend)?;
+        let network = config
+            .network()
+            .ok_or_else(|| bad("the udp backend needs an IPv4 Network".into()))?;
+        let ext = self.ctx.ext_iface.clone();
+        let local = ext
+            .iface_addr
+            .ok_or_else(|| bad(format!("interface {} has no IPv4 address", ext.name)))?;
+        // udp leases carry no BackendType and no data, as Go's.
+        let attrs = LeaseAttrs {
+            public_ip: ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            ..Default::default()
+        };
+        let lease = self.ctx.subnet_manager.acquire_lease(&attrs).await?;
+        let own_subnet = lease
+            .subnet()
+            .ok_or_else(|| BackendError::Other("the lease has no IPv4 subnet".into()))?;
+        let mtu = ext.mtu.saturating_sub(28);
+        let fd = tun::open(DEVICE).map_err(|e| BackendError::Io {
+            context: format!("opening TUN device {DEVICE}"),
+            source: e,
+        })?;
+        let socket = UdpSocket::bind((local, port))
+            .await
+            .map_err(|e| BackendError::Io {
+                context: format!("binding UDP {local}:{port}"),
+                source: e,
+            })?;
+        let nl = Netlink::new().map_err(io)?;
+        let mut model = UdpModel {
+            nl,
+            network,
+            own_subnet,
+            mtu,
+            index: 0,
+            table: Arc::new(RwLock::new(Arc::new(Table::default()))),
+        };
+        model.prepare().await?;
+        info!(device = DEVICE, %local, port, mtu, "udp backend ready");
+        Ok(Box::new(UdpNetwork {
+            lease,
+            mtu,
+            port,
+            model,
+            fd,
+            socket,
+            sm: self.ctx.subnet_manager.clone(),
+        }))
+    }
+}
+
+/// Keeps `flannel0` configured and the forwarding table in step with the leases.
+#[derive(Debug)]
+struct UdpModel {
+    nl: Netlink,
+    network: Ipv4Net,
+    own_subnet: Ipv4Net,
+    mtu: u32,
+    index: u32,
+    table: Arc<RwLock<Arc<Table>>>,
+}
+
+#[async_trait]
+impl Model for UdpModel {
+    async fn prepare(&mut self) -> Result<(), BackendError> {
+        let link = self
+            .nl
+            .link_by_name(DEVICE)
+            .await
+            .map_err(io)?
+            .ok_or_else(|| {
+                BackendError::Other(format!("{DEVICE} is gone; restart flanneld to recreate it"))
+            })?;
+        self.index = link.index;
+        let addr = IpNet::V4(
+            Ipv4Net::new(self.own_subnet.network(), 32)
+                .map_err(|e| BackendError::Other(e.to_string()))?,
+        );
+        self.nl
+            .ensure_only_address(link.index, addr, IpNet::V4(self.network))
+            .await
+            .map_err(io)?;
+        if link.mtu != self.mtu {
+            self.nl.set_mtu(link.index, self.mtu).await.map_err(io)?;
+        }
+        if !link.up {
+            self.nl.set_up(link.index).await.map_err(io)?;
+        }
+        Ok(())
+    }
+
+    fn desired(&self, leases: &[&Lease]) -> (KernelState, Ownership, Vec<String>) {
+        // udp nodes take every lease (Go does not check the type: udp leases have none).
+        let peers = leases
+            .iter()
+            .filter_map(|l| l.subnet().map(|s| (s, l.attrs.public_ip)));
+        let table = Arc::new(Table::from_peers(peers));
+        if let Ok(mut t) = self.table.write() {
+            *t = table;
+        }
+        let mut state = KernelState::default();
+        state.routes.insert(Route {
+            dst: IpNet::V4(self.network),
+            gateway: None,
+            oif: self.index,
+            onlink: false,
+        });
+        let own = Ownership {
+            networks: vec![IpNet::V4(self.network)],
+            route_oifs: vec![self.index],
+            keep: vec![IpNet::V4(self.own_subnet)],
+            ..Default::default()
+        };
+        (state, own, Vec::new())
+    }
+}
+
+/// The running udp network.
+#[derive(Debug)]
+pub struct UdpNetwork {
+    lease: Lease,
+    mtu: u32,
+    port: u16,
+    model: UdpModel,
+    fd: OwnedFd,
+    socket: UdpSocket,
+    sm: Arc<dyn SubnetManager>,
+}
+
+#[async_trait]
+impl Network for UdpNetwork {
+    fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    async fn run(self: Box<Self>, shutdown: CancellationToken) -> Result<(), BackendError> {
+        let UdpNetwork {
+            lease,
+            mut model,
+            fd,
+            socket,
+            sm,
+            port,
+            mtu,
+        } = *self;
+        let table = model.table.clone();
+        let tun_addr = model.own_subnet.network();
+        // SAFETY: the OwnedFd is a valid, open TUN descriptor, owned by the AsyncFd for its whole life.
+        let registered = unsafe { AsyncFd::register(fd) };
+        let tun = Arc::new(registered.map_err(|e| BackendError::Io {
+            context: format!("polling {DEVICE}"),
+            source: std::io::Error::other(e.to_string()),
+        })?);
+        let socket = Arc::new(socket);
+        let buf_len = usize::try_from(mtu).unwrap_or(1500).max(1500) + 64;
+        let out = tokio::spawn(tun_to_udp(
+            tun.clone(),
+            socket.clone(),
+            table.clone(),
+            port,
+            tun_addr,
+            buf_len,
+            shutdown.clone(),
+        ));
+        let inn = tokio::spawn(udp_to_tun(tun, socket, table, buf_len, shutdown.clone()));
+        let result = driver::run_on_netlink(&mut model, sm, lease.key, shutdown).await;
+        out.abort();
+        inn.abort();
+        result
+    }
+}
+
+fn write_tun(tun: &AsyncFd<OwnedFd>, packet: &[u8]) {
+    // SAFETY: writing a valid buffer to an open file descriptor.
+    let n = unsafe { libc::write(tun.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+    if n < 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "write to TUN failed");
+        flannel_core::metrics::inc(&metrics().udp_dropped);
+    }
+}
+
+async fn tun_to_udp(
+    tun: Arc<AsyncFd<OwnedFd>>,
+    socket: Arc<UdpSocket>,
+    table: Arc<RwLock<Arc<Table>>>,
+    port: u16,
+    tun_addr: Ipv4Addr,
+    buf_len: usize,
+    shutdown: CancellationToken,
+) {
+    let mut buf = vec![0u8; buf_len];
+    loop {
+        let mut guard = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            g = tun.readable() => match g { Ok(g) => g, Err(_) => return },
+        };
+        let read = guard.try_io(|fd| {
+            // SAFETY: reading into a buffer we own from an open file descriptor.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        let n = match read {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                warn!(error = %e, "reading {DEVICE} failed");
+                continue;
+            }
+            Err(_would_block) => continue,
+        };
+        let current = table.read().map(|t| t.clone()).unwrap_or_default();
+        let m = metrics();
+        match from_tun(&mut buf[..n], &current, port, tun_addr) {
+            Outcome::SendTo(peer) => {
+                if socket
+                    .send_to(&buf[..n], SocketAddr::V4(peer))
+                    .await
+                    .is_ok()
+                {
+                    m.udp_tx_packets.fetch_add(1, Ordering::Relaxed);
+                    m.udp_tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+            Outcome::Reply(r) => write_tun(&tun, &r),
+            Outcome::WriteTun => write_tun(&tun, &buf[..n]),
+            Outcome::Drop(_) => flannel_core::metrics::inc(&m.udp_dropped),
+        }
+    }
+}
+
+async fn udp_to_tun(
+    tun: Arc<AsyncFd<OwnedFd>>,
+    socket: Arc<UdpSocket>,
+    table: Arc<RwLock<Arc<Table>>>,
+    buf_len: usize,
+    shutdown: CancellationToken,
+) {
+    let mut buf = vec![0u8; buf_len];
+    loop {
+        let (n, from) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = socket.recv_from(&mut buf) => match r { Ok(x) => x, Err(_) => continue },
+        };
+        let IpAddr::V4(from) = from.ip() else {
+            continue;
+        };
+        let current = table.read().map(|t| t.clone()).unwrap_or_default();
+        let m = metrics();
+        match from_udp(&mut buf[..n], from, &current) {
+            Outcome::WriteTun => {
+                write_tun(&tun, &buf[..n]);
+                m.udp_rx_packets.fetch_add(1, Ordering::Relaxed);
+                m.udp_rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Outcome::Drop(reason) => {
+                tracing::trace!(?reason, %from, "dropped a datagram");
+                flannel_core::metrics::inc(&m.udp_dropped);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_option() {
+        assert_eq!(
+            parse_port(&serde_json::json!({"Type":"udp"})).unwrap(),
+            8285
+        );
+        assert_eq!(
+            parse_port(&serde_json::json!({"port": 9000})).unwrap(),
+            9000
+        );
+        assert!(parse_port(&serde_json::json!({"Port": 70000})).is_err());
+        assert!(parse_port(&serde_json::json!({"Port": "1"})).is_err());
+    }
+}

@@ -29,6 +29,16 @@ pub struct Metrics {
     pub etcd_errors: AtomicU64,
     /// Times the iptables rules had to be (re)installed.
     pub iptables_installs: AtomicU64,
+    /// udp backend: datagrams sent to peers.
+    pub udp_tx_packets: AtomicU64,
+    /// udp backend: bytes sent to peers.
+    pub udp_tx_bytes: AtomicU64,
+    /// udp backend: datagrams from peers written to the TUN device.
+    pub udp_rx_packets: AtomicU64,
+    /// udp backend: bytes from peers written to the TUN device.
+    pub udp_rx_bytes: AtomicU64,
+    /// udp backend: packets dropped (no route, TTL, unknown or spoofing peer, write errors).
+    pub udp_dropped: AtomicU64,
 }
 
 const KINDS: [&str; 3] = ["route", "neigh", "fdb"];

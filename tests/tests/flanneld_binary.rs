@@ -94,7 +94,7 @@ fn linked_backends_are_registered() {
     use flanneld_alloc as _;
     assert_eq!(
         flannel_core::registered_backends(),
-        vec!["alloc", "host-gw", "vxlan"]
+        vec!["alloc", "host-gw", "udp", "vxlan"]
     );
     assert_eq!(
         flannel_core::lookup_backend("ALLOC").unwrap().name,

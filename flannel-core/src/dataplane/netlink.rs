@@ -195,6 +195,16 @@ impl Netlink {
             .map_err(|e| err(format!("setting link #{index} up"), e))
     }
 
+    /// Sets a link's MTU (`ip link set <dev> mtu <mtu>`).
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), DataplaneError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(|e| err(format!("setting the MTU of link #{index} to {mtu}"), e))
+    }
+
     /// The addresses of a link, with their prefix lengths.
     pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>, DataplaneError> {
         let mut out = Vec::new();
@@ -404,6 +414,10 @@ fn route_message(r: &Route) -> RouteMessage {
         }
     };
     msg.header.protocol = RouteProtocol::Boot;
+    if r.gateway.is_none() {
+        // A device route (`ip route add <dst> dev <oif>`) has link scope.
+        msg.header.scope = RouteScope::Link;
+    }
     msg
 }
 

@@ -1,6 +1,6 @@
 //! The demo: a local multi-host flannel cluster in network namespaces.
 //!
-//! `flannel-demo [--backend vxlan|host-gw|vxlan-direct] [--hosts N] [--hold]`
+//! `flannel-demo [--backend vxlan|host-gw|vxlan-direct|udp] [--hosts N] [--hold]`
 //!
 //! Builds N hosts on an underlay switch, runs etcd and the real flanneld on every host, creates two
 //! pods per host, pings every pod from every pod, and shows what flannel put in the kernel and in
@@ -50,8 +50,9 @@ fn main() {
         "vxlan" => r#"{"Type":"vxlan"}"#,
         "vxlan-direct" => r#"{"Type":"vxlan","DirectRouting":true}"#,
         "host-gw" => r#"{"Type":"host-gw"}"#,
+        "udp" => r#"{"Type":"udp"}"#,
         other => {
-            eprintln!("unknown --backend {other:?}: use vxlan, vxlan-direct or host-gw");
+            eprintln!("unknown --backend {other:?}: use vxlan, vxlan-direct, host-gw or udp");
             std::process::exit(2);
         }
     };

@@ -1,0 +1,284 @@
+//! The udp backend in the lab: pods talk over flannel0 + UDP 8285, large packets and a long TCP
+//! transfer arrive intact, forged datagrams are dropped, removed peers get no traffic, restarts are
+//! short.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use flannel_tests::lab::{Lab, LabSpec};
+use flannel_tests::netns::in_netns;
+use flannel_tests::{bin_path, require_etcd, require_root};
+
+fn udp_lab(test: &str) -> Option<Lab> {
+    if !require_root(test) || !require_etcd(test) {
+        return None;
+    }
+    let spec = LabSpec {
+        segments: vec![3],
+        config: r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#.into(),
+        flanneld_args: vec![],
+    };
+    let mut lab = Lab::new(&spec, bin_path("flanneld"));
+    lab.start_all();
+    for i in 0..3 {
+        lab.add_pods(i, 1);
+    }
+    Some(lab)
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4/UDP packet (UDP checksum 0 = none) from `src` to `dst:port`.
+fn inner_udp(src: Ipv4Addr, dst: Ipv4Addr, port: u16, payload: &[u8]) -> Vec<u8> {
+    let total = 28 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let c = checksum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&port.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    p
+}
+
+/// Whether pod (0,0) receives a UDP datagram on port 9999 after `send` runs.
+fn pod_receives(lab: &Lab, send: impl FnOnce() + Send + 'static) -> bool {
+    let ns = lab.hosts[0].pods[0].ns.name().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        in_netns(Some(&ns), move || {
+            let s = UdpSocket::bind("0.0.0.0:9999").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(1500)))
+                .unwrap();
+            tx.send(()).unwrap();
+            let mut buf = [0u8; 64];
+            s.recv_from(&mut buf).is_ok()
+        })
+    });
+    rx.recv().unwrap();
+    send();
+    receiver.join().unwrap()
+}
+
+fn send_from(ns: String, to: &str, datagram: Vec<u8>) -> impl FnOnce() + Send + 'static {
+    let to = to.to_string();
+    move || {
+        in_netns(Some(&ns), move || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.send_to(&datagram, to.as_str()).unwrap();
+        })
+    }
+}
+
+#[test]
+fn udp_backend_end_to_end() {
+    let Some(mut lab) = udp_lab("udp_backend_end_to_end") else {
+        return;
+    };
+    let env = lab.hosts[0].subnet_env().unwrap();
+    assert_eq!(env["FLANNEL_MTU"], "1472", "external MTU - 28");
+    let failures = lab.ping_all(Duration::from_secs(5));
+    assert!(failures.is_empty(), "unreachable: {failures:?}");
+    // The wire format: udp leases carry no BackendType; flannel0 holds the subnet address.
+    for (k, v) in lab.etcd_list("/coreos.com/network/subnets/") {
+        assert!(v.ends_with(r#""PublicIPv6":null}"#), "{k}: {v}");
+    }
+    assert!(
+        lab.hosts[0]
+            .sh("ip route")
+            .contains("10.5.0.0/16 dev flannel0")
+    );
+
+    // Packets up to the pod MTU arrive (1444 bytes of ICMP payload + 28 = 1472).
+    let to = lab.hosts[1].pods[0].ip.to_string();
+    let pod0 = lab.hosts[0].pods[0].ns.name().to_string();
+    for size in ["56", "1000", "1444"] {
+        let r = lab.hosts[0].pods[0]
+            .ns
+            .exec(&["ping", "-c", "2", "-W", "2", "-M", "do", "-s", size, &to]);
+        assert!(r.is_ok(), "ping -s {size}: {r:?}");
+    }
+
+    // A 200 MB TCP transfer arrives intact.
+    let receiver_ns = lab.hosts[1].pods[0].ns.name().to_string();
+    let dst_ip = lab.hosts[1].pods[0].ip;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        in_netns(Some(&receiver_ns), move || {
+            let l = TcpListener::bind("0.0.0.0:7000").unwrap();
+            ready_tx.send(()).unwrap();
+            let (mut c, _) = l.accept().unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let (mut n, mut h) = (0u64, 0xcbf29ce484222325u64);
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let k = c.read(&mut buf).unwrap();
+                if k == 0 {
+                    break;
+                }
+                for b in &buf[..k] {
+                    h = (h ^ u64::from(*b)).wrapping_mul(0x100000001b3);
+                }
+                n += k as u64;
+            }
+            (n, h)
+        })
+    });
+    ready_rx.recv().unwrap();
+    let total: u64 = 200 << 20;
+    let started = Instant::now();
+    let sent_hash = in_netns(Some(&pod0), move || {
+        let mut c = TcpStream::connect((dst_ip, 7000)).unwrap();
+        let (mut x, mut h) = (0x9e3779b97f4a7c15u64, 0xcbf29ce484222325u64);
+        let mut chunk = vec![0u8; 65536];
+        let mut sent = 0u64;
+        while sent < total {
+            for b in chunk.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+                h = (h ^ u64::from(*b)).wrapping_mul(0x100000001b3);
+            }
+            c.write_all(&chunk).unwrap();
+            sent += chunk.len() as u64;
+        }
+        h
+    });
+    let (received, got_hash) = receiver.join().unwrap();
+    eprintln!("200 MB over udp in {:?}", started.elapsed());
+    assert_eq!(received, total);
+    assert_eq!(got_hash, sent_hash, "bytes changed in transit");
+
+    // Forged datagrams are dropped: from a non-peer, and from a peer with a spoofed inner source.
+    let me = lab.hosts[0].pods[0].ip;
+    let to0 = format!("{}:8285", lab.hosts[0].addr);
+    let h1_pod = lab.hosts[1].pods[0].ip;
+    let h2_pod = lab.hosts[2].pods[0].ip;
+    let sw = lab.sw.name().to_string();
+    let h1 = lab.hosts[1].ns.name().to_string();
+    assert!(
+        !pod_receives(
+            &lab,
+            send_from(sw, &to0, inner_udp(h1_pod, me, 9999, b"forged"))
+        ),
+        "a non-peer's datagram was delivered"
+    );
+    assert!(
+        !pod_receives(
+            &lab,
+            send_from(h1.clone(), &to0, inner_udp(h2_pod, me, 9999, b"spoofed"))
+        ),
+        "a spoofed inner source was delivered"
+    );
+    assert!(
+        pod_receives(
+            &lab,
+            send_from(h1, &to0, inner_udp(h1_pod, me, 9999, b"genuine"))
+        ),
+        "a genuine datagram was dropped"
+    );
+
+    // A removed peer gets no more traffic: count the datagrams arriving at its port 8285 while pod
+    // (0,0) keeps pinging its pod; once host 0 has processed the removal the count stays at zero.
+    let (gone, _) = lab
+        .etcd_list("/coreos.com/network/subnets/")
+        .into_iter()
+        .find(|(_, v)| v.contains(&lab.hosts[2].addr.to_string()))
+        .unwrap();
+    lab.hosts[2].sh("iptables -w -I INPUT -p udp --dport 8285 -j ACCEPT");
+    let counted = |lab: &Lab| -> u64 {
+        let out = lab.hosts[2].sh("iptables -w -nvxL INPUT");
+        out.lines()
+            .find(|l| l.contains("dpt:8285"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap()
+    };
+    let target = lab.hosts[2].pods[0].ip.to_string();
+    let ping = |lab: &Lab| {
+        let _ = lab.hosts[0].pods[0]
+            .ns
+            .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "1", &target]);
+    };
+    ping(&lab);
+    assert!(counted(&lab) > 0, "the counter sees traffic to a live peer");
+    lab.stop_flanneld(2);
+    lab.etcd_delete(&gone);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        lab.hosts[2].sh("iptables -w -Z INPUT");
+        ping(&lab);
+        if counted(&lab) == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host 0 still sends to the removed peer"
+        );
+    }
+
+    // Restart: flannel0 and its route persist, so the gap is the restart time only.
+    let to = lab.hosts[0].pods[0].ip;
+    let ns = lab.hosts[1].pods[0].ns.name().to_string();
+    let child = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "ping",
+            "-i",
+            "0.1",
+            "-c",
+            "50",
+            "-W",
+            "1",
+            &to.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    lab.stop_flanneld(0);
+    assert!(
+        lab.hosts[0]
+            .sh("ip route")
+            .contains("10.5.0.0/16 dev flannel0"),
+        "the route outlives flanneld"
+    );
+    lab.start_flanneld(0);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let stats = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap();
+    let nums: Vec<u32> = stats
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    eprintln!("udp restart: {} sent, {} received", nums[0], nums[1]);
+    assert!(
+        nums[0] - nums[1] <= 10,
+        "more than a second of pings lost across a restart: {stats}"
+    );
+}
