@@ -1,0 +1,84 @@
+//! Benchmark: pod-to-pod TCP throughput over the udp backend next to vxlan and next to host-to-host on
+//! the underlay, in the same run (iperf3, 5 s each), plus the CPU flanneld uses per Gbit.
+//!
+//! Needs root. `cargo build --release --workspace && ./target/release/bench-throughput`
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use flannel_tests::bin_path;
+use flannel_tests::lab::{Lab, LabSpec};
+
+const SECONDS: u32 = 5;
+
+/// Runs iperf3 from namespace `client` to `server_ip` (server in namespace `server`); Gbit/s received.
+fn iperf(client: &str, server: &str, server_ip: &str) -> f64 {
+    let mut srv = Command::new("ip")
+        .args(["netns", "exec", server, "iperf3", "-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 server (Debian package iperf3)");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new("ip")
+        .args(["netns", "exec", client, "iperf3", "-c", server_ip, "-p", "5201", "-t", &SECONDS.to_string(), "-J"])
+        .output()
+        .expect("iperf3 client");
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    // After the command name: state is field 3, utime 14, stime 15 (1-based in proc(5)).
+    let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)).filter_map(|v| v.parse::<f64>().ok()).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("bench-throughput needs root (network namespaces)");
+        std::process::exit(1);
+    }
+    let mut rows = Vec::new();
+    let mut underlay = 0.0;
+    for backend in ["vxlan", "udp"] {
+        let spec = LabSpec {
+            segments: vec![2],
+            config: format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"{backend}"}}}}"#),
+            flanneld_args: vec![],
+        };
+        let mut lab = Lab::new(&spec, bin_path("flanneld"));
+        lab.start_all();
+        lab.add_pods(0, 1);
+        lab.add_pods(1, 1);
+        if !lab.ping((0, 0), lab.hosts[1].pods[0].ip, Duration::from_secs(3)) {
+            eprintln!("{backend}: pods cannot reach each other; skipping");
+            continue;
+        }
+        if backend == "vxlan" {
+            underlay = iperf(lab.hosts[0].ns.name(), lab.hosts[1].ns.name(), &lab.hosts[1].addr.to_string());
+        }
+        let cpu_before = cpu_seconds(lab.flanneld_pid(0)) + cpu_seconds(lab.flanneld_pid(1));
+        let gbps = iperf(lab.hosts[0].pods[0].ns.name(), lab.hosts[1].pods[0].ns.name(), &lab.hosts[1].pods[0].ip.to_string());
+        let cpu = cpu_seconds(lab.flanneld_pid(0)) + cpu_seconds(lab.flanneld_pid(1)) - cpu_before;
+        let gbits = gbps * f64::from(SECONDS);
+        rows.push((backend, gbps, if gbits > 0.0 { cpu / gbits } else { 0.0 }));
+    }
+    let vxlan = rows.iter().find(|r| r.0 == "vxlan").map_or(0.0, |r| r.1);
+    println!("{:<10} {:>8} {:>10} {:>13} {:>22}", "path", "Gbit/s", "vs_vxlan", "vs_underlay", "flanneld_cpu_s_per_Gbit");
+    println!("{:<10} {:>8.2} {:>10} {:>13.2} {:>22}", "underlay", underlay, "-", 1.0, "-");
+    for (b, g, c) in rows {
+        let rv = if vxlan > 0.0 { format!("{:.2}", g / vxlan) } else { "-".into() };
+        let ru = if underlay > 0.0 { g / underlay } else { 0.0 };
+        println!("{b:<10} {g:>8.2} {rv:>10} {ru:>13.2} {c:>22.3}");
+    }
+}
