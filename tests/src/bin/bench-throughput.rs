@@ -21,22 +21,46 @@ fn iperf(client: &str, server: &str, server_ip: &str) -> f64 {
         .expect("iperf3 server (Debian package iperf3)");
     std::thread::sleep(Duration::from_millis(300));
     let out = Command::new("ip")
-        .args(["netns", "exec", client, "iperf3", "-c", server_ip, "-p", "5201", "-t", &SECONDS.to_string(), "-J"])
+        .args([
+            "netns",
+            "exec",
+            client,
+            "iperf3",
+            "-c",
+            server_ip,
+            "-p",
+            "5201",
+            "-t",
+            &SECONDS.to_string(),
+            "-J",
+        ])
         .output()
         .expect("iperf3 client");
     let _ = srv.kill();
     let _ = srv.wait();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9
 }
 
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: Option<u32>) -> f64 {
     let Some(pid) = pid else { return 0.0 };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     // After the command name: state is field 3, utime 14, stime 15 (1-based in proc(5)).
-    let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)).filter_map(|v| v.parse::<f64>().ok()).sum();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i))
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     ticks / hz
@@ -65,19 +89,37 @@ fn main() {
             continue;
         }
         if backend == "vxlan" {
-            underlay = iperf(lab.hosts[0].ns.name(), lab.hosts[1].ns.name(), &lab.hosts[1].addr.to_string());
+            underlay = iperf(
+                lab.hosts[0].ns.name(),
+                lab.hosts[1].ns.name(),
+                &lab.hosts[1].addr.to_string(),
+            );
         }
         let cpu_before = cpu_seconds(lab.flanneld_pid(0)) + cpu_seconds(lab.flanneld_pid(1));
-        let gbps = iperf(lab.hosts[0].pods[0].ns.name(), lab.hosts[1].pods[0].ns.name(), &lab.hosts[1].pods[0].ip.to_string());
+        let gbps = iperf(
+            lab.hosts[0].pods[0].ns.name(),
+            lab.hosts[1].pods[0].ns.name(),
+            &lab.hosts[1].pods[0].ip.to_string(),
+        );
         let cpu = cpu_seconds(lab.flanneld_pid(0)) + cpu_seconds(lab.flanneld_pid(1)) - cpu_before;
         let gbits = gbps * f64::from(SECONDS);
         rows.push((backend, gbps, if gbits > 0.0 { cpu / gbits } else { 0.0 }));
     }
     let vxlan = rows.iter().find(|r| r.0 == "vxlan").map_or(0.0, |r| r.1);
-    println!("{:<10} {:>8} {:>10} {:>13} {:>22}", "path", "Gbit/s", "vs_vxlan", "vs_underlay", "flanneld_cpu_s_per_Gbit");
-    println!("{:<10} {:>8.2} {:>10} {:>13.2} {:>22}", "underlay", underlay, "-", 1.0, "-");
+    println!(
+        "{:<10} {:>8} {:>10} {:>13} {:>22}",
+        "path", "Gbit/s", "vs_vxlan", "vs_underlay", "flanneld_cpu_s_per_Gbit"
+    );
+    println!(
+        "{:<10} {:>8.2} {:>10} {:>13.2} {:>22}",
+        "underlay", underlay, "-", 1.0, "-"
+    );
     for (b, g, c) in rows {
-        let rv = if vxlan > 0.0 { format!("{:.2}", g / vxlan) } else { "-".into() };
+        let rv = if vxlan > 0.0 {
+            format!("{:.2}", g / vxlan)
+        } else {
+            "-".into()
+        };
         let ru = if underlay > 0.0 { g / underlay } else { 0.0 };
         println!("{b:<10} {g:>8.2} {rv:>10} {ru:>13.2} {c:>22.3}");
     }
