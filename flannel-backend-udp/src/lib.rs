@@ -18,15 +18,18 @@
 //! - `flannel0` is created persistent: it and its route survive a flanneld restart and the next run
 //!   re-attaches, so pods see a gap of the restart time only (Go's device disappears with the process).
 //!
-//! Not yet: batched system calls (recvmmsg/sendmmsg), TUN offloads and several queues. Each datagram
-//! costs one system call per direction for now.
+//! The I/O loop (`pump`) runs one thread per direction that waits with `poll` and moves packets in
+//! batches: `recvmmsg` from peers, `sendmmsg` to peers, through preallocated buffers. Not yet: TUN
+//! offloads (each TUN read is still one packet) and several queues.
 
 pub mod packet;
+mod pump;
 pub mod table;
 mod tun;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
@@ -35,17 +38,13 @@ use flannel_core::dataplane::driver::{self, Model};
 use flannel_core::dataplane::netlink::Netlink;
 use flannel_core::dataplane::{KernelState, Ownership, Route};
 use flannel_core::gojson::GoObject;
-use flannel_core::metrics::metrics;
 use flannel_core::{
     Backend, BackendContext, BackendError, Lease, LeaseAttrs, Network, NetworkConfig, SubnetManager,
 };
 use ipnet::{IpNet, Ipv4Net};
-use tokio::io::unix::AsyncFd;
-use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::packet::{Outcome, from_tun, from_udp};
 use crate::table::Table;
 
 flannel_core::register_backend!("udp", UdpBackend::create);
@@ -121,8 +120,8 @@ impl Backend for UdpBackend {
             context: format!("opening TUN device {DEVICE}"),
             source: e,
         })?;
-        let socket = UdpSocket::bind((local, port))
-            .await
+        let socket = std::net::UdpSocket::bind((local, port))
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .map_err(|e| BackendError::Io {
                 context: format!("binding UDP {local}:{port}"),
                 source: e,
@@ -224,7 +223,7 @@ pub struct UdpNetwork {
     port: u16,
     model: UdpModel,
     fd: OwnedFd,
-    socket: UdpSocket,
+    socket: std::net::UdpSocket,
     sm: Arc<dyn SubnetManager>,
 }
 
@@ -248,124 +247,38 @@ impl Network for UdpNetwork {
             port,
             mtu,
         } = *self;
-        let table = model.table.clone();
-        let tun_addr = model.own_subnet.network();
-        // SAFETY: the OwnedFd is a valid, open TUN descriptor, owned by the AsyncFd for its whole life.
-        let registered = unsafe { AsyncFd::register(fd) };
-        let tun = Arc::new(registered.map_err(|e| BackendError::Io {
-            context: format!("polling {DEVICE}"),
-            source: std::io::Error::other(e.to_string()),
-        })?);
-        let socket = Arc::new(socket);
-        let buf_len = usize::try_from(mtu).unwrap_or(1500).max(1500) + 64;
-        let out = tokio::spawn(tun_to_udp(
-            tun.clone(),
-            socket.clone(),
-            table.clone(),
+        let stop = Arc::new(AtomicBool::new(false));
+        let pump = pump::Pump {
+            tun: fd.as_raw_fd(),
+            sock: socket.as_raw_fd(),
+            table: model.table.clone(),
             port,
-            tun_addr,
-            buf_len,
-            shutdown.clone(),
-        ));
-        let inn = tokio::spawn(udp_to_tun(tun, socket, table, buf_len, shutdown.clone()));
+            tun_addr: model.own_subnet.network(),
+            buf_len: usize::try_from(mtu).unwrap_or(1500).max(1500) + 64,
+            stop: stop.clone(),
+        };
+        let threads = [
+            {
+                let p = pump.clone();
+                std::thread::Builder::new()
+                    .name("udp-tun-out".into())
+                    .spawn(move || p.tun_to_udp())
+            },
+            {
+                let p = pump.clone();
+                std::thread::Builder::new()
+                    .name("udp-tun-in".into())
+                    .spawn(move || p.udp_to_tun())
+            },
+        ];
         let result = driver::run_on_netlink(&mut model, sm, lease.key, shutdown).await;
-        out.abort();
-        inn.abort();
+        stop.store(true, Ordering::Relaxed);
+        for t in threads.into_iter().flatten() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        // The descriptors close only after both threads have stopped using them.
+        drop((fd, socket));
         result
-    }
-}
-
-fn write_tun(tun: &AsyncFd<OwnedFd>, packet: &[u8]) {
-    // SAFETY: writing a valid buffer to an open file descriptor.
-    let n = unsafe { libc::write(tun.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
-    if n < 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "write to TUN failed");
-        flannel_core::metrics::inc(&metrics().udp_dropped);
-    }
-}
-
-async fn tun_to_udp(
-    tun: Arc<AsyncFd<OwnedFd>>,
-    socket: Arc<UdpSocket>,
-    table: Arc<RwLock<Arc<Table>>>,
-    port: u16,
-    tun_addr: Ipv4Addr,
-    buf_len: usize,
-    shutdown: CancellationToken,
-) {
-    let mut buf = vec![0u8; buf_len];
-    loop {
-        let mut guard = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            g = tun.readable() => match g { Ok(g) => g, Err(_) => return },
-        };
-        let read = guard.try_io(|fd| {
-            // SAFETY: reading into a buffer we own from an open file descriptor.
-            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        });
-        let n = match read {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                warn!(error = %e, "reading {DEVICE} failed");
-                continue;
-            }
-            Err(_would_block) => continue,
-        };
-        let current = table.read().map(|t| t.clone()).unwrap_or_default();
-        let m = metrics();
-        match from_tun(&mut buf[..n], &current, port, tun_addr) {
-            Outcome::SendTo(peer) => {
-                if socket
-                    .send_to(&buf[..n], SocketAddr::V4(peer))
-                    .await
-                    .is_ok()
-                {
-                    m.udp_tx_packets.fetch_add(1, Ordering::Relaxed);
-                    m.udp_tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                }
-            }
-            Outcome::Reply(r) => write_tun(&tun, &r),
-            Outcome::WriteTun => write_tun(&tun, &buf[..n]),
-            Outcome::Drop(_) => flannel_core::metrics::inc(&m.udp_dropped),
-        }
-    }
-}
-
-async fn udp_to_tun(
-    tun: Arc<AsyncFd<OwnedFd>>,
-    socket: Arc<UdpSocket>,
-    table: Arc<RwLock<Arc<Table>>>,
-    buf_len: usize,
-    shutdown: CancellationToken,
-) {
-    let mut buf = vec![0u8; buf_len];
-    loop {
-        let (n, from) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = socket.recv_from(&mut buf) => match r { Ok(x) => x, Err(_) => continue },
-        };
-        let IpAddr::V4(from) = from.ip() else {
-            continue;
-        };
-        let current = table.read().map(|t| t.clone()).unwrap_or_default();
-        let m = metrics();
-        match from_udp(&mut buf[..n], from, &current) {
-            Outcome::WriteTun => {
-                write_tun(&tun, &buf[..n]);
-                m.udp_rx_packets.fetch_add(1, Ordering::Relaxed);
-                m.udp_rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Outcome::Drop(reason) => {
-                tracing::trace!(?reason, %from, "dropped a datagram");
-                flannel_core::metrics::inc(&m.udp_dropped);
-            }
-            _ => {}
-        }
     }
 }
 
