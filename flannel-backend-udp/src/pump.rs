@@ -38,6 +38,21 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
+/// One message header for `sendmmsg`/`recvmmsg`: one buffer, one IPv4 peer address. The pointers
+/// must stay valid while the header is used.
+fn mmsghdr(addr: &mut libc::sockaddr_in, iov: &mut libc::iovec) -> libc::mmsghdr {
+    // SAFETY: an all-zero msghdr is valid; the fields that matter are set below.
+    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+    h.msg_name = (addr as *mut libc::sockaddr_in).cast();
+    h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    h.msg_iov = iov;
+    h.msg_iovlen = 1;
+    libc::mmsghdr {
+        msg_hdr: h,
+        msg_len: 0,
+    }
+}
+
 fn write_tun(tun: RawFd, packet: &[u8]) {
     // SAFETY: writing a valid buffer to an open file descriptor.
     if unsafe { libc::write(tun, packet.as_ptr().cast(), packet.len()) } < 0 {
@@ -111,18 +126,7 @@ impl Pump {
                 })
                 .collect();
             let mut msgs: Vec<libc::mmsghdr> = (0..k)
-                .map(|i| {
-                    // SAFETY: an all-zero msghdr is valid; the fields are filled below.
-                    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
-                    h.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
-                    h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-                    h.msg_iov = &mut iovs[i];
-                    h.msg_iovlen = 1;
-                    libc::mmsghdr {
-                        msg_hdr: h,
-                        msg_len: 0,
-                    }
-                })
+                .map(|i| mmsghdr(&mut addrs[i], &mut iovs[i]))
                 .collect();
             let mut sent = 0;
             while sent < k {
@@ -169,18 +173,7 @@ impl Pump {
             })
             .collect();
         let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
-            .map(|i| {
-                // SAFETY: an all-zero msghdr is valid; the fields are filled below.
-                let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
-                h.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
-                h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-                h.msg_iov = &mut iovs[i];
-                h.msg_iovlen = 1;
-                libc::mmsghdr {
-                    msg_hdr: h,
-                    msg_len: 0,
-                }
-            })
+            .map(|i| mmsghdr(&mut addrs[i], &mut iovs[i]))
             .collect();
         let m = metrics();
         while !self.stop.load(Ordering::Relaxed) {
