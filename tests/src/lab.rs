@@ -607,6 +607,21 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed test shows what every flanneld said: CI keeps only the test output.
+            for h in &self.hosts {
+                let log = h.log_text();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!(
+                    "---- flanneld log of {} (last {} lines) ----",
+                    h.ns.name(),
+                    tail.len()
+                );
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
         for h in &mut self.hosts {
             if let Some(mut c) = h.flanneld.take() {
                 // SAFETY: SIGTERM to our own child, by PID.

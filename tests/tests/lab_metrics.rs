@@ -16,6 +16,7 @@ fn get(lab: &Lab, h: usize, path: &str) -> (String, String) {
     in_netns(Some(&ns), move || {
         let mut s = TcpStream::connect(("127.0.0.1", 8081)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Sent in several writes on purpose (as `write!` does): the server must read the whole head.
         write!(
             s,
             "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
