@@ -1,82 +1,123 @@
 //! The I/O loop: two threads, one per direction, that wait with `poll` and then move packets in
-//! batches (`sendmmsg` towards peers, `recvmmsg` from them) through preallocated buffers. The packet
-//! decisions are made by the pure code in [`crate::packet`]; the forwarding table is read once per
-//! batch.
+//! batches through buffers allocated once.
+//!
+//! - TUN → peers: `flannel0` runs with offloads (`IFF_VNET_HDR`, TSO/USO), so one read returns up to
+//!   64 KiB of one flow; `tun-rs` cuts it into MTU-sized IP packets with their checksums. Each packet
+//!   gets its routing decision from [`crate::packet`], and runs of packets to the same peer leave in
+//!   one `sendmsg` with UDP GSO (`quinn-udp`): the kernel sends them as separate datagrams, each
+//!   carrying exactly one inner packet, as Go flannel's wire format wants.
+//! - Peers → TUN: `recvmmsg` with UDP GRO (`quinn-udp`) returns many datagrams per call; each is
+//!   checked (known peer, inner source in its subnet, TTL) and `tun-rs` merges consecutive TCP
+//!   segments of one flow back into one large packet per TUN write.
+//!
+//! The forwarding table is read once per batch.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::{self, IoSliceMut};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use flannel_core::metrics::metrics;
+use flannel_core::metrics::{inc, metrics};
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::packet::{Outcome, from_tun, from_udp};
 use crate::table::Table;
 
-/// Packets per batch.
-pub const BATCH: usize = 64;
+/// The largest UDP payload one GSO send may carry (an IPv4 datagram is at most 64 KiB).
+const MAX_GSO_BYTES: usize = 65_000;
+/// The largest read from the TUN device (virtio header + a 64 KiB GSO packet).
+const TUN_READ: usize = VIRTIO_NET_HDR_LEN + 65_535;
+/// Receive buffers per `recvmmsg`, each large enough for one GRO batch of datagrams.
+const RX_BATCH: usize = 16;
+const RX_BUF: usize = 65_535;
 
-/// Waits up to 100 ms for `fd` to become readable; false on timeout or error.
-fn wait_readable(fd: RawFd) -> bool {
+/// Waits up to 100 ms for `fd` to become readable (or writable); false on timeout or error.
+fn wait(fd: RawFd, events: libc::c_short) -> bool {
     let mut p = libc::pollfd {
         fd,
-        events: libc::POLLIN,
+        events,
         revents: 0,
     };
     // SAFETY: one valid pollfd.
     unsafe { libc::poll(&mut p, 1, 100) > 0 }
 }
 
-fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
+fn add(counter: &AtomicU64, n: usize) {
+    counter.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// Packets queued for one UDP GSO send: all to one peer and of one size, except a last shorter one
+/// (what the kernel's UDP segmentation requires).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Run {
+    /// The peer of every packet in the run.
+    pub peer: Option<SocketAddrV4>,
+    /// The size of each packet (the GSO segment size).
+    pub seg: usize,
+    /// Packets in the run.
+    pub count: usize,
+    /// Bytes in the run.
+    pub bytes: usize,
+    /// A shorter packet ended the run.
+    pub closed: bool,
+}
+
+impl Run {
+    /// Whether a packet of `len` bytes to `peer` can join (`max_segs` packets at most).
+    pub fn accepts(&self, peer: SocketAddrV4, len: usize, max_segs: usize) -> bool {
+        self.count == 0
+            || (self.peer == Some(peer)
+                && !self.closed
+                && len <= self.seg
+                && self.count < max_segs
+                && self.bytes + len <= MAX_GSO_BYTES)
+    }
+
+    /// Adds a packet that [`Run::accepts`] allowed.
+    pub fn push(&mut self, peer: SocketAddrV4, len: usize) {
+        if self.count == 0 {
+            self.peer = Some(peer);
+            self.seg = len;
+        } else if len < self.seg {
+            self.closed = true;
+        }
+        self.count += 1;
+        self.bytes += len;
     }
 }
 
-/// One message header for `sendmmsg`/`recvmmsg`: one buffer, one IPv4 peer address. The pointers
-/// must stay valid while the header is used.
-fn mmsghdr(addr: &mut libc::sockaddr_in, iov: &mut libc::iovec) -> libc::mmsghdr {
-    // SAFETY: an all-zero msghdr is valid; the fields that matter are set below.
-    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
-    h.msg_name = (addr as *mut libc::sockaddr_in).cast();
-    h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    h.msg_iov = iov;
-    h.msg_iovlen = 1;
-    libc::mmsghdr {
-        msg_hdr: h,
-        msg_len: 0,
-    }
-}
-
-fn write_tun(tun: RawFd, packet: &[u8]) {
-    // SAFETY: writing a valid buffer to an open file descriptor.
-    if unsafe { libc::write(tun, packet.as_ptr().cast(), packet.len()) } < 0 {
-        flannel_core::metrics::inc(&metrics().udp_dropped);
-    }
-}
-
-/// The shared state of both directions.
-#[derive(Debug, Clone)]
+/// The state both directions share.
+#[derive(Clone)]
 pub struct Pump {
-    /// The TUN descriptor (non-blocking).
-    pub tun: RawFd,
-    /// The UDP socket descriptor (non-blocking).
-    pub sock: RawFd,
+    /// The TUN device (non-blocking).
+    pub dev: Arc<SyncDevice>,
+    /// The UDP socket (non-blocking).
+    pub sock: Arc<UdpSocket>,
+    /// Batched/GSO/GRO state of the socket.
+    pub udp: Arc<UdpSocketState>,
     /// The forwarding table.
     pub table: Arc<RwLock<Arc<Table>>>,
     /// The peers' UDP port.
     pub port: u16,
     /// The TUN address (source of ICMP replies).
     pub tun_addr: Ipv4Addr,
-    /// Buffer size (TUN MTU plus headroom).
-    pub buf_len: usize,
+    /// Largest packet on the TUN device (its MTU, with headroom).
+    pub mtu: usize,
     /// Set to stop both threads.
     pub stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Pump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pump")
+            .field("tun_fd", &self.dev.as_raw_fd())
+            .field("sock", &self.sock)
+            .field("port", &self.port)
+            .field("tun_addr", &self.tun_addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Pump {
@@ -84,143 +125,215 @@ impl Pump {
         self.table.read().map(|t| t.clone()).unwrap_or_default()
     }
 
+    /// Writes one packet (an ICMP reply, or a packet for a local address) to the TUN device.
+    fn write_one(&self, gro: &mut GROTable, buf: &mut Vec<u8>, packet: &[u8]) {
+        buf.clear();
+        buf.resize(VIRTIO_NET_HDR_LEN, 0);
+        buf.extend_from_slice(packet);
+        if self
+            .dev
+            .send_multiple(gro, std::slice::from_mut(buf), VIRTIO_NET_HDR_LEN)
+            .is_err()
+        {
+            inc(&metrics().udp_dropped);
+        }
+    }
+
+    /// Sends the `run` of packets gathered in `out` as one GSO send (datagrams of `run.seg` bytes).
+    fn send_run(&self, run: &Run, out: &[u8]) {
+        let m = metrics();
+        let Some(peer) = run.peer else { return };
+        let transmit = Transmit {
+            destination: SocketAddr::V4(peer),
+            ecn: None,
+            contents: out,
+            segment_size: (run.count > 1).then_some(run.seg),
+            src_ip: None,
+        };
+        // A full socket buffer is waited out (bounded); any other error drops the run.
+        for _ in 0..50 {
+            match self.udp.try_send((&*self.sock).into(), &transmit) {
+                Ok(()) => {
+                    add(&m.udp_tx_packets, run.count);
+                    add(&m.udp_tx_bytes, out.len());
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    wait(self.sock.as_raw_fd(), libc::POLLOUT);
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "udp send failed");
+                    break;
+                }
+            }
+        }
+        add(&m.udp_dropped, run.count);
+    }
+
     /// TUN → peers, until `stop`.
     pub fn tun_to_udp(&self) {
-        let mut bufs = vec![vec![0u8; self.buf_len]; BATCH];
-        let mut lens = [0usize; BATCH];
-        let mut addrs = [sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); BATCH];
         let m = metrics();
+        let mut raw = vec![0u8; TUN_READ];
+        let mut bufs = vec![vec![0u8; self.mtu]; IDEAL_BATCH_SIZE];
+        let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+        let mut out: Vec<u8> = Vec::with_capacity(MAX_GSO_BYTES + self.mtu);
+        let mut reply = Vec::with_capacity(VIRTIO_NET_HDR_LEN + self.mtu);
+        let mut gro = GROTable::default();
+        let fd = self.dev.as_raw_fd();
         while !self.stop.load(Ordering::Relaxed) {
-            if !wait_readable(self.tun) {
+            if !wait(fd, libc::POLLIN) {
                 continue;
             }
             let table = self.table();
-            let mut k = 0;
-            // Read what is queued, up to a batch, deciding as we go; `k` packets go out.
-            for _ in 0..BATCH {
-                let buf = &mut bufs[k];
-                // SAFETY: reading into a buffer we own.
-                let n = unsafe { libc::read(self.tun, buf.as_mut_ptr().cast(), buf.len()) };
-                if n <= 0 {
-                    break;
-                }
-                let n = n as usize;
-                match from_tun(&mut buf[..n], &table, self.port, self.tun_addr) {
-                    Outcome::SendTo(peer) => {
-                        lens[k] = n;
-                        addrs[k] = sockaddr(peer);
-                        k += 1;
-                    }
-                    Outcome::Reply(r) => write_tun(self.tun, &r),
-                    Outcome::WriteTun => write_tun(self.tun, &buf[..n]),
-                    Outcome::Drop(_) => flannel_core::metrics::inc(&m.udp_dropped),
-                }
-            }
-            if k == 0 {
-                continue;
-            }
-            let mut iovs: Vec<libc::iovec> = (0..k)
-                .map(|i| libc::iovec {
-                    iov_base: bufs[i].as_mut_ptr().cast(),
-                    iov_len: lens[i],
-                })
-                .collect();
-            let mut msgs: Vec<libc::mmsghdr> = (0..k)
-                .map(|i| mmsghdr(&mut addrs[i], &mut iovs[i]))
-                .collect();
-            let mut sent = 0;
-            while sent < k {
-                // SAFETY: `msgs[sent..k]` point into live buffers, iovecs and addresses.
-                let r = unsafe {
-                    libc::sendmmsg(
-                        self.sock,
-                        msgs[sent..].as_mut_ptr(),
-                        (k - sent) as libc::c_uint,
-                        0,
-                    )
-                };
-                if r <= 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() == std::io::ErrorKind::WouldBlock {
-                        wait_writable(self.sock);
+            let max_segs = self.udp.max_gso_segments().max(1);
+            // Drain what is queued (bounded), then wait again.
+            for _ in 0..64 {
+                let n = match self.dev.recv_multiple(&mut raw, &mut bufs, &mut sizes, 0) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "unreadable packet on {}", crate::DEVICE);
+                        inc(&m.udp_dropped);
                         continue;
                     }
-                    // Skip the datagram that failed (e.g. an unreachable peer) and go on.
-                    flannel_core::metrics::inc(&m.udp_dropped);
-                    sent += 1;
-                    continue;
+                };
+                let mut run = Run::default();
+                out.clear();
+                for (buf, &len) in bufs.iter_mut().zip(&sizes).take(n) {
+                    let packet = &mut buf[..len];
+                    match from_tun(packet, &table, self.port, self.tun_addr) {
+                        Outcome::SendTo(peer) => {
+                            if !run.accepts(peer, len, max_segs) {
+                                self.send_run(&run, &out);
+                                run = Run::default();
+                                out.clear();
+                            }
+                            run.push(peer, len);
+                            out.extend_from_slice(packet);
+                        }
+                        Outcome::Reply(r) => self.write_one(&mut gro, &mut reply, &r),
+                        Outcome::WriteTun => self.write_one(&mut gro, &mut reply, packet),
+                        Outcome::Drop(_) => inc(&m.udp_dropped),
+                    }
                 }
-                for msg in &msgs[sent..sent + r as usize] {
-                    m.udp_tx_bytes
-                        .fetch_add(u64::from(msg.msg_len), Ordering::Relaxed);
+                if run.count > 0 {
+                    self.send_run(&run, &out);
                 }
-                m.udp_tx_packets.fetch_add(r as u64, Ordering::Relaxed);
-                sent += r as usize;
             }
         }
     }
 
     /// Peers → TUN, until `stop`.
     pub fn udp_to_tun(&self) {
-        let mut bufs = vec![vec![0u8; self.buf_len]; BATCH];
-        // SAFETY: all-zero sockaddr_in values are valid.
-        let mut addrs: Vec<libc::sockaddr_in> = vec![unsafe { std::mem::zeroed() }; BATCH];
-        let mut iovs: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
-        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
-            .map(|i| mmsghdr(&mut addrs[i], &mut iovs[i]))
-            .collect();
         let m = metrics();
+        let mut arena = vec![0u8; RX_BATCH * RX_BUF];
+        let mut slices: Vec<IoSliceMut<'_>> =
+            arena.chunks_mut(RX_BUF).map(IoSliceMut::new).collect();
+        let mut meta = vec![RecvMeta::default(); RX_BATCH];
+        let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
+            .map(|_| Vec::with_capacity(TUN_READ))
+            .collect();
+        let mut gro = GROTable::default();
+        let fd = self.sock.as_raw_fd();
         while !self.stop.load(Ordering::Relaxed) {
-            if !wait_readable(self.sock) {
-                continue;
-            }
-            for msg in msgs.iter_mut() {
-                msg.msg_hdr.msg_namelen =
-                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            }
-            // SAFETY: every mmsghdr points at a live buffer, iovec and address of ours.
-            let r = unsafe {
-                libc::recvmmsg(
-                    self.sock,
-                    msgs.as_mut_ptr(),
-                    BATCH as libc::c_uint,
-                    libc::MSG_DONTWAIT,
-                    std::ptr::null_mut(),
-                )
-            };
-            if r <= 0 {
+            if !wait(fd, libc::POLLIN) {
                 continue;
             }
             let table = self.table();
-            for i in 0..r as usize {
-                let n = msgs[i].msg_len as usize;
-                let from = Ipv4Addr::from(u32::from_be(addrs[i].sin_addr.s_addr));
-                let packet = &mut bufs[i][..n];
-                match from_udp(packet, from, &table) {
-                    Outcome::WriteTun => {
-                        write_tun(self.tun, packet);
-                        m.udp_rx_packets.fetch_add(1, Ordering::Relaxed);
-                        m.udp_rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            for _ in 0..64 {
+                let n = match self.udp.recv((&*self.sock).into(), &mut slices, &mut meta) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "udp receive failed");
+                        break;
                     }
-                    _ => flannel_core::metrics::inc(&m.udp_dropped),
+                };
+                let mut k = 0;
+                for (slice, meta) in slices.iter().zip(&meta).take(n) {
+                    let SocketAddr::V4(from) = meta.addr else {
+                        inc(&m.udp_dropped);
+                        continue;
+                    };
+                    let stride = meta.stride.max(1);
+                    for datagram in slice[..meta.len].chunks(stride) {
+                        if k == bufs.len() {
+                            self.write_tun(&mut gro, &mut bufs[..k]);
+                            k = 0;
+                        }
+                        let buf = &mut bufs[k];
+                        buf.clear();
+                        buf.resize(VIRTIO_NET_HDR_LEN, 0);
+                        buf.extend_from_slice(datagram);
+                        match from_udp(&mut buf[VIRTIO_NET_HDR_LEN..], *from.ip(), &table) {
+                            Outcome::WriteTun => {
+                                add(&m.udp_rx_packets, 1);
+                                add(&m.udp_rx_bytes, datagram.len());
+                                k += 1;
+                            }
+                            _ => inc(&m.udp_dropped),
+                        }
+                    }
                 }
+                self.write_tun(&mut gro, &mut bufs[..k]);
             }
+        }
+    }
+
+    /// Writes decapsulated packets (virtio header room in front), merging TCP segments of one flow.
+    fn write_tun(&self, gro: &mut GROTable, bufs: &mut [Vec<u8>]) {
+        if bufs.is_empty() {
+            return;
+        }
+        if let Err(e) = self.dev.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN) {
+            tracing::debug!(error = %e, "writing to {}", crate::DEVICE);
+            inc(&metrics().udp_dropped);
         }
     }
 }
 
-fn wait_writable(fd: RawFd) {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, 100) };
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u8) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(172, 20, 0, n), 8285)
+    }
+
+    #[test]
+    fn a_run_is_one_peer_one_size_and_a_shorter_last_packet() {
+        let mut run = Run::default();
+        assert!(run.accepts(peer(1), 1472, 64));
+        run.push(peer(1), 1472);
+        assert!(run.accepts(peer(1), 1472, 64));
+        assert!(!run.accepts(peer(2), 1472, 64), "another peer");
+        assert!(!run.accepts(peer(1), 1500, 64), "a larger packet");
+        assert!(run.accepts(peer(1), 100, 64));
+        run.push(peer(1), 100);
+        assert!(run.closed);
+        assert!(
+            !run.accepts(peer(1), 100, 64),
+            "nothing after the short one"
+        );
+        assert_eq!((run.count, run.bytes, run.seg), (2, 1572, 1472));
+    }
+
+    #[test]
+    fn a_run_is_bounded_by_segments_and_bytes() {
+        let mut run = Run::default();
+        for _ in 0..3 {
+            assert!(run.accepts(peer(1), 1000, 3));
+            run.push(peer(1), 1000);
+        }
+        assert!(!run.accepts(peer(1), 1000, 3), "segment limit");
+        let mut run = Run::default();
+        while run.accepts(peer(1), 9000, 1000) {
+            run.push(peer(1), 9000);
+        }
+        assert!(run.bytes <= MAX_GSO_BYTES);
+        assert_eq!(run.count, MAX_GSO_BYTES / 9000);
+    }
 }

@@ -1,53 +1,35 @@
-//! The TUN device (`flannel0`): created persistent, so it and its route outlive a flanneld restart and
-//! the next flanneld re-attaches to it.
+//! The TUN device (`flannel0`), opened with `tun-rs`: persistent, so it and its route outlive a
+//! flanneld restart and the next flanneld re-attaches to it; with offloads (virtio header, TSO/USO)
+//! where the kernel has them.
 
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-const IFF_TUN: libc::c_short = 0x0001;
-const IFF_NO_PI: libc::c_short = 0x1000;
+use tun_rs::{DeviceBuilder, SyncDevice};
 
-/// Opens (creating or re-attaching to) the TUN device `name` without packet information, non-blocking,
-/// and marks it persistent.
-pub fn open(name: &str) -> io::Result<OwnedFd> {
-    if name.len() >= 16 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("device name {name:?} is too long"),
-        ));
-    }
-    let file: File = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open("/dev/net/tun")
-        .map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("opening /dev/net/tun: {e} (is the tun module loaded?)"),
-            )
-        })?;
-    // struct ifreq: 16 bytes of name, then the flags (short) in the union.
-    let mut ifr = [0u8; 40];
-    ifr[..name.len()].copy_from_slice(name.as_bytes());
-    ifr[16..18].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
-    // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `ifr` is large enough to hold.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) } < 0 {
-        return Err(io::Error::other(format!(
-            "creating TUN device {name}: {}",
-            io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: TUNSETPERSIST takes an integer argument.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
-        return Err(io::Error::other(format!(
-            "making {name} persistent: {}",
-            io::Error::last_os_error()
-        )));
-    }
-    Ok(file.into())
+/// Opens (creating or re-attaching to) the TUN device `name`, non-blocking, and marks it persistent.
+/// Offloads are asked for first; a kernel without them gets a plain device.
+pub fn open(name: &str, mtu: u16) -> io::Result<SyncDevice> {
+    let build = |offload: bool| {
+        DeviceBuilder::new()
+            .name(name)
+            .mtu(mtu)
+            .offload(offload)
+            .build_sync()
+    };
+    let dev = match build(true) {
+        Ok(dev) => dev,
+        Err(e) => {
+            tracing::warn!(device = name, error = %e, "TUN offloads unavailable; one packet per read");
+            build(false).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("creating TUN device {name}: {e} (is the tun module loaded? /dev/net/tun present?)"),
+                )
+            })?
+        }
+    };
+    dev.set_nonblocking(true)?;
+    dev.persist()
+        .map_err(|e| io::Error::new(e.kind(), format!("making {name} persistent: {e}")))?;
+    Ok(dev)
 }
