@@ -29,6 +29,9 @@ use crate::table::Table;
 const MAX_GSO_BYTES: usize = 65_000;
 /// The largest read from the TUN device (virtio header + a 64 KiB GSO packet).
 const TUN_READ: usize = VIRTIO_NET_HDR_LEN + 65_535;
+/// Packets handed to `tun-rs` per merge-and-write call. Each buffer has room for a merged 64 KiB
+/// packet; 64 of them hold a full 64 KiB flow batch and keep flanneld's memory small.
+const TUN_WRITE_BATCH: usize = 64;
 /// Receive buffers per `recvmmsg`, each large enough for one GRO batch of datagrams.
 const RX_BATCH: usize = 16;
 const RX_BUF: usize = 65_535;
@@ -233,8 +236,10 @@ impl Pump {
         let mut slices: Vec<IoSliceMut<'_>> =
             arena.chunks_mut(RX_BUF).map(IoSliceMut::new).collect();
         let mut meta = vec![RecvMeta::default(); RX_BATCH];
-        let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
-            .map(|_| Vec::with_capacity(TUN_READ))
+        // tun-rs merges TCP segments into a buffer only within its capacity: room for 64 KiB each
+        // (untouched pages cost no memory).
+        let mut bufs: Vec<Vec<u8>> = (0..TUN_WRITE_BATCH)
+            .map(|_| Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + 65_535))
             .collect();
         let mut gro = GROTable::default();
         let fd = self.sock.as_raw_fd();

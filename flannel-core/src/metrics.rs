@@ -123,6 +123,35 @@ pub fn render_prometheus(m: &Metrics) -> String {
         "Times the iptables rules were (re)installed.",
         g(&m.iptables_installs),
     );
+    for (name, help, v) in [
+        (
+            "flannel_udp_tx_packets_total",
+            "udp backend: datagrams sent to peers.",
+            &m.udp_tx_packets,
+        ),
+        (
+            "flannel_udp_tx_bytes_total",
+            "udp backend: bytes sent to peers.",
+            &m.udp_tx_bytes,
+        ),
+        (
+            "flannel_udp_rx_packets_total",
+            "udp backend: datagrams from peers written to the TUN device.",
+            &m.udp_rx_packets,
+        ),
+        (
+            "flannel_udp_rx_bytes_total",
+            "udp backend: bytes from peers written to the TUN device.",
+            &m.udp_rx_bytes,
+        ),
+        (
+            "flannel_udp_dropped_total",
+            "udp backend: packets dropped (unknown peer, spoofed source, no route, TTL, I/O errors).",
+            &m.udp_dropped,
+        ),
+    ] {
+        counter(name, help, g(v));
+    }
     let _ = writeln!(
         s,
         "# HELP flannel_lease_events_total Lease events received from the subnet manager."
@@ -193,7 +222,14 @@ mod tests {
         m.record_change("delete fdb", 1);
         m.record_change("bogus", 1);
         m.set_lease("10.5.3.0/24", Some(1_700_000_000));
+        inc(&m.udp_dropped);
+        m.udp_tx_bytes.fetch_add(1472, Ordering::Relaxed);
         let text = render_prometheus(&m);
+        assert!(text.contains("\nflannel_udp_dropped_total 1\n"), "{text}");
+        assert!(
+            text.contains("\nflannel_udp_tx_bytes_total 1472\n"),
+            "{text}"
+        );
         assert!(text.contains(
             "# TYPE flannel_lease_renewals_total counter\nflannel_lease_renewals_total 1\n"
         ));

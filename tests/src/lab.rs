@@ -581,6 +581,42 @@ impl Lab {
             .collect()
     }
 
+    /// `GET path` on 127.0.0.1:`port` inside host `h` (flanneld's `--healthz-port`): the status line
+    /// and the body.
+    ///
+    /// # Panics
+    /// When the request fails.
+    pub fn http_get(&self, h: usize, port: u16, path: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let ns = self.hosts[h].ns.name().to_string();
+        let path = path.to_string();
+        in_netns(Some(&ns), move || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            // Sent in several writes on purpose (as `write!` does): the server must read the whole head.
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            )
+            .expect("request");
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("response");
+            let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
+            (
+                head.lines().next().unwrap_or_default().to_string(),
+                body.to_string(),
+            )
+        })
+    }
+
+    /// The value of the Prometheus sample `name` (exact name with labels) in host `h`'s `/metrics`.
+    pub fn metric(&self, h: usize, port: u16, name: &str) -> Option<f64> {
+        let text = self.http_get(h, port, "/metrics").1;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// Pings every pod from every pod (retrying each pair for up to `within`); returns the failures.
     pub fn ping_all(&self, within: Duration) -> Vec<String> {
         let pods = self.all_pods();

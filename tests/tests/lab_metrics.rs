@@ -2,31 +2,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use flannel_tests::lab::{Lab, LabSpec};
-use flannel_tests::netns::in_netns;
 use flannel_tests::{bin_path, require_etcd, require_root};
 
 fn get(lab: &Lab, h: usize, path: &str) -> (String, String) {
-    let ns = lab.hosts[h].ns.name().to_string();
-    let path = path.to_string();
-    in_netns(Some(&ns), move || {
-        let mut s = TcpStream::connect(("127.0.0.1", 8081)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        // Sent in several writes on purpose (as `write!` does): the server must read the whole head.
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let (head, body) = out.split_once("\r\n\r\n").unwrap();
-        (head.lines().next().unwrap().to_string(), body.to_string())
-    })
+    lab.http_get(h, 8081, path)
 }
 
 fn sample(text: &str, name: &str) -> Option<f64> {

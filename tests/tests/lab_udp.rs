@@ -12,6 +12,21 @@ use flannel_tests::lab::{Lab, LabSpec};
 use flannel_tests::netns::in_netns;
 use flannel_tests::{bin_path, require_etcd, require_root};
 
+/// flannel0's (rx packets, rx bytes, tx packets, tx bytes) on host `h`. The kernel counts one
+/// packet per TUN read or write, so bytes per packet above the MTU show offloads at work.
+fn flannel0_stats(lab: &Lab, h: usize) -> [u64; 4] {
+    let out = lab.hosts[h].sh("ip -j -s link show dev flannel0");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let s = &v[0]["stats64"];
+    [
+        &s["rx"]["packets"],
+        &s["rx"]["bytes"],
+        &s["tx"]["packets"],
+        &s["tx"]["bytes"],
+    ]
+    .map(|x| x.as_u64().unwrap())
+}
+
 fn udp_lab(test: &str) -> Option<Lab> {
     if !require_root(test) || !require_etcd(test) {
         return None;
@@ -19,7 +34,10 @@ fn udp_lab(test: &str) -> Option<Lab> {
     let spec = LabSpec {
         segments: vec![3],
         config: r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#.into(),
-        flanneld_args: vec![],
+        flanneld_args: vec![
+            "--healthz-port=8081".into(),
+            "--healthz-ip=127.0.0.1".into(),
+        ],
     };
     let mut lab = Lab::new(&spec, bin_path("flanneld"));
     lab.start_all();
@@ -144,6 +162,7 @@ fn udp_backend_end_to_end() {
     });
     ready_rx.recv().unwrap();
     let total: u64 = 200 << 20;
+    let (sender_before, receiver_before) = (flannel0_stats(&lab, 0), flannel0_stats(&lab, 1));
     let started = Instant::now();
     let sent_hash = in_netns(Some(&pod0), move || {
         let mut c = TcpStream::connect((dst_ip, 7000)).unwrap();
@@ -167,6 +186,25 @@ fn udp_backend_end_to_end() {
     eprintln!("200 MB over udp in {:?}", started.elapsed());
     assert_eq!(received, total);
     assert_eq!(got_hash, sent_hash, "bytes changed in transit");
+    // Offloads at work: the sender reads TSO packets of many segments from flannel0 (tx), the
+    // receiver writes merged TCP segments (rx); without them every packet is at most the MTU (1472).
+    let per_packet = |after: [u64; 4], before: [u64; 4], i: usize| {
+        (after[i + 1] - before[i + 1]) / (after[i] - before[i]).max(1)
+    };
+    let read = per_packet(flannel0_stats(&lab, 0), sender_before, 2);
+    let written = per_packet(flannel0_stats(&lab, 1), receiver_before, 0);
+    eprintln!("bytes per TUN read {read}, per TUN write {written}");
+    assert!(read > 3000, "TSO reads: {read} bytes per packet");
+    assert!(written > 3000, "merged writes: {written} bytes per packet");
+    // The socket's receive buffer was raised: at the default a burst of GSO batches overflows it and
+    // every datagram lost there is a TCP loss in a pod.
+    let ss = lab.hosts[1].sh("ss -uamn sport = :8285");
+    let rb: u64 = ss
+        .split([',', '('])
+        .find_map(|f| f.strip_prefix("rb"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(rb >= 8 << 20, "receive buffer {rb}: {ss}");
 
     // Forged datagrams are dropped: from a non-peer, and from a peer with a spoofed inner source.
     let me = lab.hosts[0].pods[0].ip;
@@ -175,6 +213,8 @@ fn udp_backend_end_to_end() {
     let h2_pod = lab.hosts[2].pods[0].ip;
     let sw = lab.sw.name().to_string();
     let h1 = lab.hosts[1].ns.name().to_string();
+    let dropped = |lab: &Lab| lab.metric(0, 8081, "flannel_udp_dropped_total").unwrap();
+    let dropped_before = dropped(&lab);
     assert!(
         !pod_receives(
             &lab,
@@ -188,6 +228,10 @@ fn udp_backend_end_to_end() {
             send_from(h1.clone(), &to0, inner_udp(h2_pod, me, 9999, b"spoofed"))
         ),
         "a spoofed inner source was delivered"
+    );
+    assert!(
+        dropped(&lab) >= dropped_before + 2.0,
+        "both forged datagrams are counted as dropped"
     );
     assert!(
         pod_receives(
@@ -281,4 +325,22 @@ fn udp_backend_end_to_end() {
         nums[0] - nums[1] <= 10,
         "more than a second of pings lost across a restart: {stats}"
     );
+
+    // A flannel0 made without offloads (an older flanneld, `ip tuntap`) is taken over and works.
+    lab.stop_flanneld(0);
+    lab.hosts[0].sh("ip link del flannel0");
+    lab.hosts[0].sh("ip tuntap add dev flannel0 mode tun");
+    lab.start_flanneld(0);
+    assert!(
+        !lab.hosts[0].log_text().contains("offloads unavailable"),
+        "offloads are switched on for a taken-over device"
+    );
+    // (Host 2 left the cluster above.)
+    for (from, to) in [(0, 1), (1, 0)] {
+        let ip = lab.hosts[to].pods[0].ip;
+        assert!(
+            lab.ping((from, 0), ip, Duration::from_secs(5)),
+            "host {from} -> host {to} after taking over a plain flannel0"
+        );
+    }
 }

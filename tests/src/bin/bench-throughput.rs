@@ -45,6 +45,32 @@ fn iperf(client: &str, server: &str, server_ip: &str) -> f64 {
         / 1e9
 }
 
+/// The receiving host's UDP `RcvbufErrors` (datagrams lost because a socket buffer was full).
+fn udp_rcvbuf_errors(host: &flannel_tests::lab::Host) -> u64 {
+    let snmp = host.sh("cat /proc/net/snmp");
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resident memory of a process, MiB.
+fn rss_mib(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: Option<u32>) -> f64 {
     let Some(pid) = pid else { return 0.0 };
@@ -72,9 +98,15 @@ fn main() {
         eprintln!("bench-throughput needs root (network namespaces)");
         std::process::exit(1);
     }
+    // `bench-throughput [BACKEND...]`: vxlan and udp unless named (the underlay runs with vxlan).
+    let mut backends: Vec<String> = std::env::args().skip(1).collect();
+    if backends.is_empty() {
+        backends = vec!["vxlan".into(), "udp".into()];
+    }
     let mut rows = Vec::new();
+    let mut drops = Vec::new();
     let mut underlay = 0.0;
-    for backend in ["vxlan", "udp"] {
+    for backend in backends.iter().map(String::as_str) {
         let spec = LabSpec {
             segments: vec![2],
             config: format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"{backend}"}}}}"#),
@@ -102,25 +134,35 @@ fn main() {
             &lab.hosts[1].pods[0].ip.to_string(),
         );
         let cpu = cpu_seconds(lab.flanneld_pid(0)) + cpu_seconds(lab.flanneld_pid(1)) - cpu_before;
+        drops.push((backend, udp_rcvbuf_errors(&lab.hosts[1])));
+        let rss = rss_mib(lab.flanneld_pid(0)).max(rss_mib(lab.flanneld_pid(1)));
         let gbits = gbps * f64::from(SECONDS);
-        rows.push((backend, gbps, if gbits > 0.0 { cpu / gbits } else { 0.0 }));
+        rows.push((
+            backend,
+            gbps,
+            if gbits > 0.0 { cpu / gbits } else { 0.0 },
+            rss,
+        ));
     }
     let vxlan = rows.iter().find(|r| r.0 == "vxlan").map_or(0.0, |r| r.1);
     println!(
-        "{:<10} {:>8} {:>10} {:>13} {:>22}",
-        "path", "Gbit/s", "vs_vxlan", "vs_underlay", "flanneld_cpu_s_per_Gbit"
+        "{:<10} {:>8} {:>10} {:>13} {:>24} {:>18}",
+        "path", "Gbit/s", "vs_vxlan", "vs_underlay", "flanneld_cpu_s_per_Gbit", "flanneld_rss_MiB"
     );
     println!(
-        "{:<10} {:>8.2} {:>10} {:>13.2} {:>22}",
-        "underlay", underlay, "-", 1.0, "-"
+        "{:<10} {:>8.2} {:>10} {:>13.2} {:>24} {:>18}",
+        "underlay", underlay, "-", 1.0, "-", "-"
     );
-    for (b, g, c) in rows {
+    for (b, g, c, rss) in rows {
         let rv = if vxlan > 0.0 {
             format!("{:.2}", g / vxlan)
         } else {
             "-".into()
         };
         let ru = if underlay > 0.0 { g / underlay } else { 0.0 };
-        println!("{b:<10} {g:>8.2} {rv:>10} {ru:>13.2} {c:>22.3}");
+        println!("{b:<10} {g:>8.2} {rv:>10} {ru:>13.2} {c:>24.3} {rss:>18.1}");
+    }
+    for (b, n) in drops {
+        println!("{b}: UDP receive-buffer drops on the receiving host: {n}");
     }
 }
