@@ -14,7 +14,7 @@ pub enum Outcome {
     /// Write the (TTL-decremented) packet to the TUN device.
     WriteTun,
     /// Write this ICMP "net unreachable" reply to the TUN device.
-    Reply(Vec<u8>),
+    Reply(Reply),
     /// Drop it.
     Drop(Drop),
 }
@@ -83,10 +83,31 @@ pub fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+/// An ICMP reply, built on the stack: the data path allocates nothing, even for a flood of packets
+/// to unknown destinations. Derefs to its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    buf: [u8; Reply::MAX],
+    len: usize,
+}
+
+impl Reply {
+    /// IPv4 header + ICMP header + the offender's header (at most 60 bytes) + 8 bytes.
+    pub const MAX: usize = 20 + 8 + 60 + 8;
+}
+
+impl std::ops::Deref for Reply {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 /// ICMP "destination unreachable / net unreachable" for `offender`, from `from` (the TUN address):
 /// IPv4 header (ihl 5, ttl 8), then the offender's IP header and first 8 payload bytes. `None` for
 /// ICMP offenders and non-first fragments, as Go flannel.
-pub fn net_unreachable(offender: &[u8], from: Ipv4Addr) -> Option<Vec<u8>> {
+pub fn net_unreachable(offender: &[u8], from: Ipv4Addr) -> Option<Reply> {
     let ihl = usize::from(offender[0] & 0x0f) * 4;
     let frag_offset = u16::from_be_bytes([offender[6], offender[7]]) & 0x1fff;
     if offender[9] == 1 || frag_offset != 0 {
@@ -94,7 +115,11 @@ pub fn net_unreachable(offender: &[u8], from: Ipv4Addr) -> Option<Vec<u8>> {
     }
     let quoted = &offender[..offender.len().min(ihl + 8)];
     let total = 20 + 8 + quoted.len();
-    let mut r = vec![0u8; total];
+    let mut reply = Reply {
+        buf: [0; Reply::MAX],
+        len: total,
+    };
+    let r = &mut reply.buf[..total];
     r[0] = 0x45;
     r[2..4].copy_from_slice(&(total as u16).to_be_bytes());
     r[8] = 8; // ttl
@@ -108,7 +133,7 @@ pub fn net_unreachable(offender: &[u8], from: Ipv4Addr) -> Option<Vec<u8>> {
     r[28..].copy_from_slice(quoted);
     let c = checksum(&r[20..]);
     r[22..24].copy_from_slice(&c.to_be_bytes());
-    Some(r)
+    Some(reply)
 }
 
 /// A packet read from the TUN device (going to a peer).
@@ -230,6 +255,12 @@ mod tests {
         assert_eq!(&r[12..16], &[10, 5, 1, 0], "from the TUN address");
         assert_eq!(&r[16..20], &[10, 5, 1, 2], "to the offender");
         assert_eq!(&r[28..], &p[..28], "offender header and 8 bytes");
+        // The largest quote: a 60-byte header with options, then 8 bytes.
+        let mut long = ipv4_packet([10, 5, 1, 2], [10, 5, 9, 9], 17, 64, &[7; 100]);
+        long[0] = 0x4f;
+        let r = net_unreachable(&long, "10.5.1.0".parse().unwrap()).unwrap();
+        assert_eq!(r.len(), Reply::MAX);
+        assert_eq!(&r[28..], &long[..68]);
         // Never for ICMP offenders.
         let mut icmp = ipv4_packet(
             [10, 5, 1, 2],
