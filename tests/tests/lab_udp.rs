@@ -106,38 +106,17 @@ fn send_from(ns: String, to: &str, datagram: Vec<u8>) -> impl FnOnce() + Send + 
     }
 }
 
-#[test]
-fn udp_backend_end_to_end() {
-    let Some(mut lab) = udp_lab("udp_backend_end_to_end") else {
-        return;
-    };
-    let env = lab.hosts[0].subnet_env().unwrap();
-    assert_eq!(env["FLANNEL_MTU"], "1472", "external MTU - 28");
-    let failures = lab.ping_all(Duration::from_secs(5));
-    assert!(failures.is_empty(), "unreachable: {failures:?}");
-    // The wire format: udp leases carry no BackendType; flannel0 holds the subnet address.
-    for (k, v) in lab.etcd_list("/coreos.com/network/subnets/") {
-        assert!(v.ends_with(r#""PublicIPv6":null}"#), "{k}: {v}");
-    }
-    assert!(
-        lab.hosts[0]
-            .sh("ip route")
-            .contains("10.5.0.0/16 dev flannel0")
-    );
-
-    // Packets up to the pod MTU arrive (1444 bytes of ICMP payload + 28 = 1472).
-    let to = lab.hosts[1].pods[0].ip.to_string();
-    let pod0 = lab.hosts[0].pods[0].ns.name().to_string();
-    for size in ["56", "1000", "1444"] {
-        let r = lab.hosts[0].pods[0]
-            .ns
-            .exec(&["ping", "-c", "2", "-W", "2", "-M", "do", "-s", size, &to]);
-        assert!(r.is_ok(), "ping -s {size}: {r:?}");
-    }
-
-    // A 200 MB TCP transfer arrives intact.
-    let receiver_ns = lab.hosts[1].pods[0].ns.name().to_string();
-    let dst_ip = lab.hosts[1].pods[0].ip;
+/// Sends `total` pseudo-random bytes over TCP from pod `from` to pod `to` (port 7000); returns the
+/// bytes received and the FNV hashes of what was sent and what arrived.
+fn tcp_transfer(
+    lab: &Lab,
+    from: (usize, usize),
+    to: (usize, usize),
+    total: u64,
+) -> (u64, u64, u64) {
+    let receiver_ns = lab.hosts[to.0].pods[to.1].ns.name().to_string();
+    let sender_ns = lab.hosts[from.0].pods[from.1].ns.name().to_string();
+    let dst_ip = lab.hosts[to.0].pods[to.1].ip;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let receiver = std::thread::spawn(move || {
         in_netns(Some(&receiver_ns), move || {
@@ -161,10 +140,7 @@ fn udp_backend_end_to_end() {
         })
     });
     ready_rx.recv().unwrap();
-    let total: u64 = 200 << 20;
-    let (sender_before, receiver_before) = (flannel0_stats(&lab, 0), flannel0_stats(&lab, 1));
-    let started = Instant::now();
-    let sent_hash = in_netns(Some(&pod0), move || {
+    let sent_hash = in_netns(Some(&sender_ns), move || {
         let mut c = TcpStream::connect((dst_ip, 7000)).unwrap();
         let (mut x, mut h) = (0x9e3779b97f4a7c15u64, 0xcbf29ce484222325u64);
         let mut chunk = vec![0u8; 65536];
@@ -183,6 +159,42 @@ fn udp_backend_end_to_end() {
         h
     });
     let (received, got_hash) = receiver.join().unwrap();
+    (received, sent_hash, got_hash)
+}
+
+#[test]
+fn udp_backend_end_to_end() {
+    let Some(mut lab) = udp_lab("udp_backend_end_to_end") else {
+        return;
+    };
+    let env = lab.hosts[0].subnet_env().unwrap();
+    assert_eq!(env["FLANNEL_MTU"], "1472", "external MTU - 28");
+    let failures = lab.ping_all(Duration::from_secs(5));
+    assert!(failures.is_empty(), "unreachable: {failures:?}");
+    // The wire format: udp leases carry no BackendType; flannel0 holds the subnet address.
+    for (k, v) in lab.etcd_list("/coreos.com/network/subnets/") {
+        assert!(v.ends_with(r#""PublicIPv6":null}"#), "{k}: {v}");
+    }
+    assert!(
+        lab.hosts[0]
+            .sh("ip route")
+            .contains("10.5.0.0/16 dev flannel0")
+    );
+
+    // Packets up to the pod MTU arrive (1444 bytes of ICMP payload + 28 = 1472).
+    let to = lab.hosts[1].pods[0].ip.to_string();
+    for size in ["56", "1000", "1444"] {
+        let r = lab.hosts[0].pods[0]
+            .ns
+            .exec(&["ping", "-c", "2", "-W", "2", "-M", "do", "-s", size, &to]);
+        assert!(r.is_ok(), "ping -s {size}: {r:?}");
+    }
+
+    // A 200 MB TCP transfer arrives intact.
+    let total: u64 = 200 << 20;
+    let (sender_before, receiver_before) = (flannel0_stats(&lab, 0), flannel0_stats(&lab, 1));
+    let started = Instant::now();
+    let (received, sent_hash, got_hash) = tcp_transfer(&lab, (0, 0), (1, 0), total);
     eprintln!("200 MB over udp in {:?}", started.elapsed());
     assert_eq!(received, total);
     assert_eq!(got_hash, sent_hash, "bytes changed in transit");
@@ -343,4 +355,171 @@ fn udp_backend_end_to_end() {
             "host {from} -> host {to} after taking over a plain flannel0"
         );
     }
+}
+
+/// What the Go-style peer saw.
+#[derive(Debug, Default)]
+struct GoPeerStats {
+    /// Datagrams received from flanneld hosts and written to its TUN device.
+    datagrams: u64,
+    /// The largest of them.
+    largest: usize,
+    /// Datagrams that were not exactly one IPv4 packet (bad version, or total length != size).
+    not_one_packet: u64,
+    /// Packets read from its TUN device and sent to a peer.
+    sent: u64,
+}
+
+/// A stand-in for a host running Go flanneld's udp backend (its C proxy): a plain TUN device
+/// (`IFF_TUN | IFF_NO_PI`, no offloads) and a UDP socket on port 8285; one packet per read and per
+/// write; a packet read from the TUN goes as the whole payload of one datagram to the peer whose
+/// subnet holds its destination. Runs in namespace `ns` until `stop` (at most 120 s).
+fn go_style_peer(
+    ns: String,
+    bind: std::net::SocketAddrV4,
+    peers: Vec<(ipnet::Ipv4Net, Ipv4Addr)>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ready: std::sync::mpsc::Sender<()>,
+) -> std::thread::JoinHandle<GoPeerStats> {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering;
+    std::thread::spawn(move || {
+        in_netns(Some(&ns), move || {
+            let tun = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .unwrap();
+            let mut ifr = [0u8; 40];
+            ifr[..8].copy_from_slice(b"flannel0");
+            ifr[16..18].copy_from_slice(&(0x0001i16 | 0x1000).to_ne_bytes()); // IFF_TUN | IFF_NO_PI
+            // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `ifr` holds.
+            let rc = unsafe { libc::ioctl(tun.as_raw_fd(), 0x4004_54ca, ifr.as_mut_ptr()) };
+            assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+            let sock = UdpSocket::bind(bind).unwrap();
+            ready.send(()).unwrap();
+            let mut stats = GoPeerStats::default();
+            let mut buf = vec![0u8; 65536];
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let mut fds = [
+                    libc::pollfd {
+                        fd: tun.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: sock.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: two valid pollfds.
+                if unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) } <= 0 {
+                    continue;
+                }
+                if fds[0].revents & libc::POLLIN != 0 {
+                    // SAFETY: reading into a buffer we own.
+                    let n =
+                        unsafe { libc::read(tun.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                    if n >= 20 {
+                        let dst = Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]);
+                        if let Some((_, peer)) = peers.iter().find(|(net, _)| net.contains(&dst)) {
+                            let _ = sock.send_to(&buf[..n as usize], (*peer, 8285));
+                            stats.sent += 1;
+                        }
+                    }
+                }
+                if fds[1].revents & libc::POLLIN != 0 {
+                    let (n, _) = sock.recv_from(&mut buf).unwrap();
+                    let total = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
+                    if n < 20 || buf[0] >> 4 != 4 || total != n {
+                        stats.not_one_packet += 1;
+                    }
+                    stats.datagrams += 1;
+                    stats.largest = stats.largest.max(n);
+                    // SAFETY: writing a buffer we own.
+                    unsafe { libc::write(tun.as_raw_fd(), buf.as_ptr().cast(), n) };
+                }
+            }
+            stats
+        })
+    })
+}
+
+#[test]
+fn a_go_style_udp_host_interoperates() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some(mut lab) = udp_lab("a_go_style_udp_host_interoperates") else {
+        return;
+    };
+    // Host 2 becomes a Go-style udp host: our flanneld goes (its lease stays, as a Go host's would),
+    // flannel0 is replaced by a plain TUN device driven one packet at a time.
+    lab.stop_flanneld(2);
+    lab.hosts[2].sh("ip link del flannel0");
+    let subnet_of = |h: usize| -> ipnet::Ipv4Net {
+        let env = lab.hosts[h].subnet_env().unwrap();
+        env["FLANNEL_SUBNET"]
+            .parse::<ipnet::Ipv4Net>()
+            .unwrap()
+            .trunc()
+    };
+    let peers = vec![
+        (subnet_of(0), lab.hosts[0].addr),
+        (subnet_of(1), lab.hosts[1].addr),
+    ];
+    let own = subnet_of(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let peer = go_style_peer(
+        lab.hosts[2].ns.name().to_string(),
+        std::net::SocketAddrV4::new(lab.hosts[2].addr, 8285),
+        peers,
+        stop.clone(),
+        ready_tx,
+    );
+    ready_rx.recv().unwrap();
+    // Go's device setup: the subnet's network address, MTU = underlay - 28, the cluster route.
+    let h2 = &lab.hosts[2];
+    h2.sh(&format!("ip addr add {}/32 dev flannel0", own.network()));
+    h2.sh("ip link set flannel0 mtu 1472 up");
+    h2.sh("ip route add 10.5.0.0/16 dev flannel0");
+
+    for (from, to) in [(0, 2), (2, 0), (1, 2), (2, 1)] {
+        let ip = lab.hosts[to].pods[0].ip;
+        assert!(
+            lab.ping((from, 0), ip, Duration::from_secs(5)),
+            "pod on host {from} -> pod on host {to}"
+        );
+    }
+    // Bulk both ways: ours sends with TSO reads + UDP GSO, the Go-style host one packet at a time.
+    for (from, to) in [((0, 0), (2, 0)), ((2, 0), (0, 0))] {
+        let total: u64 = 20 << 20;
+        let (received, sent_hash, got_hash) = tcp_transfer(&lab, from, to, total);
+        assert_eq!(received, total, "{from:?} -> {to:?}");
+        assert_eq!(
+            got_hash, sent_hash,
+            "{from:?} -> {to:?}: bytes changed in transit"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let stats = peer.join().unwrap();
+    eprintln!("Go-style peer: {stats:?}");
+    assert_eq!(
+        stats.not_one_packet, 0,
+        "every datagram is one IPv4 packet: {stats:?}"
+    );
+    assert!(
+        stats.largest <= 1472,
+        "no datagram above the MTU: {stats:?}"
+    );
+    assert!(
+        stats.datagrams > (20 << 20) / 1472,
+        "the 20 MB arrived as MTU-sized datagrams: {stats:?}"
+    );
+    assert!(
+        stats.sent > (20 << 20) / 1472,
+        "and went back the same way: {stats:?}"
+    );
 }
