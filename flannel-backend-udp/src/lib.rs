@@ -36,7 +36,7 @@ use std::sync::{Arc, RwLock};
 use async_trait::async_trait;
 use flannel_core::dataplane::driver::{self, Model};
 use flannel_core::dataplane::netlink::Netlink;
-use flannel_core::dataplane::{KernelState, Ownership, Route};
+use flannel_core::dataplane::{KernelOps, KernelState, Op, Ownership, Route};
 use flannel_core::gojson::GoObject;
 use flannel_core::{
     Backend, BackendContext, BackendError, Lease, LeaseAttrs, Network, NetworkConfig, SubnetManager,
@@ -215,6 +215,18 @@ struct UdpModel {
     table: Arc<RwLock<Arc<Table>>>,
 }
 
+impl UdpModel {
+    /// `<Network> dev flannel0`.
+    fn cluster_route(&self) -> Route {
+        Route {
+            dst: IpNet::V4(self.network),
+            gateway: None,
+            oif: self.index,
+            onlink: false,
+        }
+    }
+}
+
 #[async_trait]
 impl Model for UdpModel {
     async fn prepare(&mut self) -> Result<(), BackendError> {
@@ -241,6 +253,12 @@ impl Model for UdpModel {
         if !link.up {
             self.nl.set_up(link.index).await.map_err(io)?;
         }
+        // The cluster route does not depend on the leases: in place before subnet.env says "ready",
+        // as Go's udp backend does (a new flannel0 has none; the reconcile loop keeps it afterwards).
+        self.nl
+            .apply(&Op::AddRoute(self.cluster_route()))
+            .await
+            .map_err(io)?;
         Ok(())
     }
 
@@ -254,12 +272,7 @@ impl Model for UdpModel {
             *t = table;
         }
         let mut state = KernelState::default();
-        state.routes.insert(Route {
-            dst: IpNet::V4(self.network),
-            gateway: None,
-            oif: self.index,
-            onlink: false,
-        });
+        state.routes.insert(self.cluster_route());
         let own = Ownership {
             networks: vec![IpNet::V4(self.network)],
             route_oifs: vec![self.index],

@@ -120,6 +120,9 @@ pub struct EtcdServer {
     tls: Option<TlsFiles>,
     log: PathBuf,
     netns: Option<String>,
+    name: String,
+    /// `--initial-cluster` (`name=peer-url,...`); this member alone when `None`.
+    initial_cluster: Option<String>,
 }
 
 impl EtcdServer {
@@ -155,9 +158,55 @@ impl EtcdServer {
             host: host.to_string(),
             tls,
             netns: netns.map(str::to_string),
+            name: "flannel-test".into(),
+            initial_cluster: None,
         };
         s.spawn();
         s
+    }
+
+    /// Starts a cluster of `n` plaintext members on 127.0.0.1 and waits until all answer.
+    ///
+    /// # Panics
+    /// As [`start_on`](Self::start_on).
+    pub fn cluster(n: usize) -> Vec<Self> {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<Self> = ports
+            .into_iter()
+            .enumerate()
+            .map(|(i, (client_port, peer_port))| {
+                let dir = tempfile::Builder::new()
+                    .prefix("flannel-etcd-")
+                    .tempdir()
+                    .expect("tempdir");
+                Self {
+                    child: None,
+                    log: dir.path().join("etcd.log"),
+                    dir,
+                    client_port,
+                    peer_port,
+                    host: "127.0.0.1".into(),
+                    tls: None,
+                    netns: None,
+                    name: format!("m{i}"),
+                    initial_cluster: Some(initial.clone()),
+                }
+            })
+            .collect();
+        // All members must run before any can elect a leader.
+        for m in &mut members {
+            m.spawn_process();
+        }
+        for m in &mut members {
+            m.wait_healthy();
+        }
+        members
     }
 
     /// The client URL, e.g. `http://127.0.0.1:40123`.
@@ -172,6 +221,11 @@ impl EtcdServer {
     }
 
     fn spawn(&mut self) {
+        self.spawn_process();
+        self.wait_healthy();
+    }
+
+    fn spawn_process(&mut self) {
         let bin = etcd_binary().expect("etcd binary (Debian package etcd-server)");
         let peer = format!("http://{}:{}", self.host, self.peer_port);
         let mut cmd = match &self.netns {
@@ -183,7 +237,7 @@ impl EtcdServer {
             None => Command::new(bin),
         };
         cmd.arg("--name")
-            .arg("flannel-test")
+            .arg(&self.name)
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .arg("--listen-client-urls")
@@ -195,7 +249,11 @@ impl EtcdServer {
             .arg("--initial-advertise-peer-urls")
             .arg(&peer)
             .arg("--initial-cluster")
-            .arg(format!("flannel-test={peer}"))
+            .arg(
+                self.initial_cluster
+                    .clone()
+                    .unwrap_or_else(|| format!("{}={peer}", self.name)),
+            )
             .arg("--log-level")
             .arg("warn");
         if let Some(t) = &self.tls {
@@ -216,7 +274,6 @@ impl EtcdServer {
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         self.child = Some(cmd.spawn().expect("spawn etcd"));
-        self.wait_healthy();
     }
 
     fn wait_healthy(&mut self) {

@@ -558,13 +558,26 @@ impl Lab {
         Netns::new(&format!("{}-{name}", self.tag))
     }
 
-    /// Pings `to` once from pod `(host, pod)`; true when it answered within `wait`.
+    /// Pings `to` from pod `(host, pod)`, once a second, until it answers or `wait` has passed; true
+    /// when it answered. (One lost or refused ping must not decide: a route may be on its way.)
     pub fn ping(&self, from: (usize, usize), to: Ipv4Addr, wait: Duration) -> bool {
         let pod = &self.hosts[from.0].pods[from.1];
-        let secs = wait.as_secs().max(1).to_string();
-        pod.ns
-            .exec(&["ping", "-c", "1", "-W", &secs, &to.to_string()])
-            .is_ok()
+        let deadline = Instant::now() + wait;
+        loop {
+            let started = Instant::now();
+            if pod
+                .ns
+                .exec(&["ping", "-c", "1", "-W", "1", &to.to_string()])
+                .is_ok()
+            {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            // A refused ping returns at once: pace the retries.
+            std::thread::sleep(Duration::from_secs(1).saturating_sub(started.elapsed()));
+        }
     }
 
     /// Every pod's address with its (host, pod) position.

@@ -697,3 +697,75 @@ async fn several_endpoints_with_a_dead_one_like_gos_default() {
             .expect("every request reaches the live endpoint");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_member_dies_mid_run_and_renewals_and_the_watch_go_on() {
+    if !require_etcd("a_cluster_member_dies_mid_run") {
+        return;
+    }
+    let mut members = EtcdServer::cluster(3);
+    let urls: Vec<String> = members.iter().map(EtcdServer::url).collect();
+    // The checks talk to the members that stay.
+    let c = Client::connect(&urls[1..], None).await.unwrap();
+    let configured = flannel_tests::eventually(Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move { c.put(format!("{PREFIX}/config"), CONFIG, None).await.ok() }
+    })
+    .await;
+    assert!(configured.is_some(), "the cluster elected a leader");
+    let opts = || ManagerOptions {
+        lease_ttl: Duration::from_secs(6),
+        renew_margin: Duration::from_secs(4),
+        ..Default::default()
+    };
+    let reg = EtcdRegistry::connect(&EtcdConfig {
+        endpoints: urls.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let m = Arc::new(LocalManager::new(reg, opts()));
+    let lease = m.acquire_lease(&attrs("10.0.0.1")).await.unwrap();
+    let key = format!("{PREFIX}/subnets/{}", lease.key);
+    let stop = CancellationToken::new();
+    let keeper = {
+        let (m, stop, lease) = (m.clone(), stop.clone(), lease.clone());
+        tokio::spawn(async move { m.complete_lease(lease, stop).await })
+    };
+    let (tx, mut rx) = mpsc::channel(64);
+    let watcher = {
+        let (m, stop) = (m.clone(), stop.clone());
+        tokio::spawn(async move { m.watch_leases(tx, stop).await })
+    };
+    let mut t = LeaseTracker::new(None);
+    let mine: BTreeSet<SubnetKey> = [lease.key].into();
+    assert!(converge(&mut rx, &mut t, &mine).await, "own lease seen");
+
+    // The manager talks to the first member that answered: kill it.
+    members[0].stop();
+    // Renewals go on through another member: the 6 s lease lives on for twice its TTL.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let r = c.clone().get(key.as_str(), None).await.unwrap();
+        assert_eq!(r.kvs().len(), 1, "the lease expired after the member died");
+    }
+    // The watch goes on too: another node's new lease reaches the tracker.
+    let other_reg = EtcdRegistry::connect(&EtcdConfig {
+        endpoints: urls[1..].to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let other = LocalManager::new(other_reg, opts())
+        .acquire_lease(&attrs("10.0.0.2"))
+        .await
+        .unwrap();
+    let both: BTreeSet<SubnetKey> = [lease.key, other.key].into();
+    assert!(
+        converge(&mut rx, &mut t, &both).await,
+        "the watch sees a lease written after the member died"
+    );
+    assert!(!keeper.is_finished(), "the keeper is still renewing");
+    stop.cancel();
+    let _ = watcher.await;
+}

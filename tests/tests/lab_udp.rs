@@ -343,6 +343,13 @@ fn udp_backend_end_to_end() {
     lab.hosts[0].sh("ip link del flannel0");
     lab.hosts[0].sh("ip tuntap add dev flannel0 mode tun");
     lab.start_flanneld(0);
+    // subnet.env (written before start_flanneld returns) means the route is in place.
+    assert!(
+        lab.hosts[0]
+            .sh("ip route")
+            .contains("10.5.0.0/16 dev flannel0"),
+        "the cluster route is in place when subnet.env appears"
+    );
     assert!(
         !lab.hosts[0].log_text().contains("offloads unavailable"),
         "offloads are switched on for a taken-over device"
