@@ -288,6 +288,30 @@ async fn reservations_are_never_handed_out() {
 }
 
 /// Collects watch results into a tracker until it holds `want`.
+/// A manager on `reg` that acquires a lease for `ip` and keeps it renewed until the token is
+/// cancelled: (manager, lease, its etcd key, the token, the keeper task).
+async fn kept_lease(
+    reg: EtcdRegistry,
+    opts: ManagerOptions,
+    ip: &str,
+) -> (
+    Arc<LocalManager<EtcdRegistry>>,
+    flannel_core::Lease,
+    String,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), SubnetError>>,
+) {
+    let m = Arc::new(LocalManager::new(reg, opts));
+    let lease = m.acquire_lease(&attrs(ip)).await.unwrap();
+    let key = format!("{PREFIX}/subnets/{}", lease.key);
+    let stop = CancellationToken::new();
+    let keeper = {
+        let (m, stop, lease) = (m.clone(), stop.clone(), lease.clone());
+        tokio::spawn(async move { m.complete_lease(lease, stop).await })
+    };
+    (m, lease, key, stop, keeper)
+}
+
 async fn converge(
     rx: &mut mpsc::Receiver<LeaseWatchResult>,
     t: &mut LeaseTracker,
@@ -537,14 +561,8 @@ async fn renewal_keeps_a_short_lease_alive_and_a_deleted_lease_comes_back() {
         renew_margin: Duration::from_secs(2),
         ..Default::default()
     };
-    let m = Arc::new(LocalManager::new(registry(&etcd.url()).await, opts));
-    let lease = m.acquire_lease(&attrs("10.0.0.1")).await.unwrap();
-    let key = format!("{PREFIX}/subnets/{}", lease.key);
-    let stop = CancellationToken::new();
-    let keeper = {
-        let (m, stop, lease) = (m.clone(), stop.clone(), lease.clone());
-        tokio::spawn(async move { m.complete_lease(lease, stop).await })
-    };
+    let (_m, _lease, key, stop, keeper) =
+        kept_lease(registry(&etcd.url()).await, opts, "10.0.0.1").await;
     // Three TTLs later the key is still there.
     for _ in 0..9 {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -724,14 +742,7 @@ async fn a_cluster_member_dies_mid_run_and_renewals_and_the_watch_go_on() {
     })
     .await
     .unwrap();
-    let m = Arc::new(LocalManager::new(reg, opts()));
-    let lease = m.acquire_lease(&attrs("10.0.0.1")).await.unwrap();
-    let key = format!("{PREFIX}/subnets/{}", lease.key);
-    let stop = CancellationToken::new();
-    let keeper = {
-        let (m, stop, lease) = (m.clone(), stop.clone(), lease.clone());
-        tokio::spawn(async move { m.complete_lease(lease, stop).await })
-    };
+    let (m, lease, key, stop, keeper) = kept_lease(reg, opts(), "10.0.0.1").await;
     let (tx, mut rx) = mpsc::channel(64);
     let watcher = {
         let (m, stop) = (m.clone(), stop.clone());
