@@ -149,7 +149,9 @@ fn main() {
         println!("    FAILED {f}");
     }
 
-    section("Each host's routes (flannel's are the ones into 10.5.0.0/16 via flannel.1 or eth0)");
+    section(
+        "Each host's routes (flannel's are the ones into 10.5.0.0/16 via flannel.1 or eth0, or the one via flannel0)",
+    );
     for h in &lab.hosts {
         println!("    host{} $ ip route", h.n);
         indent(&h.sh("ip route"));
@@ -164,6 +166,14 @@ fn main() {
         println!("    $ bridge fdb show dev flannel.1");
         indent(&h.sh("bridge fdb show dev flannel.1"));
     }
+    if backend == "udp" {
+        println!(
+            "    $ ip -d link show flannel0   (a persistent TUN device: it outlives flanneld)"
+        );
+        indent(&h.sh("ip -d link show flannel0"));
+        println!("    $ ip addr show flannel0");
+        indent(&h.sh("ip addr show flannel0"));
+    }
 
     section(
         "The leases in etcd (one per host; the key is the subnet, the value Go flanneld's JSON)",
@@ -172,15 +182,23 @@ fn main() {
         println!("    {k}\n        {v}");
     }
 
-    section("Self-healing: deleting host1's routes to the other hosts");
-    let me = format!("\"PublicIP\":\"{}\"", lab.hosts[0].addr);
-    for (k, v) in lab.etcd_list("/coreos.com/network/subnets/") {
-        let subnet = k.rsplit('/').next().unwrap_or_default().replace('-', "/");
-        if v.contains(&me) {
-            continue;
+    // udp has one route for the whole network (to flannel0); the others one per peer.
+    let doomed: Vec<String> = if backend == "udp" {
+        vec!["10.5.0.0/16".into()]
+    } else {
+        let me = format!("\"PublicIP\":\"{}\"", lab.hosts[0].addr);
+        lab.etcd_list("/coreos.com/network/subnets/")
+            .into_iter()
+            .filter(|(_, v)| !v.contains(&me))
+            .map(|(k, _)| k.rsplit('/').next().unwrap_or_default().replace('-', "/"))
+            .collect()
+    };
+    section("Self-healing: deleting host1's flannel routes");
+    for subnet in &doomed {
+        match lab.hosts[0].ns.exec(&["ip", "route", "del", subnet]) {
+            Ok(_) => println!("    deleted {subnet}"),
+            Err(e) => println!("    could not delete {subnet}: {e}"),
         }
-        let _ = lab.hosts[0].ns.exec(&["ip", "route", "del", &subnet]);
-        println!("    deleted {subnet}");
     }
     std::thread::sleep(Duration::from_millis(500));
     let back = lab.hosts[0].sh("ip route");
