@@ -6,7 +6,8 @@
 //!
 //! No device and no encapsulation: for every peer lease of type `host-gw` the host routes the peer's
 //! subnet to the peer's public IP on the external interface
-//! (`ip route replace <subnet> via <PublicIP> dev <ext>`). That needs every host on one L2 segment; a
+//! (`ip route replace <subnet> via <PublicIP> dev <ext>`), and with `EnableIPv6` the peer's IPv6
+//! subnet to its `PublicIPv6` likewise (dual stack). That needs every host on one L2 segment; a
 //! peer whose public IP is not on the external interface's network cannot be served and is reported
 //! clearly (once per change) instead of failing in the kernel.
 //!
@@ -25,7 +26,7 @@ use flannel_core::{
     Backend, BackendContext, BackendError, ExternalInterface, Lease, LeaseAttrs, Network,
     NetworkConfig,
 };
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 flannel_core::register_backend!("host-gw", HostGwBackend::create);
 
@@ -40,6 +41,8 @@ pub struct Topology {
     pub ext_index: u32,
     /// The external interface's networks: peers must be inside one of them.
     pub ext_networks: Vec<IpNet>,
+    /// The IPv6 cluster network and own IPv6 subnet (dual stack), when `EnableIPv6`.
+    pub ipv6: Option<(Ipv6Net, Ipv6Net)>,
 }
 
 /// The routes the kernel should hold for `leases` (pure), and warnings for peers that are not on-link.
@@ -47,35 +50,46 @@ pub fn desired_state(topo: &Topology, leases: &[&Lease]) -> (KernelState, Owners
     let mut state = KernelState::default();
     let mut warnings = Vec::new();
     for lease in leases {
-        let Some(subnet) = lease.subnet() else {
-            continue;
-        };
         if lease.attrs.backend_type != "host-gw" {
             continue;
         }
-        let gw = IpAddr::V4(lease.attrs.public_ip);
-        if !topo.ext_networks.iter().any(|n| n.contains(&gw)) {
-            let nets: Vec<String> = topo.ext_networks.iter().map(|n| n.to_string()).collect();
-            warnings.push(format!(
-                "host-gw cannot reach subnet {subnet}: its host {gw} is not on-link (the external interface is on {}); \
-                 host-gw needs every host on one L2 network, use the vxlan backend (optionally with DirectRouting) instead",
-                nets.join(", ")
-            ));
-            continue;
+        let mut routes: Vec<(IpNet, IpAddr)> = Vec::with_capacity(2);
+        if let Some(subnet) = lease.subnet() {
+            routes.push((IpNet::V4(subnet), IpAddr::V4(lease.attrs.public_ip)));
         }
-        state.routes.insert(Route {
-            dst: IpNet::V4(subnet),
-            gateway: Some(gw),
-            oif: topo.ext_index,
-            onlink: false,
-        });
+        if let (Some(_), Some(subnet), Some(gw)) =
+            (topo.ipv6, lease.ipv6_subnet(), lease.attrs.public_ipv6)
+        {
+            routes.push((IpNet::V6(subnet), IpAddr::V6(gw)));
+        }
+        for (dst, gw) in routes {
+            if !topo.ext_networks.iter().any(|n| n.contains(&gw)) {
+                let nets: Vec<String> = topo.ext_networks.iter().map(|n| n.to_string()).collect();
+                warnings.push(format!(
+                    "host-gw cannot reach subnet {dst}: its host {gw} is not on-link (the external interface is on {}); \
+                     host-gw needs every host on one L2 network, use the vxlan backend (optionally with DirectRouting) instead",
+                    nets.join(", ")
+                ));
+                continue;
+            }
+            state.routes.insert(Route {
+                dst,
+                gateway: Some(gw),
+                oif: topo.ext_index,
+                onlink: false,
+            });
+        }
     }
-    let own = Ownership {
+    let mut own = Ownership {
         networks: vec![IpNet::V4(topo.network)],
         gateway_route_oifs: vec![topo.ext_index],
         keep: vec![IpNet::V4(topo.own_subnet)],
         ..Default::default()
     };
+    if let Some((network, own_subnet)) = topo.ipv6 {
+        own.networks.push(IpNet::V6(network));
+        own.keep.push(IpNet::V6(own_subnet));
+    }
     (state, own, warnings)
 }
 
@@ -115,8 +129,16 @@ impl Backend for HostGwBackend {
         let network = config
             .network()
             .ok_or_else(|| bad("the host-gw backend needs an IPv4 Network".into()))?;
+        let ipv6_network = config.ipv6_network();
+        if ipv6_network.is_some() && ext.ext_v6_addr.is_none() {
+            return Err(bad(format!(
+                "EnableIPv6 is set but {} has no global IPv6 address (give it one, or pass --public-ipv6)",
+                ext.name
+            )));
+        }
         let attrs = LeaseAttrs {
             public_ip: ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            public_ipv6: ipv6_network.and(ext.ext_v6_addr),
             backend_type: "host-gw".into(),
             ..Default::default()
         };
@@ -124,11 +146,21 @@ impl Backend for HostGwBackend {
         let own_subnet = lease
             .subnet()
             .ok_or_else(|| BackendError::Other("the lease has no IPv4 subnet".into()))?;
+        let ipv6 = match (ipv6_network, lease.ipv6_subnet()) {
+            (Some(n), Some(s)) => Some((n, s)),
+            (Some(_), None) => {
+                return Err(BackendError::Other(
+                    "EnableIPv6 is set but the lease has no IPv6 subnet".into(),
+                ));
+            }
+            _ => None,
+        };
         let mtu = ext.mtu;
         let model = HostGwModel {
             ext,
             network,
             own_subnet,
+            ipv6,
         };
         Ok(Box::new(ReconciledNetwork::new(
             lease,
@@ -144,6 +176,7 @@ struct HostGwModel {
     ext: ExternalInterface,
     network: Ipv4Net,
     own_subnet: Ipv4Net,
+    ipv6: Option<(Ipv6Net, Ipv6Net)>,
 }
 
 #[async_trait]
@@ -158,6 +191,7 @@ impl Model for HostGwModel {
             own_subnet: self.own_subnet,
             ext_index: self.ext.index,
             ext_networks: self.ext.iface_networks.clone(),
+            ipv6: self.ipv6,
         };
         desired_state(&topo, leases)
     }
@@ -188,6 +222,7 @@ mod tests {
             own_subnet: "10.5.1.0/24".parse().unwrap(),
             ext_index: 2,
             ext_networks: vec!["192.168.0.0/24".parse().unwrap()],
+            ipv6: None,
         };
         let peers = [
             lease("10.5.2.0-24", "192.168.0.2", "host-gw"),
@@ -206,5 +241,44 @@ mod tests {
         );
         assert_eq!(own.gateway_route_oifs, vec![2]);
         assert!(own.route_oifs.is_empty() && own.neigh_ifindexes.is_empty());
+    }
+
+    #[test]
+    fn dual_stack_routes_each_family_via_the_peers_address_of_that_family() {
+        let topo = Topology {
+            network: "10.5.0.0/16".parse().unwrap(),
+            own_subnet: "10.5.1.0/24".parse().unwrap(),
+            ext_index: 2,
+            ext_networks: vec![
+                "192.168.0.0/24".parse().unwrap(),
+                "fd00:20::/64".parse().unwrap(),
+            ],
+            ipv6: Some((
+                "fd00:5::/48".parse().unwrap(),
+                "fd00:5:0:1::/64".parse().unwrap(),
+            )),
+        };
+        let mut dual = lease("10.5.2.0-24&fd00:5:0:2::-64", "192.168.0.2", "host-gw");
+        dual.attrs.public_ipv6 = Some("fd00:20::2".parse().unwrap());
+        let mut off_link = lease("10.5.3.0-24&fd00:5:0:3::-64", "192.168.0.3", "host-gw");
+        off_link.attrs.public_ipv6 = Some("fd00:99::3".parse().unwrap());
+        // A v4-only peer (no IPv6 part, no PublicIPv6) gets its IPv4 route only.
+        let v4_only = lease("10.5.4.0-24", "192.168.0.4", "host-gw");
+        let refs = [&dual, &off_link, &v4_only];
+        let (s, own, warnings) = desired_state(&topo, &refs);
+        let routes: Vec<String> = s.routes.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            routes,
+            vec![
+                "10.5.2.0/24 via 192.168.0.2 dev #2",
+                "10.5.3.0/24 via 192.168.0.3 dev #2",
+                "10.5.4.0/24 via 192.168.0.4 dev #2",
+                "fd00:5:0:2::/64 via fd00:20::2 dev #2",
+            ]
+        );
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("fd00:5:0:3::/64"), "{}", warnings[0]);
+        assert!(own.networks.contains(&"fd00:5::/48".parse().unwrap()));
+        assert!(own.keep.contains(&"fd00:5:0:1::/64".parse().unwrap()));
     }
 }

@@ -23,7 +23,11 @@
 //!
 //! The device's MAC stays the same across restarts because a compatible existing device is reused.
 //! Options (case-insensitive): `VNI` (1), `Port` (0 = kernel default 8472), `GBP`, `Learning`,
-//! `DirectRouting`, `MTU` (external MTU). IPv4 only for now.
+//! `DirectRouting`, `MTU` (external MTU).
+//!
+//! Dual stack (`EnableIPv6`): a second device, `flannel-v6.<VNI>`, over the external interface's IPv6
+//! address (MTU − 70), with the IPv6 subnet's network address as a /128, its MAC advertised in
+//! `BackendV6Data`, and the same three entries per peer in IPv6 (`PublicIPv6` as the FDB target).
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -36,7 +40,7 @@ use flannel_core::{
     Backend, BackendContext, BackendError, ExternalInterface, Lease, LeaseAttrs, Network,
     NetworkConfig, RawJson,
 };
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tracing::{info, warn};
 
 flannel_core::register_backend!("vxlan", VxlanBackend::create);
@@ -103,6 +107,11 @@ impl VxlanOptions {
     pub fn device_name(&self) -> String {
         format!("flannel.{}", self.vni)
     }
+
+    /// The IPv6 device name, `flannel-v6.<VNI>`.
+    pub fn device_name_v6(&self) -> String {
+        format!("flannel-v6.{}", self.vni)
+    }
 }
 
 /// A peer's vxlan lease data (`{"VNI":1,"VtepMAC":"…"}`).
@@ -117,13 +126,17 @@ pub struct PeerData {
 impl PeerData {
     /// Decodes a lease's `BackendData`.
     pub fn from_lease(lease: &Lease) -> Result<Self, String> {
-        let data = lease
-            .attrs
-            .backend_data
-            .as_ref()
-            .ok_or("no BackendData")?
-            .to_value();
-        let o = GoObject::new(&data, "BackendData").map_err(|e| e.to_string())?;
+        Self::from_data(lease.attrs.backend_data.as_ref(), "BackendData")
+    }
+
+    /// Decodes a lease's `BackendV6Data` (the IPv6 device's VNI and MAC).
+    pub fn from_lease_v6(lease: &Lease) -> Result<Self, String> {
+        Self::from_data(lease.attrs.backend_v6_data.as_ref(), "BackendV6Data")
+    }
+
+    fn from_data(data: Option<&RawJson>, field: &str) -> Result<Self, String> {
+        let data = data.ok_or_else(|| format!("no {field}"))?.to_value();
+        let o = GoObject::new(&data, field).map_err(|e| e.to_string())?;
         let mac = o
             .string("VtepMAC")
             .map_err(|e| e.to_string())?
@@ -152,6 +165,19 @@ pub struct Topology {
     pub ext_networks: Vec<IpNet>,
     /// Whether DirectRouting is on.
     pub direct_routing: bool,
+    /// The IPv6 side (dual stack), when `EnableIPv6`.
+    pub ipv6: Option<Ipv6Topology>,
+}
+
+/// The IPv6 side of [`Topology`]: `flannel-v6.<VNI>` and the IPv6 networks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ipv6Topology {
+    /// The IPv6 cluster network.
+    pub network: Ipv6Net,
+    /// The own IPv6 subnet (never touched).
+    pub own_subnet: Ipv6Net,
+    /// `flannel-v6.<VNI>`'s index.
+    pub vxlan_index: u32,
 }
 
 /// The entries the kernel should hold for `leases` (pure). Leases of other backend types are ignored,
@@ -160,51 +186,31 @@ pub fn desired_state(topo: &Topology, leases: &[&Lease]) -> (KernelState, Owners
     let mut state = KernelState::default();
     let mut warnings = Vec::new();
     for lease in leases {
-        let Some(subnet) = lease.subnet() else {
-            continue;
-        };
         if lease.attrs.backend_type != "vxlan" {
             continue;
         }
-        let peer_ip = IpAddr::V4(lease.attrs.public_ip);
-        if topo.direct_routing && topo.ext_networks.iter().any(|n| n.contains(&peer_ip)) {
-            state.routes.insert(Route {
-                dst: IpNet::V4(subnet),
-                gateway: Some(peer_ip),
-                oif: topo.ext_index,
-                onlink: false,
-            });
-            continue;
+        if let Some(subnet) = lease.subnet() {
+            let peer = Peer {
+                subnet: IpNet::V4(subnet),
+                gw: IpAddr::V4(subnet.network()),
+                public_ip: IpAddr::V4(lease.attrs.public_ip),
+                data: || PeerData::from_lease(lease),
+            };
+            peer.add_to(&mut state, &mut warnings, topo, topo.vxlan_index, lease);
         }
-        let data = match PeerData::from_lease(lease) {
-            Ok(d) => d,
-            Err(e) => {
-                warnings.push(format!(
-                    "ignoring vxlan lease {}: bad BackendData: {e}",
-                    lease.key
-                ));
-                continue;
-            }
-        };
-        let gw = IpAddr::V4(subnet.network());
-        state.neighs.insert(Neigh {
-            ifindex: topo.vxlan_index,
-            ip: gw,
-            mac: data.vtep_mac,
-        });
-        state.fdb.insert(Fdb {
-            ifindex: topo.vxlan_index,
-            mac: data.vtep_mac,
-            dst: peer_ip,
-        });
-        state.routes.insert(Route {
-            dst: IpNet::V4(subnet),
-            gateway: Some(gw),
-            oif: topo.vxlan_index,
-            onlink: true,
-        });
+        if let (Some(v6), Some(subnet), Some(public)) =
+            (&topo.ipv6, lease.ipv6_subnet(), lease.attrs.public_ipv6)
+        {
+            let peer = Peer {
+                subnet: IpNet::V6(subnet),
+                gw: IpAddr::V6(subnet.network()),
+                public_ip: IpAddr::V6(public),
+                data: || PeerData::from_lease_v6(lease),
+            };
+            peer.add_to(&mut state, &mut warnings, topo, v6.vxlan_index, lease);
+        }
     }
-    let own = Ownership {
+    let mut own = Ownership {
         networks: vec![IpNet::V4(topo.network)],
         route_oifs: vec![topo.vxlan_index],
         gateway_route_oifs: if topo.direct_routing {
@@ -216,7 +222,77 @@ pub fn desired_state(topo: &Topology, leases: &[&Lease]) -> (KernelState, Owners
         neigh_ifindexes: vec![topo.vxlan_index],
         fdb_ifindexes: vec![topo.vxlan_index],
     };
+    if let Some(v6) = &topo.ipv6 {
+        own.networks.push(IpNet::V6(v6.network));
+        own.route_oifs.push(v6.vxlan_index);
+        own.keep.push(IpNet::V6(v6.own_subnet));
+        own.neigh_ifindexes.push(v6.vxlan_index);
+        own.fdb_ifindexes.push(v6.vxlan_index);
+    }
     (state, own, warnings)
+}
+
+/// One family of one peer lease.
+struct Peer<F> {
+    subnet: IpNet,
+    /// The peer subnet's network address: the next hop on the vxlan device.
+    gw: IpAddr,
+    public_ip: IpAddr,
+    data: F,
+}
+
+impl<F: Fn() -> Result<PeerData, String>> Peer<F> {
+    /// Go flannel's entries for this peer: a direct route (DirectRouting, peer on-link), else
+    /// neighbour + FDB + onlink route on the vxlan device `index`.
+    fn add_to(
+        self,
+        state: &mut KernelState,
+        warnings: &mut Vec<String>,
+        topo: &Topology,
+        index: u32,
+        lease: &Lease,
+    ) {
+        if topo.direct_routing
+            && topo
+                .ext_networks
+                .iter()
+                .any(|n| n.contains(&self.public_ip))
+        {
+            state.routes.insert(Route {
+                dst: self.subnet,
+                gateway: Some(self.public_ip),
+                oif: topo.ext_index,
+                onlink: false,
+            });
+            return;
+        }
+        let data = match (self.data)() {
+            Ok(d) => d,
+            Err(e) => {
+                warnings.push(format!(
+                    "ignoring vxlan lease {} for {}: bad backend data: {e}",
+                    lease.key, self.subnet
+                ));
+                return;
+            }
+        };
+        state.neighs.insert(Neigh {
+            ifindex: index,
+            ip: self.gw,
+            mac: data.vtep_mac,
+        });
+        state.fdb.insert(Fdb {
+            ifindex: index,
+            mac: data.vtep_mac,
+            dst: self.public_ip,
+        });
+        state.routes.insert(Route {
+            dst: self.subnet,
+            gateway: Some(self.gw),
+            oif: index,
+            onlink: true,
+        });
+    }
 }
 
 /// The registered backend.
@@ -284,38 +360,79 @@ impl Backend for VxlanBackend {
         let local = ext
             .iface_addr
             .ok_or_else(|| bad(format!("interface {} has no IPv4 address", ext.name)))?;
+        let ipv6_network = config.ipv6_network();
+        let local6 = match ipv6_network {
+            Some(_) => Some(ext.iface_v6_addr.ok_or_else(|| {
+                bad(format!(
+                    "EnableIPv6 is set but {} has no global IPv6 address (give it one, or pass --public-ipv6)",
+                    ext.name
+                ))
+            })?),
+            None => None,
+        };
         let nl = Netlink::new().map_err(io)?;
         let underlay_mtu = opts.mtu.unwrap_or(ext.mtu);
         let mtu = underlay_mtu.saturating_sub(50);
+        let attrs = |local: IpAddr| VxlanAttrs {
+            vni: opts.vni,
+            link: Some(ext.index),
+            local: Some(local),
+            port: opts.port,
+            learning: opts.learning,
+            gbp: opts.gbp,
+        };
         let mut spec = VxlanSpec {
             name: opts.device_name(),
-            attrs: VxlanAttrs {
-                vni: opts.vni,
-                link: Some(ext.index),
-                local: Some(local),
-                port: opts.port,
-                learning: opts.learning,
-                gbp: opts.gbp,
-            },
+            attrs: attrs(IpAddr::V4(local)),
             mac: MacAddr::random_local(),
             mtu,
         };
         let (index, mac) = ensure_device(&nl, &spec).await?;
         spec.mac = mac;
         info!(device = %spec.name, %mac, index, "vxlan device ready");
+        // Dual stack: `flannel-v6.<VNI>` over the IPv6 underlay (70 bytes of headers).
+        let mut spec6 = local6.map(|l| VxlanSpec {
+            name: opts.device_name_v6(),
+            attrs: attrs(IpAddr::V6(l)),
+            mac: MacAddr::random_local(),
+            mtu: underlay_mtu.saturating_sub(70),
+        });
+        if let Some(spec6) = spec6.as_mut() {
+            let (index6, mac6) = ensure_device(&nl, spec6).await?;
+            spec6.mac = mac6;
+            info!(device = %spec6.name, mac = %mac6, index = index6, "vxlan device ready");
+        }
         let attrs = LeaseAttrs {
             public_ip: ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED),
-            public_ipv6: None,
+            public_ipv6: spec6.as_ref().and(ext.ext_v6_addr),
             backend_type: "vxlan".into(),
             backend_data: Some(RawJson::from_value(
                 &serde_json::json!({"VNI": opts.vni, "VtepMAC": mac.to_string()}),
             )),
-            backend_v6_data: None,
+            backend_v6_data: spec6.as_ref().map(|s6| {
+                RawJson::from_value(
+                    &serde_json::json!({"VNI": opts.vni, "VtepMAC": s6.mac.to_string()}),
+                )
+            }),
         };
         let lease = self.ctx.subnet_manager.acquire_lease(&attrs).await?;
         let own_subnet = lease
             .subnet()
             .ok_or_else(|| BackendError::Other("the lease has no IPv4 subnet".into()))?;
+        let v6 = match (spec6, ipv6_network, lease.ipv6_subnet()) {
+            (Some(spec), Some(network), Some(own_subnet)) => Some(V6Side {
+                spec,
+                network,
+                own_subnet,
+                index: 0,
+            }),
+            (Some(_), _, _) => {
+                return Err(BackendError::Other(
+                    "EnableIPv6 is set but the lease has no IPv6 subnet".into(),
+                ));
+            }
+            _ => None,
+        };
         let mut model = VxlanModel {
             nl,
             spec,
@@ -324,6 +441,7 @@ impl Backend for VxlanBackend {
             own_subnet,
             opts,
             index,
+            v6,
         };
         model.prepare().await?;
         Ok(Box::new(ReconciledNetwork::new(
@@ -345,38 +463,71 @@ struct VxlanModel {
     own_subnet: Ipv4Net,
     opts: VxlanOptions,
     index: u32,
+    v6: Option<V6Side>,
+}
+
+/// `flannel-v6.<VNI>` and the IPv6 networks (dual stack).
+#[derive(Debug)]
+struct V6Side {
+    spec: VxlanSpec,
+    network: Ipv6Net,
+    own_subnet: Ipv6Net,
+    index: u32,
+}
+
+/// Makes sure the device of `spec` exists (recreated with the same MAC when it went), holds only
+/// `addr` inside `network`, and is up; its index.
+async fn keep_device(
+    nl: &Netlink,
+    spec: &VxlanSpec,
+    addr: IpNet,
+    network: IpNet,
+) -> Result<u32, BackendError> {
+    let link = match nl.link_by_name(&spec.name).await.map_err(io)? {
+        Some(l) if l.vxlan.is_some() => l,
+        _ => {
+            warn!(device = %spec.name, mac = %spec.mac, "vxlan device is missing; recreating it with the same MAC");
+            let (index, _) = ensure_device(nl, spec).await?;
+            nl.link_by_name(&spec.name)
+                .await
+                .map_err(io)?
+                .filter(|l| l.index == index)
+                .ok_or_else(|| {
+                    BackendError::Other(format!("{} could not be recreated", spec.name))
+                })?
+        }
+    };
+    nl.ensure_only_address(link.index, addr, network)
+        .await
+        .map_err(io)?;
+    if !link.up {
+        nl.set_up(link.index).await.map_err(io)?;
+    }
+    Ok(link.index)
 }
 
 #[async_trait]
 impl Model for VxlanModel {
     async fn prepare(&mut self) -> Result<(), BackendError> {
-        let link = self.nl.link_by_name(&self.spec.name).await.map_err(io)?;
-        let link = match link {
-            Some(l) if l.vxlan.is_some() => l,
-            _ => {
-                warn!(device = %self.spec.name, mac = %self.spec.mac, "vxlan device is missing; recreating it with the same MAC");
-                let (index, _) = ensure_device(&self.nl, &self.spec).await?;
-                self.nl
-                    .link_by_name(&self.spec.name)
-                    .await
-                    .map_err(io)?
-                    .filter(|l| l.index == index)
-                    .ok_or_else(|| {
-                        BackendError::Other(format!("{} could not be recreated", self.spec.name))
-                    })?
-            }
-        };
-        self.index = link.index;
-        let addr = IpNet::V4(
-            Ipv4Net::new(self.own_subnet.network(), 32)
-                .map_err(|e| BackendError::Other(e.to_string()))?,
-        );
-        self.nl
-            .ensure_only_address(link.index, addr, IpNet::V4(self.network))
-            .await
-            .map_err(io)?;
-        if !link.up {
-            self.nl.set_up(link.index).await.map_err(io)?;
+        let addr = Ipv4Net::new(self.own_subnet.network(), 32)
+            .map_err(|e| BackendError::Other(e.to_string()))?;
+        self.index = keep_device(
+            &self.nl,
+            &self.spec,
+            IpNet::V4(addr),
+            IpNet::V4(self.network),
+        )
+        .await?;
+        if let Some(v6) = self.v6.as_mut() {
+            // As Go: no router advertisements on the IPv6 device (best effort).
+            let _ = std::fs::write(
+                format!("/proc/sys/net/ipv6/conf/{}/accept_ra", v6.spec.name),
+                "0",
+            );
+            let addr = Ipv6Net::new(v6.own_subnet.network(), 128)
+                .map_err(|e| BackendError::Other(e.to_string()))?;
+            v6.index =
+                keep_device(&self.nl, &v6.spec, IpNet::V6(addr), IpNet::V6(v6.network)).await?;
         }
         Ok(())
     }
@@ -389,6 +540,11 @@ impl Model for VxlanModel {
             ext_index: self.ext.index,
             ext_networks: self.ext.iface_networks.clone(),
             direct_routing: self.opts.direct_routing,
+            ipv6: self.v6.as_ref().map(|v6| Ipv6Topology {
+                network: v6.network,
+                own_subnet: v6.own_subnet,
+                vxlan_index: v6.index,
+            }),
         };
         desired_state(&topo, leases)
     }
@@ -423,6 +579,7 @@ mod tests {
             ext_index: 2,
             ext_networks: vec!["192.168.0.0/24".parse().unwrap()],
             direct_routing: direct,
+            ipv6: None,
         }
     }
 
@@ -559,5 +716,60 @@ mod tests {
             .unwrap();
         assert!(k.state.lock().unwrap().is_empty());
         assert!(diff(&empty, &k.state.lock().unwrap(), &own).is_empty());
+    }
+
+    #[test]
+    fn dual_stack_adds_go_s_ipv6_entries_on_flannel_v6() {
+        let mut t = topo(false);
+        t.ext_networks.push("fd00:20::/64".parse().unwrap());
+        t.ipv6 = Some(Ipv6Topology {
+            network: "fd00:5::/48".parse().unwrap(),
+            own_subnet: "fd00:5:0:1::/64".parse().unwrap(),
+            vxlan_index: 8,
+        });
+        let mut dual = lease(
+            "10.5.2.0-24&fd00:5:0:2::-64",
+            "192.168.0.2",
+            json!({"VNI":1,"VtepMAC":"aa:00:00:00:00:02"}),
+            "vxlan",
+        );
+        dual.attrs.public_ipv6 = Some("fd00:20::2".parse().unwrap());
+        dual.attrs.backend_v6_data = Some(RawJson::from_value(
+            &json!({"VNI":1,"VtepMAC":"bb:00:00:00:00:02"}),
+        ));
+        // IPv6 part without BackendV6Data: the IPv4 entries stay, the IPv6 ones are skipped with a
+        // warning.
+        let mut no_v6_data = lease(
+            "10.5.3.0-24&fd00:5:0:3::-64",
+            "192.168.0.3",
+            json!({"VNI":1,"VtepMAC":"aa:00:00:00:00:03"}),
+            "vxlan",
+        );
+        no_v6_data.attrs.public_ipv6 = Some("fd00:20::3".parse().unwrap());
+        let (s, own, warnings) = desired_state(&t, &[&dual, &no_v6_data]);
+        let strings = |v: Vec<String>| v.into_iter().collect::<Vec<_>>();
+        assert_eq!(
+            strings(s.routes.iter().map(|r| r.to_string()).collect()),
+            vec![
+                "10.5.2.0/24 via 10.5.2.0 dev #7 onlink",
+                "10.5.3.0/24 via 10.5.3.0 dev #7 onlink",
+                "fd00:5:0:2::/64 via fd00:5:0:2:: dev #8 onlink",
+            ]
+        );
+        assert!(s.neighs.contains(&Neigh {
+            ifindex: 8,
+            ip: "fd00:5:0:2::".parse().unwrap(),
+            mac: "bb:00:00:00:00:02".parse().unwrap(),
+        }));
+        assert!(s.fdb.contains(&Fdb {
+            ifindex: 8,
+            mac: "bb:00:00:00:00:02".parse().unwrap(),
+            dst: "fd00:20::2".parse().unwrap(),
+        }));
+        assert_eq!((s.neighs.len(), s.fdb.len()), (3, 3));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("BackendV6Data"), "{}", warnings[0]);
+        assert!(own.route_oifs.contains(&8) && own.fdb_ifindexes.contains(&8));
+        assert!(own.keep.contains(&"fd00:5:0:1::/64".parse().unwrap()));
     }
 }

@@ -6,12 +6,15 @@
 //! flannel chain, fills it, and replaces the jump into it. Because the chain is rebuilt whole, rules for
 //! an old subnet from a previous run disappear at start. A resync loop compares `iptables -S` with the
 //! expected rules every `--iptables-resync` seconds and rebuilds on any difference.
+//!
+//! With `EnableIPv6` the same chains are kept in ip6tables for the IPv6 network (Go's `MasqIP6Rules`
+//! and forward rules: multicast `ff00::/8` instead of `224.0.0.0/4`).
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -33,6 +36,24 @@ pub struct RuleSet {
     pub jump: Vec<String>,
     /// The chain's rules' arguments, in order.
     pub rules: Vec<Vec<String>>,
+    /// ip6tables instead of iptables.
+    pub ipv6: bool,
+}
+
+impl RuleSet {
+    /// `iptables` or `ip6tables`.
+    pub fn command(&self) -> &'static str {
+        if self.ipv6 { "ip6tables" } else { "iptables" }
+    }
+
+    /// `iptables-restore` or `ip6tables-restore`.
+    pub fn restore_command(&self) -> &'static str {
+        if self.ipv6 {
+            "ip6tables-restore"
+        } else {
+            "iptables-restore"
+        }
+    }
 }
 
 fn args(s: &str, comment: &str) -> Vec<String> {
@@ -53,11 +74,15 @@ fn args(s: &str, comment: &str) -> Vec<String> {
     out
 }
 
-/// The masquerade rules for cluster network `n` and own subnet `s` (HEAD's set).
-pub fn masq_rules(n: Ipv4Net, s: Ipv4Net, random_fully: bool) -> RuleSet {
+/// The masquerade rules for cluster network `n` and own subnet `s` (HEAD's set), in iptables for
+/// IPv4 networks and ip6tables for IPv6 ones.
+pub fn masq_rules(n: IpNet, s: IpNet, random_fully: bool) -> RuleSet {
     let c = "flanneld masq";
     let rf = if random_fully { " --random-fully" } else { "" };
+    let ipv6 = matches!(n, IpNet::V6(_));
+    let multicast = if ipv6 { "ff00::/8" } else { "224.0.0.0/4" };
     RuleSet {
+        ipv6,
         table: "nat",
         chain: MASQ_CHAIN,
         parent: "POSTROUTING",
@@ -67,16 +92,17 @@ pub fn masq_rules(n: Ipv4Net, s: Ipv4Net, random_fully: bool) -> RuleSet {
             args(&format!("-s {s} -d {n} C -j RETURN"), c),
             args(&format!("-s {n} -d {s} C -j RETURN"), c),
             args(&format!("! -s {n} -d {s} C -j RETURN"), c),
-            args(&format!("-s {n} ! -d 224.0.0.0/4 C -j MASQUERADE{rf}"), c),
+            args(&format!("-s {n} ! -d {multicast} C -j MASQUERADE{rf}"), c),
             args(&format!("! -s {n} -d {n} C -j MASQUERADE{rf}"), c),
         ],
     }
 }
 
-/// The forward accept rules for cluster network `n`.
-pub fn forward_rules(n: Ipv4Net) -> RuleSet {
+/// The forward accept rules for cluster network `n` (iptables or ip6tables by its family).
+pub fn forward_rules(n: IpNet) -> RuleSet {
     let c = "flanneld forward";
     RuleSet {
+        ipv6: matches!(n, IpNet::V6(_)),
         table: "filter",
         chain: FWD_CHAIN,
         parent: "FORWARD",
@@ -213,14 +239,14 @@ pub fn supports_random_fully(version: (u32, u32, u32)) -> bool {
     version >= (1, 6, 2)
 }
 
-fn listing(table: &str, chain: &str) -> String {
-    run(&["iptables", "-w", "-t", table, "-S", chain], None).unwrap_or_default()
+fn listing(set: &RuleSet, chain: &str) -> String {
+    run(&[set.command(), "-w", "-t", set.table, "-S", chain], None).unwrap_or_default()
 }
 
 /// Makes the kernel hold exactly `set` (one transaction). Returns whether anything had to change.
 pub fn ensure(set: &RuleSet) -> Result<bool, IptablesError> {
-    let chain = listing(set.table, set.chain);
-    let parent = listing(set.table, set.parent);
+    let chain = listing(set, set.chain);
+    let parent = listing(set, set.parent);
     if in_sync(set, &chain, &parent) {
         return Ok(false);
     }
@@ -229,7 +255,7 @@ pub fn ensure(set: &RuleSet) -> Result<bool, IptablesError> {
         .filter(|l| l.trim() == set.jump_line())
         .count();
     run(
-        &["iptables-restore", "--noflush", "--wait"],
+        &[set.restore_command(), "--noflush", "--wait"],
         Some(&restore_payload(set, jumps)),
     )?;
     Ok(true)
@@ -238,14 +264,15 @@ pub fn ensure(set: &RuleSet) -> Result<bool, IptablesError> {
 /// Removes the flannel chains and jumps (when switching to nftables mode); best effort.
 pub fn remove(sets: &[RuleSet]) {
     for set in sets {
-        let parent = listing(set.table, set.parent);
+        let cmd = set.command();
+        let parent = listing(set, set.parent);
         for _ in parent.lines().filter(|l| l.trim() == set.jump_line()) {
-            let mut args = vec!["iptables", "-w", "-t", set.table, "-D", set.parent];
+            let mut args = vec![cmd, "-w", "-t", set.table, "-D", set.parent];
             args.extend(set.jump.iter().map(String::as_str));
             let _ = run(&args, None);
         }
-        let _ = run(&["iptables", "-w", "-t", set.table, "-F", set.chain], None);
-        let _ = run(&["iptables", "-w", "-t", set.table, "-X", set.chain], None);
+        let _ = run(&[cmd, "-w", "-t", set.table, "-F", set.chain], None);
+        let _ = run(&[cmd, "-w", "-t", set.table, "-X", set.chain], None);
     }
 }
 
@@ -301,11 +328,27 @@ pub async fn keep(rules: TrafficRules, every: Duration, shutdown: CancellationTo
 mod tests {
     use super::*;
 
-    fn n() -> Ipv4Net {
+    fn n() -> IpNet {
         "10.10.0.0/16".parse().unwrap()
     }
-    fn s() -> Ipv4Net {
+    fn s() -> IpNet {
         "10.10.1.0/24".parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_sets_go_to_ip6tables_with_ipv6_multicast() {
+        let n6: IpNet = "fd00:5::/48".parse().unwrap();
+        let s6: IpNet = "fd00:5:0:1::/64".parse().unwrap();
+        let set = masq_rules(n6, s6, false);
+        assert_eq!(
+            (set.command(), set.restore_command()),
+            ("ip6tables", "ip6tables-restore")
+        );
+        assert!(set.chain_listing().contains(
+            &r#"-A FLANNEL-POSTRTG -s fd00:5::/48 ! -d ff00::/8 -m comment --comment "flanneld masq" -j MASQUERADE"#.to_string()
+        ));
+        assert!(forward_rules(n6).ipv6);
+        assert_eq!(masq_rules(n(), s(), false).command(), "iptables");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use flannel_core::{
     new_backend,
 };
 use flannel_subnet::{EtcdConfig, EtcdRegistry, LocalManager, ManagerOptions, SUBNET_TTL};
+use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -112,9 +113,23 @@ fn traffic_rules(
     if !config.ip_masq && !config.iptables_forward_rules {
         return Ok(None);
     }
+    // (IPv4 network and subnet, then the IPv6 ones with EnableIPv6.)
+    let mut families = vec![(IpNet::V4(network), IpNet::V4(subnet))];
+    if let (Some(n6), Some(s6)) = (net.ipv6_network(), lease.ipv6_subnet()) {
+        families.push((IpNet::V6(n6), IpNet::V6(s6)));
+    }
     let random = !config.ip_masq_fully_random_disable;
     if net.enable_nftables {
-        crate::iptables::remove(&[masq_rules(network, subnet, false), forward_rules(network)]);
+        let all: Vec<_> = families
+            .iter()
+            .flat_map(|(n, s)| [masq_rules(*n, *s, false), forward_rules(*n)])
+            .collect();
+        crate::iptables::remove(&all);
+        if families.len() > 1 {
+            warn!(
+                "EnableNFTables: IPv6 masquerade/forward rules are not implemented in nftables mode; IPv4 only"
+            );
+        }
         let table = crate::nftables::nft_rules(
             network,
             subnet,
@@ -134,15 +149,13 @@ fn traffic_rules(
         "using iptables"
     );
     let mut sets = Vec::new();
-    if config.ip_masq {
-        sets.push(masq_rules(
-            network,
-            subnet,
-            random && supports_random_fully(version),
-        ));
-    }
-    if config.iptables_forward_rules {
-        sets.push(forward_rules(network));
+    for (n, s) in families {
+        if config.ip_masq {
+            sets.push(masq_rules(n, s, random && supports_random_fully(version)));
+        }
+        if config.iptables_forward_rules {
+            sets.push(forward_rules(n));
+        }
     }
     Ok(Some(TrafficRules::Iptables(sets)))
 }

@@ -14,7 +14,7 @@
 //! Every namespace is named `flt<pid>-<lab>-…` and removed (with its links) when the [`Lab`] drops,
 //! also when a test fails; processes are stopped by PID.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -30,6 +30,12 @@ pub fn segment_gateway(s: usize) -> Ipv4Addr {
     Ipv4Addr::new(172, 20 + s as u8, 0, 1)
 }
 
+/// The switch's IPv6 address on segment `s` (fd00:20::1, fd00:21::1, …); segment `s` is
+/// fd00:(20+s)::/64.
+pub fn segment_gateway6(s: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x20 + s as u16, 0, 0, 0, 0, 0, 1)
+}
+
 /// One pod.
 #[derive(Debug)]
 pub struct Pod {
@@ -37,6 +43,8 @@ pub struct Pod {
     pub ns: Netns,
     /// Its address.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, when the host's subnet.env has an IPv6 subnet (dual stack).
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// One host.
@@ -48,6 +56,8 @@ pub struct Host {
     pub ns: Netns,
     /// Its underlay address.
     pub addr: Ipv4Addr,
+    /// Its underlay IPv6 address (fd00:(20+segment)::(10+n)).
+    pub addr6: Ipv6Addr,
     /// Its subnet file.
     pub subnet_file: PathBuf,
     /// Its flanneld log.
@@ -151,9 +161,14 @@ impl Lab {
         for (s, _) in spec.segments.iter().enumerate() {
             swsh(&format!("ip link add br{s} type bridge"));
             swsh(&format!("ip addr add {}/16 dev br{s}", segment_gateway(s)));
+            swsh(&format!(
+                "ip addr add {}/64 dev br{s} nodad",
+                segment_gateway6(s)
+            ));
             swsh(&format!("ip link set br{s} up"));
         }
         swsh("sysctl -qw net.ipv4.ip_forward=1");
+        swsh("sysctl -qw net.ipv6.conf.all.forwarding=1");
         let etcd =
             EtcdServer::start_in(Some(sw.name()), &segment_gateway(0).to_string(), 2379, None);
         let mut lab = Self {
@@ -178,6 +193,16 @@ impl Lab {
     fn add_host(&mut self, n: usize, segment: usize, tag: &str, extra_args: Vec<String>) {
         let ns = Netns::new(&format!("{tag}-h{n}"));
         let addr = Ipv4Addr::new(172, 20 + segment as u8, 0, 10 + n as u8);
+        let addr6 = Ipv6Addr::new(
+            0xfd00,
+            0x20 + segment as u16,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0x10 + n as u16,
+        );
         let sw = self.sw.name().to_string();
         run(Command::new("ip").args([
             "netns",
@@ -211,6 +236,7 @@ impl Lab {
             n,
             ns,
             addr,
+            addr6,
             subnet_file: self.dir.path().join(format!("h{n}/subnet.env")),
             log: self.dir.path().join(format!("h{n}.log")),
             flanneld: None,
@@ -224,6 +250,14 @@ impl Lab {
             segment_gateway(segment)
         ));
         host.sh("sysctl -qw net.ipv4.ip_forward=1");
+        // IPv6 on the underlay too (used when the network config enables IPv6); no DAD, so the
+        // address is usable at once.
+        host.sh(&format!("ip addr add {addr6}/64 dev eth0 nodad"));
+        host.sh(&format!(
+            "ip -6 route add default via {}",
+            segment_gateway6(segment)
+        ));
+        host.sh("sysctl -qw net.ipv6.conf.all.forwarding=1");
         self.hosts.push(host);
     }
 
@@ -424,9 +458,20 @@ impl Lab {
         let mtu = env["FLANNEL_MTU"].clone();
         let (gw, prefix) = gw_cidr.split_once('/').expect("cidr");
         let gw: Ipv4Addr = gw.parse().expect("gateway");
+        // Dual stack: FLANNEL_IPV6_SUBNET is the gateway's address with the prefix, like the IPv4 one.
+        let v6 = env.get("FLANNEL_IPV6_SUBNET").map(|c| {
+            let (gw, prefix) = c.split_once('/').expect("cidr");
+            (
+                gw.parse::<Ipv6Addr>().expect("IPv6 gateway"),
+                prefix.to_string(),
+            )
+        });
         if h.ns.exec(&["ip", "link", "show", "cni0"]).is_err() {
             h.sh("ip link add cni0 type bridge");
             h.sh(&format!("ip addr add {gw_cidr} dev cni0"));
+            if let Some((gw6, prefix6)) = &v6 {
+                h.sh(&format!("ip addr add {gw6}/{prefix6} dev cni0 nodad"));
+            }
             h.sh(&format!("ip link set cni0 mtu {mtu} up"));
         }
         for _ in 0..count {
@@ -451,15 +496,22 @@ impl Lab {
             ])
             .unwrap_or_else(|e| panic!("{e}"));
             h.sh(&format!("ip link set {veth} master cni0 up"));
-            for cmd in [
+            let mut cmds = vec![
                 format!("ip addr add {ip}/{prefix} dev eth0"),
                 format!("ip link set eth0 mtu {mtu} up"),
                 format!("ip route add default via {gw}"),
-            ] {
+            ];
+            let ip6 = v6.as_ref().map(|(gw6, prefix6)| {
+                let ip6 = Ipv6Addr::from(u128::from(*gw6) + j as u128);
+                cmds.push(format!("ip addr add {ip6}/{prefix6} dev eth0 nodad"));
+                cmds.push(format!("ip -6 route add default via {gw6}"));
+                ip6
+            });
+            for cmd in cmds {
                 let args: Vec<&str> = cmd.split_whitespace().collect();
                 ns.exec(&args).unwrap_or_else(|e| panic!("{e}"));
             }
-            h.pods.push(Pod { ns, ip });
+            h.pods.push(Pod { ns, ip, ip6 });
         }
     }
 
@@ -544,7 +596,7 @@ impl Lab {
                 .and_then(|a| a.split('/').next())
                 .and_then(|a| a.parse().ok())
                 .expect("CNI result has an IPv4 address");
-            self.hosts[i].pods.push(Pod { ns, ip });
+            self.hosts[i].pods.push(Pod { ns, ip, ip6: None });
         }
     }
 
@@ -560,7 +612,8 @@ impl Lab {
 
     /// Pings `to` from pod `(host, pod)`, once a second, until it answers or `wait` has passed; true
     /// when it answered. (One lost or refused ping must not decide: a route may be on its way.)
-    pub fn ping(&self, from: (usize, usize), to: Ipv4Addr, wait: Duration) -> bool {
+    pub fn ping(&self, from: (usize, usize), to: impl Into<IpAddr>, wait: Duration) -> bool {
+        let to: IpAddr = to.into();
         let pod = &self.hosts[from.0].pods[from.1];
         let deadline = Instant::now() + wait;
         loop {

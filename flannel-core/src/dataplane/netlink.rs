@@ -70,8 +70,8 @@ pub struct VxlanAttrs {
     pub vni: u32,
     /// Underlay device index.
     pub link: Option<u32>,
-    /// Local address.
-    pub local: Option<Ipv4Addr>,
+    /// Local address (IPv4 for `flannel.N`, IPv6 for `flannel-v6.N`).
+    pub local: Option<IpAddr>,
     /// UDP port (0: kernel default).
     pub port: u16,
     /// Whether learning is on.
@@ -112,6 +112,7 @@ impl Netlink {
             MulticastGroup::Ipv6Route,
             MulticastGroup::Neigh,
             MulticastGroup::Ipv4Ifaddr,
+            MulticastGroup::Ipv6Ifaddr,
         ])
         .map_err(|e| err("subscribing to netlink notifications", e))?;
         tokio::spawn(conn);
@@ -153,8 +154,10 @@ impl Netlink {
         if let Some(l) = a.link {
             b = b.dev(l);
         }
-        if let Some(l) = a.local {
-            b = b.local(l);
+        match a.local {
+            Some(IpAddr::V4(l)) => b = b.local(l),
+            Some(IpAddr::V6(l)) => b = b.local6(l),
+            None => {}
         }
         if a.port > 0 {
             b = b.port(a.port);
@@ -333,7 +336,8 @@ fn link_state(msg: rtnetlink::packet_route::link::LinkMessage) -> LinkState {
                                 match d {
                                     InfoVxlan::Id(id) => v.vni = id,
                                     InfoVxlan::Link(l) => v.link = Some(l),
-                                    InfoVxlan::Local(l) => v.local = Some(l),
+                                    InfoVxlan::Local(l) => v.local = Some(IpAddr::V4(l)),
+                                    InfoVxlan::Local6(l) => v.local = Some(IpAddr::V6(l)),
                                     InfoVxlan::Port(p) => v.port = p,
                                     InfoVxlan::Learning(l) => v.learning = l,
                                     InfoVxlan::Gbp => v.gbp = true,

@@ -1,0 +1,220 @@
+//! Dual stack (`EnableIPv6`) in the lab: every pod reaches every other pod over IPv4 and IPv6, the
+//! leases advertise each host's IPv6 address, and each host holds the IPv6 entries Go flannel installs.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use flannel_tests::lab::{Lab, LabSpec};
+use flannel_tests::{bin_path, require_etcd, require_root};
+
+fn dual_lab(test: &str, backend: &str, args: &[&str]) -> Option<Lab> {
+    if !require_root(test) || !require_etcd(test) {
+        return None;
+    }
+    let spec = LabSpec {
+        segments: vec![3],
+        config: format!(
+            r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{backend}}}"#
+        ),
+        flanneld_args: args.iter().map(|a| a.to_string()).collect(),
+    };
+    let mut lab = Lab::new(&spec, bin_path("flanneld"));
+    lab.start_all();
+    for i in 0..3 {
+        lab.add_pods(i, 1);
+    }
+    Some(lab)
+}
+
+/// Every pod pings every other pod over both families; the failures.
+fn ping_both(lab: &Lab) -> Vec<String> {
+    let mut failures = Vec::new();
+    for from in 0..lab.hosts.len() {
+        for to in 0..lab.hosts.len() {
+            if from == to {
+                continue;
+            }
+            let pod = &lab.hosts[to].pods[0];
+            if !lab.ping((from, 0), pod.ip, Duration::from_secs(5)) {
+                failures.push(format!("host {from} -> {}", pod.ip));
+            }
+            let ip6 = pod.ip6.expect("the pod has an IPv6 address");
+            if !lab.ping((from, 0), ip6, Duration::from_secs(5)) {
+                failures.push(format!("host {from} -> {ip6}"));
+            }
+        }
+    }
+    failures
+}
+
+/// Each host's lease: (IPv6 subnet as in the key, the PublicIPv6 it advertises).
+fn v6_leases(lab: &Lab) -> Vec<(String, String)> {
+    lab.etcd_list("/coreos.com/network/subnets/")
+        .into_iter()
+        .map(|(k, v)| {
+            let key = k.rsplit('/').next().unwrap().to_string();
+            let (_, v6) = key.split_once('&').expect("a dual-stack key");
+            let (net, len) = v6.rsplit_once('-').unwrap();
+            let json: serde_json::Value = serde_json::from_str(&v).unwrap();
+            (
+                format!("{net}/{len}"),
+                json["PublicIPv6"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn hostgw_dual_stack() {
+    let Some(lab) = dual_lab("hostgw_dual_stack", r#"{"Type":"host-gw"}"#, &["--ip-masq"]) else {
+        return;
+    };
+    let failures = ping_both(&lab);
+    assert!(failures.is_empty(), "unreachable: {failures:?}");
+    let leases = v6_leases(&lab);
+    for h in &lab.hosts {
+        let own = leases
+            .iter()
+            .find(|(_, ip)| *ip == h.addr6.to_string())
+            .unwrap_or_else(|| panic!("no lease advertises {}: {leases:?}", h.addr6));
+        let routes = h.sh("ip -6 route show");
+        for (subnet, gw) in &leases {
+            let want = format!("{subnet} via {gw} dev eth0");
+            if subnet == &own.0 {
+                assert!(!routes.contains(&want), "own subnet routed away: {routes}");
+            } else {
+                assert!(
+                    routes.contains(&want),
+                    "host {}: {want} missing in {routes}",
+                    h.n
+                );
+            }
+        }
+        // --ip-masq keeps the same chains in ip6tables for the IPv6 network.
+        let masq = h.sh("ip6tables -w -t nat -S FLANNEL-POSTRTG");
+        assert!(
+            masq.contains("-s fd00:5::/48 ! -d ff00::/8") && masq.contains("-j MASQUERADE"),
+            "{masq}"
+        );
+    }
+    // The switch has no route to the pods' IPv6 subnets: only masqueraded pings come back.
+    let outside = flannel_tests::lab::segment_gateway6(0);
+    assert!(
+        lab.ping((0, 0), outside, Duration::from_secs(5)),
+        "a pod reaches a host outside the cluster over IPv6 (masqueraded)"
+    );
+}
+
+/// The IPv6 VTEP MAC a lease advertises (`BackendV6Data.VtepMAC`), by IPv6 subnet.
+fn v6_macs(lab: &Lab) -> Vec<(String, String)> {
+    lab.etcd_list("/coreos.com/network/subnets/")
+        .into_iter()
+        .map(|(k, v)| {
+            let key = k.rsplit('/').next().unwrap().to_string();
+            let (_, v6) = key.split_once('&').unwrap();
+            let (net, len) = v6.rsplit_once('-').unwrap();
+            let json: serde_json::Value = serde_json::from_str(&v).unwrap();
+            let mac = json["BackendV6Data"]["VtepMAC"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no BackendV6Data.VtepMAC in {v}"))
+                .to_string();
+            (format!("{net}/{len}"), mac)
+        })
+        .collect()
+}
+
+#[test]
+fn vxlan_dual_stack() {
+    let Some(lab) = dual_lab("vxlan_dual_stack", r#"{"Type":"vxlan"}"#, &[]) else {
+        return;
+    };
+    let failures = ping_both(&lab);
+    assert!(failures.is_empty(), "unreachable: {failures:?}");
+    let leases = v6_leases(&lab);
+    let macs = v6_macs(&lab);
+    for h in &lab.hosts {
+        let (own, _) = leases
+            .iter()
+            .find(|(_, ip)| *ip == h.addr6.to_string())
+            .unwrap_or_else(|| panic!("no lease advertises {}: {leases:?}", h.addr6));
+        let link = h.sh("ip -d link show flannel-v6.1");
+        assert!(
+            link.contains("vxlan id 1") && link.contains(&format!("local {}", h.addr6)),
+            "{link}"
+        );
+        assert!(link.contains("mtu 1430"), "underlay MTU - 70: {link}");
+        let own_mac = &macs.iter().find(|(s, _)| s == own).unwrap().1;
+        assert!(
+            link.contains(own_mac.as_str()),
+            "advertised MAC {own_mac}: {link}"
+        );
+        let addr = h.sh("ip -6 addr show dev flannel-v6.1");
+        let own_addr = own.split('/').next().unwrap();
+        assert!(addr.contains(&format!("{own_addr}/128")), "{addr}");
+        let routes = h.sh("ip -6 route show");
+        let neighs = h.sh("ip -6 neigh show dev flannel-v6.1");
+        let fdb = h.sh("bridge fdb show dev flannel-v6.1");
+        for ((subnet, public), (_, mac)) in leases.iter().zip(&macs) {
+            if subnet == own {
+                continue;
+            }
+            let gw = subnet.split('/').next().unwrap();
+            // (The kernel gives IPv6 routes metric 1024, Go's alike.)
+            let route = format!("{subnet} via {gw} dev flannel-v6.1 ");
+            assert!(
+                routes
+                    .lines()
+                    .any(|l| l.starts_with(&route) && l.contains(" onlink")),
+                "host {}: {route}... onlink missing in {routes}",
+                h.n
+            );
+            let neigh = format!("{gw} lladdr {mac} PERMANENT");
+            assert!(
+                neighs.contains(&neigh),
+                "host {}: {neigh} missing in {neighs}",
+                h.n
+            );
+            let entry = format!("{mac} dst {public} self permanent");
+            assert!(
+                fdb.contains(&entry),
+                "host {}: {entry} missing in {fdb}",
+                h.n
+            );
+        }
+    }
+    // Self-healing on the IPv6 side: a deleted route comes back, a deleted flannel-v6.1 is recreated
+    // with the MAC the lease advertises.
+    let peer_subnet = &leases
+        .iter()
+        .find(|(_, ip)| *ip != lab.hosts[0].addr6.to_string())
+        .unwrap()
+        .0;
+    lab.hosts[0].sh(&format!("ip -6 route del {peer_subnet}"));
+    let (own1, _) = leases
+        .iter()
+        .find(|(_, ip)| *ip == lab.hosts[1].addr6.to_string())
+        .unwrap();
+    let mac1 = macs.iter().find(|(s, _)| s == own1).unwrap().1.clone();
+    lab.hosts[1].sh("ip link del flannel-v6.1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let route_back = lab.hosts[0]
+            .sh("ip -6 route show")
+            .contains(&format!("{peer_subnet} via"));
+        let dev_back = lab.hosts[1]
+            .ns
+            .exec(&["ip", "link", "show", "flannel-v6.1"])
+            .is_ok_and(|l| l.contains(&mac1));
+        if route_back && dev_back {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not repaired: route {route_back}, device {dev_back}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let failures = ping_both(&lab);
+    assert!(failures.is_empty(), "after repairs: {failures:?}");
+}
