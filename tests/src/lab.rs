@@ -591,12 +591,24 @@ impl Lab {
             );
             assert_eq!(code, Some(0), "CNI ADD failed: {out}");
             let result: serde_json::Value = serde_json::from_str(&out).expect("CNI result");
-            let ip = result["ips"][0]["address"]
-                .as_str()
-                .and_then(|a| a.split('/').next())
-                .and_then(|a| a.parse().ok())
+            let addrs: Vec<IpAddr> = result["ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a["address"].as_str()?.split('/').next()?.parse().ok())
+                .collect();
+            let ip = addrs
+                .iter()
+                .find_map(|a| match a {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
                 .expect("CNI result has an IPv4 address");
-            self.hosts[i].pods.push(Pod { ns, ip, ip6: None });
+            let ip6 = addrs.iter().find_map(|a| match a {
+                IpAddr::V6(v6) => Some(*v6),
+                IpAddr::V4(_) => None,
+            });
+            self.hosts[i].pods.push(Pod { ns, ip, ip6 });
         }
     }
 

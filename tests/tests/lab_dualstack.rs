@@ -218,3 +218,38 @@ fn vxlan_dual_stack() {
     let failures = ping_both(&lab);
     assert!(failures.is_empty(), "after repairs: {failures:?}");
 }
+
+#[test]
+fn cni_pods_get_both_families() {
+    if !std::path::Path::new("/usr/lib/cni/bridge").exists() {
+        assert!(
+            std::env::var_os("FLANNEL_REQUIRE_ROOT_TESTS").is_none(),
+            "Debian's containernetworking-plugins are missing"
+        );
+        eprintln!("skipping cni_pods_get_both_families: no /usr/lib/cni/bridge");
+        return;
+    }
+    if !require_root("cni_pods_get_both_families") || !require_etcd("cni_pods_get_both_families") {
+        return;
+    }
+    let spec = LabSpec {
+        segments: vec![2],
+        config: r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{"Type":"vxlan"}}"#.into(),
+        flanneld_args: vec![],
+    };
+    let mut lab = Lab::new(&spec, bin_path("flanneld"));
+    lab.start_all();
+    for i in 0..2 {
+        lab.add_cni_pods(i, 1, &bin_path("flannel"));
+    }
+    for h in 0..2 {
+        let env = lab.hosts[h].subnet_env().unwrap();
+        let subnet6: ipnet::Ipv6Net = env["FLANNEL_IPV6_SUBNET"].parse().unwrap();
+        let ip6 = lab.hosts[h].pods[0]
+            .ip6
+            .expect("the CNI result has an IPv6 address");
+        assert!(subnet6.trunc().contains(&ip6), "{ip6} in {subnet6}");
+    }
+    let failures = ping_both(&lab);
+    assert!(failures.is_empty(), "unreachable: {failures:?}");
+}

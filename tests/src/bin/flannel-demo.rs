@@ -1,6 +1,6 @@
 //! The demo: a local multi-host flannel cluster in network namespaces.
 //!
-//! `flannel-demo [--backend vxlan|host-gw|vxlan-direct|udp] [--hosts N] [--hold]`
+//! `flannel-demo [--backend vxlan|host-gw|vxlan-direct|udp] [--hosts N] [--ipv6] [--hold]`
 //!
 //! Builds N hosts on an underlay switch, runs etcd and the real flanneld on every host, creates two
 //! pods per host, pings every pod from every pod, and shows what flannel put in the kernel and in
@@ -46,6 +46,7 @@ fn main() {
         .unwrap_or(3)
         .clamp(2, 20);
     let hold = args.iter().any(|a| a == "--hold");
+    let ipv6 = args.iter().any(|a| a == "--ipv6");
     let backend_json = match backend.as_str() {
         "vxlan" => r#"{"Type":"vxlan"}"#,
         "vxlan-direct" => r#"{"Type":"vxlan","DirectRouting":true}"#,
@@ -66,7 +67,12 @@ fn main() {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    let config = format!(r#"{{"Network":"10.5.0.0/16","Backend":{backend_json}}}"#);
+    let v6 = if ipv6 {
+        r#","EnableIPv6":true,"IPv6Network":"fd00:5::/48""#
+    } else {
+        ""
+    };
+    let config = format!(r#"{{"Network":"10.5.0.0/16"{v6},"Backend":{backend_json}}}"#);
     section(&format!("Building a {hosts}-host lab (backend {backend})"));
     println!(
         "    hosts are network namespaces on one underlay switch (172.20.0.0/16); etcd runs on the switch"
@@ -117,20 +123,42 @@ fn main() {
         } else {
             lab.add_pods(i, 2);
         }
-        let ips: Vec<String> = lab.hosts[i].pods.iter().map(|p| p.ip.to_string()).collect();
+        let ips: Vec<String> = lab.hosts[i]
+            .pods
+            .iter()
+            .map(|p| match p.ip6 {
+                Some(ip6) => format!("{} + {ip6}", p.ip),
+                None => p.ip.to_string(),
+            })
+            .collect();
         println!("    host{}: pods {}", lab.hosts[i].n, ips.join(", "));
     }
     if interrupted() {
         return;
     }
 
-    section("Every pod pings every other pod");
-    let pods = lab.all_pods();
+    section(if ipv6 {
+        "Every pod pings every other pod (IPv4 and IPv6)"
+    } else {
+        "Every pod pings every other pod"
+    });
+    let mut pods: Vec<((usize, usize), std::net::IpAddr)> = lab
+        .all_pods()
+        .into_iter()
+        .map(|(p, ip)| (p, ip.into()))
+        .collect();
+    for (h, host) in lab.hosts.iter().enumerate() {
+        for (j, pod) in host.pods.iter().enumerate() {
+            if let Some(ip6) = pod.ip6 {
+                pods.push(((h, j), ip6.into()));
+            }
+        }
+    }
     let mut ok = 0;
     let mut failed = Vec::new();
     for (from, from_ip) in &pods {
         for (to_pos, to) in &pods {
-            if from == to_pos || interrupted() {
+            if from == to_pos || from_ip.is_ipv4() != to.is_ipv4() || interrupted() {
                 continue;
             }
             if lab.ping(*from, *to, Duration::from_secs(2)) {
