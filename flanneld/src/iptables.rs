@@ -281,8 +281,8 @@ pub fn remove(sets: &[RuleSet]) {
 pub enum TrafficRules {
     /// iptables chains (default).
     Iptables(Vec<RuleSet>),
-    /// The nftables table (`EnableNFTables`).
-    Nftables(crate::nftables::NftTable),
+    /// The nftables tables (`EnableNFTables`): IPv4, and IPv6 with `EnableIPv6`.
+    Nftables(Vec<crate::nftables::NftTable>),
 }
 
 impl TrafficRules {
@@ -296,7 +296,13 @@ impl TrafficRules {
                 }
                 changed
             }
-            TrafficRules::Nftables(t) => crate::nftables::ensure(t)?,
+            TrafficRules::Nftables(tables) => {
+                let mut changed = false;
+                for t in tables {
+                    changed |= crate::nftables::ensure(t)?;
+                }
+                changed
+            }
         };
         if changed {
             flannel_core::metrics::inc(&flannel_core::metrics::metrics().iptables_installs);

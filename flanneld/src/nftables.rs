@@ -1,56 +1,73 @@
 //! The nftables variant of the masquerade and forward rules (`EnableNFTables`, shared/spec/flannel-compat.md
-//! §6.4): table `ip flannel-ipv4` with chains `postrtg` (nat) and `forward` (filter), rebuilt in one
-//! `nft -f` transaction and compared with `nft list table` on every resync (Go installs them once).
+//! §6.4): table `ip flannel-ipv4` with chains `postrtg` (nat) and `forward` (filter), and with
+//! `EnableIPv6` table `ip6 flannel-ipv6` likewise; each rebuilt in one `nft -f` transaction and compared
+//! with `nft list table` on every resync (Go installs them once).
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use crate::iptables::{IptablesError, run};
 
 /// The flannel IPv4 table.
 pub const TABLE: &str = "flannel-ipv4";
+/// The flannel IPv6 table.
+pub const TABLE6: &str = "flannel-ipv6";
 
-/// What the table holds.
+/// What one table holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NftTable {
+    /// IPv6 (`ip6 flannel-ipv6`) instead of IPv4 (`ip flannel-ipv4`).
+    pub ipv6: bool,
     /// The `postrtg` rules (when `--ip-masq`).
     pub masq: Option<Vec<String>>,
     /// The `forward` rules (when `--iptables-forward-rules`).
     pub forward: Option<Vec<String>>,
 }
 
-/// The rules for cluster network `n` and own subnet `s`, in Go flanneld HEAD's order.
-pub fn nft_rules(
-    n: Ipv4Net,
-    s: Ipv4Net,
-    masq: bool,
-    forward: bool,
-    fully_random: bool,
-) -> NftTable {
+/// The rules for cluster network `n` and own subnet `s` (both of one family), in Go flanneld HEAD's
+/// order.
+pub fn nft_rules(n: IpNet, s: IpNet, masq: bool, forward: bool, fully_random: bool) -> NftTable {
     let fr = if fully_random { " fully-random" } else { "" };
+    let ipv6 = matches!(n, IpNet::V6(_));
+    let (ip, multicast) = if ipv6 {
+        ("ip6", "ff00::/8")
+    } else {
+        ("ip", "224.0.0.0/4")
+    };
     NftTable {
+        ipv6,
         masq: masq.then(|| {
             vec![
                 "meta mark 0x00004000 return".to_string(),
-                format!("ip saddr {s} ip daddr {n} return"),
-                format!("ip saddr {n} ip daddr {s} return"),
-                format!("ip saddr != {s} ip daddr {n} return"),
-                format!("ip saddr {n} ip daddr != 224.0.0.0/4 masquerade{fr}"),
-                format!("ip saddr != {n} ip daddr {n} masquerade{fr}"),
+                format!("{ip} saddr {s} {ip} daddr {n} return"),
+                format!("{ip} saddr {n} {ip} daddr {s} return"),
+                format!("{ip} saddr != {s} {ip} daddr {n} return"),
+                format!("{ip} saddr {n} {ip} daddr != {multicast} masquerade{fr}"),
+                format!("{ip} saddr != {n} {ip} daddr {n} masquerade{fr}"),
             ]
         }),
         forward: forward.then(|| {
             vec![
-                format!("ip saddr {n} accept"),
-                format!("ip daddr {n} accept"),
+                format!("{ip} saddr {n} accept"),
+                format!("{ip} daddr {n} accept"),
             ]
         }),
     }
 }
 
 impl NftTable {
-    /// The table as `nft list table ip flannel-ipv4` prints it.
+    /// The nft family and table name.
+    pub fn name(&self) -> (&'static str, &'static str) {
+        if self.ipv6 {
+            ("ip6", TABLE6)
+        } else {
+            ("ip", TABLE)
+        }
+    }
+
+    /// The table as `nft list table <family> <name>` prints it.
     pub fn listing(&self) -> String {
-        let mut t = format!("table ip {TABLE} {{\n\tcomment \"rules for {TABLE}\"\n");
+        let (family, name) = self.name();
+        let mut t = format!("table {family} {name} {{\n\tcomment \"rules for {name}\"\n");
         let mut chains = Vec::new();
         if let Some(rules) = &self.masq {
             chains.push((
@@ -86,8 +103,9 @@ impl NftTable {
 
     /// The `nft -f` script that replaces the table atomically.
     pub fn script(&self) -> String {
+        let (family, name) = self.name();
         format!(
-            "table ip {TABLE} {{}}\ndelete table ip {TABLE}\n{}",
+            "table {family} {name} {{}}\ndelete table {family} {name}\n{}",
             self.listing()
         )
     }
@@ -107,7 +125,8 @@ pub fn in_sync(table: &NftTable, listing: &str) -> bool {
 
 /// Makes the kernel hold exactly `table`. Returns whether anything had to change.
 pub fn ensure(table: &NftTable) -> Result<bool, IptablesError> {
-    let have = run(&["nft", "list", "table", "ip", TABLE], None).unwrap_or_default();
+    let (family, name) = table.name();
+    let have = run(&["nft", "list", "table", family, name], None).unwrap_or_default();
     if in_sync(table, &have) {
         return Ok(false);
     }
@@ -115,9 +134,10 @@ pub fn ensure(table: &NftTable) -> Result<bool, IptablesError> {
     Ok(true)
 }
 
-/// Removes the flannel nftables table (when switching to iptables mode); best effort.
+/// Removes the flannel nftables tables (when switching to iptables mode); best effort.
 pub fn remove() {
     let _ = run(&["nft", "delete", "table", "ip", TABLE], None);
+    let _ = run(&["nft", "delete", "table", "ip6", TABLE6], None);
 }
 
 #[cfg(test)]
@@ -150,5 +170,27 @@ mod tests {
         );
         assert!(!fwd_only.listing().contains("postrtg"));
         assert!(!in_sync(&fwd_only, &t.listing()));
+    }
+
+    #[test]
+    fn ipv6_table() {
+        let t = nft_rules(
+            "fd00:5::/48".parse().unwrap(),
+            "fd00:5:0:1::/64".parse().unwrap(),
+            true,
+            true,
+            false,
+        );
+        let l = t.listing();
+        assert!(l.starts_with("table ip6 flannel-ipv6 {\n\tcomment \"rules for flannel-ipv6\""));
+        assert!(
+            l.contains("\t\tip6 saddr fd00:5::/48 ip6 daddr != ff00::/8 masquerade\n"),
+            "{l}"
+        );
+        assert!(l.contains("\t\tip6 daddr fd00:5::/48 accept\n"), "{l}");
+        assert!(
+            t.script()
+                .starts_with("table ip6 flannel-ipv6 {}\ndelete table ip6 flannel-ipv6\n")
+        );
     }
 }

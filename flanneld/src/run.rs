@@ -125,20 +125,20 @@ fn traffic_rules(
             .flat_map(|(n, s)| [masq_rules(*n, *s, false), forward_rules(*n)])
             .collect();
         crate::iptables::remove(&all);
-        if families.len() > 1 {
-            warn!(
-                "EnableNFTables: IPv6 masquerade/forward rules are not implemented in nftables mode; IPv4 only"
-            );
-        }
-        let table = crate::nftables::nft_rules(
-            network,
-            subnet,
-            config.ip_masq,
-            config.iptables_forward_rules,
-            random,
-        );
+        let tables = families
+            .iter()
+            .map(|(n, s)| {
+                crate::nftables::nft_rules(
+                    *n,
+                    *s,
+                    config.ip_masq,
+                    config.iptables_forward_rules,
+                    random,
+                )
+            })
+            .collect();
         info!("using nftables (EnableNFTables)");
-        return Ok(Some(TrafficRules::Nftables(table)));
+        return Ok(Some(TrafficRules::Nftables(tables)));
     }
     crate::nftables::remove();
     let (version, nft) = crate::iptables::iptables_version()

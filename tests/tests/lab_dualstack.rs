@@ -9,13 +9,18 @@ use flannel_tests::lab::{Lab, LabSpec};
 use flannel_tests::{bin_path, require_etcd, require_root};
 
 fn dual_lab(test: &str, backend: &str, args: &[&str]) -> Option<Lab> {
+    dual_lab_with(test, "", backend, args)
+}
+
+/// A dual-stack lab with `extra` (`,"Key":value` pairs) added to the network config.
+fn dual_lab_with(test: &str, extra: &str, backend: &str, args: &[&str]) -> Option<Lab> {
     if !require_root(test) || !require_etcd(test) {
         return None;
     }
     let spec = LabSpec {
         segments: vec![3],
         config: format!(
-            r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{backend}}}"#
+            r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48"{extra},"Backend":{backend}}}"#
         ),
         flanneld_args: args.iter().map(|a| a.to_string()).collect(),
     };
@@ -250,6 +255,36 @@ fn cni_pods_get_both_families() {
             .expect("the CNI result has an IPv6 address");
         assert!(subnet6.trunc().contains(&ip6), "{ip6} in {subnet6}");
     }
+    let failures = ping_both(&lab);
+    assert!(failures.is_empty(), "unreachable: {failures:?}");
+}
+
+#[test]
+fn nftables_mode_masquerades_ipv6_too() {
+    let Some(lab) = dual_lab_with(
+        "nftables_mode_masquerades_ipv6_too",
+        r#","EnableNFTables":true"#,
+        r#"{"Type":"host-gw"}"#,
+        &["--ip-masq"],
+    ) else {
+        return;
+    };
+    for h in &lab.hosts {
+        let t = h.sh("nft list table ip6 flannel-ipv6");
+        assert!(
+            t.contains("ip6 saddr fd00:5::/48 ip6 daddr != ff00::/8 masquerade"),
+            "{t}"
+        );
+        assert!(
+            h.sh("nft list table ip flannel-ipv4")
+                .contains("masquerade")
+        );
+    }
+    let outside = flannel_tests::lab::segment_gateway6(0);
+    assert!(
+        lab.ping((0, 0), outside, Duration::from_secs(5)),
+        "a pod reaches a host outside the cluster over IPv6 (masqueraded by nftables)"
+    );
     let failures = ping_both(&lab);
     assert!(failures.is_empty(), "unreachable: {failures:?}");
 }

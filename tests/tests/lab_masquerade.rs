@@ -292,7 +292,8 @@ fn nftables_mode() {
         .parse::<ipnet::Ipv4Net>()
         .unwrap()
         .trunc();
-    let want = flanneld::nftables::nft_rules("10.5.0.0/16".parse().unwrap(), sn, true, true, true);
+    let want =
+        flanneld::nftables::nft_rules("10.5.0.0/16".parse().unwrap(), sn.into(), true, true, true);
     let table = || {
         lab.hosts[0]
             .ns
