@@ -130,6 +130,12 @@ impl Backend for HostGwBackend {
             .network()
             .ok_or_else(|| bad("the host-gw backend needs an IPv4 Network".into()))?;
         let ipv6_network = config.ipv6_network();
+        if ipv6_network.is_some() && ext.ext_v6_addr != ext.iface_v6_addr {
+            return Err(bad(format!(
+                "the public IPv6 {:?} differs from {}'s address {:?}: probably you're on a NAT, which is not supported by host-gw backend",
+                ext.ext_v6_addr, ext.name, ext.iface_v6_addr
+            )));
+        }
         if ipv6_network.is_some() && ext.ext_v6_addr.is_none() {
             return Err(bad(format!(
                 "EnableIPv6 is set but {} has no global IPv6 address (give it one, or pass --public-ipv6)",

@@ -772,4 +772,41 @@ mod tests {
         assert!(own.route_oifs.contains(&8) && own.fdb_ifindexes.contains(&8));
         assert!(own.keep.contains(&"fd00:5:0:1::/64".parse().unwrap()));
     }
+
+    #[test]
+    fn dual_stack_direct_routing_routes_on_link_ipv6_peers_directly() {
+        let mut t = topo(true);
+        t.ext_networks.push("fd00:20::/64".parse().unwrap());
+        t.ipv6 = Some(Ipv6Topology {
+            network: "fd00:5::/48".parse().unwrap(),
+            own_subnet: "fd00:5:0:1::/64".parse().unwrap(),
+            vxlan_index: 8,
+        });
+        let mut near = lease(
+            "10.5.2.0-24&fd00:5:0:2::-64",
+            "192.168.0.2",
+            json!({"VNI":1,"VtepMAC":"aa:00:00:00:00:02"}),
+            "vxlan",
+        );
+        near.attrs.public_ipv6 = Some("fd00:20::2".parse().unwrap());
+        near.attrs.backend_v6_data = Some(RawJson::from_value(
+            &json!({"VNI":1,"VtepMAC":"bb:00:00:00:00:02"}),
+        ));
+        let mut far = near.clone();
+        far.key = "10.5.3.0-24&fd00:5:0:3::-64".parse().unwrap();
+        far.attrs.public_ip = "192.168.9.3".parse().unwrap();
+        far.attrs.public_ipv6 = Some("fd00:99::3".parse().unwrap());
+        let (s, own, _) = desired_state(&t, &[&near, &far]);
+        let routes: Vec<String> = s.routes.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            routes,
+            vec![
+                "10.5.2.0/24 via 192.168.0.2 dev #2",
+                "10.5.3.0/24 via 10.5.3.0 dev #7 onlink",
+                "fd00:5:0:2::/64 via fd00:20::2 dev #2",
+                "fd00:5:0:3::/64 via fd00:5:0:3:: dev #8 onlink",
+            ]
+        );
+        assert_eq!(own.gateway_route_oifs, vec![2]);
+    }
 }
