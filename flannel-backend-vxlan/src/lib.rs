@@ -718,25 +718,32 @@ mod tests {
         assert!(diff(&empty, &k.state.lock().unwrap(), &own).is_empty());
     }
 
-    #[test]
-    fn dual_stack_adds_go_s_ipv6_entries_on_flannel_v6() {
-        let mut t = topo(false);
+    /// A dual-stack topology (`flannel-v6.1` is #8, the external interface on fd00:20::/64 too) and an
+    /// on-link dual-stack peer with both data fields.
+    fn dual_setup(direct: bool) -> (Topology, Lease) {
+        let mut t = topo(direct);
         t.ext_networks.push("fd00:20::/64".parse().unwrap());
         t.ipv6 = Some(Ipv6Topology {
             network: "fd00:5::/48".parse().unwrap(),
             own_subnet: "fd00:5:0:1::/64".parse().unwrap(),
             vxlan_index: 8,
         });
-        let mut dual = lease(
+        let mut peer = lease(
             "10.5.2.0-24&fd00:5:0:2::-64",
             "192.168.0.2",
             json!({"VNI":1,"VtepMAC":"aa:00:00:00:00:02"}),
             "vxlan",
         );
-        dual.attrs.public_ipv6 = Some("fd00:20::2".parse().unwrap());
-        dual.attrs.backend_v6_data = Some(RawJson::from_value(
+        peer.attrs.public_ipv6 = Some("fd00:20::2".parse().unwrap());
+        peer.attrs.backend_v6_data = Some(RawJson::from_value(
             &json!({"VNI":1,"VtepMAC":"bb:00:00:00:00:02"}),
         ));
+        (t, peer)
+    }
+
+    #[test]
+    fn dual_stack_adds_go_s_ipv6_entries_on_flannel_v6() {
+        let (t, dual) = dual_setup(false);
         // IPv6 part without BackendV6Data: the IPv4 entries stay, the IPv6 ones are skipped with a
         // warning.
         let mut no_v6_data = lease(
@@ -747,9 +754,8 @@ mod tests {
         );
         no_v6_data.attrs.public_ipv6 = Some("fd00:20::3".parse().unwrap());
         let (s, own, warnings) = desired_state(&t, &[&dual, &no_v6_data]);
-        let strings = |v: Vec<String>| v.into_iter().collect::<Vec<_>>();
         assert_eq!(
-            strings(s.routes.iter().map(|r| r.to_string()).collect()),
+            s.routes.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
             vec![
                 "10.5.2.0/24 via 10.5.2.0 dev #7 onlink",
                 "10.5.3.0/24 via 10.5.3.0 dev #7 onlink",
@@ -775,23 +781,7 @@ mod tests {
 
     #[test]
     fn dual_stack_direct_routing_routes_on_link_ipv6_peers_directly() {
-        let mut t = topo(true);
-        t.ext_networks.push("fd00:20::/64".parse().unwrap());
-        t.ipv6 = Some(Ipv6Topology {
-            network: "fd00:5::/48".parse().unwrap(),
-            own_subnet: "fd00:5:0:1::/64".parse().unwrap(),
-            vxlan_index: 8,
-        });
-        let mut near = lease(
-            "10.5.2.0-24&fd00:5:0:2::-64",
-            "192.168.0.2",
-            json!({"VNI":1,"VtepMAC":"aa:00:00:00:00:02"}),
-            "vxlan",
-        );
-        near.attrs.public_ipv6 = Some("fd00:20::2".parse().unwrap());
-        near.attrs.backend_v6_data = Some(RawJson::from_value(
-            &json!({"VNI":1,"VtepMAC":"bb:00:00:00:00:02"}),
-        ));
+        let (t, near) = dual_setup(true);
         let mut far = near.clone();
         far.key = "10.5.3.0-24&fd00:5:0:3::-64".parse().unwrap();
         far.attrs.public_ip = "192.168.9.3".parse().unwrap();

@@ -37,6 +37,16 @@ async fn client(url: &str) -> Client {
     Client::connect([url], None).await.expect("etcd client")
 }
 
+/// A fresh etcd holding the network config `config`, and a client of it.
+async fn etcd_with_config(config: &str) -> (EtcdServer, Client) {
+    let etcd = EtcdServer::start();
+    let mut c = client(&etcd.url()).await;
+    c.put(format!("{PREFIX}/config"), config, None)
+        .await
+        .unwrap();
+    (etcd, c)
+}
+
 fn attrs(ip: &str) -> LeaseAttrs {
     LeaseAttrs {
         public_ip: ip.parse().unwrap(),
@@ -95,15 +105,10 @@ async fn fifty_concurrent_acquires_get_distinct_subnets_and_exhaustion_is_clear(
     if !require_etcd("fifty_concurrent_acquires") {
         return;
     }
-    let etcd = EtcdServer::start();
-    let mut c = client(&etcd.url()).await;
-    c.put(
-        format!("{PREFIX}/config"),
+    let (etcd, mut c) = etcd_with_config(
         r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.60.0"}"#,
-        None,
     )
-    .await
-    .unwrap();
+    .await;
     let reg = registry(&etcd.url()).await;
     let mut tasks = Vec::new();
     for i in 0..50 {
@@ -173,11 +178,7 @@ async fn restart_keeps_subnet_and_go_json_is_compatible() {
     if !require_etcd("restart_keeps_subnet") {
         return;
     }
-    let etcd = EtcdServer::start();
-    let mut c = client(&etcd.url()).await;
-    c.put(format!("{PREFIX}/config"), CONFIG, None)
-        .await
-        .unwrap();
+    let (etcd, mut c) = etcd_with_config(CONFIG).await;
     let reg = registry(&etcd.url()).await;
 
     // Same public IP: the same lease is reused.
@@ -257,15 +258,10 @@ async fn reservations_are_never_handed_out() {
     if !require_etcd("reservations_are_never_handed_out") {
         return;
     }
-    let etcd = EtcdServer::start();
-    let mut c = client(&etcd.url()).await;
-    c.put(
-        format!("{PREFIX}/config"),
+    let (etcd, mut c) = etcd_with_config(
         r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.3.0"}"#,
-        None,
     )
-    .await
-    .unwrap();
+    .await;
     for s in ["10.5.1.0-24", "10.5.2.0-24"] {
         c.put(
             format!("{PREFIX}/subnets/{s}"),
@@ -551,11 +547,7 @@ async fn renewal_keeps_a_short_lease_alive_and_a_deleted_lease_comes_back() {
     if !require_etcd("renewal_keeps_a_short_lease_alive") {
         return;
     }
-    let etcd = EtcdServer::start();
-    let mut c = client(&etcd.url()).await;
-    c.put(format!("{PREFIX}/config"), CONFIG, None)
-        .await
-        .unwrap();
+    let (etcd, mut c) = etcd_with_config(CONFIG).await;
     let opts = ManagerOptions {
         lease_ttl: Duration::from_secs(3),
         renew_margin: Duration::from_secs(2),

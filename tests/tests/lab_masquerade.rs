@@ -96,6 +96,25 @@ fn udp_source(lab: &Lab, from: (usize, usize), to: (usize, usize)) -> Option<Ipv
     }
 }
 
+/// Appends (another) jump into FLANNEL-POSTRTG to host `h`'s POSTROUTING, as a leftover would be.
+fn add_masq_jump(h: &flannel_tests::lab::Host) {
+    h.ns.exec(&[
+        "iptables",
+        "-w",
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-m",
+        "comment",
+        "--comment",
+        "flanneld masq",
+        "-j",
+        "FLANNEL-POSTRTG",
+    ])
+    .unwrap();
+}
+
 #[test]
 fn masquerade_only_leaving_the_cluster_and_rules_are_kept() {
     let Some(mut lab) = lab("masquerade", &["--ip-masq", "--iptables-resync=1"]) else {
@@ -123,22 +142,7 @@ fn masquerade_only_leaving_the_cluster_and_rules_are_kept() {
         ])
         .unwrap();
     for _ in 0..2 {
-        h0.ns
-            .exec(&[
-                "iptables",
-                "-w",
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-m",
-                "comment",
-                "--comment",
-                "flanneld masq",
-                "-j",
-                "FLANNEL-POSTRTG",
-            ])
-            .unwrap();
+        add_masq_jump(h0);
     }
     lab.start_all();
     lab.add_pods(0, 1);
@@ -268,22 +272,7 @@ fn nftables_mode() {
     // Leftovers of iptables mode are removed when switching to nftables.
     let h0 = &lab.hosts[0];
     h0.sh("iptables -w -t nat -N FLANNEL-POSTRTG");
-    h0.ns
-        .exec(&[
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-m",
-            "comment",
-            "--comment",
-            "flanneld masq",
-            "-j",
-            "FLANNEL-POSTRTG",
-        ])
-        .unwrap();
+    add_masq_jump(h0);
     lab.start_all();
     lab.add_pods(0, 1);
     lab.add_pods(1, 1);
