@@ -57,6 +57,12 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if ipv6 && backend == "udp" {
+        eprintln!(
+            "--ipv6 needs --backend vxlan, vxlan-direct or host-gw: the udp backend is IPv4 only"
+        );
+        std::process::exit(2);
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("the demo needs root: it creates network namespaces");
@@ -161,7 +167,8 @@ fn main() {
             if from == to_pos || from_ip.is_ipv4() != to.is_ipv4() || interrupted() {
                 continue;
             }
-            if lab.ping(*from, *to, Duration::from_secs(2)) {
+            // (Retried for up to 5 s: fresh IPv6 addresses may still be in duplicate detection.)
+            if lab.ping(*from, *to, Duration::from_secs(5)) {
                 ok += 1;
             } else {
                 failed.push(format!("{from_ip} -> {to}"));
@@ -183,6 +190,10 @@ fn main() {
     for h in &lab.hosts {
         println!("    host{} $ ip route", h.n);
         indent(&h.sh("ip route"));
+        if ipv6 {
+            println!("    host{} $ ip -6 route", h.n);
+            indent(&h.sh("ip -6 route"));
+        }
     }
     section("The rest of what flanneld put in host1's kernel");
     let h = &lab.hosts[0];
@@ -218,7 +229,14 @@ fn main() {
         lab.etcd_list("/coreos.com/network/subnets/")
             .into_iter()
             .filter(|(_, v)| !v.contains(&me))
-            .map(|(k, _)| k.rsplit('/').next().unwrap_or_default().replace('-', "/"))
+            .flat_map(|(k, _)| {
+                // `10.5.3.0-24` or, dual stack, `10.5.3.0-24&fd00:5:0:3::-64`: both routes go.
+                let key = k.rsplit('/').next().unwrap_or_default().to_string();
+                key.split('&')
+                    .filter_map(|part| part.rsplit_once('-'))
+                    .map(|(net, len)| format!("{net}/{len}"))
+                    .collect::<Vec<_>>()
+            })
             .collect()
     };
     section("Self-healing: deleting host1's flannel routes");
@@ -229,7 +247,10 @@ fn main() {
         }
     }
     std::thread::sleep(Duration::from_millis(500));
-    let back = lab.hosts[0].sh("ip route");
+    let mut back = lab.hosts[0].sh("ip route");
+    if ipv6 {
+        back.push_str(&lab.hosts[0].sh("ip -6 route"));
+    }
     println!("    half a second later:");
     indent(&back);
     let again = lab.ping((0, 0), lab.hosts[1].pods[0].ip, Duration::from_secs(2));
