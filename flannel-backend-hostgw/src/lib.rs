@@ -129,22 +129,22 @@ impl Backend for HostGwBackend {
         let network = config
             .network()
             .ok_or_else(|| bad("the host-gw backend needs an IPv4 Network".into()))?;
-        let ipv6_network = config.ipv6_network();
-        if ipv6_network.is_some() && ext.ext_v6_addr != ext.iface_v6_addr {
-            return Err(bad(format!(
-                "the public IPv6 {:?} differs from {}'s address {:?}: probably you're on a NAT, which is not supported by host-gw backend",
-                ext.ext_v6_addr, ext.name, ext.iface_v6_addr
-            )));
-        }
-        if ipv6_network.is_some() && ext.ext_v6_addr.is_none() {
-            return Err(bad(format!(
-                "EnableIPv6 is set but {} has no global IPv6 address (give it one, or pass --public-ipv6)",
-                ext.name
-            )));
-        }
+        let public_ipv6 = match config.ipv6_network() {
+            Some(_) => {
+                let (iface6, public6) = ext.require_ipv6().map_err(bad)?;
+                if public6 != iface6 {
+                    return Err(bad(format!(
+                        "the public IPv6 {public6} differs from {}'s address {iface6}: probably you're on a NAT, which is not supported by host-gw backend",
+                        ext.name
+                    )));
+                }
+                Some(public6)
+            }
+            None => None,
+        };
         let attrs = LeaseAttrs {
             public_ip: ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED),
-            public_ipv6: ipv6_network.and(ext.ext_v6_addr),
+            public_ipv6,
             backend_type: "host-gw".into(),
             ..Default::default()
         };
@@ -152,15 +152,7 @@ impl Backend for HostGwBackend {
         let own_subnet = lease
             .subnet()
             .ok_or_else(|| BackendError::Other("the lease has no IPv4 subnet".into()))?;
-        let ipv6 = match (ipv6_network, lease.ipv6_subnet()) {
-            (Some(n), Some(s)) => Some((n, s)),
-            (Some(_), None) => {
-                return Err(BackendError::Other(
-                    "EnableIPv6 is set but the lease has no IPv6 subnet".into(),
-                ));
-            }
-            _ => None,
-        };
+        let ipv6 = flannel_core::backend::ipv6_networks(config, &lease)?;
         let mtu = ext.mtu;
         let model = HostGwModel {
             ext,

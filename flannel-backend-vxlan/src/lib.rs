@@ -360,14 +360,8 @@ impl Backend for VxlanBackend {
         let local = ext
             .iface_addr
             .ok_or_else(|| bad(format!("interface {} has no IPv4 address", ext.name)))?;
-        let ipv6_network = config.ipv6_network();
-        let local6 = match ipv6_network {
-            Some(_) => Some(ext.iface_v6_addr.ok_or_else(|| {
-                bad(format!(
-                    "EnableIPv6 is set but {} has no global IPv6 address (give it one, or pass --public-ipv6)",
-                    ext.name
-                ))
-            })?),
+        let v6_addrs = match config.ipv6_network() {
+            Some(_) => Some(ext.require_ipv6().map_err(bad)?),
             None => None,
         };
         let nl = Netlink::new().map_err(io)?;
@@ -391,7 +385,7 @@ impl Backend for VxlanBackend {
         spec.mac = mac;
         info!(device = %spec.name, %mac, index, "vxlan device ready");
         // Dual stack: `flannel-v6.<VNI>` over the IPv6 underlay (70 bytes of headers).
-        let mut spec6 = local6.map(|l| VxlanSpec {
+        let mut spec6 = v6_addrs.map(|(l, _)| VxlanSpec {
             name: opts.device_name_v6(),
             attrs: attrs(IpAddr::V6(l)),
             mac: MacAddr::random_local(),
@@ -404,7 +398,7 @@ impl Backend for VxlanBackend {
         }
         let attrs = LeaseAttrs {
             public_ip: ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED),
-            public_ipv6: spec6.as_ref().and(ext.ext_v6_addr),
+            public_ipv6: v6_addrs.map(|(_, public)| public),
             backend_type: "vxlan".into(),
             backend_data: Some(RawJson::from_value(
                 &serde_json::json!({"VNI": opts.vni, "VtepMAC": mac.to_string()}),
@@ -419,18 +413,13 @@ impl Backend for VxlanBackend {
         let own_subnet = lease
             .subnet()
             .ok_or_else(|| BackendError::Other("the lease has no IPv4 subnet".into()))?;
-        let v6 = match (spec6, ipv6_network, lease.ipv6_subnet()) {
-            (Some(spec), Some(network), Some(own_subnet)) => Some(V6Side {
+        let v6 = match (spec6, flannel_core::backend::ipv6_networks(config, &lease)?) {
+            (Some(spec), Some((network, own_subnet))) => Some(V6Side {
                 spec,
                 network,
                 own_subnet,
                 index: 0,
             }),
-            (Some(_), _, _) => {
-                return Err(BackendError::Other(
-                    "EnableIPv6 is set but the lease has no IPv6 subnet".into(),
-                ));
-            }
             _ => None,
         };
         let mut model = VxlanModel {

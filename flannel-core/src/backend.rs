@@ -46,7 +46,24 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
+use ipnet::Ipv6Net;
+
 use crate::{ExternalInterface, Lease, NetworkConfig, SubnetError, SubnetManager};
+
+/// With `EnableIPv6`: the IPv6 cluster network and `lease`'s IPv6 subnet (`None` without it). A lease
+/// without an IPv6 part is an error then.
+pub fn ipv6_networks(
+    config: &NetworkConfig,
+    lease: &Lease,
+) -> Result<Option<(Ipv6Net, Ipv6Net)>, BackendError> {
+    match (config.ipv6_network(), lease.ipv6_subnet()) {
+        (Some(network), Some(subnet)) => Ok(Some((network, subnet))),
+        (Some(_), None) => Err(BackendError::Other(
+            "EnableIPv6 is set but the lease has no IPv6 subnet".into(),
+        )),
+        (None, _) => Ok(None),
+    }
+}
 
 /// Errors of a backend.
 #[derive(Debug, thiserror::Error)]

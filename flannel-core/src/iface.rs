@@ -36,6 +36,20 @@ pub struct ExternalInterface {
     pub iface_networks: Vec<ipnet::IpNet>,
 }
 
+impl ExternalInterface {
+    /// For `EnableIPv6`: the interface's IPv6 address and the advertised one (`--public-ipv6`, else
+    /// the same), or a message naming the interface when it has none.
+    pub fn require_ipv6(&self) -> Result<(Ipv6Addr, Ipv6Addr), String> {
+        let iface = self.iface_v6_addr.ok_or_else(|| {
+            format!(
+                "EnableIPv6 is set but {} has no global IPv6 address (give it one, or pass --public-ipv6)",
+                self.name
+            )
+        })?;
+        Ok((iface, self.ext_v6_addr.unwrap_or(iface)))
+    }
+}
+
 impl fmt::Display for ExternalInterface {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} (index {}, mtu {}", self.name, self.index, self.mtu)?;

@@ -645,6 +645,42 @@ impl Lab {
         }
     }
 
+    /// Pings `to` from pod `from` `count` times, every 0.1 s, while `during` runs (it starts after
+    /// 0.5 s); returns (sent, received).
+    ///
+    /// # Panics
+    /// When ping cannot run or prints no summary.
+    pub fn ping_during(
+        &mut self,
+        from: (usize, usize),
+        to: impl Into<IpAddr>,
+        count: u32,
+        during: impl FnOnce(&mut Lab),
+    ) -> (u32, u32) {
+        let ns = self.hosts[from.0].pods[from.1].ns.name().to_string();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "ping", "-i", "0.1", "-W", "1", "-c"])
+            .arg(count.to_string())
+            .arg(to.into().to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ping");
+        std::thread::sleep(Duration::from_millis(500));
+        during(self);
+        let out = child.wait_with_output().expect("ping");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let stats = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("no ping summary: {text}"));
+        let nums: Vec<u32> = stats
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        (nums[0], nums[1])
+    }
+
     /// Every pod's address with its (host, pod) position.
     pub fn all_pods(&self) -> Vec<((usize, usize), Ipv4Addr)> {
         self.hosts

@@ -112,46 +112,6 @@ fn actual_direct(lab: &Lab, host: usize) -> BTreeSet<String> {
 }
 
 /// Pings `to` from pod (1,0) every 100 ms while `during` runs; returns (sent, received).
-fn ping_during(
-    lab: &mut Lab,
-    from: (usize, usize),
-    to: std::net::Ipv4Addr,
-    during: impl FnOnce(&mut Lab),
-) -> (u32, u32) {
-    let ns = lab.hosts[from.0].pods[from.1].ns.name().to_string();
-    let child = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns,
-            "ping",
-            "-i",
-            "0.1",
-            "-c",
-            "60",
-            "-W",
-            "1",
-            &to.to_string(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    during(lab);
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let stats = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or_else(|| panic!("no ping summary: {text}"));
-    let nums: Vec<u32> = stats
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    (nums[0], nums[1])
-}
-
 fn vtep_mac(lab: &Lab, host: usize) -> String {
     let out = lab.hosts[host].sh("ip -o link show flannel.1");
     let i = out.find("link/ether ").unwrap() + "link/ether ".len();
@@ -445,7 +405,7 @@ fn restart_keeps_pods_talking_and_departed_peers_are_removed() {
         let before = lease_of(&lab, 0);
         let mac_before = (flavor != Flavor::HostGw).then(|| vtep_mac(&lab, 0));
         let to = lab.hosts[0].pods[0].ip;
-        let (sent, received) = ping_during(&mut lab, (1, 0), to, |lab| {
+        let (sent, received) = lab.ping_during((1, 0), to, 60, |lab| {
             assert_eq!(lab.stop_flanneld(0), Some(0), "SIGTERM is a clean exit");
             lab.start_flanneld(0);
         });
