@@ -272,6 +272,11 @@ fn third_party_flanneld_waits_for_config_then_writes_subnet_env() {
         err.contains("config.SubnetLen"),
         "the malformed config is explained: {err}"
     );
+    // stderr is a pipe here, not a terminal: the log carries no ANSI colour escapes.
+    assert!(
+        !err.contains('\x1b'),
+        "colour escapes in a piped log: {err:?}"
+    );
     // Data plane and lease stay: the key is still in etcd after exit.
     assert_eq!(
         etcd_get(&etcd.url(), "/coreos.com/network/subnets/").len(),
