@@ -149,6 +149,7 @@ impl EtcdServer {
             .prefix("flannel-etcd-")
             .tempdir()
             .expect("tempdir");
+        crate::cleanup::track_dir(dir.path());
         let mut s = Self {
             child: None,
             log: dir.path().join("etcd.log"),
@@ -185,6 +186,7 @@ impl EtcdServer {
                     .prefix("flannel-etcd-")
                     .tempdir()
                     .expect("tempdir");
+                crate::cleanup::track_dir(dir.path());
                 Self {
                     child: None,
                     log: dir.path().join("etcd.log"),
@@ -273,7 +275,10 @@ impl EtcdServer {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
-        self.child = Some(cmd.spawn().expect("spawn etcd"));
+        crate::cleanup::clean_up_on_signals();
+        let child = cmd.spawn().expect("spawn etcd");
+        crate::cleanup::track_process(child.id());
+        self.child = Some(child);
     }
 
     fn wait_healthy(&mut self) {
@@ -305,8 +310,7 @@ impl EtcdServer {
     /// Stops the server (SIGKILL to our child, by PID) and keeps its data.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            crate::cleanup::stop_child(&mut c, Duration::ZERO);
         }
     }
 
@@ -320,5 +324,6 @@ impl EtcdServer {
 impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.stop();
+        crate::cleanup::forget_dir(self.dir.path());
     }
 }

@@ -153,6 +153,7 @@ impl Lab {
             .prefix("flannel-lab-")
             .tempdir()
             .expect("tempdir");
+        crate::cleanup::track_dir(dir.path());
         let sw = Netns::new(&format!("{tag}-sw"));
         let swsh = |cmd: &str| {
             let args: Vec<&str> = cmd.split_whitespace().collect();
@@ -403,6 +404,7 @@ impl Lab {
             .stderr(log)
             .spawn()
             .expect("spawn flanneld");
+        crate::cleanup::track_process(child.id());
         h.flanneld = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !h.subnet_file.exists() {
@@ -429,20 +431,7 @@ impl Lab {
     /// Stops flanneld on host `i` with SIGTERM (by PID) and returns its exit code.
     pub fn stop_flanneld(&mut self, i: usize) -> Option<i32> {
         let mut child = self.hosts[i].flanneld.take()?;
-        // SAFETY: SIGTERM to our own child, by PID.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(s)) = child.try_wait() {
-                return s.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::cleanup::stop_child(&mut child, Duration::from_secs(10))?.code()
     }
 
     /// Creates `count` pods on host `i`: a `cni0` bridge with the host's FLANNEL_SUBNET gateway and
@@ -666,9 +655,12 @@ impl Lab {
             .stderr(Stdio::null())
             .spawn()
             .expect("ping");
+        let pid = child.id();
+        crate::cleanup::track_process(pid);
         std::thread::sleep(Duration::from_millis(500));
         during(self);
         let out = child.wait_with_output().expect("ping");
+        crate::cleanup::forget_process(pid);
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let stats = text
             .lines()
@@ -758,30 +750,32 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            // A failed test shows what every flanneld said: CI keeps only the test output.
+            // A failed test shows what every flanneld said: CI keeps only the test output. Write
+            // errors are ignored (a closed stderr must not turn this into a second panic, which
+            // would abort before the cleanup below).
+            use std::io::Write;
+            let mut err = std::io::stderr().lock();
             for h in &self.hosts {
                 let log = h.log_text();
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!(
+                let _ = writeln!(
+                    err,
                     "---- flanneld log of {} (last {} lines) ----",
                     h.ns.name(),
                     tail.len()
                 );
                 for l in tail.iter().rev() {
-                    eprintln!("{l}");
+                    let _ = writeln!(err, "{l}");
                 }
             }
         }
         for h in &mut self.hosts {
             if let Some(mut c) = h.flanneld.take() {
-                // SAFETY: SIGTERM to our own child, by PID.
-                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-                std::thread::sleep(Duration::from_millis(50));
-                let _ = c.kill();
-                let _ = c.wait();
+                crate::cleanup::stop_child(&mut c, Duration::from_millis(50));
             }
         }
         self.etcd.stop();
+        crate::cleanup::forget_dir(self.dir.path());
         // Pods, hosts and the switch namespaces are removed by their own guards (fields drop after
         // this), which also deletes every link inside them.
     }

@@ -1,8 +1,9 @@
 //! Test harness shared by the integration tests, the demo and the benchmarks: a real etcd server on
 //! 127.0.0.1 with ephemeral ports ([`etcd::EtcdServer`]), network namespaces with drop guards
 //! ([`netns::Netns`]), root detection ([`require_root`]) and the paths of the built binaries
-//! ([`bin_path`]).
+//! ([`bin_path`]), and the record that lets every way out clean up ([`cleanup`]).
 
+pub mod cleanup;
 pub mod etcd;
 pub mod lab;
 pub mod netns;

@@ -58,7 +58,9 @@ impl Netns {
     pub fn new(tag: &str) -> Self {
         let name = format!("{PREFIX}{}-{tag}", std::process::id());
         let _ = ip(&["netns", "del", &name]);
+        crate::cleanup::clean_up_on_signals();
         ip(&["netns", "add", &name]).expect("ip netns add");
+        crate::cleanup::track_netns(&name);
         let ns = Self { name };
         ns.exec(&["ip", "link", "set", "lo", "up"]).expect("lo up");
         ns
@@ -97,5 +99,6 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.name]);
+        crate::cleanup::forget_netns(&self.name);
     }
 }

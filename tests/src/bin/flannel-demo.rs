@@ -4,83 +4,147 @@
 //!
 //! Builds N hosts on an underlay switch, runs etcd and the real flanneld on every host, creates two
 //! pods per host, pings every pod from every pod, and shows what flannel put in the kernel and in
-//! etcd. Everything lives in network namespaces named `flt<pid>-…` and is removed on exit or Ctrl-C.
+//! etcd. Everything lives in network namespaces named `flt<pid>-…` and is removed on every way out:
+//! the end, a closed stdout (`| head`), a panic, SIGINT, SIGTERM and SIGHUP
+//! ([`flannel_tests::cleanup`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::Write;
+use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::{Parser, ValueEnum};
 use flannel_tests::bin_path;
+use flannel_tests::cleanup;
 use flannel_tests::lab::{Lab, LabSpec};
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
+/// A local multi-host flannel cluster in network namespaces (run as root): etcd on an underlay
+/// switch, the real flanneld on every host, two pods per host created through the flannel CNI
+/// plugin, pings between all pods, and what flanneld put in each kernel. Everything is removed at
+/// the end, on Ctrl-C, SIGTERM or SIGHUP, and when stdout is closed.
+#[derive(Debug, Parser)]
+#[command(name = "flannel-demo", version)]
+struct Args {
+    /// The flannel backend the cluster uses.
+    #[arg(long, value_enum, default_value_t = DemoBackend::Vxlan)]
+    backend: DemoBackend,
+    /// How many hosts (2 to 20).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=20))]
+    hosts: u8,
+    /// Dual stack: IPv6 on the underlay, an IPv6 pod network and IPv6 pods (not with udp).
+    #[arg(long)]
+    ipv6: bool,
+    /// Keep the cluster up after the tour until Ctrl-C (which also cleans up).
+    #[arg(long)]
+    hold: bool,
 }
 
-fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DemoBackend {
+    /// VXLAN encapsulation (flannel.1).
+    Vxlan,
+    /// VXLAN, with direct routes between hosts on one L2 segment.
+    VxlanDirect,
+    /// Routes to each peer subnet via the peer's address (hosts on one L2 segment).
+    HostGw,
+    /// Userspace encapsulation over the TUN device flannel0.
+    Udp,
 }
 
-fn section(title: &str) {
-    println!("\n=== {title}");
-}
+impl DemoBackend {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Vxlan => "vxlan",
+            Self::VxlanDirect => "vxlan-direct",
+            Self::HostGw => "host-gw",
+            Self::Udp => "udp",
+        }
+    }
 
-fn indent(text: &str) {
-    for l in text.lines() {
-        println!("    {l}");
+    fn json(self) -> &'static str {
+        match self {
+            Self::Vxlan => r#"{"Type":"vxlan"}"#,
+            Self::VxlanDirect => r#"{"Type":"vxlan","DirectRouting":true}"#,
+            Self::HostGw => r#"{"Type":"host-gw"}"#,
+            Self::Udp => r#"{"Type":"udp"}"#,
+        }
     }
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
+/// Stdout was closed (e.g. `flannel-demo | head`): stop the tour and clean up.
+#[derive(Debug)]
+struct StdoutClosed;
+
+/// Writes one line to stdout; a closed stdout becomes [`StdoutClosed`] instead of a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).map_err(|_| StdoutClosed)?
     };
-    let backend = value("--backend").unwrap_or_else(|| "vxlan".into());
-    let hosts: usize = value("--hosts")
-        .and_then(|h| h.parse().ok())
-        .unwrap_or(3)
-        .clamp(2, 20);
-    let hold = args.iter().any(|a| a == "--hold");
-    let ipv6 = args.iter().any(|a| a == "--ipv6");
-    let backend_json = match backend.as_str() {
-        "vxlan" => r#"{"Type":"vxlan"}"#,
-        "vxlan-direct" => r#"{"Type":"vxlan","DirectRouting":true}"#,
-        "host-gw" => r#"{"Type":"host-gw"}"#,
-        "udp" => r#"{"Type":"udp"}"#,
-        other => {
-            eprintln!("unknown --backend {other:?}: use vxlan, vxlan-direct, host-gw or udp");
-            std::process::exit(2);
-        }
-    };
-    if ipv6 && backend == "udp" {
-        eprintln!(
+}
+
+fn section(title: &str) -> Result<(), StdoutClosed> {
+    say!("\n=== {title}");
+    Ok(())
+}
+
+fn indent(text: &str) -> Result<(), StdoutClosed> {
+    for l in text.lines() {
+        say!("    {l}");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.ipv6 && args.backend == DemoBackend::Udp {
+        let _ = writeln!(
+            std::io::stderr(),
             "--ipv6 needs --backend vxlan, vxlan-direct or host-gw: the udp backend is IPv4 only"
         );
-        std::process::exit(2);
+        return ExitCode::from(2);
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("the demo needs root: it creates network namespaces");
-        std::process::exit(1);
+        let _ = writeln!(
+            std::io::stderr(),
+            "the demo needs root: it creates network namespaces"
+        );
+        return ExitCode::FAILURE;
     }
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    // Signals, and a panic anywhere (also one during unwinding, which would abort), stop every
+    // process and delete every namespace the lab made.
+    cleanup::clean_up_on_signals();
+    std::panic::set_hook(Box::new(|info| {
+        let _ = writeln!(std::io::stderr(), "flannel-demo: {info}; cleaning up");
+        cleanup::clean_up_and_exit(101);
+    }));
+    match tour(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(StdoutClosed) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "flannel-demo: stdout was closed; stopped and cleaned up"
+            );
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// The tour; the lab is dropped (every process stopped, every namespace deleted) when it returns,
+/// whichever way. Returns whether every step succeeded.
+fn tour(args: &Args) -> Result<bool, StdoutClosed> {
+    let hosts = usize::from(args.hosts);
+    let backend = args.backend.name();
+    let backend_json = args.backend.json();
+    let (hold, ipv6) = (args.hold, args.ipv6);
     let v6 = if ipv6 {
         r#","EnableIPv6":true,"IPv6Network":"fd00:5::/48""#
     } else {
         ""
     };
     let config = format!(r#"{{"Network":"10.5.0.0/16"{v6},"Backend":{backend_json}}}"#);
-    section(&format!("Building a {hosts}-host lab (backend {backend})"));
-    println!(
+    section(&format!("Building a {hosts}-host lab (backend {backend})"))?;
+    say!(
         "    hosts are network namespaces on one underlay switch (172.20.0.0/16); etcd runs on the switch"
     );
     let mut lab = Lab::new(
@@ -91,25 +155,22 @@ fn main() {
         },
         bin_path("flanneld"),
     );
-    println!(
+    say!(
         "    etcd: {}   network config at /coreos.com/network/config:",
         lab.etcd_url()
     );
-    indent(&config);
+    indent(&config)?;
 
-    section("Starting flanneld on every host");
+    section("Starting flanneld on every host")?;
     for i in 0..hosts {
-        if interrupted() {
-            return;
-        }
         lab.start_flanneld(i);
         let h = &lab.hosts[i];
-        println!("    host{} ({}): subnet.env", h.n, h.addr);
+        say!("    host{} ({}): subnet.env", h.n, h.addr);
         for line in std::fs::read_to_string(&h.subnet_file)
             .unwrap_or_default()
             .lines()
         {
-            println!("        {line}");
+            say!("        {line}");
         }
     }
 
@@ -117,11 +178,13 @@ fn main() {
     if cni {
         section(
             "Creating two pods per host through the flannel CNI plugin (it delegates to bridge + host-local)",
-        );
-        println!("    CNI config given to the plugin on host1:");
-        indent(&lab.cni_netconf(0));
+        )?;
+        say!("    CNI config given to the plugin on host1:");
+        indent(&lab.cni_netconf(0))?;
     } else {
-        section("Creating two pods per host (veth on the host's cni0 bridge, MTU from subnet.env)");
+        section(
+            "Creating two pods per host (veth on the host's cni0 bridge, MTU from subnet.env)",
+        )?;
     }
     for i in 0..hosts {
         if cni {
@@ -137,17 +200,14 @@ fn main() {
                 None => p.ip.to_string(),
             })
             .collect();
-        println!("    host{}: pods {}", lab.hosts[i].n, ips.join(", "));
-    }
-    if interrupted() {
-        return;
+        say!("    host{}: pods {}", lab.hosts[i].n, ips.join(", "));
     }
 
     section(if ipv6 {
         "Every pod pings every other pod (IPv4 and IPv6)"
     } else {
         "Every pod pings every other pod"
-    });
+    })?;
     let mut pods: Vec<((usize, usize), std::net::IpAddr)> = lab
         .all_pods()
         .into_iter()
@@ -164,7 +224,7 @@ fn main() {
     let mut failed = Vec::new();
     for (from, from_ip) in &pods {
         for (to_pos, to) in &pods {
-            if from == to_pos || from_ip.is_ipv4() != to.is_ipv4() || interrupted() {
+            if from == to_pos || from_ip.is_ipv4() != to.is_ipv4() {
                 continue;
             }
             // (Retried for up to 5 s: fresh IPv6 addresses may still be in duplicate detection.)
@@ -175,50 +235,48 @@ fn main() {
             }
         }
     }
-    println!(
+    say!(
         "    {ok} pings answered, {} failed {}",
         failed.len(),
         if failed.is_empty() { "" } else { "(see below)" }
     );
     for f in &failed {
-        println!("    FAILED {f}");
+        say!("    FAILED {f}");
     }
 
     section(
         "Each host's routes (flannel's are the ones into 10.5.0.0/16 via flannel.1 or eth0, or the one via flannel0)",
-    );
+    )?;
     for h in &lab.hosts {
-        println!("    host{} $ ip route", h.n);
-        indent(&h.sh("ip route"));
+        say!("    host{} $ ip route", h.n);
+        indent(&h.sh("ip route"))?;
         if ipv6 {
-            println!("    host{} $ ip -6 route", h.n);
-            indent(&h.sh("ip -6 route"));
+            say!("    host{} $ ip -6 route", h.n);
+            indent(&h.sh("ip -6 route"))?;
         }
     }
-    section("The rest of what flanneld put in host1's kernel");
+    section("The rest of what flanneld put in host1's kernel")?;
     let h = &lab.hosts[0];
     if backend.starts_with("vxlan") {
-        println!("    $ ip -d link show flannel.1");
-        indent(&h.sh("ip -d link show flannel.1"));
-        println!("    $ ip neigh show dev flannel.1");
-        indent(&h.sh("ip neigh show dev flannel.1"));
-        println!("    $ bridge fdb show dev flannel.1");
-        indent(&h.sh("bridge fdb show dev flannel.1"));
+        say!("    $ ip -d link show flannel.1");
+        indent(&h.sh("ip -d link show flannel.1"))?;
+        say!("    $ ip neigh show dev flannel.1");
+        indent(&h.sh("ip neigh show dev flannel.1"))?;
+        say!("    $ bridge fdb show dev flannel.1");
+        indent(&h.sh("bridge fdb show dev flannel.1"))?;
     }
     if backend == "udp" {
-        println!(
-            "    $ ip -d link show flannel0   (a persistent TUN device: it outlives flanneld)"
-        );
-        indent(&h.sh("ip -d link show flannel0"));
-        println!("    $ ip addr show flannel0");
-        indent(&h.sh("ip addr show flannel0"));
+        say!("    $ ip -d link show flannel0   (a persistent TUN device: it outlives flanneld)");
+        indent(&h.sh("ip -d link show flannel0"))?;
+        say!("    $ ip addr show flannel0");
+        indent(&h.sh("ip addr show flannel0"))?;
     }
 
     section(
         "The leases in etcd (one per host; the key is the subnet, the value Go flanneld's JSON)",
-    );
+    )?;
     for (k, v) in lab.etcd_list("/coreos.com/network/subnets/") {
-        println!("    {k}\n        {v}");
+        say!("    {k}\n        {v}");
     }
 
     // udp has one route for the whole network (to flannel0); the others one per peer.
@@ -239,11 +297,11 @@ fn main() {
             })
             .collect()
     };
-    section("Self-healing: deleting host1's flannel routes");
+    section("Self-healing: deleting host1's flannel routes")?;
     for subnet in &doomed {
         match lab.hosts[0].ns.exec(&["ip", "route", "del", subnet]) {
-            Ok(_) => println!("    deleted {subnet}"),
-            Err(e) => println!("    could not delete {subnet}: {e}"),
+            Ok(_) => say!("    deleted {subnet}"),
+            Err(e) => say!("    could not delete {subnet}: {e}"),
         }
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -251,24 +309,22 @@ fn main() {
     if ipv6 {
         back.push_str(&lab.hosts[0].sh("ip -6 route"));
     }
-    println!("    half a second later:");
-    indent(&back);
+    say!("    half a second later:");
+    indent(&back)?;
     let again = lab.ping((0, 0), lab.hosts[1].pods[0].ip, Duration::from_secs(2));
-    println!(
+    say!(
         "    host1 pod -> host2 pod: {}",
         if again { "answered" } else { "FAILED" }
     );
 
     if hold {
-        section("Holding the lab; press Ctrl-C to clean up");
-        while !interrupted() {
-            std::thread::sleep(Duration::from_millis(200));
+        section("Holding the lab; press Ctrl-C to clean up")?;
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
         }
     }
-    section("Cleaning up (stopping flanneld and etcd, deleting the namespaces)");
+    section("Cleaning up (stopping flanneld and etcd, deleting the namespaces)")?;
     drop(lab);
-    println!("    done");
-    if !failed.is_empty() || !again {
-        std::process::exit(1);
-    }
+    say!("    done");
+    Ok(failed.is_empty() && again)
 }
