@@ -33,8 +33,13 @@
 //! shutting down; a reservation (a key without an etcd lease) stays lease-less when its owner reuses
 //! it; leases are listed with one range read (no per-key TTL lookups); the own-lease watch uses the
 //! exact key, not a prefix.
+//!
+//! With the `kube` feature, [`kube::KubeSubnetManager`] is Go flanneld's `--kube-subnet-mgr`: Node
+//! objects as the store (see its module docs).
 
 pub mod alloc;
+#[cfg(feature = "kube")]
+pub mod kube;
 pub mod manager;
 pub mod registry;
 

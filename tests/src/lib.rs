@@ -5,6 +5,7 @@
 
 pub mod cleanup;
 pub mod etcd;
+pub mod kubeapi;
 pub mod lab;
 pub mod netns;
 
