@@ -150,6 +150,14 @@ impl PeerData {
     }
 }
 
+/// The VTEP MAC in backend data this node published before, if it is for `vni` and usable as a
+/// device address (unicast).
+pub fn remembered_mac(data: Option<&RawJson>, vni: u64) -> Option<MacAddr> {
+    let d = PeerData::from_data(data, "BackendData").ok()?;
+    let unicast = d.vtep_mac.0[0] & 1 == 0 && d.vtep_mac.0 != [0; 6];
+    (d.vni == vni && unicast).then_some(d.vtep_mac)
+}
+
 /// Everything [`desired_state`] needs besides the leases.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
@@ -375,10 +383,16 @@ impl Backend for VxlanBackend {
             learning: opts.learning,
             gbp: opts.gbp,
         };
+        // A device that exists keeps its MAC; a new one (after a reboot) takes the MAC this node
+        // published before, when the store remembers it, so peers' entries stay valid.
+        let previous = self.ctx.subnet_manager.previous_attrs().await;
+        let remembered = |data: Option<&RawJson>| {
+            remembered_mac(data, u64::from(opts.vni)).unwrap_or_else(MacAddr::random_local)
+        };
         let mut spec = VxlanSpec {
             name: opts.device_name(),
             attrs: attrs(IpAddr::V4(local)),
-            mac: MacAddr::random_local(),
+            mac: remembered(previous.as_ref().and_then(|p| p.backend_data.as_ref())),
             mtu,
         };
         let (index, mac) = ensure_device(&nl, &spec).await?;
@@ -388,7 +402,7 @@ impl Backend for VxlanBackend {
         let mut spec6 = v6_addrs.map(|(l, _)| VxlanSpec {
             name: opts.device_name_v6(),
             attrs: attrs(IpAddr::V6(l)),
-            mac: MacAddr::random_local(),
+            mac: remembered(previous.as_ref().and_then(|p| p.backend_v6_data.as_ref())),
             mtu: underlay_mtu.saturating_sub(70),
         });
         if let Some(spec6) = spec6.as_mut() {
@@ -544,6 +558,21 @@ mod tests {
     use super::*;
     use flannel_core::dataplane::{FakeKernel, diff};
     use serde_json::json;
+
+    #[test]
+    fn remembered_mac_only_for_the_same_vni_and_unicast() {
+        let d = |v: serde_json::Value| RawJson::from_value(&v);
+        let mac: MacAddr = "12:c6:65:89:b4:e3".parse().unwrap();
+        let ok = d(json!({"VNI": 1, "VtepMAC": "12:c6:65:89:b4:e3"}));
+        assert_eq!(remembered_mac(Some(&ok), 1), Some(mac));
+        assert_eq!(remembered_mac(Some(&ok), 2), None, "another VNI");
+        assert_eq!(remembered_mac(None, 1), None);
+        let multicast = d(json!({"VNI": 1, "VtepMAC": "13:c6:65:89:b4:e3"}));
+        assert_eq!(remembered_mac(Some(&multicast), 1), None);
+        let junk = d(json!({"VNI": 1, "VtepMAC": "nope"}));
+        assert_eq!(remembered_mac(Some(&junk), 1), None);
+        assert_eq!(remembered_mac(Some(&d(json!(null))), 1), None);
+    }
 
     fn lease(key: &str, ip: &str, data: serde_json::Value, ty: &str) -> Lease {
         Lease {

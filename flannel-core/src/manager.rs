@@ -74,6 +74,13 @@ pub trait SubnetManager: Send + Sync + std::fmt::Debug {
         shutdown: CancellationToken,
     ) -> Result<(), SubnetError>;
 
+    /// What this node published in its lease before, when the store keeps it across reboots (the
+    /// Kubernetes manager reads it back from the node's annotations). Backends use it to keep stable
+    /// identities, such as the vxlan VTEP MAC, when their device is gone. The default: nothing.
+    async fn previous_attrs(&self) -> Option<LeaseAttrs> {
+        None
+    }
+
     /// Keeps the own lease alive until `shutdown`: renews it before it expires and takes it back if it
     /// disappears. Returns an error only when the lease is lost for good.
     async fn complete_lease(

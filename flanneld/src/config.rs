@@ -72,7 +72,7 @@ pub struct Cli {
     /// Never use --random-fully for masquerading [default: false]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub ip_masq_fully_random_disable: Option<bool>,
-    /// Use the Kubernetes API instead of etcd (not supported yet) [default: false]
+    /// Use the Kubernetes API (Node objects) instead of etcd [default: false]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub kube_subnet_mgr: Option<bool>,
     /// Kubernetes API server URL (kube mode)

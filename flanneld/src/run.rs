@@ -11,6 +11,9 @@ use flannel_core::{
     BackendContext, NetworkConfig, PreviousSubnets, SubnetEnv, SubnetError, SubnetManager,
     new_backend,
 };
+use flannel_subnet::kube::{
+    KubeOptions, KubeSubnetManager, client as kube_client, node_name as kube_node_name,
+};
 use flannel_subnet::{EtcdConfig, EtcdRegistry, LocalManager, ManagerOptions, SUBNET_TTL};
 use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
@@ -79,7 +82,8 @@ fn sd_notify_ready() {
 }
 
 /// Waits for a valid network config, retrying every second (a missing or invalid config is logged,
-/// never fatal). Returns `None` on shutdown.
+/// never fatal: in etcd mode it may not be written yet, in Kubernetes mode the ConfigMap may not be
+/// mounted yet). Returns `None` on shutdown.
 async fn wait_for_config(
     sm: &dyn SubnetManager,
     shutdown: &CancellationToken,
@@ -88,7 +92,12 @@ async fn wait_for_config(
         match sm.get_network_config().await {
             Ok(c) => return Some(c),
             Err(e @ SubnetError::ConfigInvalid(_)) => {
-                error!("{e}; fix the config in etcd, retrying every second")
+                let place = if sm.name() == "kube" {
+                    "in the net-conf.json file"
+                } else {
+                    "in etcd"
+                };
+                error!("{e}; fix the config {place}, retrying every second")
             }
             Err(e) => warn!("{e}; retrying every second"),
         }
@@ -160,27 +169,8 @@ fn traffic_rules(
     Ok(Some(TrafficRules::Iptables(sets)))
 }
 
-/// Runs the agent until `shutdown` is cancelled (Ok) or something fatal happens (Err).
-pub async fn run(config: crate::Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    if config.kube_subnet_mgr {
-        bail!("--kube-subnet-mgr is not supported yet; run with etcd (--etcd-endpoints)");
-    }
-    if !config.vmodule.is_empty() || !config.log_backtrace_at.is_empty() {
-        info!(
-            "--vmodule and --log_backtrace_at are accepted for compatibility and ignored; use RUST_LOG"
-        );
-    }
-    let ready = Arc::new(AtomicBool::new(false));
-    if config.healthz_port > 0 {
-        crate::health::serve(
-            &config.healthz_ip,
-            config.healthz_port,
-            ready.clone(),
-            shutdown.clone(),
-        )
-        .await?;
-    }
-
+/// The etcd subnet manager the flags describe.
+async fn etcd_manager(config: &crate::Config) -> anyhow::Result<Arc<dyn SubnetManager>> {
     let etcd = EtcdConfig {
         endpoints: config.endpoints(),
         keyfile: opt(&config.etcd_keyfile),
@@ -200,7 +190,7 @@ pub async fn run(config: crate::Config, shutdown: CancellationToken) -> anyhow::
         .with_context(|| format!("connecting to etcd at {}", config.etcd_endpoints))?;
     let previous = PreviousSubnets::read(&config.subnet_file);
     let margin_minutes = u64::try_from(config.subnet_lease_renew_margin).unwrap_or(60);
-    let sm: Arc<dyn SubnetManager> = Arc::new(LocalManager::new(
+    Ok(Arc::new(LocalManager::new(
         registry,
         ManagerOptions {
             prefix: config.etcd_prefix.clone(),
@@ -208,8 +198,62 @@ pub async fn run(config: crate::Config, shutdown: CancellationToken) -> anyhow::
             renew_margin: Duration::from_secs(margin_minutes * 60),
             lease_ttl: SUBNET_TTL,
         },
-    ));
-    info!(prefix = %config.etcd_prefix, "waiting for the network config in etcd");
+    )))
+}
+
+/// The Kubernetes subnet manager the flags describe (`--kube-subnet-mgr`).
+async fn kube_manager(config: &crate::Config) -> anyhow::Result<KubeSubnetManager> {
+    let kubeconfig = opt(&config.kubeconfig_file).map(std::path::PathBuf::from);
+    let client = kube_client(opt(&config.kube_api_url).as_deref(), kubeconfig.as_deref())
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let node_name = kube_node_name(&client).await?;
+    info!(node = %node_name, "Kubernetes subnet manager");
+    Ok(KubeSubnetManager::new(
+        client,
+        KubeOptions {
+            node_name,
+            annotation_prefix: config.kube_annotation_prefix.clone(),
+            net_config_path: config.net_config_path.clone().into(),
+            set_node_network_unavailable: config.set_node_network_unavailable,
+            ..KubeOptions::default()
+        },
+    )?)
+}
+
+/// Runs the agent until `shutdown` is cancelled (Ok) or something fatal happens (Err).
+pub async fn run(config: crate::Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if !config.vmodule.is_empty() || !config.log_backtrace_at.is_empty() {
+        info!(
+            "--vmodule and --log_backtrace_at are accepted for compatibility and ignored; use RUST_LOG"
+        );
+    }
+    let ready = Arc::new(AtomicBool::new(false));
+    if config.healthz_port > 0 {
+        crate::health::serve(
+            &config.healthz_ip,
+            config.healthz_port,
+            ready.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+    }
+
+    // The store: Node objects (--kube-subnet-mgr) or etcd. In Kubernetes mode the node's
+    // node-public-ip(v6) annotations stand in for --public-ip(v6).
+    let (sm, node_public): (Arc<dyn SubnetManager>, _) = if config.kube_subnet_mgr {
+        let km = kube_manager(&config).await?;
+        let ips = km.node_public_ips().await.unwrap_or_else(|e| {
+            warn!("{e}; not reading the node-public-ip annotations");
+            (None, None)
+        });
+        info!(config = %config.net_config_path, "waiting for the network config file");
+        (Arc::new(km), ips)
+    } else {
+        let sm = etcd_manager(&config).await?;
+        info!(prefix = %config.etcd_prefix, "waiting for the network config in etcd");
+        (sm, (None, None))
+    };
     let Some(net) = wait_for_config(sm.as_ref(), &shutdown).await else {
         return Ok(());
     };
@@ -219,8 +263,12 @@ pub async fn run(config: crate::Config, shutdown: CancellationToken) -> anyhow::
         ifaces: config.iface.clone(),
         iface_regexes: config.iface_regex.clone(),
         can_reach: opt(&config.iface_can_reach).and_then(|s| s.parse::<IpAddr>().ok()),
-        public_ip: opt(&config.public_ip).and_then(|s| s.parse().ok()),
-        public_ipv6: opt(&config.public_ipv6).and_then(|s| s.parse().ok()),
+        public_ip: opt(&config.public_ip)
+            .and_then(|s| s.parse().ok())
+            .or(node_public.0),
+        public_ipv6: opt(&config.public_ipv6)
+            .and_then(|s| s.parse().ok())
+            .or(node_public.1),
         ipv4: net.ipv4.is_some(),
         ipv6: net.ipv6.is_some(),
     };

@@ -63,6 +63,12 @@ struct Inner {
 struct State {
     inner: Mutex<Inner>,
     changes: broadcast::Sender<Change>,
+    /// Cancelled to close every open watch (a new token then serves new watches).
+    watches: Mutex<CancellationToken>,
+    /// While set, new watch requests wait (to open a gap in which changes are missed).
+    hold_watches: std::sync::atomic::AtomicBool,
+    /// How many watches were answered with 410 Expired.
+    expired: std::sync::atomic::AtomicU64,
 }
 
 impl State {
@@ -242,6 +248,9 @@ impl ApiServer {
                 uid: 0,
             }),
             changes: tx,
+            watches: Mutex::new(CancellationToken::new()),
+            hold_watches: std::sync::atomic::AtomicBool::new(false),
+            expired: std::sync::atomic::AtomicU64::new(0),
         });
         let stop = CancellationToken::new();
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -343,6 +352,29 @@ impl ApiServer {
         let mut i = self.state.lock();
         i.pages.clear();
         i.page_order.clear();
+    }
+
+    /// Closes every open watch; while `hold` is true, new watch requests wait until
+    /// [`release_watches`](Self::release_watches). Changes made meanwhile reach the clients only by
+    /// replay, or (once out of the history) by a re-list after 410.
+    pub fn close_watches(&self, hold: bool) {
+        use std::sync::atomic::Ordering;
+        self.state.hold_watches.store(hold, Ordering::SeqCst);
+        let mut w = self.state.watches.lock().unwrap_or_else(|e| e.into_inner());
+        w.cancel();
+        *w = CancellationToken::new();
+    }
+
+    /// Lets held watch requests proceed.
+    pub fn release_watches(&self) {
+        self.state
+            .hold_watches
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many watch requests were answered with 410 Expired so far.
+    pub fn expired_watches(&self) -> u64 {
+        self.state.expired.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The current resourceVersion.
@@ -477,6 +509,9 @@ async fn handle(
         (Method::GET, ["api", "v1"]) => reply(StatusCode::OK, &api_resources()),
         (Method::GET, ["api", "v1", "nodes"]) => {
             if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+                while st.hold_watches.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 watch(st, stop, &q)
             } else {
                 list(&st, &q)
@@ -626,6 +661,7 @@ fn watch(st: Arc<State>, stop: CancellationToken, q: &HashMap<String, String>) -
                 // The history holds every change after `oldest - 1`; older is gone.
                 let oldest = i.history.front().map_or(i.rv + 1, |c| c.rv);
                 if r + 1 < oldest && r < i.rv {
+                    st.expired.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let msg = format!("too old resource version: {r} ({})", oldest - 1);
                     first.push(event_line("ERROR", &expired(&msg)));
                     let body = futures::stream::iter(
@@ -645,6 +681,7 @@ fn watch(st: Arc<State>, stop: CancellationToken, q: &HashMap<String, String>) -
         }
         (st.changes.subscribe(), every, i.rv)
     };
+    let closed = st.watches.lock().unwrap_or_else(|e| e.into_inner()).clone();
     tokio::spawn(async move {
         for b in first {
             if tx.send(Ok(Frame::data(b))).await.is_err() {
@@ -658,6 +695,7 @@ fn watch(st: Arc<State>, stop: CancellationToken, q: &HashMap<String, String>) -
         loop {
             let line = tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = closed.cancelled() => return,
                 _ = &mut end => return,
                 _ = tick.tick(), if bookmarks => event_line("BOOKMARK", &json!({
                     "kind": "Node", "apiVersion": "v1",

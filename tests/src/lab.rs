@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::etcd::EtcdServer;
+use crate::kubeapi::ApiServer;
 use crate::netns::{Netns, in_netns};
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -108,8 +109,11 @@ impl Host {
 pub struct Lab {
     /// The hosts.
     pub hosts: Vec<Host>,
-    /// etcd, inside the switch namespace.
-    pub etcd: EtcdServer,
+    /// etcd, inside the switch namespace (an etcd lab).
+    pub etcd: Option<EtcdServer>,
+    /// The stand-in Kubernetes API server, inside the switch namespace (a Kubernetes lab, where
+    /// every flanneld runs with `--kube-subnet-mgr` and host N is Node `hostN`).
+    pub kube: Option<ApiServer>,
     /// The switch namespace.
     pub sw: Netns,
     /// The flanneld binary used.
@@ -147,6 +151,49 @@ impl Lab {
     /// # Panics
     /// When a step fails.
     pub fn new(spec: &LabSpec, flanneld: PathBuf) -> Self {
+        Self::build(spec, flanneld, false)
+    }
+
+    /// Builds a Kubernetes lab: the stand-in API server on the switch (`http://172.20.0.1:6443`)
+    /// instead of etcd, the network config in a `net-conf.json` file, and a Node `hostN` per host
+    /// with the Nth subnet of the network as its pod CIDR (IPv4, and IPv6 with `EnableIPv6`), as the
+    /// controller manager's node IPAM would assign it. flanneld is not started yet.
+    ///
+    /// # Panics
+    /// When a step fails.
+    pub fn new_kube(spec: &LabSpec, flanneld: PathBuf) -> Self {
+        Self::build(spec, flanneld, true)
+    }
+
+    /// The `n`-th (1-based) pod CIDR(s) of the network config: what the lab's node IPAM assigns to
+    /// Node `hostN`.
+    pub fn pod_cidrs(config: &str, n: usize) -> Vec<String> {
+        let c = flannel_core::NetworkConfig::parse(config).expect("a valid network config");
+        let mut out = Vec::new();
+        if let Some(p) = &c.ipv4
+            && let Some(s) = p.subnets().nth(n)
+        {
+            out.push(s.to_string());
+        }
+        if let Some(p) = &c.ipv6
+            && let Some(s) = p.subnets().nth(n)
+        {
+            out.push(s.to_string());
+        }
+        out
+    }
+
+    /// The stand-in API server of a Kubernetes lab.
+    ///
+    /// # Panics
+    /// In an etcd lab.
+    pub fn api(&self) -> &ApiServer {
+        self.kube
+            .as_ref()
+            .expect("a Kubernetes lab (Lab::new_kube)")
+    }
+
+    fn build(spec: &LabSpec, flanneld: PathBuf, kube: bool) -> Self {
         let id = LAB_COUNTER.fetch_add(1, Ordering::SeqCst);
         let tag = format!("l{id}");
         let dir = tempfile::Builder::new()
@@ -170,17 +217,36 @@ impl Lab {
         }
         swsh("sysctl -qw net.ipv4.ip_forward=1");
         swsh("sysctl -qw net.ipv6.conf.all.forwarding=1");
-        let etcd =
-            EtcdServer::start_in(Some(sw.name()), &segment_gateway(0).to_string(), 2379, None);
+        let gw = segment_gateway(0).to_string();
+        let (etcd, api) = if kube {
+            let api = ApiServer::start_in(Some(sw.name()), &gw, 6443);
+            std::fs::write(dir.path().join("net-conf.json"), &spec.config).expect("net-conf.json");
+            (None, Some(api))
+        } else {
+            (
+                Some(EtcdServer::start_in(Some(sw.name()), &gw, 2379, None)),
+                None,
+            )
+        };
         let mut lab = Self {
             hosts: Vec::new(),
             etcd,
+            kube: api,
             sw,
             flanneld,
             tag: tag.clone(),
             dir,
         };
-        lab.etcd_put("/coreos.com/network/config", &spec.config);
+        if let Some(api) = &lab.kube {
+            let total: usize = spec.segments.iter().sum();
+            for n in 1..=total {
+                let cidrs = Self::pod_cidrs(&spec.config, n);
+                let cidrs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
+                api.add_node(&format!("host{n}"), &cidrs);
+            }
+        } else {
+            lab.etcd_put("/coreos.com/network/config", &spec.config);
+        }
         let mut n = 0;
         for (s, count) in spec.segments.iter().enumerate() {
             for _ in 0..*count {
@@ -263,8 +329,19 @@ impl Lab {
     }
 
     /// The etcd endpoint as the hosts see it.
+    ///
+    /// # Panics
+    /// In a Kubernetes lab.
     pub fn etcd_url(&self) -> String {
-        self.etcd.url()
+        self.etcd.as_ref().expect("an etcd lab (Lab::new)").url()
+    }
+
+    /// Where the hosts find their store: the etcd URL, or the API server URL in a Kubernetes lab.
+    pub fn store_url(&self) -> String {
+        match &self.kube {
+            Some(api) => api.url(),
+            None => self.etcd_url(),
+        }
     }
 
     fn etcd<T: Send + 'static>(
@@ -382,7 +459,17 @@ impl Lab {
     /// # Panics
     /// When it does not come up within 20 s.
     pub fn start_flanneld(&mut self, i: usize) {
-        let url = self.etcd_url();
+        let store: Vec<String> = match &self.kube {
+            Some(api) => vec![
+                "--kube-subnet-mgr".into(),
+                format!("--kube-api-url={}", api.url()),
+                format!(
+                    "--net-config-path={}",
+                    self.dir.path().join("net-conf.json").display()
+                ),
+            ],
+            None => vec![format!("--etcd-endpoints={}", self.etcd_url())],
+        };
         let bin = self.flanneld.clone();
         let h = &mut self.hosts[i];
         let _ = std::fs::remove_file(&h.subnet_file);
@@ -394,7 +481,8 @@ impl Lab {
         let child = Command::new("ip")
             .args(["netns", "exec", h.ns.name()])
             .arg(&bin)
-            .arg(format!("--etcd-endpoints={url}"))
+            .args(&store)
+            .env("NODE_NAME", format!("host{}", h.n))
             .arg("--iface=eth0")
             .arg(format!("--subnet-file={}", h.subnet_file.display()))
             .args(&h.extra_args)
@@ -774,7 +862,9 @@ impl Drop for Lab {
                 crate::cleanup::stop_child(&mut c, Duration::from_millis(50));
             }
         }
-        self.etcd.stop();
+        if let Some(e) = &mut self.etcd {
+            e.stop();
+        }
         crate::cleanup::forget_dir(self.dir.path());
         // Pods, hosts and the switch namespaces are removed by their own guards (fields drop after
         // this), which also deletes every link inside them.

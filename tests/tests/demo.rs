@@ -1,5 +1,5 @@
 //! The README's main command: the demo runs to the end and every step succeeds (exit code 0), for the
-//! default vxlan cluster and for dual-stack host-gw and udp; `--help` and bad options behave as a
+//! default vxlan cluster, for dual-stack host-gw, udp and Kubernetes mode; `--help` and bad options behave as a
 //! command line should; and every way out (a closed stdout, SIGTERM, SIGHUP) stops every process the
 //! demo started and deletes every namespace and directory it made.
 
@@ -54,12 +54,21 @@ fn the_demo_runs_clean() {
         &["--hosts", "2"][..],
         &["--hosts", "2", "--backend", "host-gw", "--ipv6"],
         &["--hosts", "2", "--backend", "udp"],
+        &["--hosts", "2", "--kube"],
     ] {
         let (code, out) = demo(args);
         assert_eq!(code, Some(0), "flannel-demo {args:?}:\n{out}");
         assert!(out.contains(" 0 failed"), "{args:?}: {out}");
         assert!(out.contains("host2 pod: answered"), "{args:?}: {out}");
     }
+    // Kubernetes mode shows the Node annotations and the condition flanneld set.
+    let (_, out) = demo(&["--hosts", "2", "--kube", "--backend", "host-gw"]);
+    assert!(
+        out.contains("flannel.alpha.coreos.com/backend-type: host-gw")
+            && out.contains("flannel.alpha.coreos.com/backend-data: null")
+            && out.contains("NetworkUnavailable=False reason FlannelIsUp"),
+        "{out}"
+    );
     let (code, out) = demo(&["--backend", "udp", "--ipv6"]);
     assert_eq!(code, Some(2), "udp with --ipv6 is refused up front: {out}");
 }

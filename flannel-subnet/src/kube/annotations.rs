@@ -288,6 +288,23 @@ fn inside(node: &NodeInfo, network: IpNet, cidr: IpNet) -> Result<(), BadNode> {
     }
 }
 
+/// What a Node published before, read back leniently from its annotations (unparsable values are
+/// left out): upstream restores the vxlan VTEP MAC after a reboot from `backend-data`.
+pub fn published_attrs(keys: &AnnotationKeys, node: &NodeInfo) -> LeaseAttrs {
+    LeaseAttrs {
+        public_ip: parsed(node, &keys.public_ip, "")
+            .ok()
+            .flatten()
+            .unwrap_or(Ipv4Addr::UNSPECIFIED),
+        public_ipv6: parsed(node, &keys.public_ipv6, "").ok().flatten(),
+        backend_type: annotation(node, &keys.backend_type)
+            .unwrap_or_default()
+            .to_string(),
+        backend_data: backend_data(node, &keys.backend_data).ok().flatten(),
+        backend_v6_data: backend_data(node, &keys.backend_v6_data).ok().flatten(),
+    }
+}
+
 /// Our own lease key from our Node's pod CIDR(s), checked against the network config (upstream's
 /// `AcquireLease` checks).
 pub fn own_lease_key(config: &NetworkConfig, node: &NodeInfo) -> Result<SubnetKey, BadNode> {
@@ -746,6 +763,26 @@ mod tests {
             annotations_patch(&a).to_string(),
             r#"{"metadata":{"annotations":{"x.io/public-ip":"1.2.3.4"}}}"#
         );
+    }
+
+    #[test]
+    fn published_attrs_read_back_leniently() {
+        let n = node(
+            &["10.244.3.0/24"],
+            &[
+                ("backend-type", "vxlan"),
+                ("backend-data", r#"{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}"#),
+                ("backend-v6-data", "{broken"),
+                ("public-ip", "192.168.1.3"),
+            ],
+        );
+        let a = published_attrs(&keys(), &n);
+        assert_eq!(
+            a.backend_data.unwrap().as_str(),
+            r#"{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}"#
+        );
+        assert_eq!(a.backend_v6_data, None);
+        assert_eq!(a.public_ip.to_string(), "192.168.1.3");
     }
 
     #[test]

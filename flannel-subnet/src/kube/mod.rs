@@ -474,6 +474,11 @@ impl SubnetManager for KubeSubnetManager {
         })
     }
 
+    async fn previous_attrs(&self) -> Option<LeaseAttrs> {
+        let node = self.own_node().await.ok()?;
+        Some(annotations::published_attrs(&self.keys, &node))
+    }
+
     async fn renew_lease(&self, lease: &mut Lease) -> Result<(), SubnetError> {
         // Node objects do not expire: the pod CIDR is ours as long as the Node exists.
         lease.expiration = Self::expiration();

@@ -1,6 +1,6 @@
 //! The demo: a local multi-host flannel cluster in network namespaces.
 //!
-//! `flannel-demo [--backend vxlan|host-gw|vxlan-direct|udp] [--hosts N] [--ipv6] [--hold]`
+//! `flannel-demo [--backend vxlan|host-gw|vxlan-direct|udp] [--hosts N] [--ipv6] [--kube] [--hold]`
 //!
 //! Builds N hosts on an underlay switch, runs etcd and the real flanneld on every host, creates two
 //! pods per host, pings every pod from every pod, and shows what flannel put in the kernel and in
@@ -33,6 +33,10 @@ struct Args {
     /// Dual stack: IPv6 on the underlay, an IPv6 pod network and IPv6 pods (not with udp).
     #[arg(long)]
     ipv6: bool,
+    /// Kubernetes mode: flanneld --kube-subnet-mgr against a stand-in API server with a Node per host
+    /// (pod CIDRs assigned as the node IPAM controller would), instead of etcd.
+    #[arg(long)]
+    kube: bool,
     /// Keep the cluster up after the tour until Ctrl-C (which also cleans up).
     #[arg(long)]
     hold: bool,
@@ -143,22 +147,52 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
         ""
     };
     let config = format!(r#"{{"Network":"10.5.0.0/16"{v6},"Backend":{backend_json}}}"#);
-    section(&format!("Building a {hosts}-host lab (backend {backend})"))?;
+    let store = if args.kube {
+        "a stand-in Kubernetes API server"
+    } else {
+        "etcd"
+    };
+    section(&format!(
+        "Building a {hosts}-host lab (backend {backend}, store {store})"
+    ))?;
     say!(
-        "    hosts are network namespaces on one underlay switch (172.20.0.0/16); etcd runs on the switch"
+        "    hosts are network namespaces on one underlay switch (172.20.0.0/16); {store} runs on the switch"
     );
-    let mut lab = Lab::new(
-        &LabSpec {
-            segments: vec![hosts],
-            config: config.clone(),
-            flanneld_args: vec![],
-        },
-        bin_path("flanneld"),
-    );
-    say!(
-        "    etcd: {}   network config at /coreos.com/network/config:",
-        lab.etcd_url()
-    );
+    let spec = LabSpec {
+        segments: vec![hosts],
+        config: config.clone(),
+        flanneld_args: vec![],
+    };
+    let mut lab = if args.kube {
+        Lab::new_kube(&spec, bin_path("flanneld"))
+    } else {
+        Lab::new(&spec, bin_path("flanneld"))
+    };
+    if args.kube {
+        let kubeconfig = lab.dir().join("kubeconfig");
+        let _ = std::fs::write(&kubeconfig, lab.api().kubeconfig());
+        say!(
+            "    API server: {}   (from the switch: ip netns exec {} kubectl --kubeconfig {} get nodes)",
+            lab.store_url(),
+            lab.sw.name(),
+            kubeconfig.display()
+        );
+        say!("    Nodes, each with the pod CIDR the node IPAM controller would assign:");
+        for h in &lab.hosts {
+            let node = lab.api().node(&format!("host{}", h.n)).unwrap_or_default();
+            say!(
+                "        host{}  spec.podCIDRs {}",
+                h.n,
+                node["spec"]["podCIDRs"]
+            );
+        }
+        say!("    flanneld runs with --kube-subnet-mgr and NODE_NAME=hostN; net-conf.json:");
+    } else {
+        say!(
+            "    etcd: {}   network config at /coreos.com/network/config:",
+            lab.etcd_url()
+        );
+    }
     indent(&config)?;
 
     section("Starting flanneld on every host")?;
@@ -272,16 +306,52 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
         indent(&h.sh("ip addr show flannel0"))?;
     }
 
-    section(
-        "The leases in etcd (one per host; the key is the subnet, the value Go flanneld's JSON)",
-    )?;
-    for (k, v) in lab.etcd_list("/coreos.com/network/subnets/") {
-        say!("    {k}\n        {v}");
+    if args.kube {
+        section(
+            "The Node objects (flannel's annotations, as upstream writes them, and the NetworkUnavailable condition)",
+        )?;
+        // The condition is set right after subnet.env is written: give the last host a moment.
+        std::thread::sleep(Duration::from_millis(300));
+        for h in &lab.hosts {
+            let node = lab.api().node(&format!("host{}", h.n)).unwrap_or_default();
+            say!("    host{}:", h.n);
+            if let Some(a) = node["metadata"]["annotations"].as_object() {
+                for (k, v) in a {
+                    say!("        {k}: {}", v.as_str().unwrap_or_default());
+                }
+            }
+            for c in node["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                say!(
+                    "        condition {}={} reason {} ({})",
+                    c["type"].as_str().unwrap_or_default(),
+                    c["status"].as_str().unwrap_or_default(),
+                    c["reason"].as_str().unwrap_or_default(),
+                    c["message"].as_str().unwrap_or_default()
+                );
+            }
+        }
+    } else {
+        section(
+            "The leases in etcd (one per host; the key is the subnet, the value Go flanneld's JSON)",
+        )?;
+        for (k, v) in lab.etcd_list("/coreos.com/network/subnets/") {
+            say!("    {k}\n        {v}");
+        }
     }
 
     // udp has one route for the whole network (to flannel0); the others one per peer.
     let doomed: Vec<String> = if backend == "udp" {
         vec!["10.5.0.0/16".into()]
+    } else if args.kube {
+        lab.hosts
+            .iter()
+            .skip(1)
+            .flat_map(|h| Lab::pod_cidrs(&config, h.n))
+            .collect()
     } else {
         let me = format!("\"PublicIP\":\"{}\"", lab.hosts[0].addr);
         lab.etcd_list("/coreos.com/network/subnets/")
@@ -323,7 +393,9 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
-    section("Cleaning up (stopping flanneld and etcd, deleting the namespaces)")?;
+    section(&format!(
+        "Cleaning up (stopping flanneld and {store}, deleting the namespaces)"
+    ))?;
     drop(lab);
     say!("    done");
     Ok(failed.is_empty() && again)
