@@ -53,7 +53,7 @@ pub use annotations::{AnnotationKeys, BadNode, BadPrefix, DEFAULT_PREFIX, NodeIn
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
     /// The kubeconfig file could not be read.
-    #[error("reading the kubeconfig {path}: {source}")]
+    #[error("reading the kubeconfig {path}")]
     Kubeconfig {
         /// The file.
         path: PathBuf,
@@ -63,17 +63,17 @@ pub enum KubeError {
     },
     /// Neither `--kube-api-url` nor `--kubeconfig-file`, and no in-cluster service account.
     #[error(
-        "no Kubernetes API to talk to: give --kubeconfig-file or --kube-api-url, or run in a pod with a service account ({0})"
+        "no Kubernetes API to talk to: give --kubeconfig-file or --kube-api-url, or run in a pod with a service account"
     )]
     InCluster(#[source] kube::config::InClusterError),
     /// `--kube-api-url` is not a URL.
     #[error("--kube-api-url {0:?} is not a URL such as https://10.0.0.1:6443")]
     BadUrl(String),
     /// The client could not be built from the config.
-    #[error("building the Kubernetes client: {0}")]
+    #[error("building the Kubernetes client")]
     Client(#[source] kube::Error),
     /// The API answered with an error.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Api {
         /// What was being done.
         what: String,
@@ -94,7 +94,15 @@ pub enum KubeError {
 
 impl From<KubeError> for SubnetError {
     fn from(e: KubeError) -> Self {
-        SubnetError::Store(e.to_string())
+        // The message with its causes, `outer: inner: …` (SubnetError keeps text).
+        let mut text = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        SubnetError::Store(text)
     }
 }
 
@@ -329,9 +337,19 @@ impl KubeSubnetManager {
                 annotations::pod_cidrs(&n)?;
                 Ok(n)
             });
+            // Worth waiting for: a pod CIDR the node IPAM has not assigned yet, or an API server
+            // that does not answer. Not: a node that does not exist or whose CIDRs are wrong.
+            let transient = match &result {
+                Ok(_) => false,
+                Err(KubeError::Node(BadNode::NoPodCidr(_))) => true,
+                Err(KubeError::Api { source, .. }) => {
+                    !matches!(source, kube::Error::Api(s) if s.code == 404)
+                }
+                Err(_) => false,
+            };
             match result {
                 Ok(n) => return Ok(n),
-                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(e) if !transient || tokio::time::Instant::now() >= deadline => return Err(e),
                 Err(e) => warn!(
                     "{e}; looking again in {:?} (giving up after {:?})",
                     self.opts.retry_every, self.opts.pod_cidr_wait
