@@ -52,6 +52,9 @@ fn path_without(dir: &Path, leave_out: &[&str]) {
         "nft",
         "openssl",
         "pgrep",
+        "buildah",
+        "busybox",
+        "kubectl",
         "mktemp",
         "rm",
     ];
