@@ -418,6 +418,18 @@ impl ApiServer {
         st.emit(&mut i, kind, node);
     }
 
+    /// Adds a Node with pod CIDRs and annotations in one change (a peer that runs flannel already).
+    pub fn add_annotated_node(&self, name: &str, pod_cidrs: &[&str], annotations: &[(&str, &str)]) {
+        self.add_node(name, pod_cidrs);
+        self.update_node(name, |n| {
+            let a: serde_json::Map<String, Value> = annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            n["metadata"]["annotations"] = Value::Object(a);
+        });
+    }
+
     /// Changes a Node as a controller would (no strategy applied); a change bumps the
     /// resourceVersion and is sent to watchers. Returns false when there is no such node.
     pub fn update_node(&self, name: &str, f: impl FnOnce(&mut Value)) -> bool {
@@ -466,6 +478,32 @@ impl ApiServer {
         });
         i.pods.insert((namespace.into(), name.into()), pod);
     }
+}
+
+/// `flanneld-alloc` (no data plane, so safe in the root namespace) in Kubernetes mode against `api`:
+/// the config at `dir/net-conf.json`, the subnet file `dir/subnet.env`, `--iface=lo`, no firewall
+/// rules, no node name from the environment (callers set `NODE_NAME` or `POD_*`), stderr piped.
+pub fn alloc_flanneld(api: &ApiServer, dir: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(crate::bin_path("flanneld-alloc"));
+    cmd.arg("--kube-subnet-mgr")
+        .arg(format!("--kube-api-url={}", api.url()))
+        .arg(format!(
+            "--net-config-path={}",
+            dir.join("net-conf.json").display()
+        ))
+        .arg(format!(
+            "--subnet-file={}",
+            dir.join("subnet.env").display()
+        ))
+        .args(["--iface=lo", "--iptables-forward-rules=false"])
+        .env_remove("NODE_NAME")
+        .env_remove("POD_NAME")
+        .env_remove("POD_NAMESPACE")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    cmd
 }
 
 impl Drop for ApiServer {

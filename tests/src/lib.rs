@@ -3,6 +3,7 @@
 //! ([`netns::Netns`]), root detection ([`require_root`]) and the paths of the built binaries
 //! ([`bin_path`]), and the record that lets every way out clean up ([`cleanup`]).
 
+pub mod bench;
 pub mod cleanup;
 pub mod etcd;
 pub mod kubeapi;
@@ -90,5 +91,58 @@ where
             return None;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The repository's root directory (scripts, deploy files).
+pub fn repo_root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// A child process a test started (recorded in [`cleanup`]), stopped by PID when dropped. Its
+/// stderr should be piped: [`stop`](Self::stop) returns it.
+#[derive(Debug)]
+pub struct Proc(pub std::process::Child);
+
+impl Proc {
+    /// Spawns `cmd`.
+    ///
+    /// # Panics
+    /// When it cannot be started.
+    pub fn spawn(cmd: &mut std::process::Command) -> Self {
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        cleanup::track_process(child.id());
+        Self(child)
+    }
+
+    /// Stops it with SIGTERM (SIGKILL after 10 s) and returns its exit code and stderr.
+    pub fn stop(mut self) -> (Option<i32>, String) {
+        let status = cleanup::stop_child(&mut self.0, std::time::Duration::from_secs(10));
+        let mut err = String::new();
+        if let Some(mut e) = self.0.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        (status.and_then(|s| s.code()), err)
+    }
+
+    /// Waits up to `within` for it to exit by itself, then as [`stop`](Self::stop).
+    pub fn stop_when_exited(mut self, within: std::time::Duration) -> (Option<i32>, String) {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        self.stop()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        cleanup::stop_child(&mut self.0, std::time::Duration::ZERO);
     }
 }

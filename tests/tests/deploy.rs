@@ -8,24 +8,21 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flannel_core::{LeaseWatchResult, SubnetManager};
 use flannel_subnet::kube::{KubeOptions, KubeSubnetManager};
-use flannel_tests::kubeapi::ApiServer;
-use flannel_tests::{bin_path, require_root, skip};
+use flannel_tests::kubeapi::{ApiServer, alloc_flanneld};
+use flannel_tests::{Proc, bin_path, repo_root, require_root, skip};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    repo_root()
 }
 
 struct Manifest {
@@ -259,25 +256,12 @@ fn the_cluster_role_grants_exactly_the_calls_flanneld_makes() {
     let conf = dir.path().join("net-conf.json");
     std::fs::write(&conf, &m.config.data.as_ref().unwrap()["net-conf.json"]).unwrap();
     // flanneld as the DaemonSet runs it (node name from the pod; alloc: no kernel changes here).
-    let mut child = Command::new(bin_path("flanneld-alloc"))
-        .args([
-            "--kube-subnet-mgr",
-            &format!("--kube-api-url={}", api.url()),
-            &format!("--net-config-path={}", conf.display()),
-            &format!("--subnet-file={}", dir.path().join("subnet.env").display()),
-            "--iface=lo",
-            "--public-ip=10.0.0.1",
-            "--iptables-forward-rules=false",
-        ])
-        .env_remove("NODE_NAME")
-        .env("POD_NAME", "kube-flannel-ds-w1")
-        .env("POD_NAMESPACE", "kube-flannel")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    flannel_tests::cleanup::track_process(child.id());
+    let p = Proc::spawn(
+        alloc_flanneld(&api, dir.path())
+            .arg("--public-ip=10.0.0.1")
+            .env("POD_NAME", "kube-flannel-ds-w1")
+            .env("POD_NAMESPACE", "kube-flannel"),
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline
         && !api.node("w1").unwrap()["status"]["conditions"]
@@ -288,7 +272,7 @@ fn the_cluster_role_grants_exactly_the_calls_flanneld_makes() {
     {
         std::thread::sleep(Duration::from_millis(50));
     }
-    flannel_tests::cleanup::stop_child(&mut child, Duration::from_secs(5));
+    p.stop();
     // The peer watch (alloc runs none): the same manager in-process, until its first snapshot.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -3,45 +3,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flannel_tests::etcd::EtcdServer;
-use flannel_tests::{bin_path, require_etcd};
-
-/// Kills the child (by PID) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn stop(mut self) -> (Option<i32>, String) {
-        // SAFETY: sending SIGTERM to our own child by PID.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Ok(Some(s)) = self.0.try_wait() {
-                break s.code();
-            }
-            if Instant::now() > deadline {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let mut err = String::new();
-        if let Some(mut e) = self.0.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        (status, err)
-    }
-}
+use flannel_tests::{Proc, bin_path, require_etcd};
 
 fn wait_for(path: &Path, timeout: Duration) -> Option<String> {
     let deadline = Instant::now() + timeout;
@@ -163,7 +130,7 @@ fn start(bin: &str, etcd: &EtcdServer, dir: &Path, extra: &[&str], env: &[(&str,
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    Proc(cmd.spawn().unwrap())
+    Proc::spawn(&mut cmd)
 }
 
 #[test]
@@ -198,19 +165,6 @@ fn unknown_backend_and_env_iface_are_reported() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("unknown backend type \"alloc\""), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-}
-
-impl Proc {
-    fn stop_when_exited(mut self, timeout: Duration) -> (Option<i32>, String) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.stop()
-    }
 }
 
 #[test]

@@ -5,79 +5,19 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flannel_tests::bin_path;
-use flannel_tests::kubeapi::ApiServer;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        flannel_tests::cleanup::stop_child(&mut self.0, Duration::ZERO);
-    }
-}
-
-impl Proc {
-    /// Stops it (SIGTERM) and returns its exit code and stderr.
-    fn stop(mut self) -> (Option<i32>, String) {
-        let status = flannel_tests::cleanup::stop_child(&mut self.0, Duration::from_secs(10));
-        let mut err = String::new();
-        self.0
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (status.and_then(|s| s.code()), err)
-    }
-
-    /// Waits for it to exit by itself (up to `within`).
-    fn exited(mut self, within: Duration) -> (Option<i32>, String) {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.stop()
-    }
-}
+use flannel_tests::Proc;
+use flannel_tests::kubeapi::{ApiServer, alloc_flanneld};
 
 fn start(api: &ApiServer, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
-    let child = Command::new(bin_path("flanneld-alloc"))
-        .arg("--kube-subnet-mgr")
-        .arg(format!("--kube-api-url={}", api.url()))
-        .arg(format!(
-            "--net-config-path={}",
-            dir.join("net-conf.json").display()
-        ))
-        .arg(format!(
-            "--subnet-file={}",
-            dir.join("subnet.env").display()
-        ))
-        .args([
-            "--iface=lo",
-            "--public-ip=10.0.0.21",
-            "--iptables-forward-rules=false",
-        ])
-        .args(extra)
-        .env_remove("NODE_NAME")
-        .env_remove("POD_NAME")
-        .env_remove("POD_NAMESPACE")
-        .envs(env.iter().copied())
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    flannel_tests::cleanup::track_process(child.id());
-    Proc(child)
+    Proc::spawn(
+        alloc_flanneld(api, dir)
+            .arg("--public-ip=10.0.0.21")
+            .args(extra)
+            .envs(env.iter().copied()),
+    )
 }
 
 fn wait_for(path: &Path, within: Duration) -> Option<String> {
@@ -152,27 +92,11 @@ fn node_public_ip_annotation_and_a_custom_prefix() {
     });
     // --public-ip given on the command line wins; without it the annotation is used. This run
     // passes neither --public-ip override of its own, so drop the default one.
-    let child = Command::new(bin_path("flanneld-alloc"))
-        .args([
-            "--kube-subnet-mgr",
-            &format!("--kube-api-url={}", api.url()),
-            &format!(
-                "--net-config-path={}",
-                dir.path().join("net-conf.json").display()
-            ),
-            &format!("--subnet-file={}", dir.path().join("subnet.env").display()),
-            "--kube-annotation-prefix=example.com/flannel",
-            "--iface=lo",
-            "--iptables-forward-rules=false",
-        ])
-        .env("NODE_NAME", "worker-2")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    flannel_tests::cleanup::track_process(child.id());
-    let p = Proc(child);
+    let p = Proc::spawn(
+        alloc_flanneld(&api, dir.path())
+            .arg("--kube-annotation-prefix=example.com/flannel")
+            .env("NODE_NAME", "worker-2"),
+    );
     wait_for(&dir.path().join("subnet.env"), Duration::from_secs(15)).expect("subnet.env");
     let node = api.node("worker-2").unwrap();
     let a = &node["metadata"]["annotations"];
@@ -219,7 +143,7 @@ fn clear_errors_for_bad_settings_and_nodes() {
         ),
     ] {
         let p = start(&api, dir.path(), &extra, &env);
-        let (code, err) = p.exited(Duration::from_secs(60));
+        let (code, err) = p.stop_when_exited(Duration::from_secs(60));
         assert_eq!(code, Some(1), "{env:?} {extra:?}: {err}");
         assert!(
             err.contains(want),

@@ -10,10 +10,7 @@ use std::process::Command;
 use flannel_tests::skip;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    flannel_tests::repo_root()
 }
 
 /// Runs `scripts/check-deps` with extra environment; returns (exit code, stderr).

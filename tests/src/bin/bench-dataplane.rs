@@ -10,6 +10,7 @@
 
 use std::time::{Duration, Instant};
 
+use flannel_tests::bench::{self, FakePeer, status_mib};
 use flannel_tests::bin_path;
 use flannel_tests::lab::{Lab, LabSpec};
 
@@ -21,63 +22,30 @@ struct Fake {
 fn fakes(n: usize, backend: &str) -> Vec<Fake> {
     (0..n)
         .map(|i| {
-            let (a, b) = (i / 256, i % 256);
-            let ip = format!("172.20.{}.{}", 1 + i / 250, 1 + i % 250);
+            let p = FakePeer::new(i, 0);
             let value = if backend == "vxlan" {
-                format!(r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:{a:02x}:{b:02x}"}}}}"#)
+                format!(
+                    r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{}}}"#,
+                    p.public_ip,
+                    p.vxlan_data()
+                )
             } else {
-                format!(r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"host-gw"}}"#)
+                format!(
+                    r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"host-gw"}}"#,
+                    p.public_ip
+                )
             };
-            Fake { key: format!("/coreos.com/network/subnets/10.{}.{b}.0-24", 100 + a), value }
+            Fake {
+                key: format!(
+                    "/coreos.com/network/subnets/{}",
+                    p.subnet.replace('/', "-")
+                ),
+                value,
+            }
         })
         .collect()
 }
 
-/// Kernel entries for fake peers on host `h`: (routes, neighbours, fdb).
-fn counts(lab: &Lab, h: usize, backend: &str) -> (usize, usize, usize) {
-    let host = &lab.hosts[h];
-    let routes = host
-        .ns
-        .exec(&["ip", "-4", "route", "show"])
-        .unwrap_or_default();
-    let r = routes.lines().filter(|l| l.starts_with("10.1")).count();
-    if backend != "vxlan" {
-        return (r, 0, 0);
-    }
-    let neigh = host
-        .ns
-        .exec(&["ip", "neigh", "show", "dev", "flannel.1"])
-        .unwrap_or_default();
-    let fdb = host
-        .ns
-        .exec(&["bridge", "fdb", "show", "dev", "flannel.1"])
-        .unwrap_or_default();
-    (
-        r,
-        neigh.lines().filter(|l| l.starts_with("10.1")).count(),
-        fdb.lines()
-            .filter(|l| l.starts_with("02:00:00:00:"))
-            .count(),
-    )
-}
-
-fn complete(c: (usize, usize, usize), n: usize, backend: &str) -> bool {
-    if backend == "vxlan" {
-        c == (n, n, n)
-    } else {
-        c.0 == n
-    }
-}
-
-fn missing(c: (usize, usize, usize), n: usize, backend: &str) -> usize {
-    if backend == "vxlan" {
-        3 * n - (c.0 + c.1 + c.2).min(3 * n)
-    } else {
-        n - c.0.min(n)
-    }
-}
-
-/// Waits until every host in `hosts` holds `n` entries; returns the time and the entries missing.
 fn wait_for(
     lab: &Lab,
     hosts: &[usize],
@@ -85,35 +53,11 @@ fn wait_for(
     backend: &str,
     timeout: Duration,
 ) -> (Duration, usize) {
-    let start = Instant::now();
-    loop {
-        let all: Vec<_> = hosts.iter().map(|&h| counts(lab, h, backend)).collect();
-        if all.iter().all(|&c| complete(c, n, backend)) {
-            return (start.elapsed(), 0);
-        }
-        if start.elapsed() > timeout {
-            return (
-                start.elapsed(),
-                all.iter().map(|&c| missing(c, n, backend)).sum(),
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    bench::wait_for(lab, hosts, n, backend, 0, timeout)
 }
 
 fn rss_mib(pid: Option<u32>) -> f64 {
     status_mib(pid, "VmRSS:")
-}
-
-fn status_mib(pid: Option<u32>, field: &str) -> f64 {
-    let Some(pid) = pid else { return 0.0 };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn main() {

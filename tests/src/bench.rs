@@ -1,0 +1,136 @@
+//! Helpers the lab benchmarks share: fake peers, counting their kernel entries on a host, waiting
+//! until they are all there, and reading a process's memory figures.
+
+use std::time::{Duration, Instant};
+
+use crate::lab::Lab;
+
+/// Fake peer `i` (of up to 65,536) in "generation" `g` (0 or 1: an update moves every peer to new
+/// values). Its subnet is `10.(100 + i/256).(i%256).0/24`.
+#[derive(Debug, Clone)]
+pub struct FakePeer {
+    /// The subnet, `A.B.C.D/24`.
+    pub subnet: String,
+    /// Its public IP (on the lab's underlay /16, so host-gw accepts it).
+    pub public_ip: String,
+    /// Its VTEP MAC (`02:00:00:0g:…`).
+    pub mac: String,
+}
+
+impl FakePeer {
+    /// Peer `i` in generation `g`.
+    pub fn new(i: usize, g: u8) -> Self {
+        let (a, b) = (i / 256, i % 256);
+        Self {
+            subnet: format!("10.{}.{b}.0/24", 100 + a),
+            public_ip: format!(
+                "172.20.{}.{}",
+                1 + usize::from(g) * 100 + i / 250,
+                1 + i % 250
+            ),
+            mac: format!("02:00:00:0{g}:{a:02x}:{b:02x}"),
+        }
+    }
+
+    /// The vxlan backend data Go writes: `{"VNI":1,"VtepMAC":"…"}`.
+    pub fn vxlan_data(&self) -> String {
+        format!(r#"{{"VNI":1,"VtepMAC":"{}"}}"#, self.mac)
+    }
+}
+
+/// Entries of fake peers of generation `g` on host `h`: (routes, neighbours, FDB entries). A route
+/// counts when it goes into `10.1xx` (and, for host-gw, via a generation-`g` address).
+pub fn counts(lab: &Lab, h: usize, backend: &str, g: u8) -> (usize, usize, usize) {
+    let host = &lab.hosts[h];
+    let routes = host
+        .ns
+        .exec(&["ip", "-4", "route", "show"])
+        .unwrap_or_default();
+    // host-gw: the gateway's third octet tells the generation (1..=100 or 101..=200).
+    let lo = 1 + usize::from(g) * 100;
+    let via_generation = |l: &str| {
+        l.split(" via 172.20.")
+            .nth(1)
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|o| o.parse::<usize>().ok())
+            .is_some_and(|o| (lo..lo + 100).contains(&o))
+    };
+    let r = routes
+        .lines()
+        .filter(|l| l.starts_with("10.1") && (backend == "vxlan" || via_generation(l)))
+        .count();
+    if backend != "vxlan" {
+        return (r, 0, 0);
+    }
+    let mac = format!("02:00:00:0{g}:");
+    let neigh = host
+        .ns
+        .exec(&["ip", "neigh", "show", "dev", "flannel.1"])
+        .unwrap_or_default();
+    let fdb = host
+        .ns
+        .exec(&["bridge", "fdb", "show", "dev", "flannel.1"])
+        .unwrap_or_default();
+    (
+        r,
+        neigh
+            .lines()
+            .filter(|l| l.starts_with("10.1") && l.contains(&format!("lladdr {mac}")))
+            .count(),
+        fdb.lines().filter(|l| l.starts_with(&mac)).count(),
+    )
+}
+
+fn complete(c: (usize, usize, usize), n: usize, backend: &str) -> bool {
+    if backend == "vxlan" {
+        c == (n, n, n)
+    } else {
+        c.0 == n
+    }
+}
+
+fn missing(c: (usize, usize, usize), n: usize, backend: &str) -> usize {
+    if backend == "vxlan" {
+        3 * n - (c.0 + c.1 + c.2).min(3 * n)
+    } else {
+        n - c.0.min(n)
+    }
+}
+
+/// Waits until every host in `hosts` holds exactly `n` fake peers' entries of generation `g`;
+/// returns the time taken and the entries still missing at `timeout`.
+pub fn wait_for(
+    lab: &Lab,
+    hosts: &[usize],
+    n: usize,
+    backend: &str,
+    g: u8,
+    timeout: Duration,
+) -> (Duration, usize) {
+    let start = Instant::now();
+    loop {
+        let all: Vec<_> = hosts.iter().map(|&h| counts(lab, h, backend, g)).collect();
+        if all.iter().all(|&c| complete(c, n, backend)) {
+            return (start.elapsed(), 0);
+        }
+        if start.elapsed() > timeout {
+            return (
+                start.elapsed(),
+                all.iter().map(|&c| missing(c, n, backend)).sum(),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A `/proc/<pid>/status` figure in MiB (`VmRSS:`, `VmHWM:`); 0 when unknown.
+pub fn status_mib(pid: Option<u32>, field: &str) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
