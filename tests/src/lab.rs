@@ -454,6 +454,30 @@ impl Lab {
         self.hosts[i].flanneld.as_ref().map(Child::id)
     }
 
+    /// The first pod of every host pings the first pod of every other host over IPv4 and IPv6 (each
+    /// retried up to 5 s); returns the failures.
+    ///
+    /// # Panics
+    /// When a pod has no IPv6 address.
+    pub fn ping_both_families(&self) -> Vec<String> {
+        let mut failures = Vec::new();
+        for from in 0..self.hosts.len() {
+            for to in 0..self.hosts.len() {
+                if from == to {
+                    continue;
+                }
+                let pod = &self.hosts[to].pods[0];
+                let ip6 = pod.ip6.expect("the pod has an IPv6 address");
+                for ip in [IpAddr::V4(pod.ip), IpAddr::V6(ip6)] {
+                    if !self.ping((from, 0), ip, Duration::from_secs(5)) {
+                        failures.push(format!("host {from} -> {ip}"));
+                    }
+                }
+            }
+        }
+        failures
+    }
+
     /// Starts flanneld on host `i` (0-based) and waits until it wrote subnet.env.
     ///
     /// # Panics

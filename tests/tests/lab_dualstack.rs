@@ -32,27 +32,6 @@ fn dual_lab_with(test: &str, extra: &str, backend: &str, args: &[&str]) -> Optio
     Some(lab)
 }
 
-/// Every pod pings every other pod over both families; the failures.
-fn ping_both(lab: &Lab) -> Vec<String> {
-    let mut failures = Vec::new();
-    for from in 0..lab.hosts.len() {
-        for to in 0..lab.hosts.len() {
-            if from == to {
-                continue;
-            }
-            let pod = &lab.hosts[to].pods[0];
-            if !lab.ping((from, 0), pod.ip, Duration::from_secs(5)) {
-                failures.push(format!("host {from} -> {}", pod.ip));
-            }
-            let ip6 = pod.ip6.expect("the pod has an IPv6 address");
-            if !lab.ping((from, 0), ip6, Duration::from_secs(5)) {
-                failures.push(format!("host {from} -> {ip6}"));
-            }
-        }
-    }
-    failures
-}
-
 /// Each host's lease: (IPv6 subnet as in the key, the PublicIPv6 it advertises).
 fn v6_leases(lab: &Lab) -> Vec<(String, String)> {
     lab.etcd_list("/coreos.com/network/subnets/")
@@ -75,7 +54,7 @@ fn hostgw_dual_stack() {
     let Some(lab) = dual_lab("hostgw_dual_stack", r#"{"Type":"host-gw"}"#, &["--ip-masq"]) else {
         return;
     };
-    let failures = ping_both(&lab);
+    let failures = lab.ping_both_families();
     assert!(failures.is_empty(), "unreachable: {failures:?}");
     let leases = v6_leases(&lab);
     for h in &lab.hosts {
@@ -134,7 +113,7 @@ fn vxlan_dual_stack() {
     let Some(lab) = dual_lab("vxlan_dual_stack", r#"{"Type":"vxlan"}"#, &[]) else {
         return;
     };
-    let failures = ping_both(&lab);
+    let failures = lab.ping_both_families();
     assert!(failures.is_empty(), "unreachable: {failures:?}");
     let leases = v6_leases(&lab);
     let macs = v6_macs(&lab);
@@ -220,7 +199,7 @@ fn vxlan_dual_stack() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let failures = ping_both(&lab);
+    let failures = lab.ping_both_families();
     assert!(failures.is_empty(), "after repairs: {failures:?}");
 }
 
@@ -255,7 +234,7 @@ fn cni_pods_get_both_families() {
             .expect("the CNI result has an IPv6 address");
         assert!(subnet6.trunc().contains(&ip6), "{ip6} in {subnet6}");
     }
-    let failures = ping_both(&lab);
+    let failures = lab.ping_both_families();
     assert!(failures.is_empty(), "unreachable: {failures:?}");
 }
 
@@ -285,6 +264,6 @@ fn nftables_mode_masquerades_ipv6_too() {
         lab.ping((0, 0), outside, Duration::from_secs(5)),
         "a pod reaches a host outside the cluster over IPv6 (masqueraded by nftables)"
     );
-    let failures = ping_both(&lab);
+    let failures = lab.ping_both_families();
     assert!(failures.is_empty(), "unreachable: {failures:?}");
 }

@@ -215,3 +215,46 @@ fn deleted_nodes_restarts_and_an_expired_watch() {
     let fdb = lab.hosts[1].sh("bridge fdb show dev flannel.1");
     assert!(fdb.contains("0e:11:22:33:44:55 dst 172.20.0.99"), "{fdb}");
 }
+
+#[test]
+fn dual_stack_pods_ping_over_both_families() {
+    if !require_root("kube: dual_stack_pods_ping_over_both_families") {
+        return;
+    }
+    let config = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{"Type":"vxlan"}}"#;
+    let mut lab = Lab::new_kube(
+        &LabSpec {
+            segments: vec![3],
+            config: config.into(),
+            flanneld_args: vec!["--iptables-forward-rules=false".into()],
+        },
+        bin_path("flanneld"),
+    );
+    lab.start_all();
+    for i in 0..3 {
+        lab.add_pods(i, 1);
+    }
+    let failures = lab.ping_both_families();
+    assert!(failures.is_empty(), "{failures:?}");
+    for (i, h) in lab.hosts.iter().enumerate() {
+        let node = lab.api().node(&format!("host{}", i + 1)).unwrap();
+        let cidrs = Lab::pod_cidrs(config, i + 1);
+        let env = h.subnet_env().unwrap();
+        assert_eq!(
+            env["FLANNEL_IPV6_SUBNET"],
+            cidrs[1].replace("::/64", "::1/64"),
+            "the IPv6 lease is the Node's IPv6 pod CIDR"
+        );
+        assert_eq!(annotation(&node, "public-ipv6"), h.addr6.to_string());
+        let v6 = annotation(&node, "backend-v6-data");
+        assert!(
+            v6.starts_with(r#"{"VNI":1,"VtepMAC":""#) && v6.ends_with(r#""}"#),
+            "{v6}"
+        );
+        assert_ne!(
+            v6,
+            annotation(&node, "backend-data"),
+            "two devices, two MACs"
+        );
+    }
+}
