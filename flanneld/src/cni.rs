@@ -39,6 +39,25 @@ impl CniError {
     }
 }
 
+/// Checks `CNI_CONTAINERID` as the CNI spec restricts it (`^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`): the
+/// plugin uses it as a file name under `dataDir`, so an absolute path or `..` must never get there.
+pub fn validate_container_id(id: &str) -> Result<(), CniError> {
+    let mut chars = id.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if first_ok && rest_ok {
+        Ok(())
+    } else {
+        Err(CniError {
+            code: 4,
+            msg: "invalid container ID".into(),
+            details: format!(
+                "CNI_CONTAINERID {id:?} must match ^[a-zA-Z0-9][a-zA-Z0-9_.\\-]*$ (CNI spec)"
+            ),
+        })
+    }
+}
+
 /// What the plugin reads from `subnet.env` (bare `KEY=VALUE` lines, as the upstream plugin).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FlannelEnv {
@@ -201,6 +220,20 @@ pub fn version_result(cni_version: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn container_ids_as_the_spec_allows() {
+        for ok in ["abc", "0f3e9a", "a.b-c_d", "A1", "x..y"] {
+            assert_eq!(validate_container_id(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "", "../etc", "/abs", "a/b", ".hidden", "-x", "_x", "a b", "é", "a\0b", "..",
+        ] {
+            let e = validate_container_id(bad).unwrap_err();
+            assert_eq!(e.code, 4, "{bad:?}");
+            assert_eq!(e.msg, "invalid container ID");
+        }
+    }
 
     const ENV: &str = "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n";
 

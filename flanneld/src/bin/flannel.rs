@@ -5,7 +5,10 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
-use flanneld::cni::{CniError, delegate_config, parse_netconf, read_subnet_env, version_result};
+use flanneld::cni::{
+    CniError, delegate_config, parse_netconf, read_subnet_env, validate_container_id,
+    version_result,
+};
 
 fn fail(e: &CniError, version: &str) -> ExitCode {
     println!("{}", e.to_json(version));
@@ -92,7 +95,16 @@ fn saved_path(data_dir: &str, id: &str) -> PathBuf {
 fn main() -> ExitCode {
     let command = std::env::var("CNI_COMMAND").unwrap_or_default();
     let mut input = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut input);
+    if let Err(e) = std::io::stdin().read_to_end(&mut input) {
+        return fail(
+            &CniError {
+                code: 999,
+                msg: "failed to read the network config from stdin".into(),
+                details: e.to_string(),
+            },
+            "1.0.0",
+        );
+    }
     if command == "VERSION" {
         let v = parse_netconf(&input)
             .map(|c| c.cni_version)
@@ -105,7 +117,7 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e, "1.0.0"),
     };
     let v = conf.cni_version.clone();
-    let id = match env("CNI_CONTAINERID") {
+    let id = match env("CNI_CONTAINERID").and_then(|id| validate_container_id(&id).map(|()| id)) {
         Ok(id) => id,
         Err(e) => return fail(&e, &v),
     };
@@ -151,7 +163,22 @@ fn main() -> ExitCode {
         "DEL" | "CHECK" => {
             let path = saved_path(&conf.data_dir, &id);
             let mut cfg = match std::fs::read_to_string(&path) {
-                Ok(t) => serde_json::from_str(&t).unwrap_or(serde_json::Value::Null),
+                Ok(t) => match serde_json::from_str::<serde_json::Value>(&t) {
+                    Ok(c) if c.is_object() => c,
+                    _ => {
+                        return fail(
+                            &CniError {
+                                code: 999,
+                                msg: format!("the saved config for {id} is corrupt"),
+                                details: format!(
+                                    "{} is not a JSON object; remove it to let DEL succeed",
+                                    path.display()
+                                ),
+                            },
+                            &v,
+                        );
+                    }
+                },
                 // DEL of something never added (or already deleted) succeeds.
                 Err(_) if command == "DEL" => return ExitCode::SUCCESS,
                 Err(e) => {
