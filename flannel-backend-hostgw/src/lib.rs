@@ -213,6 +213,45 @@ mod tests {
         }
     }
 
+    /// The same leases twice: the second pass changes nothing, also with hostile leases in the set.
+    #[tokio::test]
+    async fn the_same_input_twice_changes_nothing_the_second_time() {
+        use flannel_core::dataplane::{FakeKernel, KernelOps, Route, reconcile_once};
+        let topo = Topology {
+            network: "10.5.0.0/16".parse().unwrap(),
+            own_subnet: "10.5.1.0/24".parse().unwrap(),
+            ext_index: 2,
+            ext_networks: vec!["192.168.0.0/24".parse().unwrap()],
+            ipv6: None,
+        };
+        let k = FakeKernel::default();
+        k.state.lock().unwrap().routes.insert(Route {
+            dst: "192.168.0.0/24".parse().unwrap(),
+            gateway: None,
+            oif: 2,
+            onlink: false,
+        });
+        let peers = [
+            lease("10.5.2.0-24", "192.168.0.2", "host-gw"),
+            lease("10.99.0.0-16", "192.168.0.3", "host-gw"),
+            lease("0.0.0.0-1", "192.168.0.4", "host-gw"),
+            lease("192.168.0.0-24", "192.168.0.5", "host-gw"),
+            lease("10.5.1.128-25", "192.168.0.6", "host-gw"),
+        ];
+        let refs: Vec<&Lease> = peers.iter().collect();
+        let policy = flannel_core::LeasePolicy::new(
+            "10.5.1.0-24".parse().unwrap(),
+            &desired_state(&topo, &[]).1,
+            &k.host_routes().await.unwrap(),
+        );
+        let (allowed, refused) = policy.filter(&refs);
+        assert_eq!((allowed.len(), refused.len()), (1, 4), "{refused:?}");
+        let (s, own, _) = desired_state(&topo, &allowed);
+        assert!(!reconcile_once(&k, &s, &own).await.unwrap().is_noop());
+        let second = reconcile_once(&k, &s, &own).await.unwrap();
+        assert!(second.is_noop(), "{:?}", second.applied);
+    }
+
     #[test]
     fn routes_via_on_link_peers_and_clear_warning_otherwise() {
         let topo = Topology {

@@ -556,7 +556,7 @@ impl Model for VxlanModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flannel_core::dataplane::{FakeKernel, diff};
+    use flannel_core::dataplane::{FakeKernel, KernelOps, diff};
     use serde_json::json;
 
     #[test]
@@ -734,6 +734,53 @@ mod tests {
             .unwrap();
         assert!(k.state.lock().unwrap().is_empty());
         assert!(diff(&empty, &k.state.lock().unwrap(), &own).is_empty());
+    }
+
+    /// The same leases twice: the second pass changes nothing, also with hostile leases in the set
+    /// (refused by the lease policy: outside the network, half the internet, the underlay).
+    #[tokio::test]
+    async fn the_same_input_twice_changes_nothing_the_second_time() {
+        let k = FakeKernel::default();
+        // The host before flannel: the underlay's connected route.
+        k.state
+            .lock()
+            .unwrap()
+            .routes
+            .insert(flannel_core::dataplane::Route {
+                dst: "192.168.0.0/24".parse().unwrap(),
+                gateway: None,
+                oif: 2,
+                onlink: false,
+            });
+        let data = json!({"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"});
+        let peers = [
+            lease("10.5.2.0-24", "192.168.0.2", data.clone(), "vxlan"),
+            lease("10.99.0.0-16", "192.168.0.3", data.clone(), "vxlan"),
+            lease("0.0.0.0-1", "192.168.0.4", data.clone(), "vxlan"),
+            lease("192.168.0.0-24", "192.168.0.5", data, "vxlan"),
+        ];
+        let refs: Vec<&Lease> = peers.iter().collect();
+        for direct in [false, true] {
+            let t = topo(direct);
+            let host = k.host_routes().await.unwrap();
+            let policy = flannel_core::LeasePolicy::new(
+                "10.5.1.0-24".parse().unwrap(),
+                &desired_state(&t, &[]).1,
+                &host,
+            );
+            let (allowed, refused) = policy.filter(&refs);
+            assert_eq!(allowed.len(), 1, "{refused:?}");
+            assert_eq!(refused.len(), 3);
+            let (s, own, _) = desired_state(&t, &allowed);
+            let first = flannel_core::dataplane::reconcile_once(&k, &s, &own)
+                .await
+                .unwrap();
+            assert!(!first.is_noop());
+            let second = flannel_core::dataplane::reconcile_once(&k, &s, &own)
+                .await
+                .unwrap();
+            assert!(second.is_noop(), "direct={direct}: {:?}", second.applied);
+        }
     }
 
     /// A dual-stack topology (`flannel-v6.1` is #8, the external interface on fd00:20::/64 too) and an

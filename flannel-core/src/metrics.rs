@@ -21,6 +21,8 @@ pub struct Metrics {
     pub lease_events_removed: AtomicU64,
     /// Reconcile passes.
     pub reconcile_runs: AtomicU64,
+    /// Peer leases refused by the [`crate::LeasePolicy`] (once per change of a lease).
+    pub leases_refused: AtomicU64,
     /// Kernel changes applied, by `[add|delete][route|neigh|fdb]`.
     changes: [AtomicU64; 6],
     /// Netlink operations that failed.
@@ -107,6 +109,11 @@ pub fn render_prometheus(m: &Metrics) -> String {
         "flannel_reconcile_runs_total",
         "Data plane reconcile passes.",
         g(&m.reconcile_runs),
+    );
+    counter(
+        "flannel_leases_refused_total",
+        "Peer leases refused as unsafe (outside the network, overlapping the host's networks or own subnet), once per change.",
+        g(&m.leases_refused),
     );
     counter(
         "flannel_netlink_errors_total",

@@ -82,6 +82,13 @@ pub async fn run(
         let (sm, stop) = (sm.clone(), watch_stop.clone());
         tokio::spawn(async move { sm.watch_leases(tx, stop).await })
     };
+    // The host's routing before this run changes anything: what the lease policy protects.
+    let host_routes = kernel.host_routes().await.unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read the routing table; only the cluster network is checked for leases");
+        Vec::new()
+    });
+    let policy = crate::LeasePolicy::new(own, &model.desired(&[]).1, &host_routes);
+    drop(host_routes);
     let mut tracker = LeaseTracker::new(Some(own));
     let mut warned: BTreeSet<String> = BTreeSet::new();
     let mut tick = tokio::time::interval(opts.resync);
@@ -100,13 +107,23 @@ pub async fn run(
                 }
                 Ok(()) => {
                     let leases: Vec<&Lease> = tracker.leases().collect();
-                    let (desired, ownership, warnings) = model.desired(&leases);
+                    let (allowed, refused) = policy.filter(&leases);
+                    let (desired, ownership, mut warnings) = model.desired(&allowed);
+                    let m = crate::metrics::metrics();
+                    let fresh_refusals: Vec<&String> =
+                        refused.iter().filter(|r| !warned.contains(*r)).collect();
+                    m.leases_refused.fetch_add(
+                        fresh_refusals.len() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    warnings.extend(refused);
+                    // Each problem is logged once, when it appears (a change of the lease makes a
+                    // new message).
                     let now: BTreeSet<String> = warnings.into_iter().collect();
                     for w in now.difference(&warned) {
                         error!("{w}");
                     }
                     warned = now;
-                    let m = crate::metrics::metrics();
                     crate::metrics::inc(&m.reconcile_runs);
                     match reconcile_once(kernel, &desired, &ownership).await {
                         Ok(report) => {

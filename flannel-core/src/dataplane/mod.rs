@@ -190,7 +190,8 @@ pub struct Ownership {
 }
 
 impl Ownership {
-    fn owns_route(&self, r: &Route) -> bool {
+    /// Whether `r` is flannel's to change (into a cluster network, on flannel's devices).
+    pub fn owns_route(&self, r: &Route) -> bool {
         let in_net = self.networks.iter().any(|n| n.contains(&r.dst));
         let kept = self.keep.iter().any(|k| k.contains(&r.dst));
         in_net
@@ -277,10 +278,13 @@ pub fn diff(desired: &KernelState, actual: &KernelState, own: &Ownership) -> Vec
             .map(Op::AddNeigh),
     );
     ops.extend(desired.fdb.difference(&actual.fdb).cloned().map(Op::AddFdb));
+    // Only routes into the cluster networks are read back; one outside them would be added again
+    // at every pass, so it is never added (the lease policy refuses such leases with a reason).
     ops.extend(
         desired
             .routes
             .difference(&actual.routes)
+            .filter(|r| own.networks.iter().any(|n| n.contains(&r.dst)))
             .cloned()
             .map(Op::AddRoute),
     );
@@ -305,6 +309,9 @@ pub trait KernelOps: Send + Sync + fmt::Debug {
     async fn read(&self, own: &Ownership) -> Result<KernelState, DataplaneError>;
     /// Applies one change (adds replace).
     async fn apply(&self, op: &Op) -> Result<(), DataplaneError>;
+    /// Every main-table route, whatever its destination (the host's routing before flannel acts:
+    /// see [`crate::LeasePolicy`]).
+    async fn host_routes(&self) -> Result<Vec<Route>, DataplaneError>;
 }
 
 /// An in-memory kernel that records every applied op; for tests of backends and the reconcile loop.
@@ -318,8 +325,20 @@ pub struct FakeKernel {
 
 #[async_trait]
 impl KernelOps for FakeKernel {
-    async fn read(&self, _own: &Ownership) -> Result<KernelState, DataplaneError> {
-        Ok(self.state.lock().map(|s| s.clone()).unwrap_or_default())
+    async fn read(&self, own: &Ownership) -> Result<KernelState, DataplaneError> {
+        // As the netlink reader: only routes into the cluster networks are seen.
+        let mut s = self.state.lock().map(|s| s.clone()).unwrap_or_default();
+        s.routes
+            .retain(|r| own.networks.iter().any(|n| n.contains(&r.dst)));
+        Ok(s)
+    }
+
+    async fn host_routes(&self) -> Result<Vec<Route>, DataplaneError> {
+        Ok(self
+            .state
+            .lock()
+            .map(|s| s.routes.iter().cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn apply(&self, op: &Op) -> Result<(), DataplaneError> {
@@ -573,6 +592,25 @@ mod tests {
         assert_eq!(*k.state.lock().unwrap(), desired);
         let r = reconcile_once(&k, &desired, &vxlan_own()).await.unwrap();
         assert!(r.is_noop(), "second pass changes nothing");
+    }
+
+    #[tokio::test]
+    async fn a_route_the_reader_cannot_see_is_never_added() {
+        // Outside the cluster network: netlink's reader would not see it, so adding it would repeat
+        // at every pass. It is not added at all.
+        let k = FakeKernel::default();
+        let desired = state(
+            vec![
+                route("10.5.2.0/24", "10.5.2.0", 5, true),
+                route("10.99.0.0/16", "10.99.0.0", 5, true),
+            ],
+            vec![],
+            vec![],
+        );
+        let r = reconcile_once(&k, &desired, &vxlan_own()).await.unwrap();
+        assert_eq!(r.applied.get("add route"), Some(&1));
+        let r = reconcile_once(&k, &desired, &vxlan_own()).await.unwrap();
+        assert!(r.is_noop(), "{:?}", r.applied);
     }
 
     #[test]

@@ -276,11 +276,12 @@ impl Netlink {
         Ok(())
     }
 
+    /// The main-table routes of one family that `keep` accepts.
     async fn routes(
         &self,
         v6: bool,
-        own: &Ownership,
-        out: &mut KernelState,
+        keep: impl Fn(&Route) -> bool,
+        out: &mut Vec<Route>,
     ) -> Result<(), DataplaneError> {
         let msg = if v6 {
             RouteMessageBuilder::<Ipv6Addr>::new().build()
@@ -294,9 +295,9 @@ impl Netlink {
             .map_err(|e| err("listing routes", e))?
         {
             if let Some(route) = route_of(&r)
-                && own.networks.iter().any(|n| n.contains(&route.dst))
+                && keep(&route)
             {
-                out.routes.insert(route);
+                out.push(route);
             }
         }
         Ok(())
@@ -456,14 +457,24 @@ fn neigh_ip(a: &NeighbourAddress) -> Option<IpAddr> {
 
 #[async_trait]
 impl KernelOps for Netlink {
+    async fn host_routes(&self) -> Result<Vec<Route>, DataplaneError> {
+        let mut routes = Vec::new();
+        self.routes(false, |_| true, &mut routes).await?;
+        self.routes(true, |_| true, &mut routes).await?;
+        Ok(routes)
+    }
+
     async fn read(&self, own: &Ownership) -> Result<KernelState, DataplaneError> {
         let mut out = KernelState::default();
+        let mut routes = Vec::new();
+        let in_networks = |r: &Route| own.networks.iter().any(|n| n.contains(&r.dst));
         if own.networks.iter().any(|n| n.addr().is_ipv4()) {
-            self.routes(false, own, &mut out).await?;
+            self.routes(false, in_networks, &mut routes).await?;
         }
         if own.networks.iter().any(|n| n.addr().is_ipv6()) {
-            self.routes(true, own, &mut out).await?;
+            self.routes(true, in_networks, &mut routes).await?;
         }
+        out.routes.extend(routes);
         if !own.neigh_ifindexes.is_empty() {
             for family in [AddressFamily::Inet, AddressFamily::Inet6] {
                 let mut neighs = self

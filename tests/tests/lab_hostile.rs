@@ -1,0 +1,120 @@
+//! Hostile leases in the lab: keys anyone who can write etcd could write. A lease for a piece of the
+//! underlay (inside a too-wide Network), one outside the Network and one for half the internet are
+//! refused on every host with one log line each and a counter, never installed, and never retried:
+//! the hosts keep talking to each other and to etcd, and a resync later nothing was changed or
+//! logged again.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use flannel_tests::lab::{Lab, LabSpec};
+use flannel_tests::{bin_path, require_etcd, require_root};
+
+#[test]
+fn hostile_leases_are_refused_once_and_the_cluster_keeps_working() {
+    if !require_root("hostile_leases") || !require_etcd("hostile_leases") {
+        return;
+    }
+    // The Network contains the underlay (172.20.0.0/16); the hosts' own subnets come from
+    // 172.16.x.0/24 (SubnetMin/SubnetMax), as a careless but working config could have it.
+    let mut lab = Lab::new(
+        &LabSpec {
+            segments: vec![3],
+            config: r#"{"Network":"172.16.0.0/12","SubnetMin":"172.16.1.0","SubnetMax":"172.16.250.0","Backend":{"Type":"vxlan"}}"#.into(),
+            flanneld_args: vec![
+                "--iptables-forward-rules=false".into(),
+                "--healthz-port=8081".into(),
+                "--healthz-ip=127.0.0.1".into(),
+            ],
+        },
+        bin_path("flanneld"),
+    );
+    lab.start_all();
+    for i in 0..3 {
+        lab.add_pods(i, 1);
+    }
+    assert!(lab.ping_all(Duration::from_secs(10)).is_empty());
+    let data = r#""BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:99"}"#;
+    let hostile = [
+        ("172.20.0.0-24", "overlaps 172.20.0.0/16"),
+        ("10.99.0.0-16", "outside the cluster network"),
+        ("0.0.0.0-1", "outside the cluster network"),
+    ];
+    for (key, _) in hostile {
+        lab.etcd_put(
+            &format!("/coreos.com/network/subnets/{key}"),
+            &format!(r#"{{"PublicIP":"172.20.0.99","PublicIPv6":null,{data}}}"#),
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let changes_before: Vec<usize> = lab
+        .hosts
+        .iter()
+        .map(|h| {
+            h.log_text()
+                .matches("data plane repaired or updated")
+                .count()
+        })
+        .collect();
+    // Nothing installed, the cluster still works, etcd still reachable (a new key arrives).
+    for h in &lab.hosts {
+        let routes = h.sh("ip route");
+        assert!(
+            !routes.contains("172.20.0.0/24")
+                && !routes.contains("10.99.0.0/16")
+                && !routes.contains("0.0.0.0/1"),
+            "{}: {routes}",
+            h.ns.name()
+        );
+    }
+    assert!(lab.ping_all(Duration::from_secs(10)).is_empty());
+    for (i, _) in lab.hosts.iter().enumerate() {
+        assert_eq!(
+            lab.metric(i, 8081, "flannel_leases_refused_total"),
+            Some(3.0),
+            "host {i}"
+        );
+    }
+    // A resync (every 10 s) later: no refusal logged again, no change made again.
+    std::thread::sleep(Duration::from_secs(11));
+    for (i, h) in lab.hosts.iter().enumerate() {
+        let log = h.log_text();
+        for (key, why) in hostile {
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(&format!("refusing lease {key}")))
+                .collect();
+            assert_eq!(
+                lines.len(),
+                1,
+                "{}: one line for {key}:\n{log}",
+                h.ns.name()
+            );
+            assert!(lines[0].contains(why), "{}", lines[0]);
+        }
+        assert_eq!(
+            log.matches("data plane repaired or updated").count(),
+            changes_before[i],
+            "{}: changes made again at a resync:\n{log}",
+            h.ns.name()
+        );
+    }
+    assert_eq!(
+        lab.metric(0, 8081, "flannel_leases_refused_total"),
+        Some(3.0)
+    );
+    // The store is reachable: deleting the keys works and a good peer still arrives.
+    for (key, _) in hostile {
+        lab.etcd_delete(&format!("/coreos.com/network/subnets/{key}"));
+    }
+    lab.etcd_put(
+        "/coreos.com/network/subnets/172.16.251.0-24",
+        &format!(r#"{{"PublicIP":"172.20.0.98","PublicIPv6":null,{data}}}"#),
+    );
+    let ok = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        lab.hosts[0].sh("ip route").contains("172.16.251.0/24")
+    });
+    assert!(ok, "{}", lab.hosts[0].sh("ip route"));
+}
