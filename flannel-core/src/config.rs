@@ -341,9 +341,13 @@ impl SubnetPool {
         } else {
             prefix + 2
         };
+        // Sizes come from input: no arithmetic here may overflow, also for a network at the top of
+        // the address space (`ffff::/16`, `255.255.0.0/16`). subnet_len >= prefix + 2 >= 2 here.
         let size: u128 = 1u128 << (f.bits - subnet_len);
         let base = ip_to_u128(network.addr());
-        let end = base + (1u128 << (f.bits - prefix)) - 1; // last address of the network
+        let host_bits = u32::from(f.bits - prefix);
+        let host_mask = 1u128.checked_shl(host_bits).map_or(u128::MAX, |v| v - 1);
+        let end = base | host_mask; // last address of the network
         let unspecified = |ip: &IpAddr| ip_to_u128(*ip) == 0;
         let pick =
             |given: Option<IpAddr>, name: &str, default: u128| -> Result<IpAddr, ConfigError> {
@@ -358,7 +362,7 @@ impl SubnetPool {
                 }
             };
         let subnet_min = pick(min, f.min, base + size)?;
-        let subnet_max = pick(max, f.max, end + 1 - size)?;
+        let subnet_max = pick(max, f.max, end - (size - 1))?;
         for (name, ip) in [(f.min, subnet_min), (f.max, subnet_max)] {
             if !ip_to_u128(ip).is_multiple_of(size) {
                 return Err(invalid(
@@ -453,6 +457,29 @@ impl fmt::Display for SubnetPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn networks_at_the_top_of_the_address_space() {
+        // base + 2^(bits-prefix) overflows here: a debug build panicked, a release build wrapped.
+        let c = NetworkConfig::parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"ffff::/16","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        let p = c.ipv6.unwrap();
+        assert_eq!(p.subnet_max().to_string(), "ffff:ffff:ffff:ffff::");
+        assert_eq!(p.subnet_min().to_string(), "ffff:0:0:1::");
+        let c = NetworkConfig::parse(r#"{"Network":"255.255.0.0/16"}"#).unwrap();
+        let p = c.ipv4.unwrap();
+        assert_eq!(p.subnet_max().to_string(), "255.255.255.0");
+        assert_eq!(p.capacity(), 255);
+        assert_eq!(p.subnets().last().unwrap().to_string(), "255.255.255.0/24");
+        // The whole IPv6 space with a valid SubnetLen: still no overflow, a clear answer.
+        let r = NetworkConfig::parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"8000::/1","IPv6SubnetLen":64}"#,
+        );
+        let p = r.unwrap().ipv6.unwrap();
+        assert_eq!(p.subnet_max().to_string(), "ffff:ffff:ffff:ffff::");
+    }
 
     fn v4(cfg: &NetworkConfig) -> (String, u8, String, String) {
         let p = cfg.ipv4.unwrap();
