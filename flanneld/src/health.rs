@@ -1,36 +1,72 @@
 //! The `/healthz` endpoint (Go flanneld's `--healthz-ip`/`--healthz-port`): 200 `flanneld is running`;
 //! `/readyz` answers 200 once subnet.env is written, else 503; `/metrics` serves Prometheus text.
+//!
+//! HTTP/1.1 by hyper. The server bounds itself (it listens on 0.0.0.0 by default): at most
+//! [`Limits::max_connections`] connections at once (further clients wait in the listen backlog), a
+//! client that does not send its request head within [`Limits::header_timeout`] is dropped, and no
+//! connection lives longer than [`Limits::connection_timeout`].
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-/// How long a client may take to send its request head.
-const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How much the health server takes on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Time a client has to send its request head.
+    pub header_timeout: Duration,
+    /// Time a connection may live.
+    pub connection_timeout: Duration,
+}
 
-/// Reads until the end of the request head (`\r\n\r\n`), EOF or a full `buf`; returns the bytes
-/// read, or `None` on an I/O error. A request may arrive in several segments: answering after the
-/// first one and closing with the rest unread would reset the connection under the client.
-async fn read_head(
-    sock: &mut (impl tokio::io::AsyncRead + Unpin),
-    buf: &mut [u8],
-) -> Option<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match sock.read(&mut buf[n..]).await {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(_) => return None,
+/// The limits flanneld uses.
+pub(crate) const LIMITS: Limits = Limits {
+    max_connections: 32,
+    header_timeout: Duration::from_secs(5),
+    connection_timeout: Duration::from_secs(30),
+};
+
+fn respond(path: &str, ready: &AtomicBool) -> Response<Full<Bytes>> {
+    let text = "text/plain; charset=utf-8";
+    let (status, body, ctype) = match path {
+        "/healthz" => (StatusCode::OK, "flanneld is running".to_string(), text),
+        "/readyz" if ready.load(Ordering::SeqCst) => {
+            (StatusCode::OK, "flanneld is ready".to_string(), text)
         }
-        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
-        }
-    }
-    Some(n)
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "flanneld is not ready yet".to_string(),
+            text,
+        ),
+        "/metrics" => (
+            StatusCode::OK,
+            flannel_core::metrics::render_prometheus(flannel_core::metrics::metrics()),
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "404 page not found".to_string(),
+            text,
+        ),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(ctype),
+    );
+    r
 }
 
 /// Binds the endpoint and serves it until `shutdown`.
@@ -44,92 +80,137 @@ pub(crate) async fn serve(
         format!("listening for /healthz on {ip}:{port} (check --healthz-ip/--healthz-port)")
     })?;
     tracing::info!(%ip, port, "serving /healthz");
-    Ok(tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            let Ok((mut sock, _)) = accepted else {
-                continue;
-            };
-            let ready = ready.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let Ok(Some(n)) =
-                    tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut sock, &mut buf)).await
-                else {
-                    return;
-                };
-                let req = String::from_utf8_lossy(&buf[..n]);
-                let path = req.split_whitespace().nth(1).unwrap_or("/");
-                let metrics;
-                let (status, body, ctype) = match path {
-                    "/healthz" => ("200 OK", "flanneld is running", "text/plain; charset=utf-8"),
-                    "/readyz" if ready.load(Ordering::SeqCst) => {
-                        ("200 OK", "flanneld is ready", "text/plain; charset=utf-8")
-                    }
-                    "/readyz" => (
-                        "503 Service Unavailable",
-                        "flanneld is not ready yet",
-                        "text/plain; charset=utf-8",
-                    ),
-                    "/metrics" => {
-                        metrics = flannel_core::metrics::render_prometheus(
-                            flannel_core::metrics::metrics(),
-                        );
-                        (
-                            "200 OK",
-                            metrics.as_str(),
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )
-                    }
-                    _ => (
-                        "404 Not Found",
-                        "404 page not found",
-                        "text/plain; charset=utf-8",
-                    ),
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
+    Ok(tokio::spawn(serve_on(listener, ready, shutdown, LIMITS)))
+}
+
+/// Serves on `listener` within `limits` until `shutdown`.
+pub(crate) async fn serve_on(
+    listener: TcpListener,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+    limits: Limits,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        // A permit first: past the limit, clients wait in the kernel's backlog, not in memory.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((sock, _)) = accepted else {
+            continue;
+        };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let r = respond(req.uri().path(), &ready);
+                async move { Ok::<_, Infallible>(r) }
             });
-        }
-    }))
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(sock), svc);
+            let _ = tokio::time::timeout(limits.connection_timeout, conn).await;
+        });
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[tokio::test]
-    async fn a_request_head_in_several_segments_is_read_whole() {
-        let (mut client, mut server) = tokio::io::duplex(64);
-        let writer = tokio::spawn(async move {
-            for part in ["GET ", "/metrics", " HTTP/1.1\r\n", "Host: x\r\n", "\r\n"] {
-                client.write_all(part.as_bytes()).await.unwrap();
-                tokio::task::yield_now().await;
-            }
-            client
-        });
-        let mut buf = [0u8; 256];
-        let n = read_head(&mut server, &mut buf).await.unwrap();
-        assert_eq!(&buf[..n], b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-        drop(writer.await.unwrap());
+    async fn start(limits: Limits) -> (std::net::SocketAddr, CancellationToken) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve_on(
+            l,
+            Arc::new(AtomicBool::new(false)),
+            stop.clone(),
+            limits,
+        ));
+        (addr, stop)
+    }
+
+    async fn get(addr: std::net::SocketAddr, parts: &[&str]) -> String {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        for p in parts {
+            c.write_all(p.as_bytes()).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        out
     }
 
     #[tokio::test]
-    async fn an_unterminated_head_stops_at_eof_or_a_full_buffer() {
-        let (mut client, mut server) = tokio::io::duplex(64);
-        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-        drop(client);
-        let mut buf = [0u8; 256];
-        assert_eq!(read_head(&mut server, &mut buf).await, Some(16));
-        let (mut client, mut server) = tokio::io::duplex(64);
-        client.write_all(&[b'a'; 40]).await.unwrap();
-        let mut small = [0u8; 8];
-        assert_eq!(read_head(&mut server, &mut small).await, Some(8));
+    async fn answers_requests_also_in_several_segments() {
+        let (addr, stop) = start(LIMITS).await;
+        let r = get(
+            addr,
+            &["GET ", "/healthz", " HTTP/1.1\r\n", "Host: x\r\n", "\r\n"],
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+        assert!(r.ends_with("flanneld is running"), "{r}");
+        let r = get(addr, &["GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"]).await;
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        let r = get(addr, &["GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"]).await;
+        assert!(r.contains("flannel_reconcile_runs_total"), "{r}");
+        let r = get(addr, &["GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"]).await;
+        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn slow_clients_are_dropped_and_connections_are_limited() {
+        let limits = Limits {
+            max_connections: 2,
+            header_timeout: Duration::from_millis(300),
+            connection_timeout: Duration::from_secs(5),
+        };
+        let (addr, stop) = start(limits).await;
+        // Two clients that never send anything hold both places...
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // ...so a third waits until the server drops them for their silence.
+        let t = std::time::Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(3),
+            get(addr, &["GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"]),
+        )
+        .await
+        .expect("answered once the silent clients were dropped");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(200),
+            "the third client waited for a place: {:?}",
+            t.elapsed()
+        );
+        for mut c in idle {
+            let mut buf = [0u8; 64];
+            let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf))
+                .await
+                .expect("the server closed the silent connection");
+            // Closed (0) or reset, perhaps after a 408: either way, not kept.
+            if let Ok(n) = n {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+            }
+        }
+        stop.cancel();
     }
 }
