@@ -31,6 +31,8 @@ pub struct Metrics {
     pub etcd_errors: AtomicU64,
     /// Times the iptables rules had to be (re)installed.
     pub iptables_installs: AtomicU64,
+    /// Times the firewall rules could not be read (not rebuilt blindly then).
+    pub rule_read_errors: AtomicU64,
     /// udp backend: datagrams sent to peers.
     pub udp_tx_packets: AtomicU64,
     /// udp backend: bytes sent to peers.
@@ -129,6 +131,11 @@ pub fn render_prometheus(m: &Metrics) -> String {
         "flannel_iptables_installs_total",
         "Times the iptables rules were (re)installed.",
         g(&m.iptables_installs),
+    );
+    counter(
+        "flannel_rule_read_errors_total",
+        "Times the iptables or nftables rules could not be read.",
+        g(&m.rule_read_errors),
     );
     for (name, help, v) in [
         (

@@ -7,12 +7,17 @@
 //! an old subnet from a previous run disappear at start. A resync loop compares `iptables -S` with the
 //! expected rules every `--iptables-resync` seconds and rebuilds on any difference.
 //!
+//! Every `iptables`/`nft` call is a `tokio::process` child with a timeout ([`RUN_TIMEOUT`]), so a
+//! held xtables lock or a hung tool never stalls the agent (its `/healthz`, its lease keep-alive).
+//! A listing that cannot be read is logged and counted, not taken for "rules missing".
+//!
 //! With `EnableIPv6` the same chains are kept in ip6tables for the IPv6 network (Go's `MasqIP6Rules`
 //! and forward rules: multicast `ff00::/8` instead of `224.0.0.0/4`).
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
 
 use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
@@ -179,20 +184,32 @@ pub fn in_sync(set: &RuleSet, chain_listing: &str, parent_listing: &str) -> bool
     have == want && jumps == 1
 }
 
-/// Errors from running iptables.
+/// Errors from running iptables or nft.
 #[derive(Debug, thiserror::Error)]
 #[error("{command}: {message}")]
 pub struct IptablesError {
     command: String,
     message: String,
+    /// The tool said the chain or table does not exist (a listing of nothing, not a failure).
+    missing: bool,
 }
 
-pub(crate) fn run(args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
+/// How long one `iptables`/`nft` call may take (a held xtables lock makes `-w` wait).
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs a firewall tool as a `tokio::process` child (killed if it outlives [`RUN_TIMEOUT`]).
+pub(crate) async fn run(args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
     let err = |message: String| IptablesError {
         command: args.join(" "),
+        // How the tools say "no such chain/table" (iptables-nft 1.8.9 calls a chain that does not
+        // exist yet "incompatible").
+        missing: message.contains("No chain/target/match")
+            || message.contains("No such file or directory")
+            || message.contains("does not exist")
+            || message.contains("is incompatible, use 'nft' tool"),
         message,
     };
-    let mut child = Command::new(args[0])
+    let mut child = tokio::process::Command::new(args[0])
         .args(&args[1..])
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -201,13 +218,22 @@ pub(crate) fn run(args: &[&str], stdin: Option<&str>) -> Result<String, Iptables
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .map_err(|e| err(format!("{e} (is {} installed?)", args[0])))?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(input.as_bytes())
+            .await
             .map_err(|e| err(e.to_string()))?;
     }
-    let out = child.wait_with_output().map_err(|e| err(e.to_string()))?;
+    let out = tokio::time::timeout(RUN_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| {
+            err(format!(
+                "no answer within {RUN_TIMEOUT:?} (does another program hold the xtables lock?)"
+            ))
+        })?
+        .map_err(|e| err(e.to_string()))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -215,9 +241,18 @@ pub(crate) fn run(args: &[&str], stdin: Option<&str>) -> Result<String, Iptables
     }
 }
 
+/// A listing: the text, empty when the chain or table does not exist; an error when it could not be
+/// read at all.
+pub(crate) async fn list(args: &[&str]) -> Result<String, IptablesError> {
+    match run(args, None).await {
+        Err(e) if e.missing => Ok(String::new()),
+        other => other,
+    }
+}
+
 /// What `iptables --version` says: the version and whether it is the nf_tables variant.
-pub fn iptables_version() -> Result<((u32, u32, u32), bool), IptablesError> {
-    let v = run(&["iptables", "--version"], None)?;
+pub async fn iptables_version() -> Result<((u32, u32, u32), bool), IptablesError> {
+    let v = run(&["iptables", "--version"], None).await?;
     let nft = v.contains("nf_tables");
     let num = v
         .split_whitespace()
@@ -239,14 +274,23 @@ pub fn supports_random_fully(version: (u32, u32, u32)) -> bool {
     version >= (1, 6, 2)
 }
 
-fn listing(set: &RuleSet, chain: &str) -> String {
-    run(&[set.command(), "-w", "-t", set.table, "-S", chain], None).unwrap_or_default()
+async fn listing(set: &RuleSet, chain: &str) -> Result<String, IptablesError> {
+    list(&[set.command(), "-w", "-t", set.table, "-S", chain]).await
 }
 
-/// Makes the kernel hold exactly `set` (one transaction). Returns whether anything had to change.
-pub fn ensure(set: &RuleSet) -> Result<bool, IptablesError> {
-    let chain = listing(set, set.chain);
-    let parent = listing(set, set.parent);
+/// Makes the kernel hold exactly `set` (one transaction). Returns whether anything had to change;
+/// an error (counted) when the rules could not even be read: nothing is rebuilt blindly then.
+pub async fn ensure(set: &RuleSet) -> Result<bool, IptablesError> {
+    let (chain, parent) = match (
+        listing(set, set.chain).await,
+        listing(set, set.parent).await,
+    ) {
+        (Ok(c), Ok(p)) => (c, p),
+        (Err(e), _) | (_, Err(e)) => {
+            flannel_core::metrics::inc(&flannel_core::metrics::metrics().rule_read_errors);
+            return Err(e);
+        }
+    };
     if in_sync(set, &chain, &parent) {
         return Ok(false);
     }
@@ -257,22 +301,23 @@ pub fn ensure(set: &RuleSet) -> Result<bool, IptablesError> {
     run(
         &[set.restore_command(), "--noflush", "--wait"],
         Some(&restore_payload(set, jumps)),
-    )?;
+    )
+    .await?;
     Ok(true)
 }
 
 /// Removes the flannel chains and jumps (when switching to nftables mode); best effort.
-pub fn remove(sets: &[RuleSet]) {
+pub async fn remove(sets: &[RuleSet]) {
     for set in sets {
         let cmd = set.command();
-        let parent = listing(set, set.parent);
+        let parent = listing(set, set.parent).await.unwrap_or_default();
         for _ in parent.lines().filter(|l| l.trim() == set.jump_line()) {
             let mut args = vec![cmd, "-w", "-t", set.table, "-D", set.parent];
             args.extend(set.jump.iter().map(String::as_str));
-            let _ = run(&args, None);
+            let _ = run(&args, None).await;
         }
-        let _ = run(&[cmd, "-w", "-t", set.table, "-F", set.chain], None);
-        let _ = run(&[cmd, "-w", "-t", set.table, "-X", set.chain], None);
+        let _ = run(&[cmd, "-w", "-t", set.table, "-F", set.chain], None).await;
+        let _ = run(&[cmd, "-w", "-t", set.table, "-X", set.chain], None).await;
     }
 }
 
@@ -287,19 +332,19 @@ pub enum TrafficRules {
 
 impl TrafficRules {
     /// Makes the kernel hold exactly these rules; returns whether anything changed.
-    pub fn ensure(&self) -> Result<bool, IptablesError> {
+    pub async fn ensure(&self) -> Result<bool, IptablesError> {
         let changed = match self {
             TrafficRules::Iptables(sets) => {
                 let mut changed = false;
                 for set in sets {
-                    changed |= ensure(set)?;
+                    changed |= ensure(set).await?;
                 }
                 changed
             }
             TrafficRules::Nftables(tables) => {
                 let mut changed = false;
                 for t in tables {
-                    changed |= crate::nftables::ensure(t)?;
+                    changed |= crate::nftables::ensure(t).await?;
                 }
                 changed
             }
@@ -320,12 +365,10 @@ pub async fn keep(rules: TrafficRules, every: Duration, shutdown: CancellationTo
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let r = rules.clone();
-        match tokio::task::spawn_blocking(move || r.ensure()).await {
-            Ok(Ok(true)) => info!("some flannel rules were missing or changed; recreated them"),
-            Ok(Ok(false)) => {}
-            Ok(Err(e)) => warn!(error = %e, "reinstalling the flannel rules failed; will retry"),
-            Err(e) => warn!(error = %e, "rule check task failed"),
+        match rules.ensure().await {
+            Ok(true) => info!("some flannel rules were missing or changed; recreated them"),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "checking the flannel rules failed; will retry"),
         }
     }
 }

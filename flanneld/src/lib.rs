@@ -89,7 +89,19 @@ where
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(run::cancel_on_signals(shutdown.clone()));
         tokio::spawn(run::trim_memory_periodically(shutdown.clone()));
-        run(config, shutdown).await
+        // After a stop signal, a step that is still waiting (a child process, a store that does not
+        // answer) is abandoned after a short grace; its child processes are killed on drop.
+        let stuck = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        };
+        tokio::select! {
+            r = run(config, shutdown.clone()) => r,
+            () = stuck => {
+                tracing::warn!("a step did not finish within 1 s of the stop signal; exiting anyway");
+                Ok(())
+            }
+        }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

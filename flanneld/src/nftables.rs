@@ -5,7 +5,7 @@
 
 use ipnet::IpNet;
 
-use crate::iptables::{IptablesError, run};
+use crate::iptables::{IptablesError, list, run};
 
 /// The flannel IPv4 table.
 pub const TABLE: &str = "flannel-ipv4";
@@ -124,20 +124,26 @@ pub fn in_sync(table: &NftTable, listing: &str) -> bool {
 }
 
 /// Makes the kernel hold exactly `table`. Returns whether anything had to change.
-pub fn ensure(table: &NftTable) -> Result<bool, IptablesError> {
+pub async fn ensure(table: &NftTable) -> Result<bool, IptablesError> {
     let (family, name) = table.name();
-    let have = run(&["nft", "list", "table", family, name], None).unwrap_or_default();
+    let have = match list(&["nft", "list", "table", family, name]).await {
+        Ok(h) => h,
+        Err(e) => {
+            flannel_core::metrics::inc(&flannel_core::metrics::metrics().rule_read_errors);
+            return Err(e);
+        }
+    };
     if in_sync(table, &have) {
         return Ok(false);
     }
-    run(&["nft", "-f", "-"], Some(&table.script()))?;
+    run(&["nft", "-f", "-"], Some(&table.script())).await?;
     Ok(true)
 }
 
 /// Removes the flannel nftables tables (when switching to iptables mode); best effort.
-pub fn remove() {
-    let _ = run(&["nft", "delete", "table", "ip", TABLE], None);
-    let _ = run(&["nft", "delete", "table", "ip6", TABLE6], None);
+pub async fn remove() {
+    let _ = run(&["nft", "delete", "table", "ip", TABLE], None).await;
+    let _ = run(&["nft", "delete", "table", "ip6", TABLE6], None).await;
 }
 
 #[cfg(test)]

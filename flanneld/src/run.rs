@@ -23,7 +23,7 @@ fn opt(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
-/// Cancels `shutdown` on the first SIGINT or SIGTERM.
+/// Cancels `shutdown` on the first SIGINT or SIGTERM; a second one exits at once (128 + signal).
 pub(crate) async fn cancel_on_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
@@ -38,6 +38,12 @@ pub(crate) async fn cancel_on_signals(shutdown: CancellationToken) {
         _ = int.recv() => info!("received SIGINT, shutting down"),
     }
     shutdown.cancel();
+    let code = tokio::select! {
+        _ = term.recv() => 128 + libc::SIGTERM,
+        _ = int.recv() => 128 + libc::SIGINT,
+    };
+    warn!("second stop signal: exiting now");
+    std::process::exit(code);
 }
 
 /// Returns freed heap memory to the OS every few seconds (glibc keeps it otherwise, so resident
@@ -110,7 +116,7 @@ async fn wait_for_config(
 
 /// The rules `--ip-masq` and `--iptables-forward-rules` ask for (IPv4), as iptables chains or, with
 /// `EnableNFTables`, an nftables table; the other mode's leftovers are removed (best effort).
-fn traffic_rules(
+async fn traffic_rules(
     config: &crate::Config,
     net: &NetworkConfig,
     lease: &flannel_core::Lease,
@@ -133,7 +139,7 @@ fn traffic_rules(
             .iter()
             .flat_map(|(n, s)| [masq_rules(*n, *s, false), forward_rules(*n)])
             .collect();
-        crate::iptables::remove(&all);
+        crate::iptables::remove(&all).await;
         let tables = families
             .iter()
             .map(|(n, s)| {
@@ -149,8 +155,9 @@ fn traffic_rules(
         info!("using nftables (EnableNFTables)");
         return Ok(Some(TrafficRules::Nftables(tables)));
     }
-    crate::nftables::remove();
+    crate::nftables::remove().await;
     let (version, nft) = crate::iptables::iptables_version()
+        .await
         .context("--ip-masq and --iptables-forward-rules need iptables (or pass --iptables-forward-rules=false)")?;
     info!(
         mode = if nft { "nf_tables" } else { "legacy" },
@@ -295,9 +302,10 @@ pub async fn run(config: crate::Config, shutdown: CancellationToken) -> anyhow::
         lease.expiration.map(flannel_core::metrics::unix_seconds),
     );
 
-    if let Some(rules) = traffic_rules(&config, &net, &lease)? {
+    if let Some(rules) = traffic_rules(&config, &net, &lease).await? {
         rules
             .ensure()
+            .await
             .context("installing the masquerade/forward rules")?;
         info!("masquerade/forward rules installed");
         let every = Duration::from_secs(config.iptables_resync.max(1));

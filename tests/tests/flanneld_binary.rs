@@ -330,3 +330,188 @@ fn sd_notify_ready_after_subnet_env() {
     let (code, _) = p.stop();
     assert_eq!(code, Some(0));
 }
+
+/// `GET path` on 127.0.0.1:`port` with a deadline; the status line, or None when nothing answered.
+fn http_status(port: u16, path: &str, within: Duration) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        within,
+    )
+    .ok()?;
+    c.set_read_timeout(Some(within)).ok()?;
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    c.read_to_string(&mut out).ok()?;
+    out.lines().next().map(str::to_string)
+}
+
+#[test]
+fn a_hung_iptables_does_not_freeze_flanneld() {
+    if !require_etcd("a_hung_iptables_does_not_freeze_flanneld") {
+        return;
+    }
+    // iptables, iptables-restore, ip6tables and nft that hang, as `iptables -w` does while another
+    // program holds the xtables lock. (Fakes on PATH: the root namespace's firewall is never touched.)
+    let fakes = tempfile::tempdir().unwrap();
+    for tool in [
+        "iptables",
+        "iptables-restore",
+        "ip6tables",
+        "ip6tables-restore",
+        "nft",
+    ] {
+        let p = fakes.path().join(tool);
+        std::fs::write(&p, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let etcd = EtcdServer::start();
+    etcdctl_put(
+        &etcd.url(),
+        "/coreos.com/network/config",
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = flannel_tests::free_port();
+    let p = Proc::spawn(
+        Command::new(bin_path("flanneld-alloc"))
+            .arg(format!("--etcd-endpoints={}", etcd.url()))
+            .arg(format!(
+                "--subnet-file={}",
+                dir.path().join("subnet.env").display()
+            ))
+            .args(["--iface=lo", "--public-ip=10.0.0.30", "--ip-masq"])
+            .arg(format!("--healthz-port={port}"))
+            .arg("--healthz-ip=127.0.0.1")
+            .env("PATH", format!("{}:/usr/bin:/bin", fakes.path().display()))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    // It gets as far as the firewall rules (the lease is in etcd), where iptables hangs...
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while etcd_get(&etcd.url(), "/coreos.com/network/subnets/").is_empty() {
+        assert!(Instant::now() < deadline, "no lease acquired");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // ...and still answers /healthz (and says it is not ready).
+    for _ in 0..3 {
+        assert_eq!(
+            http_status(port, "/healthz", Duration::from_secs(2)).as_deref(),
+            Some("HTTP/1.1 200 OK"),
+            "/healthz must answer while iptables hangs"
+        );
+        let ready = http_status(port, "/readyz", Duration::from_secs(2)).unwrap_or_default();
+        assert!(ready.contains("503"), "{ready}");
+    }
+    assert!(
+        !dir.path().join("subnet.env").exists(),
+        "not ready without its rules"
+    );
+    // SIGTERM ends it promptly, hung child and all.
+    let t = Instant::now();
+    let (code, err) = p.stop();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    if !require_etcd("a_second_signal_exits_at_once") {
+        return;
+    }
+    // A store that never answers: flanneld waits for it; the first SIGTERM starts a graceful stop,
+    // a second one ends the process at once.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::spawn(
+        Command::new(bin_path("flanneld-alloc"))
+            .arg(format!("--etcd-endpoints={url}"))
+            .arg(format!(
+                "--subnet-file={}",
+                dir.path().join("subnet.env").display()
+            ))
+            .args(["--iface=lo", "--iptables-forward-rules=false"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let pid = p.0.id() as i32;
+    // SAFETY: signals to our own child, by PID.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(150));
+    let t = Instant::now();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let (code, err) = p.stop_when_exited(Duration::from_secs(3));
+    // Before the 1 s grace of the first signal is over: the second one ended it, with 128 + 15.
+    assert_eq!(code, Some(143), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(err.contains("second stop signal"), "{err}");
+}
+
+#[test]
+fn unreadable_rules_are_an_error_not_a_blind_rebuild() {
+    if !require_etcd("unreadable_rules_are_an_error_not_a_blind_rebuild") {
+        return;
+    }
+    // An iptables whose listings fail (not "no such chain"): flanneld must not take that for
+    // "rules missing" and rebuild through iptables-restore, which records that it was called.
+    let fakes = tempfile::tempdir().unwrap();
+    let marker = fakes.path().join("restore-called");
+    let scripts = [
+        (
+            "iptables",
+            "#!/bin/sh\ncase \"$*\" in *--version*) echo 'iptables v1.8.9 (nf_tables)';; *) echo 'iptables: Permission denied (you must be root)' >&2; exit 4;; esac\n".to_string(),
+        ),
+        ("iptables-restore", format!("#!/bin/sh\ntouch {}\n", marker.display())),
+        ("nft", "#!/bin/sh\nexit 0\n".to_string()),
+    ];
+    for (tool, text) in scripts {
+        let p = fakes.path().join(tool);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let etcd = EtcdServer::start();
+    etcdctl_put(
+        &etcd.url(),
+        "/coreos.com/network/config",
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::spawn(
+        Command::new(bin_path("flanneld-alloc"))
+            .arg(format!("--etcd-endpoints={}", etcd.url()))
+            .arg(format!(
+                "--subnet-file={}",
+                dir.path().join("subnet.env").display()
+            ))
+            .args(["--iface=lo", "--public-ip=10.0.0.31", "--ip-masq"])
+            .env("PATH", format!("{}:/usr/bin:/bin", fakes.path().display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let (code, err) = p.stop_when_exited(Duration::from_secs(15));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("Permission denied"),
+        "the cause is named: {err}"
+    );
+    assert!(
+        !marker.exists(),
+        "rules were rebuilt blindly after a failed listing"
+    );
+}
