@@ -208,6 +208,31 @@ fn read(path: &str) -> Result<Vec<u8>, RegistryError> {
     })
 }
 
+/// What an unclear write (an error, or a failed compare after a retry) did, judged by reading the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WriteOutcome {
+    /// The key holds our value under our lease: the write took effect (perhaps on a first attempt
+    /// whose answer was lost, before a retry's compare failed against it).
+    Ours,
+    /// The key is absent or holds something else: our lease carries nothing and may be revoked.
+    NotOurs,
+    /// The key could not be read: nothing may be revoked (it could hold our write).
+    Unknown,
+}
+
+/// Decides [`WriteOutcome`] from the read-back of the key.
+pub(crate) fn after_unclear_write<E>(
+    readback: &Result<Option<KeyValue>, E>,
+    value: &[u8],
+    lease: i64,
+) -> WriteOutcome {
+    match readback {
+        Ok(Some(kv)) if kv.value == value && kv.lease_id == lease => WriteOutcome::Ours,
+        Ok(_) => WriteOutcome::NotOurs,
+        Err(_) => WriteOutcome::Unknown,
+    }
+}
+
 /// Whether an error means "this endpoint cannot be reached" (so another one may help).
 fn is_unavailable(e: &etcd_client::Error) -> bool {
     match e {
@@ -296,8 +321,9 @@ impl EtcdRegistry {
         }
     }
 
-    /// Puts `key` with a fresh lease of `ttl` in a transaction guarded by `compare`; the lease is
-    /// revoked again when the compare fails or the request errs.
+    /// Puts `key` with a fresh lease of `ttl` in a transaction guarded by `compare`. Anything but a
+    /// clean success is resolved by reading the key back (see [`after_unclear_write`]): the lease is
+    /// revoked only when the key is known not to hold our write.
     async fn put_when(
         &self,
         compare: Compare,
@@ -319,9 +345,23 @@ impl EtcdRegistry {
         match result {
             Ok(r) if r.succeeded() => Ok(Some(lease)),
             other => {
-                self.revoke(lease).await;
-                other?;
-                Ok(None)
+                let readback = self.get(key).await.map(|(kv, _)| kv);
+                match after_unclear_write(&readback, value, lease) {
+                    WriteOutcome::Ours => Ok(Some(lease)),
+                    WriteOutcome::NotOurs => {
+                        self.revoke(lease).await;
+                        other?;
+                        Ok(None)
+                    }
+                    WriteOutcome::Unknown => {
+                        tracing::warn!(
+                            key,
+                            "etcd did not say whether a write took effect and the key cannot be read; keeping its lease (it expires by itself)"
+                        );
+                        other?;
+                        readback.map(|_| None)
+                    }
+                }
             }
         }
     }
@@ -434,8 +474,17 @@ impl Registry for EtcdRegistry {
             .call(|mut c| async move { c.put(key, value, put_opts(lease)).await })
             .await;
         if let Err(e) = result {
-            self.revoke(lease).await;
-            return Err(e);
+            // The put may still have been applied (an answer lost on the way): revoke only a lease
+            // that is known not to hold the key.
+            let readback = self.get(key).await.map(|(kv, _)| kv);
+            return match after_unclear_write(&readback, value, lease) {
+                WriteOutcome::Ours => Ok(lease),
+                WriteOutcome::NotOurs => {
+                    self.revoke(lease).await;
+                    Err(e)
+                }
+                WriteOutcome::Unknown => Err(e),
+            };
         }
         Ok(lease)
     }
@@ -532,5 +581,37 @@ impl RegistryWatch for EtcdWatch {
                 .collect();
             return Ok(Some(WatchItem::Events(events, rev)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(value: &str, lease: i64) -> KeyValue {
+        KeyValue {
+            key: "/coreos.com/network/subnets/10.5.1.0-24".into(),
+            value: value.as_bytes().to_vec(),
+            lease_id: lease,
+            mod_revision: 7,
+        }
+    }
+
+    #[test]
+    fn an_unclear_write_is_resolved_by_reading_back() {
+        let ours = r#"{"PublicIP":"10.0.0.1"}"#.as_bytes();
+        // The first attempt committed, the retry's compare failed against it: ours, keep the lease.
+        let r: Result<_, ()> = Ok(Some(kv(r#"{"PublicIP":"10.0.0.1"}"#, 42)));
+        assert_eq!(after_unclear_write(&r, ours, 42), WriteOutcome::Ours);
+        // Someone else's value, or our value under another lease: not ours.
+        let r: Result<_, ()> = Ok(Some(kv(r#"{"PublicIP":"10.0.0.2"}"#, 42)));
+        assert_eq!(after_unclear_write(&r, ours, 42), WriteOutcome::NotOurs);
+        let r: Result<_, ()> = Ok(Some(kv(r#"{"PublicIP":"10.0.0.1"}"#, 41)));
+        assert_eq!(after_unclear_write(&r, ours, 42), WriteOutcome::NotOurs);
+        let r: Result<Option<KeyValue>, ()> = Ok(None);
+        assert_eq!(after_unclear_write(&r, ours, 42), WriteOutcome::NotOurs);
+        // Unreadable: never revoke what may be ours.
+        let r: Result<Option<KeyValue>, ()> = Err(());
+        assert_eq!(after_unclear_write(&r, ours, 42), WriteOutcome::Unknown);
     }
 }
