@@ -358,7 +358,14 @@ impl Network for UdpNetwork {
                     .spawn(move || p.udp_to_tun())
             },
         ];
-        let result = driver::run_on_netlink(&mut model, sm, lease.key, shutdown).await;
+        // A thread that could not be started means no forwarding: an error, never a silent half.
+        let spawn_error = threads.iter().find_map(|t| t.as_ref().err().map(|e| e.to_string()));
+        let result = match spawn_error {
+            Some(e) => Err(BackendError::Other(format!(
+                "starting the udp forwarding threads: {e}"
+            ))),
+            None => driver::run_on_netlink(&mut model, sm, lease.key, shutdown).await,
+        };
         stop.store(true, Ordering::Relaxed);
         for t in threads.into_iter().flatten() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
