@@ -47,9 +47,9 @@ fn dst(p: &[u8]) -> Ipv4Addr {
 }
 
 /// Decrements the TTL and fixes the header checksum incrementally (RFC 1624). False when the TTL
-/// is exhausted.
+/// is exhausted, or when `p` is too short to be an IPv4 header.
 pub fn dec_ttl(p: &mut [u8]) -> bool {
-    if p[8] <= 1 {
+    if p.len() < 20 || p[8] <= 1 {
         return false;
     }
     let old = u16::from_be_bytes([p[8], p[9]]);
@@ -106,8 +106,11 @@ impl std::ops::Deref for Reply {
 
 /// ICMP "destination unreachable / net unreachable" for `offender`, from `from` (the TUN address):
 /// IPv4 header (ihl 5, ttl 8), then the offender's IP header and first 8 payload bytes. `None` for
-/// ICMP offenders and non-first fragments, as Go flannel.
+/// ICMP offenders and non-first fragments, as Go flannel, and for anything that is not an IPv4 packet.
 pub fn net_unreachable(offender: &[u8], from: Ipv4Addr) -> Option<Reply> {
+    if !header_ok(offender) {
+        return None;
+    }
     let ihl = usize::from(offender[0] & 0x0f) * 4;
     let frag_offset = u16::from_be_bytes([offender[6], offender[7]]) & 0x1fff;
     if offender[9] == 1 || frag_offset != 0 {

@@ -10,11 +10,16 @@ use flannel_tests::{bin_path, require_etcd, require_root};
 
 #[test]
 fn sigterm_stops_every_backend_quickly() {
-    if !require_root("sigterm_stops_every_backend") || !require_etcd("sigterm_stops_every_backend") {
+    if !require_root("sigterm_stops_every_backend") || !require_etcd("sigterm_stops_every_backend")
+    {
         return;
     }
     let mut report = Vec::new();
-    for backend in [r#"{"Type":"vxlan"}"#, r#"{"Type":"host-gw"}"#, r#"{"Type":"udp"}"#] {
+    for backend in [
+        r#"{"Type":"vxlan"}"#,
+        r#"{"Type":"host-gw"}"#,
+        r#"{"Type":"udp"}"#,
+    ] {
         let mut lab = Lab::new(
             &LabSpec {
                 segments: vec![2],

@@ -283,6 +283,11 @@ impl NodeView {
     }
 }
 
+/// Decodes a Node object (JSON) as the node watch does: only the fields of [`NodeInfo`] are read.
+pub fn node_info_from_json(bytes: &[u8]) -> Result<NodeInfo, serde_json::Error> {
+    serde_json::from_slice::<NodeView>(bytes).map(NodeView::into_info)
+}
+
 /// The Kubernetes subnet manager.
 #[derive(Debug, Clone)]
 pub struct KubeSubnetManager {

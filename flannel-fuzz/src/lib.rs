@@ -1,0 +1,218 @@
+//! # flannel-fuzz
+//!
+//! One fuzz target per parser of untrusted input: everything flanneld reads from the store, the
+//! Kubernetes API, a file, the CLI, stdin or the wire. Each target takes arbitrary bytes and must
+//! never panic; where a value parses, it also checks a round trip or runs what consumes it.
+//!
+//! The same functions run two ways: as cargo-fuzz targets (`fuzz/`, `scripts/fuzz TARGET SECONDS`),
+//! and as a short property run in CI (`tests/property.rs`: random inputs plus the seed corpus in
+//! `corpus/`, and every crash found kept in `corpus/` as a regression input).
+//!
+//! ```
+//! flannel_fuzz::network_config(br#"{"Network":"10.5.0.0/16"}"#);
+//! flannel_fuzz::udp_datagram(&[0x45, 0, 0, 20]);
+//! ```
+
+use std::net::Ipv4Addr;
+
+use flannel_backend_udp::packet;
+use flannel_backend_udp::table::Table;
+use flannel_core::{LeaseAttrs, NetworkConfig, PreviousSubnets, SubnetKey};
+use flannel_subnet::kube::{AnnotationKeys, NodeInfo, annotations};
+
+/// A fuzz target: arbitrary bytes in, no panic.
+pub type Target = fn(&[u8]);
+
+/// Every target, by name (as `scripts/fuzz` and the property test know them).
+pub const TARGETS: &[(&str, Target)] = &[
+    ("network_config", network_config),
+    ("lease_json", lease_json),
+    ("subnet_key", subnet_key),
+    ("subnet_env", subnet_env),
+    ("cni_stdin", cni_stdin),
+    ("udp_datagram", udp_datagram),
+    ("firewall_listing", firewall_listing),
+    ("kube_node", kube_node),
+    ("kube_annotations", kube_annotations),
+];
+
+fn text(data: &[u8]) -> String {
+    String::from_utf8_lossy(data).into_owned()
+}
+
+/// The network config JSON (from etcd, or `net-conf.json` in Kubernetes mode).
+pub fn network_config(data: &[u8]) {
+    if let Ok(c) = NetworkConfig::parse(&text(data)) {
+        let _ = (c.network(), c.ipv6_network());
+        for pool in [c.ipv4, c.ipv6].into_iter().flatten() {
+            let _ = pool.capacity();
+            for s in pool.subnets().take(3) {
+                assert!(
+                    pool.is_compatible(&s),
+                    "{s} from the pool {pool} is not compatible"
+                );
+            }
+        }
+    }
+}
+
+/// A lease value (JSON from etcd): what parses must write back and parse to the same.
+pub fn lease_json(data: &[u8]) {
+    if let Ok(a) = LeaseAttrs::from_json(data) {
+        let again = LeaseAttrs::from_json(a.to_json().as_bytes())
+            .unwrap_or_else(|e| panic!("{} does not parse back: {e}", a.to_json()));
+        assert_eq!(again, a);
+    }
+}
+
+/// A subnet key (the last element of an etcd key): what parses must print and parse to the same.
+pub fn subnet_key(data: &[u8]) {
+    if let Ok(k) = SubnetKey::parse(&text(data)) {
+        assert_eq!(SubnetKey::parse(&k.to_string()), Ok(k));
+    }
+}
+
+/// `subnet.env` as flanneld (restart), the CNI plugin and mk-docker-opts read it.
+pub fn subnet_env(data: &[u8]) {
+    let t = text(data);
+    let _ = PreviousSubnets::parse(&t);
+    let _ = flanneld::cni::read_subnet_env(&t);
+    let env = flanneld::docker_opts::read_env(&t);
+    if let Some(s) = env.get("FLANNEL_SUBNET") {
+        let _ = flanneld::docker_opts::subnet_network(s);
+    }
+}
+
+/// The CNI plugin's stdin (the network config a runtime passes), rendered into the delegate config.
+pub fn cni_stdin(data: &[u8]) {
+    if let Ok(conf) = flanneld::cni::parse_netconf(data)
+        && let Ok(env) = flanneld::cni::read_subnet_env(
+            "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+        )
+    {
+        let _ = flanneld::cni::delegate_config(&conf, &env).to_string();
+    }
+}
+
+/// A udp-backend packet in both directions: as read from flannel0 (to a peer) and as received from
+/// a peer (to a pod).
+pub fn udp_datagram(data: &[u8]) {
+    let table = Table::from_peers([
+        (
+            "10.5.2.0/24".parse().unwrap_or_default(),
+            Ipv4Addr::new(192, 168, 0, 2),
+        ),
+        (
+            "10.5.3.0/24".parse().unwrap_or_default(),
+            Ipv4Addr::new(192, 168, 0, 3),
+        ),
+    ]);
+    let mut p = data.to_vec();
+    let _ = packet::from_tun(&mut p, &table, 8285, Ipv4Addr::new(10, 5, 1, 0));
+    let mut p = data.to_vec();
+    let _ = packet::from_udp(&mut p, Ipv4Addr::new(192, 168, 0, 2), &table);
+    let _ = packet::net_unreachable(data, Ipv4Addr::new(10, 5, 1, 0));
+    let mut p = data.to_vec();
+    let _ = packet::dec_ttl(&mut p);
+    let _ = packet::checksum(data);
+}
+
+/// `iptables -S` and `nft list table` output, compared with the rules flanneld wants.
+pub fn firewall_listing(data: &[u8]) {
+    type Wanted = (
+        [flanneld::iptables::RuleSet; 2],
+        flanneld::nftables::NftTable,
+    );
+    static WANTED: std::sync::OnceLock<Wanted> = std::sync::OnceLock::new();
+    let (sets, table) = WANTED.get_or_init(|| {
+        let n = "10.5.0.0/16".parse().unwrap_or_default();
+        let s = "10.5.1.0/24".parse().unwrap_or_default();
+        (
+            [
+                flanneld::iptables::masq_rules(n, s, true),
+                flanneld::iptables::forward_rules(n),
+            ],
+            flanneld::nftables::nft_rules(n, s, true, true, false),
+        )
+    });
+    let t = text(data);
+    let (chain, parent) = t.split_once('\u{0}').unwrap_or((&t, ""));
+    for set in sets {
+        let _ = flanneld::iptables::in_sync(set, chain, parent);
+    }
+    let _ = flanneld::nftables::in_sync(table, &t);
+}
+
+/// A Node object as the Kubernetes watch decodes it, then turned into a lease.
+pub fn kube_node(data: &[u8]) {
+    if let Ok(node) = flannel_subnet::kube::node_info_from_json(data) {
+        lease_of(&node);
+    }
+}
+
+/// A Node's annotations and pod CIDRs as fields (NUL-separated: prefix, podCIDR, podCIDRs, then the
+/// values of the annotations under that prefix), turned into a lease and a patch.
+pub fn kube_annotations(data: &[u8]) {
+    let t = text(data);
+    let mut f = t.split('\u{0}');
+    let prefix = f.next().unwrap_or_default();
+    let keys = match AnnotationKeys::new(prefix) {
+        Ok(k) => k,
+        Err(_) => {
+            AnnotationKeys::new(annotations::DEFAULT_PREFIX).unwrap_or_else(|_| unreachable!())
+        }
+    };
+    let pod_cidr = f.next().map(str::to_string);
+    let pod_cidrs: Vec<String> = f
+        .next()
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    let mut node = NodeInfo {
+        name: "fuzz".into(),
+        pod_cidr,
+        pod_cidrs,
+        annotations: Default::default(),
+    };
+    for key in [
+        &keys.subnet_kube_managed,
+        &keys.backend_type,
+        &keys.backend_data,
+        &keys.backend_v6_data,
+        &keys.public_ip,
+        &keys.public_ipv6,
+        &keys.public_ip_overwrite,
+        &keys.node_public_ip,
+    ] {
+        if let Some(v) = f.next() {
+            node.annotations.insert(key.clone(), v.to_string());
+        }
+    }
+    lease_of(&node);
+    let _ = annotations::node_public_ips(&keys, &node);
+    let attrs = annotations::published_attrs(&keys, &node);
+    let _ = annotations::annotations_patch(&annotations::desired_annotations(&keys, &attrs, &node));
+}
+
+fn lease_of(node: &NodeInfo) {
+    let keys = AnnotationKeys::new(annotations::DEFAULT_PREFIX).unwrap_or_else(|_| unreachable!());
+    for config in [
+        r#"{"Network":"10.244.0.0/16"}"#,
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/48"}"#,
+    ] {
+        let Ok(c) = NetworkConfig::parse(config) else {
+            continue;
+        };
+        if let Ok(Some(lease)) = annotations::node_to_lease(&keys, &c, node) {
+            let net = c.network().unwrap_or_default();
+            assert!(
+                net.contains(&lease.key.ipv4),
+                "a lease outside the network was accepted: {}",
+                lease.key
+            );
+        }
+        let _ = annotations::own_lease_key(&c, node);
+    }
+}
