@@ -224,13 +224,42 @@ struct UdpModel {
 impl UdpModel {
     /// `<Network> dev flannel0`.
     fn cluster_route(&self) -> Route {
-        Route {
-            dst: IpNet::V4(self.network),
-            gateway: None,
-            oif: self.index,
-            onlink: false,
-        }
+        cluster_route(self.network, self.index)
     }
+}
+
+/// `<network> dev <flannel0's index>`: the one route of the udp backend.
+fn cluster_route(network: Ipv4Net, index: u32) -> Route {
+    Route {
+        dst: IpNet::V4(network),
+        gateway: None,
+        oif: index,
+        onlink: false,
+    }
+}
+
+/// What the udp backend wants for `leases` (pure): the kernel holds only the cluster route into
+/// `flannel0` (#`index`); the peers go into the userspace forwarding table.
+pub fn desired_state(
+    network: Ipv4Net,
+    own_subnet: Ipv4Net,
+    index: u32,
+    leases: &[&Lease],
+) -> (KernelState, Ownership, Table) {
+    // udp nodes take every lease (Go does not check the type: udp leases have none).
+    let peers = leases
+        .iter()
+        .filter_map(|l| l.subnet().map(|s| (s, l.attrs.public_ip)));
+    let table = Table::from_peers(peers);
+    let mut state = KernelState::default();
+    state.routes.insert(cluster_route(network, index));
+    let own = Ownership {
+        networks: vec![IpNet::V4(network)],
+        route_oifs: vec![index],
+        keep: vec![IpNet::V4(own_subnet)],
+        ..Default::default()
+    };
+    (state, own, table)
 }
 
 #[async_trait]
@@ -269,22 +298,10 @@ impl Model for UdpModel {
     }
 
     fn desired(&self, leases: &[&Lease]) -> (KernelState, Ownership, Vec<String>) {
-        // udp nodes take every lease (Go does not check the type: udp leases have none).
-        let peers = leases
-            .iter()
-            .filter_map(|l| l.subnet().map(|s| (s, l.attrs.public_ip)));
-        let table = Arc::new(Table::from_peers(peers));
+        let (state, own, table) = desired_state(self.network, self.own_subnet, self.index, leases);
         if let Ok(mut t) = self.table.write() {
-            *t = table;
+            *t = Arc::new(table);
         }
-        let mut state = KernelState::default();
-        state.routes.insert(self.cluster_route());
-        let own = Ownership {
-            networks: vec![IpNet::V4(self.network)],
-            route_oifs: vec![self.index],
-            keep: vec![IpNet::V4(self.own_subnet)],
-            ..Default::default()
-        };
         (state, own, Vec::new())
     }
 }
@@ -359,7 +376,9 @@ impl Network for UdpNetwork {
             },
         ];
         // A thread that could not be started means no forwarding: an error, never a silent half.
-        let spawn_error = threads.iter().find_map(|t| t.as_ref().err().map(|e| e.to_string()));
+        let spawn_error = threads
+            .iter()
+            .find_map(|t| t.as_ref().err().map(|e| e.to_string()));
         let result = match spawn_error {
             Some(e) => Err(BackendError::Other(format!(
                 "starting the udp forwarding threads: {e}"
@@ -379,6 +398,54 @@ impl Network for UdpNetwork {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The same leases twice: the second pass changes nothing, also with hostile leases in the set;
+    /// the refused ones never reach the forwarding table.
+    #[tokio::test]
+    async fn the_same_input_twice_changes_nothing_the_second_time() {
+        use flannel_core::dataplane::{FakeKernel, KernelOps, reconcile_once};
+        let lease = |key: &str, ip: &str| Lease {
+            key: key.parse().unwrap(),
+            enable_ipv4: true,
+            attrs: flannel_core::LeaseAttrs {
+                public_ip: ip.parse().unwrap(),
+                ..Default::default()
+            },
+            expiration: None,
+            asof: 0,
+        };
+        let (network, own_subnet) = (
+            "10.5.0.0/16".parse().unwrap(),
+            "10.5.1.0/24".parse().unwrap(),
+        );
+        let k = FakeKernel::default();
+        k.state.lock().unwrap().routes.insert(Route {
+            dst: "192.168.0.0/24".parse().unwrap(),
+            gateway: None,
+            oif: 2,
+            onlink: false,
+        });
+        let peers = [
+            lease("10.5.2.0-24", "192.168.0.2"),
+            lease("10.99.0.0-16", "192.168.0.3"),
+            lease("0.0.0.0-1", "192.168.0.4"),
+            lease("192.168.0.0-24", "192.168.0.5"),
+        ];
+        let refs: Vec<&Lease> = peers.iter().collect();
+        let policy = flannel_core::LeasePolicy::new(
+            "10.5.1.0-24".parse().unwrap(),
+            &desired_state(network, own_subnet, 9, &[]).1,
+            &k.host_routes().await.unwrap(),
+        );
+        let (allowed, refused) = policy.filter(&refs);
+        assert_eq!((allowed.len(), refused.len()), (1, 3), "{refused:?}");
+        let (s, own, table) = desired_state(network, own_subnet, 9, &allowed);
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.peer_for("10.99.1.1".parse().unwrap()), None);
+        assert!(!reconcile_once(&k, &s, &own).await.unwrap().is_noop());
+        let second = reconcile_once(&k, &s, &own).await.unwrap();
+        assert!(second.is_noop(), "{:?}", second.applied);
+    }
 
     #[test]
     fn port_option() {
