@@ -123,21 +123,79 @@ pub fn in_sync(table: &NftTable, listing: &str) -> bool {
     normalized(listing) == normalized(&table.listing())
 }
 
+/// `nft -j` output reduced to what the rules are: the table, its chains and each rule's expressions,
+/// without `metainfo` (the nft version) and `handle` numbers, which change with every rebuild.
+pub fn rules_as_data(json: &serde_json::Value) -> serde_json::Value {
+    fn strip(v: &serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(o) => serde_json::Value::Object(
+                o.iter()
+                    .filter(|(k, _)| k.as_str() != "handle")
+                    .map(|(k, v)| (k.clone(), strip(v)))
+                    .collect(),
+            ),
+            serde_json::Value::Array(a) => serde_json::Value::Array(a.iter().map(strip).collect()),
+            other => other.clone(),
+        }
+    }
+    let items = json["nftables"].as_array().cloned().unwrap_or_default();
+    serde_json::Value::Array(
+        items
+            .iter()
+            .filter(|i| i.get("metainfo").is_none())
+            .map(strip)
+            .collect(),
+    )
+}
+
+/// What flanneld installed last, per table, as [`rules_as_data`] read it back right after.
+static INSTALLED: std::sync::Mutex<Vec<((&str, &str), serde_json::Value)>> =
+    std::sync::Mutex::new(Vec::new());
+
+async fn read_as_data(family: &str, name: &str) -> Result<serde_json::Value, IptablesError> {
+    let json = list(&["nft", "-j", "list", "table", family, name]).await?;
+    if json.trim().is_empty() {
+        return Ok(serde_json::Value::Array(Vec::new()));
+    }
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
+    Ok(rules_as_data(&v))
+}
+
 /// Makes the kernel hold exactly `table`. Returns whether anything had to change.
+///
+/// The rules are compared as data (`nft -j`), not as pretty-printed text, which changes between nft
+/// versions: against what flanneld read back right after its own install. Before the first install
+/// of this run (no such record), the text listing decides once.
 pub async fn ensure(table: &NftTable) -> Result<bool, IptablesError> {
     let (family, name) = table.name();
-    let have = match list(&["nft", "list", "table", family, name]).await {
-        Ok(h) => h,
-        Err(e) => {
-            flannel_core::metrics::inc(&flannel_core::metrics::metrics().rule_read_errors);
-            return Err(e);
+    let counted = |e: IptablesError| {
+        flannel_core::metrics::inc(&flannel_core::metrics::metrics().rule_read_errors);
+        e
+    };
+    let remembered = INSTALLED.lock().ok().and_then(|m| {
+        m.iter()
+            .find(|(k, _)| *k == (family, name))
+            .map(|(_, v)| v.clone())
+    });
+    let in_place = match remembered {
+        Some(installed) => read_as_data(family, name).await.map_err(counted)? == installed,
+        None => {
+            let have = list(&["nft", "list", "table", family, name])
+                .await
+                .map_err(counted)?;
+            in_sync(table, &have)
         }
     };
-    if in_sync(table, &have) {
-        return Ok(false);
+    if !in_place {
+        run(&["nft", "-f", "-"], Some(&table.script())).await?;
     }
-    run(&["nft", "-f", "-"], Some(&table.script())).await?;
-    Ok(true)
+    // What the kernel holds now is ours: the reference for the next checks.
+    let now = read_as_data(family, name).await.map_err(counted)?;
+    if let Ok(mut m) = INSTALLED.lock() {
+        m.retain(|(k, _)| *k != (family, name));
+        m.push(((family, name), now));
+    }
+    Ok(!in_place)
 }
 
 /// Removes the flannel nftables tables (when switching to iptables mode); best effort.
@@ -149,6 +207,26 @@ pub async fn remove() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rules_compare_as_data_not_text() {
+        let a: serde_json::Value = serde_json::from_str(r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, {"table": {"family": "ip", "name": "flannel-ipv4", "handle": 1}}, {"rule": {"family": "ip", "table": "flannel-ipv4", "chain": "postrtg", "handle": 2, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 16384}}, {"return": null}]}}]}"#).unwrap();
+        // Another nft version, other handles (a rebuild): the same rules.
+        let b: serde_json::Value = serde_json::from_str(r#"{"nftables": [{"metainfo": {"version": "1.1.1", "json_schema_version": 1}}, {"table": {"family": "ip", "name": "flannel-ipv4", "handle": 7}}, {"rule": {"family": "ip", "table": "flannel-ipv4", "chain": "postrtg", "handle": 9, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 16384}}, {"return": null}]}}]}"#).unwrap();
+        assert_eq!(rules_as_data(&a), rules_as_data(&b));
+        // A changed verdict is a different rule set.
+        let c: serde_json::Value = serde_json::from_str(
+            &a.to_string()
+                .replace(r#"{"return":null}"#, r#"{"accept":null}"#),
+        )
+        .unwrap();
+        assert_ne!(rules_as_data(&a), rules_as_data(&c));
+        // A missing table is the empty set.
+        assert_eq!(
+            rules_as_data(&serde_json::Value::Null),
+            serde_json::json!([])
+        );
+    }
 
     #[test]
     fn golden_table() {
