@@ -124,6 +124,24 @@ pub struct PreviousSubnets {
     pub ipv6_subnet: Option<Ipv6Net>,
 }
 
+/// The `KEY=VALUE` pairs of a `subnet.env`-style file, as sourcing it would set them: blank lines and
+/// `#` comments are skipped, `export ` and quotes around a value are tolerated, a later key wins. The
+/// one reader of the format: flanneld's read-back ([`PreviousSubnets`]), the CNI plugin and
+/// mk-docker-opts all use it.
+pub fn read_vars(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix("export ").unwrap_or(l).split_once('='))
+        .map(|(k, v)| {
+            (
+                k.trim().to_string(),
+                v.trim().trim_matches(|c| c == '"' || c == '\'').to_string(),
+            )
+        })
+        .collect()
+}
+
 impl PreviousSubnets {
     /// Reads `path` leniently like Go's dotenv reader: a missing file, key or unparsable value is
     /// treated as empty; `#` comments, `export ` and quotes are accepted; a value listing more than one
@@ -138,16 +156,7 @@ impl PreviousSubnets {
     /// Parses the text of a `subnet.env` file (see [`read`](Self::read)).
     pub fn parse(text: &str) -> Self {
         let mut prev = Self::default();
-        for line in text.lines() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let line = line.strip_prefix("export ").unwrap_or(line);
-            let Some((k, v)) = line.split_once('=') else {
-                continue;
-            };
-            let v = v.trim().trim_matches(|c| c == '"' || c == '\'');
+        for (k, v) in read_vars(text) {
             let one = |v: &str| -> Option<IpNet> {
                 let nets: Vec<IpNet> = v
                     .split(',')
@@ -156,7 +165,7 @@ impl PreviousSubnets {
                     .collect();
                 (nets.len() == 1).then(|| nets[0])
             };
-            match (k.trim(), one(v)) {
+            match (k.as_str(), one(&v)) {
                 ("FLANNEL_NETWORK", Some(IpNet::V4(n))) => prev.network = Some(n),
                 ("FLANNEL_SUBNET", Some(IpNet::V4(n))) => prev.subnet = Some(n),
                 ("FLANNEL_IPV6_NETWORK", Some(IpNet::V6(n))) => prev.ipv6_network = Some(n),

@@ -5,8 +5,6 @@
 //! The config building is pure ([`read_subnet_env`], [`delegate_config`]); the binary (`src/bin/flannel.rs`)
 //! runs the delegate.
 
-use std::collections::BTreeMap;
-
 use serde_json::{Map, Value, json};
 
 /// CNI versions this plugin accepts.
@@ -85,12 +83,7 @@ fn masked(cidr: &str) -> Result<String, String> {
 /// Parses `subnet.env`. Fails, naming what is missing, unless it has a network, a subnet, the MTU and
 /// the masquerade setting.
 pub fn read_subnet_env(text: &str) -> Result<FlannelEnv, CniError> {
-    let mut vars = BTreeMap::new();
-    for line in text.lines() {
-        if let Some((k, v)) = line.split_once('=') {
-            vars.insert(k.trim().to_string(), v.trim().to_string());
-        }
-    }
+    let vars = flannel_core::subnet_env::read_vars(text);
     let bad = |what: String| CniError::config("invalid subnet.env", what);
     let list = |k: &str| -> Result<Vec<String>, CniError> {
         match vars.get(k) {

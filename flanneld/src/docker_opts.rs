@@ -79,20 +79,9 @@ pub fn parse_args(args: &[String]) -> Result<DockerOptsArgs, Option<String>> {
     Ok(a)
 }
 
-/// Reads `KEY=VALUE` lines (quotes and `export ` tolerated), as sourcing the file would set them.
-pub fn read_env(text: &str) -> BTreeMap<String, String> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.strip_prefix("export ").unwrap_or(l).split_once('='))
-        .map(|(k, v)| {
-            (
-                k.trim().to_string(),
-                v.trim().trim_matches('"').trim_matches('\'').to_string(),
-            )
-        })
-        .collect()
-}
+/// Reads `KEY=VALUE` lines (quotes and `export ` tolerated), as sourcing the file would set them:
+/// [`flannel_core::subnet_env::read_vars`], the one reader of the format.
+pub use flannel_core::subnet_env::read_vars as read_env;
 
 /// The Docker env file's content for the flannel variables `vars`; `existing` is the current value of
 /// the combined key in the environment. Fails on a `FLANNEL_IPMASQ` that is neither true nor false.
