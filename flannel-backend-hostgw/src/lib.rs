@@ -216,7 +216,7 @@ mod tests {
     /// The same leases twice: the second pass changes nothing, also with hostile leases in the set.
     #[tokio::test]
     async fn the_same_input_twice_changes_nothing_the_second_time() {
-        use flannel_core::dataplane::{FakeKernel, KernelOps, Route, reconcile_once};
+        use flannel_core::dataplane::{FakeKernel, KernelOps, reconcile_once};
         let topo = Topology {
             network: "10.5.0.0/16".parse().unwrap(),
             own_subnet: "10.5.1.0/24".parse().unwrap(),
@@ -224,13 +224,8 @@ mod tests {
             ext_networks: vec!["192.168.0.0/24".parse().unwrap()],
             ipv6: None,
         };
-        let k = FakeKernel::default();
-        k.state.lock().unwrap().routes.insert(Route {
-            dst: "192.168.0.0/24".parse().unwrap(),
-            gateway: None,
-            oif: 2,
-            onlink: false,
-        });
+        // The host before flannel: the underlay's connected route.
+        let k = FakeKernel::with_link_routes(&[("192.168.0.0/24", 2)]);
         let peers = [
             lease("10.5.2.0-24", "192.168.0.2", "host-gw"),
             lease("10.99.0.0-16", "192.168.0.3", "host-gw"),

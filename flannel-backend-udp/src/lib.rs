@@ -418,13 +418,8 @@ mod tests {
             "10.5.0.0/16".parse().unwrap(),
             "10.5.1.0/24".parse().unwrap(),
         );
-        let k = FakeKernel::default();
-        k.state.lock().unwrap().routes.insert(Route {
-            dst: "192.168.0.0/24".parse().unwrap(),
-            gateway: None,
-            oif: 2,
-            onlink: false,
-        });
+        // The host before flannel: the underlay's connected route.
+        let k = FakeKernel::with_link_routes(&[("192.168.0.0/24", 2)]);
         let peers = [
             lease("10.5.2.0-24", "192.168.0.2"),
             lease("10.99.0.0-16", "192.168.0.3"),

@@ -740,18 +740,8 @@ mod tests {
     /// (refused by the lease policy: outside the network, half the internet, the underlay).
     #[tokio::test]
     async fn the_same_input_twice_changes_nothing_the_second_time() {
-        let k = FakeKernel::default();
         // The host before flannel: the underlay's connected route.
-        k.state
-            .lock()
-            .unwrap()
-            .routes
-            .insert(flannel_core::dataplane::Route {
-                dst: "192.168.0.0/24".parse().unwrap(),
-                gateway: None,
-                oif: 2,
-                onlink: false,
-            });
+        let k = FakeKernel::with_link_routes(&[("192.168.0.0/24", 2)]);
         let data = json!({"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:02"});
         let peers = [
             lease("10.5.2.0-24", "192.168.0.2", data.clone(), "vxlan"),

@@ -331,6 +331,28 @@ fn sd_notify_ready_after_subnet_env() {
     assert_eq!(code, Some(0));
 }
 
+/// A directory of executable shell scripts standing in for tools (put it first on `PATH`).
+fn fake_tools(tools: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (tool, script) in tools {
+        let p = dir.path().join(tool);
+        std::fs::write(&p, script).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    dir
+}
+
+/// A fresh etcd holding a network config for the alloc backend.
+fn etcd_with_alloc_config() -> EtcdServer {
+    let etcd = EtcdServer::start();
+    etcdctl_put(
+        &etcd.url(),
+        "/coreos.com/network/config",
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#,
+    );
+    etcd
+}
+
 /// `GET path` on 127.0.0.1:`port` with a deadline; the status line, or None when nothing answered.
 fn http_status(port: u16, path: &str, within: Duration) -> Option<String> {
     use std::io::{Read, Write};
@@ -357,24 +379,15 @@ fn a_hung_iptables_does_not_freeze_flanneld() {
     }
     // iptables, iptables-restore, ip6tables and nft that hang, as `iptables -w` does while another
     // program holds the xtables lock. (Fakes on PATH: the root namespace's firewall is never touched.)
-    let fakes = tempfile::tempdir().unwrap();
-    for tool in [
-        "iptables",
-        "iptables-restore",
-        "ip6tables",
-        "ip6tables-restore",
-        "nft",
-    ] {
-        let p = fakes.path().join(tool);
-        std::fs::write(&p, "#!/bin/sh\nexec sleep 60\n").unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    }
-    let etcd = EtcdServer::start();
-    etcdctl_put(
-        &etcd.url(),
-        "/coreos.com/network/config",
-        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#,
-    );
+    let hang = "#!/bin/sh\nexec sleep 60\n";
+    let fakes = fake_tools(&[
+        ("iptables", hang),
+        ("iptables-restore", hang),
+        ("ip6tables", hang),
+        ("ip6tables-restore", hang),
+        ("nft", hang),
+    ]);
+    let etcd = etcd_with_alloc_config();
     let dir = tempfile::tempdir().unwrap();
     let port = flannel_tests::free_port();
     let p = Proc::spawn(
@@ -469,27 +482,18 @@ fn unreadable_rules_are_an_error_not_a_blind_rebuild() {
     }
     // An iptables whose listings fail (not "no such chain"): flanneld must not take that for
     // "rules missing" and rebuild through iptables-restore, which records that it was called.
-    let fakes = tempfile::tempdir().unwrap();
-    let marker = fakes.path().join("restore-called");
-    let scripts = [
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("restore-called");
+    let restore = format!("#!/bin/sh\ntouch {}\n", marker.display());
+    let fakes = fake_tools(&[
         (
             "iptables",
-            "#!/bin/sh\ncase \"$*\" in *--version*) echo 'iptables v1.8.9 (nf_tables)';; *) echo 'iptables: Permission denied (you must be root)' >&2; exit 4;; esac\n".to_string(),
+            "#!/bin/sh\ncase \"$*\" in *--version*) echo 'iptables v1.8.9 (nf_tables)';; *) echo 'iptables: Permission denied (you must be root)' >&2; exit 4;; esac\n",
         ),
-        ("iptables-restore", format!("#!/bin/sh\ntouch {}\n", marker.display())),
-        ("nft", "#!/bin/sh\nexit 0\n".to_string()),
-    ];
-    for (tool, text) in scripts {
-        let p = fakes.path().join(tool);
-        std::fs::write(&p, text).unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    }
-    let etcd = EtcdServer::start();
-    etcdctl_put(
-        &etcd.url(),
-        "/coreos.com/network/config",
-        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#,
-    );
+        ("iptables-restore", &restore),
+        ("nft", "#!/bin/sh\nexit 0\n"),
+    ]);
+    let etcd = etcd_with_alloc_config();
     let dir = tempfile::tempdir().unwrap();
     let p = Proc::spawn(
         Command::new(bin_path("flanneld-alloc"))

@@ -323,6 +323,30 @@ pub struct FakeKernel {
     pub applied: Mutex<Vec<Op>>,
 }
 
+impl FakeKernel {
+    /// A fake kernel that already holds `routes` (e.g. the host's connected networks), given as
+    /// `(destination, output interface)` link routes without a gateway.
+    ///
+    /// # Panics
+    /// When a destination is not a CIDR.
+    pub fn with_link_routes(routes: &[(&str, u32)]) -> Self {
+        let k = Self::default();
+        if let Ok(mut s) = k.state.lock() {
+            for (dst, oif) in routes {
+                s.routes.insert(Route {
+                    dst: dst
+                        .parse()
+                        .unwrap_or_else(|_| panic!("{dst} is not a CIDR")),
+                    gateway: None,
+                    oif: *oif,
+                    onlink: false,
+                });
+            }
+        }
+        k
+    }
+}
+
 #[async_trait]
 impl KernelOps for FakeKernel {
     async fn read(&self, own: &Ownership) -> Result<KernelState, DataplaneError> {
