@@ -171,10 +171,16 @@ pub async fn run(
                     if matches!(result, crate::LeaseWatchResult::Snapshot(_)) {
                         have_snapshot = true;
                     }
-                    tracker.apply(result);
+                    let mut events = tracker.apply(result);
                     // Take everything that is already queued before reconciling once.
                     while let Ok(more) = rx.try_recv() {
-                        tracker.apply(more);
+                        events.extend(tracker.apply(more));
+                    }
+                    for e in &events {
+                        match e {
+                            crate::LeaseEvent::Added(l) => debug!(lease = %l, "peer lease added or changed"),
+                            crate::LeaseEvent::Removed(l) => debug!(lease = %l, "peer lease removed"),
+                        }
                     }
                     dirty = true;
                 }
@@ -187,7 +193,11 @@ pub async fn run(
                 }
             },
             Some(()) = async { match notifications.as_mut() { Some(n) => n.recv().await, None => std::future::pending().await } } => {
-                tokio::time::sleep(opts.debounce).await;
+                // Collect the burst before reacting; a stop request ends the wait.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(opts.debounce) => {}
+                }
                 if let Some(n) = notifications.as_mut() {
                     while n.try_recv().is_ok() {}
                 }
@@ -271,5 +281,282 @@ impl<M: Model + Sync + 'static> crate::Network for ReconciledNetwork<M> {
             ..
         } = *self;
         run_on_netlink(&mut model, sm, lease.key, shutdown).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The loop under paused time: waiting for the first snapshot, debounce, backoff after a failed
+    //! pass, shutdown during the debounce, and a watch that ends.
+
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::dataplane::{FakeKernel, Route};
+    use crate::{LeaseAttrs, LeaseWatchResult, NetworkConfig, SubnetError};
+    use ipnet::IpNet;
+
+    /// A subnet manager whose watch forwards what the test sends.
+    #[derive(Debug)]
+    struct ScriptedStore(Mutex<Option<mpsc::Receiver<LeaseWatchResult>>>);
+
+    #[async_trait]
+    impl SubnetManager for ScriptedStore {
+        fn name(&self) -> &str {
+            "scripted"
+        }
+        async fn get_network_config(&self) -> Result<NetworkConfig, SubnetError> {
+            Err(SubnetError::Other("unused".into()))
+        }
+        async fn acquire_lease(&self, _: &LeaseAttrs) -> Result<Lease, SubnetError> {
+            Err(SubnetError::Other("unused".into()))
+        }
+        async fn renew_lease(&self, _: &mut Lease) -> Result<(), SubnetError> {
+            Ok(())
+        }
+        async fn watch_leases(
+            &self,
+            sink: mpsc::Sender<LeaseWatchResult>,
+            shutdown: CancellationToken,
+        ) -> Result<(), SubnetError> {
+            let rx = self.0.lock().ok().and_then(|mut r| r.take());
+            let Some(mut rx) = rx else { return Ok(()) };
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    r = rx.recv() => match r {
+                        Some(r) => { let _ = sink.send(r).await; }
+                        None => return Ok(()),
+                    },
+                }
+            }
+        }
+        async fn watch_lease(
+            &self,
+            _: SubnetKey,
+            _: mpsc::Sender<LeaseWatchResult>,
+            shutdown: CancellationToken,
+        ) -> Result<(), SubnetError> {
+            shutdown.cancelled().await;
+            Ok(())
+        }
+        async fn complete_lease(&self, _: Lease, _: CancellationToken) -> Result<(), SubnetError> {
+            Ok(())
+        }
+    }
+
+    /// A model that wants one route per peer on device #5 and counts (and can fail) its passes.
+    #[derive(Debug, Default)]
+    struct CountingModel {
+        passes: Arc<AtomicUsize>,
+        fail_first: usize,
+    }
+
+    #[async_trait]
+    impl Model for CountingModel {
+        async fn prepare(&mut self) -> Result<(), BackendError> {
+            let n = self.passes.fetch_add(1, Ordering::SeqCst);
+            if n < self.fail_first {
+                return Err(BackendError::Other("device not ready".into()));
+            }
+            Ok(())
+        }
+        fn desired(&self, leases: &[&Lease]) -> (KernelState, Ownership, Vec<String>) {
+            let mut s = KernelState::default();
+            for l in leases {
+                s.routes.insert(Route {
+                    dst: IpNet::V4(l.key.ipv4),
+                    gateway: Some(std::net::IpAddr::V4(l.key.ipv4.network())),
+                    oif: 5,
+                    onlink: true,
+                });
+            }
+            let own = Ownership {
+                networks: vec!["10.5.0.0/16".parse().unwrap_or_else(|_| unreachable!())],
+                route_oifs: vec![5],
+                ..Ownership::default()
+            };
+            (s, own, Vec::new())
+        }
+    }
+
+    fn lease(key: &str) -> Lease {
+        Lease {
+            key: key.parse().unwrap_or_else(|_| unreachable!()),
+            enable_ipv4: true,
+            attrs: LeaseAttrs::default(),
+            expiration: None,
+            asof: 0,
+        }
+    }
+
+    struct Harness {
+        leases: mpsc::Sender<LeaseWatchResult>,
+        notify: mpsc::Sender<()>,
+        passes: Arc<AtomicUsize>,
+        kernel: Arc<FakeKernel>,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<Result<(), BackendError>>,
+    }
+
+    fn start(fail_first: usize) -> Harness {
+        let (leases, rx) = mpsc::channel(16);
+        let (notify, nrx) = mpsc::channel(64);
+        let passes = Arc::new(AtomicUsize::new(0));
+        let kernel = Arc::new(FakeKernel::default());
+        let shutdown = CancellationToken::new();
+        let sm: Arc<dyn SubnetManager> = Arc::new(ScriptedStore(Mutex::new(Some(rx))));
+        let task = {
+            let (passes, kernel, shutdown) = (passes.clone(), kernel.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let mut model = CountingModel { passes, fail_first };
+                let opts = DriverOptions {
+                    resync: Duration::from_secs(3600),
+                    debounce: Duration::from_millis(50),
+                };
+                let own = "10.5.1.0-24".parse().unwrap_or_else(|_| unreachable!());
+                run(
+                    &mut model,
+                    kernel.as_ref(),
+                    sm,
+                    own,
+                    Some(nrx),
+                    opts,
+                    shutdown,
+                )
+                .await
+            })
+        };
+        Harness {
+            leases,
+            notify,
+            passes,
+            kernel,
+            shutdown,
+            task,
+        }
+    }
+
+    fn routes(k: &FakeKernel) -> usize {
+        k.state.lock().map(|s| s.routes.len()).unwrap_or(0)
+    }
+
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_happens_before_the_first_snapshot() {
+        let h = start(0);
+        // Events before any snapshot: the set of leases is not known yet, so no pass.
+        h.leases
+            .send(LeaseWatchResult::Events(vec![crate::LeaseEvent::Added(
+                lease("10.5.2.0-24"),
+            )]))
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(h.passes.load(Ordering::SeqCst), 0);
+        assert_eq!(routes(&h.kernel), 0);
+        h.leases
+            .send(LeaseWatchResult::Snapshot(vec![lease("10.5.3.0-24")]))
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(h.passes.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            routes(&h.kernel),
+            1,
+            "the snapshot replaces what came before it"
+        );
+        h.shutdown.cancel();
+        assert!(h.task.await.unwrap_or_else(|_| unreachable!()).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_kernel_notifications_makes_one_pass() {
+        let h = start(0);
+        h.leases
+            .send(LeaseWatchResult::Snapshot(vec![]))
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let before = h.passes.load(Ordering::SeqCst);
+        for _ in 0..20 {
+            h.notify.send(()).await.unwrap_or_else(|_| unreachable!());
+        }
+        settle().await;
+        assert_eq!(h.passes.load(Ordering::SeqCst), before, "still debouncing");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(
+            h.passes.load(Ordering::SeqCst),
+            before + 1,
+            "one pass for the burst"
+        );
+        h.shutdown.cancel();
+        assert!(h.task.await.unwrap_or_else(|_| unreachable!()).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_pass_is_retried_with_growing_backoff() {
+        let h = start(2);
+        h.leases
+            .send(LeaseWatchResult::Snapshot(vec![lease("10.5.2.0-24")]))
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(h.passes.load(Ordering::SeqCst), 1, "first pass failed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            h.passes.load(Ordering::SeqCst),
+            2,
+            "retried after 200 ms, failed again"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            h.passes.load(Ordering::SeqCst),
+            2,
+            "the next wait is longer (400 ms)"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(h.passes.load(Ordering::SeqCst), 3);
+        assert_eq!(routes(&h.kernel), 1, "the third pass went through");
+        h.shutdown.cancel();
+        assert!(h.task.await.unwrap_or_else(|_| unreachable!()).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_during_the_debounce_stops_at_once() {
+        let h = start(0);
+        h.leases
+            .send(LeaseWatchResult::Snapshot(vec![]))
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let passes = h.passes.load(Ordering::SeqCst);
+        h.notify.send(()).await.unwrap_or_else(|_| unreachable!());
+        settle().await;
+        let t = tokio::time::Instant::now();
+        h.shutdown.cancel();
+        assert!(h.task.await.unwrap_or_else(|_| unreachable!()).is_ok());
+        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+        assert_eq!(
+            h.passes.load(Ordering::SeqCst),
+            passes,
+            "no pass after the stop"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_that_ends_is_an_error() {
+        let h = start(0);
+        drop(h.leases);
+        let r = h.task.await.unwrap_or_else(|_| unreachable!());
+        let e = r.expect_err("the loop cannot go on without a watch");
+        assert!(e.to_string().contains("lease watch stopped"), "{e}");
+        drop(h.notify);
     }
 }
