@@ -1,7 +1,9 @@
 //! Test harness shared by the integration tests, the demo and the benchmarks: a real etcd server on
-//! 127.0.0.1 with ephemeral ports ([`etcd::EtcdServer`]), network namespaces with drop guards
-//! ([`netns::Netns`]), root detection ([`require_root`]) and the paths of the built binaries
-//! ([`bin_path`]), and the record that lets every way out clean up ([`cleanup`]).
+//! 127.0.0.1 with ephemeral ports ([`etcd::EtcdServer`]), a stand-in Kubernetes API server
+//! ([`kubeapi::ApiServer`]), network namespaces with drop guards ([`netns::Netns`]), the multi-host
+//! lab ([`lab::Lab`]), root detection ([`require_root`]), the paths of the built binaries
+//! ([`bin_path`]), child processes with a guard ([`Proc`]), the benchmarks' helpers ([`bench`]), and
+//! the record that lets every way out clean up ([`cleanup`]).
 
 pub mod bench;
 pub mod cleanup;
