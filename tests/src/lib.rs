@@ -2,7 +2,7 @@
 //! 127.0.0.1 with ephemeral ports ([`etcd::EtcdServer`]), a stand-in Kubernetes API server
 //! ([`kubeapi::ApiServer`]), network namespaces with drop guards ([`netns::Netns`]), the multi-host
 //! lab ([`lab::Lab`]), root detection ([`require_root`]), the paths of the built binaries
-//! ([`bin_path`]), child processes with a guard ([`Proc`]), the benchmarks' helpers ([`bench`]), and
+//! ([`bin_path`]), child processes with a guard ([`Proc`]), the benchmarks' helpers ([`bench`](mod@bench)), and
 //! the record that lets every way out clean up ([`cleanup`]).
 
 pub mod bench;
