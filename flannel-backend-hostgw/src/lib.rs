@@ -20,12 +20,12 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use async_trait::async_trait;
-use flannel_core::dataplane::driver::{Model, ReconciledNetwork};
-use flannel_core::dataplane::{KernelState, Ownership, Route};
 use flannel_core::{
     Backend, BackendContext, BackendError, ExternalInterface, Lease, LeaseAttrs, Network,
     NetworkConfig,
 };
+use flannel_dataplane::driver::{Model, ReconciledNetwork};
+use flannel_dataplane::{KernelState, Ownership, Route};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 flannel_core::register_backend!("host-gw", HostGwBackend::create);
@@ -216,7 +216,7 @@ mod tests {
     /// The same leases twice: the second pass changes nothing, also with hostile leases in the set.
     #[tokio::test]
     async fn the_same_input_twice_changes_nothing_the_second_time() {
-        use flannel_core::dataplane::{FakeKernel, KernelOps, reconcile_once};
+        use flannel_dataplane::{FakeKernel, KernelOps, reconcile_once};
         let topo = Topology {
             network: "10.5.0.0/16".parse().unwrap(),
             own_subnet: "10.5.1.0/24".parse().unwrap(),
@@ -234,7 +234,7 @@ mod tests {
             lease("10.5.1.128-25", "192.168.0.6", "host-gw"),
         ];
         let refs: Vec<&Lease> = peers.iter().collect();
-        let policy = flannel_core::LeasePolicy::new(
+        let policy = flannel_dataplane::LeasePolicy::new(
             "10.5.1.0-24".parse().unwrap(),
             &desired_state(&topo, &[]).1,
             &k.host_routes().await.unwrap(),

@@ -34,13 +34,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
-use flannel_core::dataplane::driver::{self, Model};
-use flannel_core::dataplane::netlink::Netlink;
-use flannel_core::dataplane::{KernelOps, KernelState, Op, Ownership, Route};
 use flannel_core::gojson::GoObject;
 use flannel_core::{
     Backend, BackendContext, BackendError, Lease, LeaseAttrs, Network, NetworkConfig, SubnetManager,
 };
+use flannel_dataplane::driver::{self, Model};
+use flannel_dataplane::netlink::Netlink;
+use flannel_dataplane::{KernelOps, KernelState, Op, Ownership, Route};
 use ipnet::{IpNet, Ipv4Net};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -72,7 +72,7 @@ fn bad(message: String) -> BackendError {
     }
 }
 
-fn io(e: flannel_core::dataplane::DataplaneError) -> BackendError {
+fn io(e: flannel_dataplane::DataplaneError) -> BackendError {
     BackendError::Io {
         context: e.context,
         source: std::io::Error::other(e.message),
@@ -403,7 +403,7 @@ mod tests {
     /// the refused ones never reach the forwarding table.
     #[tokio::test]
     async fn the_same_input_twice_changes_nothing_the_second_time() {
-        use flannel_core::dataplane::{FakeKernel, KernelOps, reconcile_once};
+        use flannel_dataplane::{FakeKernel, KernelOps, reconcile_once};
         let lease = |key: &str, ip: &str| Lease {
             key: key.parse().unwrap(),
             enable_ipv4: true,
@@ -427,7 +427,7 @@ mod tests {
             lease("192.168.0.0-24", "192.168.0.5"),
         ];
         let refs: Vec<&Lease> = peers.iter().collect();
-        let policy = flannel_core::LeasePolicy::new(
+        let policy = flannel_dataplane::LeasePolicy::new(
             "10.5.1.0-24".parse().unwrap(),
             &desired_state(network, own_subnet, 9, &[]).1,
             &k.host_routes().await.unwrap(),

@@ -17,7 +17,7 @@
 //!
 //! Unlike Go flannel, nothing is fire-and-forget: the desired entries are computed from the leases as
 //! data ([`desired_state`], pure), compared with the kernel, and the difference applied, on every lease
-//! event, on every netlink notification and periodically (see `flannel_core::dataplane::driver`). A
+//! event, on every netlink notification and periodically (see `flannel_dataplane::driver`). A
 //! deleted device is recreated with the same MAC; deleted or changed entries come back; stale entries
 //! of departed peers are removed. Entries on other devices are never touched.
 //!
@@ -32,14 +32,14 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use async_trait::async_trait;
-use flannel_core::dataplane::driver::{Model, ReconciledNetwork};
-use flannel_core::dataplane::netlink::{Netlink, VxlanAttrs, VxlanSpec};
-use flannel_core::dataplane::{Fdb, KernelState, MacAddr, Neigh, Ownership, Route};
 use flannel_core::gojson::GoObject;
 use flannel_core::{
     Backend, BackendContext, BackendError, ExternalInterface, Lease, LeaseAttrs, Network,
     NetworkConfig, RawJson,
 };
+use flannel_dataplane::driver::{Model, ReconciledNetwork};
+use flannel_dataplane::netlink::{Netlink, VxlanAttrs, VxlanSpec};
+use flannel_dataplane::{Fdb, KernelState, MacAddr, Neigh, Ownership, Route};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tracing::{info, warn};
 
@@ -145,7 +145,7 @@ impl PeerData {
             vni: o.uint("VNI").map_err(|e| e.to_string())?.unwrap_or(0),
             vtep_mac: mac
                 .parse()
-                .map_err(|e: flannel_core::dataplane::BadMac| e.to_string())?,
+                .map_err(|e: flannel_dataplane::BadMac| e.to_string())?,
         })
     }
 }
@@ -316,7 +316,7 @@ impl VxlanBackend {
     }
 }
 
-fn io(e: flannel_core::dataplane::DataplaneError) -> BackendError {
+fn io(e: flannel_dataplane::DataplaneError) -> BackendError {
     BackendError::Io {
         context: e.context,
         source: std::io::Error::other(e.message),
@@ -556,7 +556,7 @@ impl Model for VxlanModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flannel_core::dataplane::{FakeKernel, KernelOps, diff};
+    use flannel_dataplane::{FakeKernel, KernelOps, diff};
     use serde_json::json;
 
     #[test]
@@ -724,12 +724,12 @@ mod tests {
         )];
         let refs: Vec<&Lease> = peers.iter().collect();
         let (s, own, _) = desired_state(&topo(false), &refs);
-        flannel_core::dataplane::reconcile_once(&k, &s, &own)
+        flannel_dataplane::reconcile_once(&k, &s, &own)
             .await
             .unwrap();
         assert_eq!(k.state.lock().unwrap().len(), 3);
         let (empty, own, _) = desired_state(&topo(false), &[]);
-        flannel_core::dataplane::reconcile_once(&k, &empty, &own)
+        flannel_dataplane::reconcile_once(&k, &empty, &own)
             .await
             .unwrap();
         assert!(k.state.lock().unwrap().is_empty());
@@ -753,7 +753,7 @@ mod tests {
         for direct in [false, true] {
             let t = topo(direct);
             let host = k.host_routes().await.unwrap();
-            let policy = flannel_core::LeasePolicy::new(
+            let policy = flannel_dataplane::LeasePolicy::new(
                 "10.5.1.0-24".parse().unwrap(),
                 &desired_state(&t, &[]).1,
                 &host,
@@ -762,11 +762,11 @@ mod tests {
             assert_eq!(allowed.len(), 1, "{refused:?}");
             assert_eq!(refused.len(), 3);
             let (s, own, _) = desired_state(&t, &allowed);
-            let first = flannel_core::dataplane::reconcile_once(&k, &s, &own)
+            let first = flannel_dataplane::reconcile_once(&k, &s, &own)
                 .await
                 .unwrap();
             assert!(!first.is_noop());
-            let second = flannel_core::dataplane::reconcile_once(&k, &s, &own)
+            let second = flannel_dataplane::reconcile_once(&k, &s, &own)
                 .await
                 .unwrap();
             assert!(second.is_noop(), "direct={direct}: {:?}", second.applied);

@@ -8,8 +8,6 @@
 //! - [`Lease`], [`LeaseAttrs`], [`SubnetKey`], [`LeaseEvent`], [`LeaseWatchResult`], [`LeaseTracker`]:
 //!   leases as stored in etcd, byte-compatible with Go flanneld, and the events about them.
 //! - [`SubnetManager`]: the store of leases (etcd v3 in `flannel-subnet`).
-//! - [`LeasePolicy`]: which peer leases may reach the data plane (inside the cluster network, clear
-//!   of the host's own networks and subnet).
 //! - [`Backend`], [`Network`] and the registry ([`register_backend!`], [`lookup_backend`]): how a data
 //!   plane plugs in.
 //! - [`SubnetEnv`]: `/run/flannel/subnet.env`, written atomically.
@@ -32,11 +30,9 @@
 
 pub mod backend;
 pub mod config;
-pub mod dataplane;
 pub mod gojson;
 pub mod iface;
 pub mod lease;
-pub mod lease_policy;
 pub mod manager;
 pub mod metrics;
 pub mod subnet_env;
@@ -50,7 +46,6 @@ pub use iface::{ExternalInterface, IfaceError, IfaceSpec};
 pub use lease::{
     Lease, LeaseAttrs, LeaseEvent, LeaseTracker, LeaseWatchResult, RawJson, SubnetKey,
 };
-pub use lease_policy::LeasePolicy;
 pub use manager::{SubnetError, SubnetManager};
 pub use subnet_env::{PreviousSubnets, SubnetEnv};
 

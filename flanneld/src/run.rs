@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use flannel_core::iface::{IfaceSpec, select_external_interface};
+use flannel_core::iface::IfaceSpec;
 use flannel_core::{
     BackendContext, NetworkConfig, PreviousSubnets, SubnetEnv, SubnetError, SubnetManager,
     new_backend,
 };
+use flannel_dataplane::host::select_external_interface;
 use flannel_subnet::kube::{
     KubeOptions, KubeSubnetManager, client as kube_client, node_name as kube_node_name,
 };

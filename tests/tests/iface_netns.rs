@@ -2,7 +2,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-use flannel_core::iface::{IfaceSpec, select_external_interface};
+use flannel_core::iface::IfaceSpec;
+use flannel_dataplane::host::select_external_interface;
 use flannel_tests::netns::Netns;
 use flannel_tests::require_root;
 

@@ -20,8 +20,8 @@
 
 use ipnet::IpNet;
 
-use crate::dataplane::{Ownership, Route};
-use crate::{Lease, SubnetKey};
+use crate::{Ownership, Route};
+use flannel_core::{Lease, SubnetKey};
 
 /// The rules of the module doc, for one host.
 #[derive(Debug, Clone)]
@@ -128,7 +128,7 @@ impl LeasePolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::LeaseAttrs;
+    use flannel_core::LeaseAttrs;
 
     fn route(dst: &str, gw: Option<&str>, oif: u32) -> Route {
         Route {

@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::{KernelOps, KernelState, Ownership, ReconcileReport, reconcile_once};
-use crate::{BackendError, Lease, LeaseTracker, SubnetKey, SubnetManager};
+use crate::{KernelOps, KernelState, Ownership, ReconcileReport, reconcile_once};
+use flannel_core::{BackendError, Lease, LeaseTracker, SubnetKey, SubnetManager};
 
 /// What a backend contributes to the loop.
 #[async_trait]
@@ -65,7 +65,7 @@ fn log_report(report: &ReconcileReport, first: bool) {
 }
 
 /// Runs the loop until `shutdown`. `notifications` delivers a `()` per kernel change (see
-/// [`super::netlink::Netlink::subscribe`]); pass `None` to rely on lease events and resyncs only.
+/// [`crate::netlink::Netlink::subscribe`]); pass `None` to rely on lease events and resyncs only.
 pub async fn run(
     model: &mut dyn Model,
     kernel: &dyn KernelOps,
@@ -109,7 +109,7 @@ pub async fn run(
                     let leases: Vec<&Lease> = tracker.leases().collect();
                     let (allowed, refused) = policy.filter(&leases);
                     let (desired, ownership, mut warnings) = model.desired(&allowed);
-                    let m = crate::metrics::metrics();
+                    let m = flannel_core::metrics::metrics();
                     let fresh_refusals: Vec<&String> =
                         refused.iter().filter(|r| !warned.contains(*r)).collect();
                     m.leases_refused.fetch_add(
@@ -124,7 +124,7 @@ pub async fn run(
                         error!("{w}");
                     }
                     warned = now;
-                    crate::metrics::inc(&m.reconcile_runs);
+                    flannel_core::metrics::inc(&m.reconcile_runs);
                     match reconcile_once(kernel, &desired, &ownership).await {
                         Ok(report) => {
                             for (label, n) in &report.applied {
@@ -143,7 +143,7 @@ pub async fn run(
                             report.failed.is_empty()
                         }
                         Err(e) => {
-                            crate::metrics::inc(&m.netlink_errors);
+                            flannel_core::metrics::inc(&m.netlink_errors);
                             warn!(error = %e, "reading the kernel state failed");
                             false
                         }
@@ -168,7 +168,7 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             r = rx.recv() => match r {
                 Some(result) => {
-                    if matches!(result, crate::LeaseWatchResult::Snapshot(_)) {
+                    if matches!(result, flannel_core::LeaseWatchResult::Snapshot(_)) {
                         have_snapshot = true;
                     }
                     let mut events = tracker.apply(result);
@@ -178,8 +178,8 @@ pub async fn run(
                     }
                     for e in &events {
                         match e {
-                            crate::LeaseEvent::Added(l) => debug!(lease = %l, "peer lease added or changed"),
-                            crate::LeaseEvent::Removed(l) => debug!(lease = %l, "peer lease removed"),
+                            flannel_core::LeaseEvent::Added(l) => debug!(lease = %l, "peer lease added or changed"),
+                            flannel_core::LeaseEvent::Removed(l) => debug!(lease = %l, "peer lease removed"),
                         }
                     }
                     dirty = true;
@@ -218,11 +218,11 @@ pub async fn run_on_netlink(
     own: SubnetKey,
     shutdown: CancellationToken,
 ) -> Result<(), BackendError> {
-    let kernel = super::netlink::Netlink::new().map_err(|e| BackendError::Io {
+    let kernel = crate::netlink::Netlink::new().map_err(|e| BackendError::Io {
         context: e.context,
         source: std::io::Error::other(e.message),
     })?;
-    let notifications = match super::netlink::Netlink::subscribe() {
+    let notifications = match crate::netlink::Netlink::subscribe() {
         Ok(n) => Some(n),
         Err(e) => {
             warn!(error = %e, "no netlink notifications; relying on periodic resync");
@@ -245,7 +245,7 @@ pub async fn run_on_netlink(
 /// backend returns from `register_network` once its devices exist and its lease is acquired.
 #[derive(Debug)]
 pub struct ReconciledNetwork<M: Model + Sync + 'static> {
-    lease: crate::Lease,
+    lease: flannel_core::Lease,
     mtu: u32,
     model: M,
     sm: Arc<dyn SubnetManager>,
@@ -253,7 +253,7 @@ pub struct ReconciledNetwork<M: Model + Sync + 'static> {
 
 impl<M: Model + Sync + 'static> ReconciledNetwork<M> {
     /// A network for `lease` with pod MTU `mtu`, kept by `model`.
-    pub fn new(lease: crate::Lease, mtu: u32, model: M, sm: Arc<dyn SubnetManager>) -> Self {
+    pub fn new(lease: flannel_core::Lease, mtu: u32, model: M, sm: Arc<dyn SubnetManager>) -> Self {
         Self {
             lease,
             mtu,
@@ -264,8 +264,8 @@ impl<M: Model + Sync + 'static> ReconciledNetwork<M> {
 }
 
 #[async_trait]
-impl<M: Model + Sync + 'static> crate::Network for ReconciledNetwork<M> {
-    fn lease(&self) -> &crate::Lease {
+impl<M: Model + Sync + 'static> flannel_core::Network for ReconciledNetwork<M> {
+    fn lease(&self) -> &flannel_core::Lease {
         &self.lease
     }
 
@@ -293,8 +293,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::dataplane::{FakeKernel, Route};
-    use crate::{LeaseAttrs, LeaseWatchResult, NetworkConfig, SubnetError};
+    use crate::{FakeKernel, Route};
+    use flannel_core::{LeaseAttrs, LeaseWatchResult, NetworkConfig, SubnetError};
     use ipnet::IpNet;
 
     /// A subnet manager whose watch forwards what the test sends.
@@ -453,9 +453,9 @@ mod tests {
         let h = start(0);
         // Events before any snapshot: the set of leases is not known yet, so no pass.
         h.leases
-            .send(LeaseWatchResult::Events(vec![crate::LeaseEvent::Added(
-                lease("10.5.2.0-24"),
-            )]))
+            .send(LeaseWatchResult::Events(vec![
+                flannel_core::LeaseEvent::Added(lease("10.5.2.0-24")),
+            ]))
             .await
             .unwrap_or_else(|_| unreachable!());
         tokio::time::sleep(Duration::from_secs(1)).await;

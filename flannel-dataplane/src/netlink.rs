@@ -21,7 +21,7 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, MulticastGroup, RouteMessageBuilder};
 use tokio::sync::mpsc;
 
-use super::{DataplaneError, Fdb, KernelOps, KernelState, MacAddr, Neigh, Op, Ownership, Route};
+use crate::{DataplaneError, Fdb, KernelOps, KernelState, MacAddr, Neigh, Op, Ownership, Route};
 
 fn err(context: impl Into<String>, e: impl std::fmt::Display) -> DataplaneError {
     let message = e.to_string();

@@ -1,15 +1,20 @@
-//! The data plane shared by the kernel backends (vxlan, host-gw): desired state as plain data, a pure
-//! diff against the actual state, one narrow kernel seam, and one reconcile driver.
+//! # flannel-dataplane
+//!
+//! The kernel side shared by the kernel backends (vxlan, host-gw, udp's route): desired state as
+//! plain data, a pure diff against the actual state, one narrow kernel seam, one reconcile driver, the
+//! [`LeasePolicy`] that keeps hostile leases out, and reading the host's interfaces ([`host`]).
+//! `flannel-core` holds the contracts only; a backend that programs the kernel depends on this crate
+//! too, one that does not (like `alloc`) on core alone.
 //!
 //! A backend describes what the kernel should hold for the current leases as a [`KernelState`] (routes,
 //! neighbours, FDB entries) plus an [`Ownership`] saying which existing entries are flannel's. [`diff`]
 //! turns desired and actual state into [`Op`]s; [`KernelOps`] reads and applies them (over netlink in
-//! [`netlink::Netlink`], in memory in [`FakeKernel`]); [`driver::run`] repeats this on every lease
+//! [`netlink::Netlink`], in memory in `FakeKernel` with the `test-util` feature); [`driver::run`] repeats this on every lease
 //! event, on kernel notifications and periodically, so deleted or changed entries come back and stale
 //! ones go away, without ever touching entries that are not flannel's.
 //!
 //! ```
-//! use flannel_core::dataplane::{diff, KernelState, Op, Ownership, Route};
+//! use flannel_dataplane::{diff, KernelState, Op, Ownership, Route};
 //! let route = Route { dst: "10.5.2.0/24".parse().unwrap(), gateway: Some("192.168.0.2".parse().unwrap()), oif: 2, onlink: false };
 //! let mut desired = KernelState::default();
 //! desired.routes.insert(route.clone());
@@ -18,13 +23,16 @@
 //! ```
 
 pub mod driver;
+pub mod host;
+pub mod lease_policy;
 pub mod netlink;
+
+pub use lease_policy::LeasePolicy;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::sync::Mutex;
 
 use async_trait::async_trait;
 use ipnet::IpNet;
@@ -314,15 +322,18 @@ pub trait KernelOps: Send + Sync + fmt::Debug {
     async fn host_routes(&self) -> Result<Vec<Route>, DataplaneError>;
 }
 
-/// An in-memory kernel that records every applied op; for tests of backends and the reconcile loop.
+/// An in-memory kernel that records every applied op; for tests of backends and the reconcile loop
+/// (feature `test-util`).
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default)]
 pub struct FakeKernel {
     /// The current entries.
-    pub state: Mutex<KernelState>,
+    pub state: std::sync::Mutex<KernelState>,
     /// Every op applied, in order.
-    pub applied: Mutex<Vec<Op>>,
+    pub applied: std::sync::Mutex<Vec<Op>>,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl FakeKernel {
     /// A fake kernel that already holds `routes` (e.g. the host's connected networks), given as
     /// `(destination, output interface)` link routes without a gateway.
@@ -347,6 +358,7 @@ impl FakeKernel {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 #[async_trait]
 impl KernelOps for FakeKernel {
     async fn read(&self, own: &Ownership) -> Result<KernelState, DataplaneError> {
