@@ -23,6 +23,7 @@
 //! packets, TCP segments merged again on write) and UDP GSO/GRO (`quinn-udp`), while every datagram on
 //! the wire carries exactly one inner IP packet. One queue per direction (see the README's figures).
 
+pub mod metrics;
 pub mod packet;
 mod pump;
 pub mod table;

@@ -15,10 +15,10 @@
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use flannel_core::metrics::{inc, metrics};
+use crate::metrics::metrics;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
@@ -47,8 +47,8 @@ fn wait(fd: RawFd, events: libc::c_short) -> bool {
     unsafe { libc::poll(&mut p, 1, 100) > 0 }
 }
 
-fn add(counter: &AtomicU64, n: usize) {
-    counter.fetch_add(n as u64, Ordering::Relaxed);
+fn add(counter: &prometheus_client::metrics::counter::Counter, n: usize) {
+    counter.inc_by(n as u64);
 }
 
 /// Packets queued for one UDP GSO send: all to one peer and of one size, except a last shorter one
@@ -138,7 +138,7 @@ impl Pump {
             .send_multiple(gro, std::slice::from_mut(buf), VIRTIO_NET_HDR_LEN)
             .is_err()
         {
-            inc(&metrics().udp_dropped);
+            metrics().dropped.inc();
         }
     }
 
@@ -157,8 +157,8 @@ impl Pump {
         for _ in 0..50 {
             match self.udp.try_send((&*self.sock).into(), &transmit) {
                 Ok(()) => {
-                    add(&m.udp_tx_packets, run.count);
-                    add(&m.udp_tx_bytes, out.len());
+                    add(&m.tx_packets, run.count);
+                    add(&m.tx_bytes, out.len());
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -173,7 +173,7 @@ impl Pump {
                 }
             }
         }
-        add(&m.udp_dropped, run.count);
+        add(&m.dropped, run.count);
     }
 
     /// TUN → peers, until `stop`.
@@ -199,7 +199,7 @@ impl Pump {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         tracing::debug!(error = %e, "unreadable packet on {}", crate::DEVICE);
-                        inc(&m.udp_dropped);
+                        m.dropped.inc();
                         continue;
                     }
                 };
@@ -219,7 +219,9 @@ impl Pump {
                         }
                         Outcome::Reply(r) => self.write_one(&mut gro, &mut reply, &r),
                         Outcome::WriteTun => self.write_one(&mut gro, &mut reply, packet),
-                        Outcome::Drop(_) => inc(&m.udp_dropped),
+                        Outcome::Drop(_) => {
+                            m.dropped.inc();
+                        }
                     }
                 }
                 if run.count > 0 {
@@ -260,7 +262,7 @@ impl Pump {
                 let mut k = 0;
                 for (slice, meta) in slices.iter().zip(&meta).take(n) {
                     let SocketAddr::V4(from) = meta.addr else {
-                        inc(&m.udp_dropped);
+                        m.dropped.inc();
                         continue;
                     };
                     let stride = meta.stride.max(1);
@@ -275,11 +277,13 @@ impl Pump {
                         buf.extend_from_slice(datagram);
                         match from_udp(&mut buf[VIRTIO_NET_HDR_LEN..], *from.ip(), &table) {
                             Outcome::WriteTun => {
-                                add(&m.udp_rx_packets, 1);
-                                add(&m.udp_rx_bytes, datagram.len());
+                                add(&m.rx_packets, 1);
+                                add(&m.rx_bytes, datagram.len());
                                 k += 1;
                             }
-                            _ => inc(&m.udp_dropped),
+                            _ => {
+                                m.dropped.inc();
+                            }
                         }
                     }
                 }
@@ -295,7 +299,7 @@ impl Pump {
         }
         if let Err(e) = self.dev.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN) {
             tracing::debug!(error = %e, "writing to {}", crate::DEVICE);
-            inc(&metrics().udp_dropped);
+            metrics().dropped.inc();
         }
     }
 }

@@ -34,7 +34,6 @@ pub mod gojson;
 pub mod iface;
 pub mod lease;
 pub mod manager;
-pub mod metrics;
 pub mod subnet_env;
 
 pub use backend::{

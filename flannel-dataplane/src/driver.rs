@@ -109,13 +109,10 @@ pub async fn run(
                     let leases: Vec<&Lease> = tracker.leases().collect();
                     let (allowed, refused) = policy.filter(&leases);
                     let (desired, ownership, mut warnings) = model.desired(&allowed);
-                    let m = flannel_core::metrics::metrics();
+                    let m = crate::metrics::metrics();
                     let fresh_refusals: Vec<&String> =
                         refused.iter().filter(|r| !warned.contains(*r)).collect();
-                    m.leases_refused.fetch_add(
-                        fresh_refusals.len() as u64,
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
+                    m.leases_refused.inc_by(fresh_refusals.len() as u64);
                     warnings.extend(refused);
                     // Each problem is logged once, when it appears (a change of the lease makes a
                     // new message).
@@ -124,16 +121,13 @@ pub async fn run(
                         error!("{w}");
                     }
                     warned = now;
-                    flannel_core::metrics::inc(&m.reconcile_runs);
+                    m.reconcile_runs.inc();
                     match reconcile_once(kernel, &desired, &ownership).await {
                         Ok(report) => {
                             for (label, n) in &report.applied {
                                 m.record_change(label, *n as u64);
                             }
-                            m.netlink_errors.fetch_add(
-                                report.failed.len() as u64,
-                                std::sync::atomic::Ordering::Relaxed,
-                            );
+                            m.netlink_errors.inc_by(report.failed.len() as u64);
                             log_report(&report, !synced_once);
                             synced_once = true;
                             for f in &report.failed {
@@ -143,7 +137,7 @@ pub async fn run(
                             report.failed.is_empty()
                         }
                         Err(e) => {
-                            flannel_core::metrics::inc(&m.netlink_errors);
+                            m.netlink_errors.inc();
                             warn!(error = %e, "reading the kernel state failed");
                             false
                         }

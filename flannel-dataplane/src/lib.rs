@@ -25,6 +25,7 @@
 pub mod driver;
 pub mod host;
 pub mod lease_policy;
+pub mod metrics;
 pub mod netlink;
 
 pub use lease_policy::LeasePolicy;

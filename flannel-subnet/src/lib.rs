@@ -41,6 +41,7 @@ pub mod alloc;
 #[cfg(feature = "kube")]
 pub mod kube;
 pub mod manager;
+pub mod metrics;
 pub mod registry;
 
 pub use alloc::allocate_subnet;

@@ -56,7 +56,7 @@ pub struct LocalManager<R: Registry> {
 }
 
 fn store(e: RegistryError) -> SubnetError {
-    flannel_core::metrics::inc(&flannel_core::metrics::metrics().etcd_errors);
+    crate::metrics::metrics().etcd_errors.inc();
     SubnetError::Store(e.to_string())
 }
 
@@ -242,16 +242,12 @@ impl<R: Registry> LocalManager<R> {
                                 }),
                             })
                             .collect();
-                        let m = flannel_core::metrics::metrics();
+                        let m = crate::metrics::metrics();
                         for e in &batch {
-                            match e {
-                                LeaseEvent::Added(_) => {
-                                    flannel_core::metrics::inc(&m.lease_events_added)
-                                }
-                                LeaseEvent::Removed(_) => {
-                                    flannel_core::metrics::inc(&m.lease_events_removed)
-                                }
-                            }
+                            m.lease_event(match e {
+                                LeaseEvent::Added(_) => "added",
+                                LeaseEvent::Removed(_) => "removed",
+                            });
                         }
                         if !batch.is_empty()
                             && sink.send(LeaseWatchResult::Events(batch)).await.is_err()
@@ -463,15 +459,15 @@ impl<R: Registry + 'static> SubnetManager for LocalManager<R> {
                 _ = async { match wait { Some(w) => tokio::time::sleep(w).await, None => std::future::pending().await } } => {
                     match self.renew_lease(&mut lease).await {
                         Ok(()) => {
-                            let m = flannel_core::metrics::metrics();
-                            flannel_core::metrics::inc(&m.lease_renewals);
-                            m.set_lease(&lease.key.ipv4.to_string(), lease.expiration.map(flannel_core::metrics::unix_seconds));
+                            let m = crate::metrics::metrics();
+                            m.lease_renewals.inc();
+                            m.set_lease(&lease.key.ipv4.to_string(), lease.expiration);
                             info!(subnet = %lease.key, "renewed the lease");
                             next_renew = renew_at(&lease, self.opts.renew_margin);
                         }
                         Err(e @ SubnetError::LeaseLost(..)) => return Err(e),
                         Err(e) => {
-                            flannel_core::metrics::inc(&flannel_core::metrics::metrics().lease_renewal_errors);
+                            crate::metrics::metrics().lease_renewal_errors.inc();
                             warn!(subnet = %lease.key, error = %e, retry_in = ?retry, "renewing the lease failed");
                             next_renew = Some(SystemTime::now() + retry);
                         }

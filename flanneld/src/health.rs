@@ -51,8 +51,8 @@ fn respond(path: &str, ready: &AtomicBool) -> Response<Full<Bytes>> {
         ),
         "/metrics" => (
             StatusCode::OK,
-            flannel_core::metrics::render_prometheus(flannel_core::metrics::metrics()),
-            "text/plain; version=0.0.4; charset=utf-8",
+            crate::metrics::render(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         _ => (
             StatusCode::NOT_FOUND,

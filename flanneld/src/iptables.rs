@@ -287,7 +287,7 @@ pub async fn ensure(set: &RuleSet) -> Result<bool, IptablesError> {
     ) {
         (Ok(c), Ok(p)) => (c, p),
         (Err(e), _) | (_, Err(e)) => {
-            flannel_core::metrics::inc(&flannel_core::metrics::metrics().rule_read_errors);
+            crate::metrics::metrics().rule_read_errors.inc();
             return Err(e);
         }
     };
@@ -350,7 +350,7 @@ impl TrafficRules {
             }
         };
         if changed {
-            flannel_core::metrics::inc(&flannel_core::metrics::metrics().iptables_installs);
+            crate::metrics::metrics().rule_installs.inc();
         }
         Ok(changed)
     }

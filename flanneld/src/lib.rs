@@ -26,6 +26,7 @@ pub mod docker_opts;
 mod health;
 pub mod iptables;
 mod logging;
+pub mod metrics;
 pub mod nftables;
 mod run;
 

@@ -169,7 +169,7 @@ async fn read_as_data(family: &str, name: &str) -> Result<serde_json::Value, Ipt
 pub async fn ensure(table: &NftTable) -> Result<bool, IptablesError> {
     let (family, name) = table.name();
     let counted = |e: IptablesError| {
-        flannel_core::metrics::inc(&flannel_core::metrics::metrics().rule_read_errors);
+        crate::metrics::metrics().rule_read_errors.inc();
         e
     };
     let remembered = INSTALLED.lock().ok().and_then(|m| {

@@ -298,10 +298,7 @@ pub async fn run(config: crate::Config, shutdown: CancellationToken) -> anyhow::
         .with_context(|| format!("setting up the {} backend", net.backend_type))?;
     let lease = network.lease().clone();
     info!(subnet = %lease.key, mtu = network.mtu(), "lease acquired");
-    flannel_core::metrics::metrics().set_lease(
-        &lease.key.ipv4.to_string(),
-        lease.expiration.map(flannel_core::metrics::unix_seconds),
-    );
+    flannel_subnet::metrics::metrics().set_lease(&lease.key.ipv4.to_string(), lease.expiration);
 
     if let Some(rules) = traffic_rules(&config, &net, &lease).await? {
         rules

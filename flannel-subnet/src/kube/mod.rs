@@ -568,6 +568,14 @@ impl SubnetManager for KubeSubnetManager {
                     None
                 }
             };
+            if let Some(LeaseWatchResult::Events(events)) = &result {
+                for e in events {
+                    crate::metrics::metrics().lease_event(match e {
+                        LeaseEvent::Added(_) => "added",
+                        LeaseEvent::Removed(_) => "removed",
+                    });
+                }
+            }
             if let Some(r) = result
                 && sink.send(r).await.is_err()
             {
