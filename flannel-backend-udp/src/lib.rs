@@ -73,13 +73,6 @@ fn bad(message: String) -> BackendError {
     }
 }
 
-fn io(e: flannel_dataplane::DataplaneError) -> BackendError {
-    BackendError::Io {
-        context: e.context,
-        source: std::io::Error::other(e.message),
-    }
-}
-
 /// Socket buffer size asked for in each direction: bursts of 64 KiB GSO/GRO batches overflow the
 /// default (`net.core.rmem_default`, about 200 KiB) and every datagram lost there is a TCP loss in a pod.
 const SOCKET_BUFFER: libc::c_int = 8 << 20;
@@ -187,7 +180,7 @@ impl Backend for UdpBackend {
             libc::IP_MTU_DISCOVER,
             libc::IP_PMTUDISC_WANT,
         );
-        let nl = Netlink::new().map_err(io)?;
+        let nl = Netlink::new()?;
         let mut model = UdpModel {
             nl,
             network,
@@ -266,14 +259,9 @@ pub fn desired_state(
 #[async_trait]
 impl Model for UdpModel {
     async fn prepare(&mut self) -> Result<(), BackendError> {
-        let link = self
-            .nl
-            .link_by_name(DEVICE)
-            .await
-            .map_err(io)?
-            .ok_or_else(|| {
-                BackendError::Other(format!("{DEVICE} is gone; restart flanneld to recreate it"))
-            })?;
+        let link = self.nl.link_by_name(DEVICE).await?.ok_or_else(|| {
+            BackendError::Other(format!("{DEVICE} is gone; restart flanneld to recreate it"))
+        })?;
         self.index = link.index;
         let addr = IpNet::V4(
             Ipv4Net::new(self.own_subnet.network(), 32)
@@ -281,20 +269,16 @@ impl Model for UdpModel {
         );
         self.nl
             .ensure_only_address(link.index, addr, IpNet::V4(self.network))
-            .await
-            .map_err(io)?;
+            .await?;
         if link.mtu != self.mtu {
-            self.nl.set_mtu(link.index, self.mtu).await.map_err(io)?;
+            self.nl.set_mtu(link.index, self.mtu).await?;
         }
         if !link.up {
-            self.nl.set_up(link.index).await.map_err(io)?;
+            self.nl.set_up(link.index).await?;
         }
         // The cluster route does not depend on the leases: in place before subnet.env says "ready",
         // as Go's udp backend does (a new flannel0 has none; the reconcile loop keeps it afterwards).
-        self.nl
-            .apply(&Op::AddRoute(self.cluster_route()))
-            .await
-            .map_err(io)?;
+        self.nl.apply(&Op::AddRoute(self.cluster_route())).await?;
         Ok(())
     }
 

@@ -316,17 +316,10 @@ impl VxlanBackend {
     }
 }
 
-fn io(e: flannel_dataplane::DataplaneError) -> BackendError {
-    BackendError::Io {
-        context: e.context,
-        source: std::io::Error::other(e.message),
-    }
-}
-
 /// Creates or reuses `flannel.<VNI>` and returns its index and MAC. A compatible existing device is
 /// reused as is (keeping its MAC); an incompatible one is deleted and recreated.
 async fn ensure_device(nl: &Netlink, spec: &VxlanSpec) -> Result<(u32, MacAddr), BackendError> {
-    if let Some(link) = nl.link_by_name(&spec.name).await.map_err(io)? {
+    if let Some(link) = nl.link_by_name(&spec.name).await? {
         let compatible = link.vxlan.as_ref().is_some_and(|have| {
             let want = &spec.attrs;
             have.vni == want.vni
@@ -339,18 +332,14 @@ async fn ensure_device(nl: &Netlink, spec: &VxlanSpec) -> Result<(u32, MacAddr),
             (true, Some(mac)) => return Ok((link.index, mac)),
             _ => {
                 warn!(device = %spec.name, "existing device is incompatible with the config; recreating it");
-                nl.delete_link(link.index).await.map_err(io)?;
+                nl.delete_link(link.index).await?;
             }
         }
     }
-    nl.create_vxlan(spec).await.map_err(io)?;
-    let link = nl
-        .link_by_name(&spec.name)
-        .await
-        .map_err(io)?
-        .ok_or_else(|| {
-            BackendError::Other(format!("{} vanished right after it was created", spec.name))
-        })?;
+    nl.create_vxlan(spec).await?;
+    let link = nl.link_by_name(&spec.name).await?.ok_or_else(|| {
+        BackendError::Other(format!("{} vanished right after it was created", spec.name))
+    })?;
     Ok((link.index, link.mac.unwrap_or(spec.mac)))
 }
 
@@ -372,7 +361,7 @@ impl Backend for VxlanBackend {
             Some(_) => Some(ext.require_ipv6().map_err(bad)?),
             None => None,
         };
-        let nl = Netlink::new().map_err(io)?;
+        let nl = Netlink::new()?;
         let underlay_mtu = opts.mtu.unwrap_or(ext.mtu);
         let mtu = underlay_mtu.saturating_sub(50);
         let attrs = |local: IpAddr| VxlanAttrs {
@@ -486,25 +475,22 @@ async fn keep_device(
     addr: IpNet,
     network: IpNet,
 ) -> Result<u32, BackendError> {
-    let link = match nl.link_by_name(&spec.name).await.map_err(io)? {
+    let link = match nl.link_by_name(&spec.name).await? {
         Some(l) if l.vxlan.is_some() => l,
         _ => {
             warn!(device = %spec.name, mac = %spec.mac, "vxlan device is missing; recreating it with the same MAC");
             let (index, _) = ensure_device(nl, spec).await?;
             nl.link_by_name(&spec.name)
-                .await
-                .map_err(io)?
+                .await?
                 .filter(|l| l.index == index)
                 .ok_or_else(|| {
                     BackendError::Other(format!("{} could not be recreated", spec.name))
                 })?
         }
     };
-    nl.ensure_only_address(link.index, addr, network)
-        .await
-        .map_err(io)?;
+    nl.ensure_only_address(link.index, addr, network).await?;
     if !link.up {
-        nl.set_up(link.index).await.map_err(io)?;
+        nl.set_up(link.index).await?;
     }
     Ok(link.index)
 }

@@ -97,6 +97,9 @@ pub enum BackendError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The kernel refused or failed a change (the data plane's typed error, with its cause).
+    #[error(transparent)]
+    Kernel(Box<dyn std::error::Error + Send + Sync>),
     /// Anything else.
     #[error("{0}")]
     Other(String),

@@ -84,7 +84,7 @@ pub async fn run(
     };
     // The host's routing before this run changes anything: what the lease policy protects.
     let host_routes = kernel.host_routes().await.unwrap_or_else(|e| {
-        warn!(error = %e, "cannot read the routing table; only the cluster network is checked for leases");
+        warn!(error = %crate::chain(&e), "cannot read the routing table; only the cluster network is checked for leases");
         Vec::new()
     });
     let policy = crate::LeasePolicy::new(own, &model.desired(&[]).1, &host_routes);
@@ -102,7 +102,7 @@ pub async fn run(
         if dirty && have_snapshot {
             let ok = match model.prepare().await {
                 Err(e) => {
-                    warn!(error = %e, "preparing the backend's devices failed");
+                    warn!(error = %crate::chain(&e), "preparing the backend's devices failed");
                     false
                 }
                 Ok(()) => {
@@ -138,7 +138,7 @@ pub async fn run(
                         }
                         Err(e) => {
                             m.netlink_errors.inc();
-                            warn!(error = %e, "reading the kernel state failed");
+                            warn!(error = %crate::chain(&e), "reading the kernel state failed");
                             false
                         }
                     }
@@ -212,14 +212,11 @@ pub async fn run_on_netlink(
     own: SubnetKey,
     shutdown: CancellationToken,
 ) -> Result<(), BackendError> {
-    let kernel = crate::netlink::Netlink::new().map_err(|e| BackendError::Io {
-        context: e.context,
-        source: std::io::Error::other(e.message),
-    })?;
+    let kernel = crate::netlink::Netlink::new()?;
     let notifications = match crate::netlink::Netlink::subscribe() {
         Ok(n) => Some(n),
         Err(e) => {
-            warn!(error = %e, "no netlink notifications; relying on periodic resync");
+            warn!(error = %crate::chain(&e), "no netlink notifications; relying on periodic resync");
             None
         }
     };

@@ -300,14 +300,76 @@ pub fn diff(desired: &KernelState, actual: &KernelState, own: &Ownership) -> Vec
     ops
 }
 
-/// Errors of the kernel seam, naming the object.
+/// The kernel's answer to one request.
 #[derive(Debug, thiserror::Error)]
-#[error("{context}: {message}")]
+pub enum KernelCause {
+    /// A netlink request failed (the kernel's errno is in it).
+    #[error(transparent)]
+    Netlink(#[from] rtnetlink::Error),
+    /// Another I/O error (e.g. opening the netlink socket).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Errors of the kernel seam: what was being done, naming the object, with the kernel's answer as
+/// the source and a hint chosen by its errno.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}{}", self.hint().map(|h| format!(" ({h})")).unwrap_or_default())]
 pub struct DataplaneError {
     /// What was being done (e.g. `add route 10.5.2.0/24 via 10.5.2.0 dev #5 onlink`).
     pub context: String,
-    /// The kernel's answer, with a hint where one helps.
-    pub message: String,
+    /// The kernel's answer.
+    #[source]
+    pub cause: KernelCause,
+}
+
+impl DataplaneError {
+    /// The kernel's errno (positive), when the answer carries one.
+    pub fn errno(&self) -> Option<i32> {
+        match &self.cause {
+            KernelCause::Netlink(rtnetlink::Error::NetlinkError(m)) => {
+                Some(-m.raw_code()).filter(|e| *e > 0)
+            }
+            KernelCause::Io(e) => e.raw_os_error(),
+            KernelCause::Netlink(_) => None,
+        }
+    }
+
+    /// What to do about it, by errno.
+    pub fn hint(&self) -> Option<&'static str> {
+        hint_for(self.errno()?)
+    }
+}
+
+/// The operator's hint for a kernel errno.
+pub fn hint_for(errno: i32) -> Option<&'static str> {
+    match errno {
+        libc::ENETUNREACH => {
+            Some("the next hop is not on-link: is the peer on the same L2 network?")
+        }
+        libc::EPERM | libc::EACCES => Some("flanneld needs CAP_NET_ADMIN: run it as root"),
+        libc::EEXIST => Some("an entry with that key exists and was not replaced"),
+        libc::ENODEV => Some("the device is gone; it is recreated at the next pass"),
+        _ => None,
+    }
+}
+
+/// An error and all its causes as one line, `outer: inner: …` (for reports that keep text).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+impl From<DataplaneError> for flannel_core::BackendError {
+    fn from(e: DataplaneError) -> Self {
+        flannel_core::BackendError::Kernel(Box::new(e))
+    }
 }
 
 /// What the reconcile loop needs from the kernel: read the entries of interest, apply one change.
@@ -442,7 +504,7 @@ pub async fn reconcile_once(
         };
         match kernel.apply(&op).await {
             Ok(()) => *report.applied.entry(label).or_default() += 1,
-            Err(e) => report.failed.push(e.to_string()),
+            Err(e) => report.failed.push(chain(&e)),
         }
     }
     Ok(report)
@@ -451,6 +513,38 @@ pub async fn reconcile_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hints_come_from_the_errno_and_the_cause_is_kept() {
+        let e = DataplaneError {
+            context: "add route 10.5.2.0/24 via 192.168.9.2 dev #2".into(),
+            cause: KernelCause::Io(std::io::Error::from_raw_os_error(libc::ENETUNREACH)),
+        };
+        assert_eq!(e.errno(), Some(libc::ENETUNREACH));
+        assert_eq!(
+            e.to_string(),
+            "add route 10.5.2.0/24 via 192.168.9.2 dev #2 (the next hop is not on-link: is the peer on the same L2 network?)"
+        );
+        assert!(
+            std::error::Error::source(&e).is_some(),
+            "the kernel's answer is the source"
+        );
+        let line = chain(&e);
+        assert!(line.contains("Network is unreachable"), "{line}");
+        let e = DataplaneError {
+            context: "x".into(),
+            cause: KernelCause::Io(std::io::Error::from_raw_os_error(libc::EPERM)),
+        };
+        assert!(e.to_string().contains("CAP_NET_ADMIN"));
+        let e = DataplaneError {
+            context: "x".into(),
+            cause: KernelCause::Io(std::io::Error::other("no errno")),
+        };
+        assert_eq!((e.errno(), e.hint()), (None, None));
+        assert_eq!(e.to_string(), "x");
+        let b: flannel_core::BackendError = e.into();
+        assert!(chain(&b).ends_with("no errno"), "{}", chain(&b));
+    }
 
     fn route(dst: &str, gw: &str, oif: u32, onlink: bool) -> Route {
         Route {

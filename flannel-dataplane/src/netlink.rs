@@ -21,22 +21,14 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, MulticastGroup, RouteMessageBuilder};
 use tokio::sync::mpsc;
 
-use crate::{DataplaneError, Fdb, KernelOps, KernelState, MacAddr, Neigh, Op, Ownership, Route};
+use crate::{
+    DataplaneError, Fdb, KernelCause, KernelOps, KernelState, MacAddr, Neigh, Op, Ownership, Route,
+};
 
-fn err(context: impl Into<String>, e: impl std::fmt::Display) -> DataplaneError {
-    let message = e.to_string();
-    let hint = if message.contains("Network is unreachable") || message.contains("-101") {
-        " (the next hop is not on-link: is the peer on the same L2 network?)"
-    } else if message.contains("Operation not permitted") || message.contains("-1)") {
-        " (flanneld needs CAP_NET_ADMIN: run it as root)"
-    } else if message.contains("File exists") {
-        " (an entry with that key exists and was not replaced)"
-    } else {
-        ""
-    };
+fn err(context: impl Into<String>, e: impl Into<KernelCause>) -> DataplaneError {
     DataplaneError {
         context: context.into(),
-        message: format!("{message}{hint}"),
+        cause: e.into(),
     }
 }
 
@@ -139,7 +131,7 @@ impl Netlink {
         match links.try_next().await {
             Ok(Some(msg)) => Ok(Some(link_state(msg))),
             Ok(None) => Ok(None),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc_enodev() => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
             Err(e) => Err(err(format!("looking up link {name}"), e)),
         }
     }
@@ -302,10 +294,6 @@ impl Netlink {
         }
         Ok(())
     }
-}
-
-fn libc_enodev() -> i32 {
-    19
 }
 
 fn link_state(msg: rtnetlink::packet_route::link::LinkMessage) -> LinkState {

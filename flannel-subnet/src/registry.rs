@@ -62,21 +62,43 @@ pub enum RegistryError {
     },
 }
 
+/// What to tell the operator about an etcd error, from its kind and gRPC status code (not from
+/// its text).
+fn hint(e: &etcd_client::Error) -> &'static str {
+    use tonic::Code;
+    match e {
+        // etcd identifies its errors by code and description (Go's `rpctypes`): a failed login is
+        // InvalidArgument "etcdserver: authentication failed, …", an empty user name InvalidArgument
+        // "etcdserver: user name is empty".
+        etcd_client::Error::GRpcStatus(s) => match s.code() {
+            Code::Unauthenticated => "; check --etcd-username and --etcd-password",
+            Code::InvalidArgument
+                if s.message().starts_with("etcdserver: authentication failed") =>
+            {
+                "; check --etcd-username and --etcd-password"
+            }
+            Code::InvalidArgument if s.message() == "etcdserver: user name is empty" => {
+                "; etcd requires authentication: set --etcd-username/--etcd-password"
+            }
+            Code::PermissionDenied => {
+                "; etcd requires authentication or the user lacks permission: set --etcd-username/--etcd-password and grant access to the prefix"
+            }
+            Code::Unavailable | Code::DeadlineExceeded => {
+                "; is etcd running and reachable at --etcd-endpoints?"
+            }
+            _ => "",
+        },
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
+            "; is etcd running and reachable at --etcd-endpoints? With TLS, check --etcd-cafile, --etcd-certfile and --etcd-keyfile, and that the endpoints use https://"
+        }
+        _ => "",
+    }
+}
+
 impl From<etcd_client::Error> for RegistryError {
     fn from(e: etcd_client::Error) -> Self {
         let message = e.to_string();
-        let m = message.to_lowercase();
-        let hint = if m.contains("authentication failed") || m.contains("invalid auth token") {
-            "; check --etcd-username and --etcd-password"
-        } else if m.contains("permission denied") || m.contains("user name is empty") {
-            "; etcd requires authentication or the user lacks permission: set --etcd-username/--etcd-password and grant access to the prefix"
-        } else if m.contains("certificate") || m.contains("tls") || m.contains("handshake") {
-            "; check --etcd-cafile, --etcd-certfile and --etcd-keyfile, and that the endpoints use https://"
-        } else if m.contains("transport") || m.contains("connect") || m.contains("unavailable") {
-            "; is etcd running and reachable at --etcd-endpoints?"
-        } else {
-            ""
-        };
+        let hint = hint(&e);
         RegistryError::Etcd {
             message,
             hint: hint.to_string(),
@@ -237,12 +259,10 @@ pub(crate) fn after_unclear_write<E>(
 fn is_unavailable(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-        etcd_client::Error::GRpcStatus(s) => {
-            matches!(
-                format!("{:?}", s.code()).as_str(),
-                "Unavailable" | "DeadlineExceeded" | "Unknown"
-            ) && !s.message().contains("authentication")
-        }
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+        ),
         _ => false,
     }
 }
