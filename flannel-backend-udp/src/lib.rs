@@ -75,40 +75,29 @@ fn bad(message: String) -> BackendError {
 
 /// Socket buffer size asked for in each direction: bursts of 64 KiB GSO/GRO batches overflow the
 /// default (`net.core.rmem_default`, about 200 KiB) and every datagram lost there is a TCP loss in a pod.
-const SOCKET_BUFFER: libc::c_int = 8 << 20;
+const SOCKET_BUFFER: usize = 8 << 20;
+
+use nix::{setsockopt_impl, sockopt_impl};
+
+sockopt_impl!(
+    /// `IP_MTU_DISCOVER` (nix has no wrapper for it).
+    IpMtuDiscover,
+    SetOnly,
+    libc::IPPROTO_IP,
+    libc::IP_MTU_DISCOVER,
+    usize
+);
 
 /// Raises the socket's buffers to [`SOCKET_BUFFER`] (the `FORCE` options pass the sysctl limits, as
 /// root), falling back to what the limits allow.
 fn grow_buffers(socket: &std::net::UdpSocket) {
-    for (force, plain) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    ] {
-        if !set_int_option(socket, libc::SOL_SOCKET, force, SOCKET_BUFFER) {
-            set_int_option(socket, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
-        }
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER);
     }
-}
-
-/// `setsockopt` with an int value; whether it took.
-fn set_int_option(
-    socket: &std::net::UdpSocket,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> bool {
-    use std::os::fd::AsRawFd;
-    // SAFETY: setsockopt with a valid int option value on a socket we own.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    rc == 0
+    if setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER);
+    }
 }
 
 /// The `Port` option (default 8285).
@@ -174,11 +163,10 @@ impl Backend for UdpBackend {
             })?;
         // quinn-udp asks for IP_PMTUDISC_PROBE (QUIC must not fragment); flannel's datagrams behave as
         // Go's, which uses the kernel default: path MTU discovery, local fragmentation allowed.
-        set_int_option(
+        let _ = nix::sys::socket::setsockopt(
             &socket,
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            libc::IP_PMTUDISC_WANT,
+            IpMtuDiscover,
+            &(libc::IP_PMTUDISC_WANT as usize),
         );
         let nl = Netlink::new()?;
         let mut model = UdpModel {
