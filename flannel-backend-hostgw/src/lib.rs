@@ -107,10 +107,7 @@ impl HostGwBackend {
 }
 
 fn bad(message: String) -> BackendError {
-    BackendError::InvalidOptions {
-        backend: "host-gw".into(),
-        message,
-    }
+    BackendError::invalid("host-gw", message)
 }
 
 #[async_trait]

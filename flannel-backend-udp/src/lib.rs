@@ -67,10 +67,7 @@ impl UdpBackend {
 }
 
 fn bad(message: String) -> BackendError {
-    BackendError::InvalidOptions {
-        backend: "udp".into(),
-        message,
-    }
+    BackendError::invalid("udp", message)
 }
 
 /// Socket buffer size asked for in each direction: bursts of 64 KiB GSO/GRO batches overflow the

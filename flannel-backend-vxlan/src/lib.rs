@@ -63,10 +63,7 @@ pub struct VxlanOptions {
 }
 
 fn bad(message: String) -> BackendError {
-    BackendError::InvalidOptions {
-        backend: "vxlan".into(),
-        message,
-    }
+    BackendError::invalid("vxlan", message)
 }
 
 impl VxlanOptions {

@@ -105,6 +105,16 @@ pub enum BackendError {
     Other(String),
 }
 
+impl BackendError {
+    /// Bad options of `backend` in the network config: `message` says what is wrong and how to fix it.
+    pub fn invalid(backend: &str, message: impl Into<String>) -> Self {
+        Self::InvalidOptions {
+            backend: backend.into(),
+            message: message.into(),
+        }
+    }
+}
+
 /// What a backend constructor gets: the subnet manager and the chosen external interface.
 #[derive(Debug, Clone)]
 pub struct BackendContext {
