@@ -39,6 +39,7 @@ use flannel_core::gojson::GoObject;
 use flannel_core::{
     Backend, BackendContext, BackendError, Lease, LeaseAttrs, Network, NetworkConfig, SubnetManager,
 };
+use flannel_dataplane::LinkOps;
 use flannel_dataplane::driver::{self, Model};
 use flannel_dataplane::netlink::Netlink;
 use flannel_dataplane::{KernelOps, KernelState, Op, Ownership, Route};

@@ -37,6 +37,7 @@ use flannel_core::{
     Backend, BackendContext, BackendError, ExternalInterface, Lease, LeaseAttrs, Network,
     NetworkConfig, RawJson,
 };
+use flannel_dataplane::LinkOps;
 use flannel_dataplane::driver::{Model, ReconciledNetwork};
 use flannel_dataplane::netlink::{Netlink, VxlanAttrs, VxlanSpec};
 use flannel_dataplane::{Fdb, KernelState, MacAddr, Neigh, Ownership, Route};
@@ -315,7 +316,7 @@ impl VxlanBackend {
 
 /// Creates or reuses `flannel.<VNI>` and returns its index and MAC. A compatible existing device is
 /// reused as is (keeping its MAC); an incompatible one is deleted and recreated.
-async fn ensure_device(nl: &Netlink, spec: &VxlanSpec) -> Result<(u32, MacAddr), BackendError> {
+async fn ensure_device(nl: &dyn LinkOps, spec: &VxlanSpec) -> Result<(u32, MacAddr), BackendError> {
     if let Some(link) = nl.link_by_name(&spec.name).await? {
         let compatible = link.vxlan.as_ref().is_some_and(|have| {
             let want = &spec.attrs;
@@ -467,7 +468,7 @@ struct V6Side {
 /// Makes sure the device of `spec` exists (recreated with the same MAC when it went), holds only
 /// `addr` inside `network`, and is up; its index.
 async fn keep_device(
-    nl: &Netlink,
+    nl: &dyn LinkOps,
     spec: &VxlanSpec,
     addr: IpNet,
     network: IpNet,
@@ -717,6 +718,68 @@ mod tests {
             .unwrap();
         assert!(k.state.lock().unwrap().is_empty());
         assert!(diff(&empty, &k.state.lock().unwrap(), &own).is_empty());
+    }
+
+    fn spec(vni: u32, mac: &str) -> VxlanSpec {
+        VxlanSpec {
+            name: format!("flannel.{vni}"),
+            attrs: VxlanAttrs {
+                vni,
+                link: Some(2),
+                local: Some("192.168.0.1".parse().unwrap()),
+                port: 0,
+                learning: false,
+                gbp: false,
+            },
+            mac: mac.parse().unwrap(),
+            mtu: 1450,
+        }
+    }
+
+    /// prepare()'s device handling without root: create, reuse (keeping the MAC), recreate when
+    /// incompatible, and repair (up, only our address in the network).
+    #[tokio::test]
+    async fn devices_are_created_reused_recreated_and_repaired() {
+        use flannel_dataplane::FakeKernel;
+        let k = FakeKernel::default();
+        // Missing: created with the spec's MAC.
+        let (index, mac) = ensure_device(&k, &spec(1, "0e:00:00:00:00:01"))
+            .await
+            .unwrap();
+        assert_eq!(mac.to_string(), "0e:00:00:00:00:01");
+        // Present and compatible: reused as is, with its own MAC (not the new random one).
+        let (again, mac2) = ensure_device(&k, &spec(1, "0e:00:00:00:00:99"))
+            .await
+            .unwrap();
+        assert_eq!((again, mac2), (index, mac));
+        // Incompatible (another local address): recreated.
+        let mut other = spec(1, "0e:00:00:00:00:02");
+        other.attrs.local = Some("192.168.0.7".parse().unwrap());
+        let (new_index, new_mac) = ensure_device(&k, &other).await.unwrap();
+        assert_ne!(new_index, index);
+        assert_eq!(new_mac.to_string(), "0e:00:00:00:00:02");
+        // Repair: a down device with a stray address in the network is set up with only ours.
+        let addr: IpNet = "10.5.1.0/32".parse().unwrap();
+        let network: IpNet = "10.5.0.0/16".parse().unwrap();
+        k.links.lock().unwrap().get_mut("flannel.1").unwrap().addrs = vec![
+            "10.5.9.0/32".parse().unwrap(),
+            "169.254.1.1/16".parse().unwrap(),
+        ];
+        let kept = keep_device(&k, &other, addr, network).await.unwrap();
+        assert_eq!(kept, new_index);
+        let link = k.links.lock().unwrap()["flannel.1"].clone();
+        assert!(link.state.up);
+        assert_eq!(
+            link.addrs,
+            vec!["169.254.1.1/16".parse::<IpNet>().unwrap(), addr],
+            "the stray address in the network goes, others stay"
+        );
+        // Deleted: recreated with the same MAC.
+        k.links.lock().unwrap().clear();
+        keep_device(&k, &other, addr, network).await.unwrap();
+        let link = k.links.lock().unwrap()["flannel.1"].clone();
+        assert_eq!(link.state.mac.unwrap().to_string(), "0e:00:00:00:00:02");
+        assert!(link.state.up);
     }
 
     /// The same leases twice: the second pass changes nothing, also with hostile leases in the set

@@ -385,8 +385,42 @@ pub trait KernelOps: Send + Sync + fmt::Debug {
     async fn host_routes(&self) -> Result<Vec<Route>, DataplaneError>;
 }
 
-/// An in-memory kernel that records every applied op; for tests of backends and the reconcile loop
-/// (feature `test-util`).
+/// What the backends need of the kernel's links and addresses (the devices they keep): the other half
+/// of the kernel seam, so that `prepare()` can be tested without root.
+#[async_trait]
+pub trait LinkOps: Send + Sync + fmt::Debug {
+    /// The link named `name`, if it exists (`ip link show <name>`).
+    async fn link_by_name(&self, name: &str) -> Result<Option<netlink::LinkState>, DataplaneError>;
+    /// Creates a vxlan device (`ip link add <name> type vxlan id <vni> …`).
+    async fn create_vxlan(&self, spec: &netlink::VxlanSpec) -> Result<(), DataplaneError>;
+    /// Deletes a link (`ip link del`).
+    async fn delete_link(&self, index: u32) -> Result<(), DataplaneError>;
+    /// Sets a link up (`ip link set <dev> up`).
+    async fn set_up(&self, index: u32) -> Result<(), DataplaneError>;
+    /// Sets a link's MTU (`ip link set <dev> mtu <mtu>`).
+    async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), DataplaneError>;
+    /// Makes `addr` the link's only address inside `network` (others there are removed; addresses
+    /// outside it are left alone).
+    async fn ensure_only_address(
+        &self,
+        index: u32,
+        addr: IpNet,
+        network: IpNet,
+    ) -> Result<(), DataplaneError>;
+}
+
+/// A fake link: its state and addresses.
+#[cfg(any(test, feature = "test-util"))]
+#[derive(Debug, Clone)]
+pub struct FakeLink {
+    /// What `link_by_name` reports.
+    pub state: netlink::LinkState,
+    /// Its addresses.
+    pub addrs: Vec<IpNet>,
+}
+
+/// An in-memory kernel that records every applied op, with links and addresses; for tests of
+/// backends and the reconcile loop (feature `test-util`).
 #[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default)]
 pub struct FakeKernel {
@@ -394,6 +428,96 @@ pub struct FakeKernel {
     pub state: std::sync::Mutex<KernelState>,
     /// Every op applied, in order.
     pub applied: std::sync::Mutex<Vec<Op>>,
+    /// The links, by name.
+    pub links: std::sync::Mutex<BTreeMap<String, FakeLink>>,
+    /// Link indexes handed out so far (a new link never reuses one, as in the kernel).
+    pub created: std::sync::atomic::AtomicU32,
+}
+
+#[cfg(any(test, feature = "test-util"))]
+#[async_trait]
+impl LinkOps for FakeKernel {
+    async fn link_by_name(&self, name: &str) -> Result<Option<netlink::LinkState>, DataplaneError> {
+        Ok(self
+            .links
+            .lock()
+            .ok()
+            .and_then(|l| l.get(name).map(|f| f.state.clone())))
+    }
+
+    async fn create_vxlan(&self, spec: &netlink::VxlanSpec) -> Result<(), DataplaneError> {
+        if let Ok(mut links) = self.links.lock() {
+            let index = 11
+                + self
+                    .created
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            links.insert(
+                spec.name.clone(),
+                FakeLink {
+                    state: netlink::LinkState {
+                        name: spec.name.clone(),
+                        index,
+                        mac: Some(spec.mac),
+                        up: false,
+                        mtu: spec.mtu,
+                        vxlan: Some(spec.attrs.clone()),
+                    },
+                    addrs: Vec::new(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn delete_link(&self, index: u32) -> Result<(), DataplaneError> {
+        if let Ok(mut links) = self.links.lock() {
+            links.retain(|_, l| l.state.index != index);
+        }
+        Ok(())
+    }
+
+    async fn set_up(&self, index: u32) -> Result<(), DataplaneError> {
+        self.with_link(index, |l| l.state.up = true)
+    }
+
+    async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), DataplaneError> {
+        self.with_link(index, |l| l.state.mtu = mtu)
+    }
+
+    async fn ensure_only_address(
+        &self,
+        index: u32,
+        addr: IpNet,
+        network: IpNet,
+    ) -> Result<(), DataplaneError> {
+        self.with_link(index, |l| {
+            l.addrs
+                .retain(|a| *a == addr || !network.contains(&a.addr()));
+            if !l.addrs.contains(&addr) {
+                l.addrs.push(addr);
+            }
+        })
+    }
+}
+
+#[cfg(any(test, feature = "test-util"))]
+impl FakeKernel {
+    fn with_link(&self, index: u32, f: impl FnOnce(&mut FakeLink)) -> Result<(), DataplaneError> {
+        let mut links = self.links.lock().map_err(|_| DataplaneError {
+            context: format!("link #{index}"),
+            cause: KernelCause::Io(std::io::Error::other("poisoned")),
+        })?;
+        match links.values_mut().find(|l| l.state.index == index) {
+            Some(l) => {
+                f(l);
+                Ok(())
+            }
+            None => Err(DataplaneError {
+                context: format!("link #{index}"),
+                cause: KernelCause::Io(std::io::Error::from_raw_os_error(libc::ENODEV)),
+            }),
+        }
+    }
 }
 
 #[cfg(any(test, feature = "test-util"))]

@@ -21,6 +21,7 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, MulticastGroup, RouteMessageBuilder};
 use tokio::sync::mpsc;
 
+use crate::LinkOps;
 use crate::{
     DataplaneError, Fdb, KernelCause, KernelOps, KernelState, MacAddr, Neigh, Op, Ownership, Route,
 };
@@ -120,86 +121,6 @@ impl Netlink {
         Ok(rx)
     }
 
-    /// The link called `name` (`ip -d link show <name>`).
-    pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkState>, DataplaneError> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        match links.try_next().await {
-            Ok(Some(msg)) => Ok(Some(link_state(msg))),
-            Ok(None) => Ok(None),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-            Err(e) => Err(err(format!("looking up link {name}"), e)),
-        }
-    }
-
-    /// Creates a vxlan device.
-    pub async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<(), DataplaneError> {
-        let a = &spec.attrs;
-        let mut b = LinkVxlan::new(&spec.name, a.vni)
-            .learning(a.learning)
-            .address(spec.mac.0.to_vec())
-            .mtu(spec.mtu);
-        if let Some(l) = a.link {
-            b = b.dev(l);
-        }
-        match a.local {
-            Some(IpAddr::V4(l)) => b = b.local(l),
-            Some(IpAddr::V6(l)) => b = b.local6(l),
-            None => {}
-        }
-        if a.port > 0 {
-            b = b.port(a.port);
-        }
-        if a.gbp {
-            b = b.gbp();
-        }
-        self.handle
-            .link()
-            .add(b.build())
-            .execute()
-            .await
-            .map_err(|e| {
-                err(
-                    format!("creating vxlan device {} (vni {})", spec.name, a.vni),
-                    e,
-                )
-            })
-    }
-
-    /// Deletes a link (`ip link del`).
-    pub async fn delete_link(&self, index: u32) -> Result<(), DataplaneError> {
-        self.handle
-            .link()
-            .del(index)
-            .execute()
-            .await
-            .map_err(|e| err(format!("deleting link #{index}"), e))
-    }
-
-    /// Sets a link up (`ip link set <dev> up`).
-    pub async fn set_up(&self, index: u32) -> Result<(), DataplaneError> {
-        self.handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .map_err(|e| err(format!("setting link #{index} up"), e))
-    }
-
-    /// Sets a link's MTU (`ip link set <dev> mtu <mtu>`).
-    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), DataplaneError> {
-        self.handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
-            .execute()
-            .await
-            .map_err(|e| err(format!("setting the MTU of link #{index} to {mtu}"), e))
-    }
-
     /// The addresses of a link, with their prefix lengths.
     pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>, DataplaneError> {
         let mut out = Vec::new();
@@ -229,43 +150,6 @@ impl Netlink {
             }
         }
         Ok(out)
-    }
-
-    /// Makes `addr` the only address of `index` inside `network` (`ip addr add`, `ip addr del` of the
-    /// others), as Go flannel's `EnsureV4AddressOnLink`.
-    pub async fn ensure_only_address(
-        &self,
-        index: u32,
-        addr: IpNet,
-        network: IpNet,
-    ) -> Result<(), DataplaneError> {
-        let have = self.addresses(index).await?;
-        for a in &have {
-            if *a != addr && network.contains(&a.addr()) {
-                let mut msgs = self
-                    .handle
-                    .address()
-                    .get()
-                    .set_link_index_filter(index)
-                    .set_address_filter(a.addr())
-                    .execute();
-                if let Ok(Some(m)) = msgs.try_next().await {
-                    self.handle.address().del(m).execute().await.map_err(|e| {
-                        err(format!("removing stale address {a} from link #{index}"), e)
-                    })?;
-                }
-            }
-        }
-        if !have.contains(&addr) {
-            self.handle
-                .address()
-                .add(index, addr.addr(), addr.prefix_len())
-                .replace()
-                .execute()
-                .await
-                .map_err(|e| err(format!("adding address {addr} to link #{index}"), e))?;
-        }
-        Ok(())
     }
 
     /// The main-table routes of one family that `keep` accepts.
@@ -440,6 +324,126 @@ fn neigh_ip(a: &NeighbourAddress) -> Option<IpAddr> {
             .ok()
             .map(|o| IpAddr::V6(o.into())),
         _ => None,
+    }
+}
+
+#[async_trait]
+impl LinkOps for Netlink {
+    /// The link called `name` (`ip -d link show <name>`).
+    async fn link_by_name(&self, name: &str) -> Result<Option<LinkState>, DataplaneError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(Some(link_state(msg))),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(err(format!("looking up link {name}"), e)),
+        }
+    }
+
+    /// Creates a vxlan device.
+    async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<(), DataplaneError> {
+        let a = &spec.attrs;
+        let mut b = LinkVxlan::new(&spec.name, a.vni)
+            .learning(a.learning)
+            .address(spec.mac.0.to_vec())
+            .mtu(spec.mtu);
+        if let Some(l) = a.link {
+            b = b.dev(l);
+        }
+        match a.local {
+            Some(IpAddr::V4(l)) => b = b.local(l),
+            Some(IpAddr::V6(l)) => b = b.local6(l),
+            None => {}
+        }
+        if a.port > 0 {
+            b = b.port(a.port);
+        }
+        if a.gbp {
+            b = b.gbp();
+        }
+        self.handle
+            .link()
+            .add(b.build())
+            .execute()
+            .await
+            .map_err(|e| {
+                err(
+                    format!("creating vxlan device {} (vni {})", spec.name, a.vni),
+                    e,
+                )
+            })
+    }
+
+    /// Deletes a link (`ip link del`).
+    async fn delete_link(&self, index: u32) -> Result<(), DataplaneError> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|e| err(format!("deleting link #{index}"), e))
+    }
+
+    /// Sets a link up (`ip link set <dev> up`).
+    async fn set_up(&self, index: u32) -> Result<(), DataplaneError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| err(format!("setting link #{index} up"), e))
+    }
+
+    /// Sets a link's MTU (`ip link set <dev> mtu <mtu>`).
+    async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), DataplaneError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(|e| err(format!("setting the MTU of link #{index} to {mtu}"), e))
+    }
+
+    /// Makes `addr` the only address of `index` inside `network` (`ip addr add`, `ip addr del` of the
+    /// others), as Go flannel's `EnsureV4AddressOnLink`.
+    async fn ensure_only_address(
+        &self,
+        index: u32,
+        addr: IpNet,
+        network: IpNet,
+    ) -> Result<(), DataplaneError> {
+        let have = self.addresses(index).await?;
+        for a in &have {
+            if *a != addr && network.contains(&a.addr()) {
+                let mut msgs = self
+                    .handle
+                    .address()
+                    .get()
+                    .set_link_index_filter(index)
+                    .set_address_filter(a.addr())
+                    .execute();
+                if let Ok(Some(m)) = msgs.try_next().await {
+                    self.handle.address().del(m).execute().await.map_err(|e| {
+                        err(format!("removing stale address {a} from link #{index}"), e)
+                    })?;
+                }
+            }
+        }
+        if !have.contains(&addr) {
+            self.handle
+                .address()
+                .add(index, addr.addr(), addr.prefix_len())
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| err(format!("adding address {addr} to link #{index}"), e))?;
+        }
+        Ok(())
     }
 }
 
