@@ -50,3 +50,16 @@ pub use subnet_env::{PreviousSubnets, SubnetEnv};
 
 #[doc(hidden)]
 pub use inventory;
+
+/// An error and all its causes as one line, `outer: inner: …` (for logs and reports that keep text;
+/// the crates' errors keep their causes as sources instead of flattening them into strings).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}

@@ -30,9 +30,12 @@ pub enum SubnetError {
     /// The own lease is gone and could not be taken back.
     #[error("lease {0} was lost: {1}")]
     LeaseLost(SubnetKey, String),
-    /// The store could not be reached or refused a request.
+    /// The store could not be reached or refused a request; the store's own error is the source.
+    #[error("subnet store")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store worked but the request could not be completed (e.g. every allocation race lost).
     #[error("subnet store: {0}")]
-    Store(String),
+    Refused(String),
     /// Something else went wrong.
     #[error("{0}")]
     Other(String),

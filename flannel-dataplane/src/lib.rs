@@ -354,17 +354,7 @@ pub fn hint_for(errno: i32) -> Option<&'static str> {
     }
 }
 
-/// An error and all its causes as one line, `outer: inner: …` (for reports that keep text).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
+pub use flannel_core::chain;
 
 impl From<DataplaneError> for flannel_core::BackendError {
     fn from(e: DataplaneError) -> Self {

@@ -57,7 +57,7 @@ pub struct LocalManager<R: Registry> {
 
 fn store(e: RegistryError) -> SubnetError {
     crate::metrics::metrics().etcd_errors.inc();
-    SubnetError::Store(e.to_string())
+    SubnetError::Store(Box::new(e))
 }
 
 /// Decodes one stored key into a lease; malformed keys and values are skipped with a warning.
@@ -372,7 +372,7 @@ impl<R: Registry + 'static> SubnetManager for LocalManager<R> {
                 }
             }
         }
-        Err(SubnetError::Store(format!(
+        Err(SubnetError::Refused(format!(
             "lost the race for a free subnet {RACE_RETRIES} times in a row; is another node allocating with the same config?"
         )))
     }
@@ -468,7 +468,7 @@ impl<R: Registry + 'static> SubnetManager for LocalManager<R> {
                         Err(e @ SubnetError::LeaseLost(..)) => return Err(e),
                         Err(e) => {
                             crate::metrics::metrics().lease_renewal_errors.inc();
-                            warn!(subnet = %lease.key, error = %e, retry_in = ?retry, "renewing the lease failed");
+                            warn!(subnet = %lease.key, error = %flannel_core::chain(&e), retry_in = ?retry, "renewing the lease failed");
                             next_renew = Some(SystemTime::now() + retry);
                         }
                     }
@@ -500,7 +500,7 @@ impl<R: Registry + 'static> SubnetManager for LocalManager<R> {
                             }
                             Ok(None) => return Err(lost(lease.key)),
                             Err(e) => {
-                                warn!(error = %e, "re-creating the lease failed; will retry on the next watch result");
+                                warn!(error = %flannel_core::chain(&e), "re-creating the lease failed; will retry on the next watch result");
                                 next_renew = Some(SystemTime::now() + Duration::from_secs(1));
                             }
                         }

@@ -104,9 +104,12 @@ async fn wait_for_config(
                 } else {
                     "in etcd"
                 };
-                error!("{e}; fix the config {place}, retrying every second")
+                error!(
+                    "{}; fix the config {place}, retrying every second",
+                    flannel_core::chain(&e)
+                )
             }
-            Err(e) => warn!("{e}; retrying every second"),
+            Err(e) => warn!("{}; retrying every second", flannel_core::chain(&e)),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return None,
@@ -252,7 +255,10 @@ pub async fn run(config: crate::Config, shutdown: CancellationToken) -> anyhow::
     let (sm, node_public): (Arc<dyn SubnetManager>, _) = if config.kube_subnet_mgr {
         let km = kube_manager(&config).await?;
         let ips = km.node_public_ips().await.unwrap_or_else(|e| {
-            warn!("{e}; not reading the node-public-ip annotations");
+            warn!(
+                "{}; not reading the node-public-ip annotations",
+                flannel_core::chain(&e)
+            );
             (None, None)
         });
         info!(config = %config.net_config_path, "waiting for the network config file");

@@ -94,15 +94,7 @@ pub enum KubeError {
 
 impl From<KubeError> for SubnetError {
     fn from(e: KubeError) -> Self {
-        // The message with its causes, `outer: inner: …` (SubnetError keeps text).
-        let mut text = e.to_string();
-        let mut cause = std::error::Error::source(&e);
-        while let Some(c) = cause {
-            text.push_str(": ");
-            text.push_str(&c.to_string());
-            cause = c.source();
-        }
-        SubnetError::Store(text)
+        SubnetError::Store(Box::new(e))
     }
 }
 
@@ -356,8 +348,10 @@ impl KubeSubnetManager {
                 Ok(n) => return Ok(n),
                 Err(e) if !transient || tokio::time::Instant::now() >= deadline => return Err(e),
                 Err(e) => warn!(
-                    "{e}; looking again in {:?} (giving up after {:?})",
-                    self.opts.retry_every, self.opts.pod_cidr_wait
+                    "{}; looking again in {:?} (giving up after {:?})",
+                    flannel_core::chain(&e),
+                    self.opts.retry_every,
+                    self.opts.pod_cidr_wait
                 ),
             }
             tokio::time::sleep(self.opts.retry_every).await;
@@ -526,7 +520,7 @@ impl SubnetManager for KubeSubnetManager {
                 item = stream.next() => item,
             };
             let Some(item) = item else {
-                return Err(SubnetError::Store("the node watch ended".into()));
+                return Err(SubnetError::Refused("the node watch ended".into()));
             };
             let result = match item {
                 Ok(watcher::Event::Init) => {
@@ -614,7 +608,7 @@ impl SubnetManager for KubeSubnetManager {
                         info!(node = %self.opts.node_name, "node condition NetworkUnavailable=False (FlannelIsUp)");
                         break;
                     }
-                    Err(e) => warn!("{e}; retrying in {delay:?}"),
+                    Err(e) => warn!("{}; retrying in {delay:?}", flannel_core::chain(&e)),
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
