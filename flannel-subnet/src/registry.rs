@@ -44,14 +44,18 @@ pub enum WatchItem {
 /// Store errors, with a hint where one helps.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    /// The etcd client failed.
-    #[error("etcd: {message}{hint}")]
+    /// The etcd client failed. Its error is kept whole (and shown in the message, so it is not also
+    /// reported as a source: a chain would print it twice).
+    #[error("etcd: {error}{hint}")]
     Etcd {
-        /// The client's message.
-        message: String,
+        /// The client's error.
+        error: etcd_client::Error,
         /// How to fix it, when known.
-        hint: String,
+        hint: &'static str,
     },
+    /// No endpoint was given.
+    #[error("no etcd endpoints given; set --etcd-endpoints")]
+    NoEndpoints,
     /// TLS files could not be read.
     #[error("reading etcd TLS file {path}: {source}")]
     TlsFile {
@@ -97,11 +101,9 @@ fn hint(e: &etcd_client::Error) -> &'static str {
 
 impl From<etcd_client::Error> for RegistryError {
     fn from(e: etcd_client::Error) -> Self {
-        let message = e.to_string();
-        let hint = hint(&e);
         RegistryError::Etcd {
-            message,
-            hint: hint.to_string(),
+            hint: hint(&e),
+            error: e,
         }
     }
 }
@@ -435,10 +437,7 @@ async fn connect_any(
     }
     Err(match last {
         Some(e) => e.into(),
-        None => RegistryError::Etcd {
-            message: "no etcd endpoints given".into(),
-            hint: "; set --etcd-endpoints".into(),
-        },
+        None => RegistryError::NoEndpoints,
     })
 }
 
