@@ -67,37 +67,22 @@ pub async fn read_host(can_reach: Option<IpAddr>) -> Result<HostSnapshot, IfaceE
                 });
             }
         }
-        for v6 in [false, true] {
-            let msg = if v6 {
-                rtnetlink::RouteMessageBuilder::<Ipv6Addr>::new().build()
+        // Default routes: the first of each family, from the same route dump the data plane uses.
+        let kernel = crate::netlink::Netlink::new().map_err(|e| nl(flannel_core::chain(&e)))?;
+        let routes = crate::KernelOps::host_routes(&kernel)
+            .await
+            .map_err(|e| nl(flannel_core::chain(&e)))?;
+        for r in routes {
+            if r.dst.prefix_len() != 0 {
+                continue;
+            }
+            let slot = if r.dst.addr().is_ipv6() {
+                &mut host.default_v6
             } else {
-                rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build()
+                &mut host.default_v4
             };
-            let mut routes = handle.route().get(msg).execute();
-            while let Some(r) = routes.try_next().await.map_err(nl)? {
-                let table = r
-                    .attributes
-                    .iter()
-                    .find_map(|a| match a {
-                        RouteAttribute::Table(t) => Some(*t),
-                        _ => None,
-                    })
-                    .unwrap_or(u32::from(r.header.table));
-                let oif = r.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Oif(i) => Some(*i),
-                    _ => None,
-                });
-                if table != 254 || r.header.destination_prefix_length != 0 {
-                    continue;
-                }
-                let slot = if v6 {
-                    &mut host.default_v6
-                } else {
-                    &mut host.default_v4
-                };
-                if slot.is_none() {
-                    *slot = oif;
-                }
+            if slot.is_none() {
+                *slot = Some(r.oif);
             }
         }
         if let Some(target) = can_reach {

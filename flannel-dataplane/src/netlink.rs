@@ -254,6 +254,13 @@ fn route_of(r: &RouteMessage) -> Option<Route> {
             _ => {}
         }
     }
+    // A default route has no destination attribute.
+    let dst = dst.or_else(|| {
+        (r.header.destination_prefix_length == 0).then_some(match r.header.address_family {
+            AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        })
+    });
     let dst = IpNet::new(dst?, r.header.destination_prefix_length).ok()?;
     Some(Route {
         dst,
