@@ -342,6 +342,33 @@ fn fake_tools(tools: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
+/// flanneld-alloc with `--ip-masq` against `etcd`, whose firewall tools are the scripts in `fakes`
+/// (the root namespace's real firewall is never touched), plus `extra` flags.
+fn alloc_with_fake_firewall(
+    etcd: &EtcdServer,
+    dir: &Path,
+    fakes: &Path,
+    public_ip: &str,
+    extra: &[String],
+) -> Proc {
+    Proc::spawn(
+        Command::new(bin_path("flanneld-alloc"))
+            .arg(format!("--etcd-endpoints={}", etcd.url()))
+            .arg(format!(
+                "--subnet-file={}",
+                dir.join("subnet.env").display()
+            ))
+            .args(["--iface=lo", "--ip-masq"])
+            .arg(format!("--public-ip={public_ip}"))
+            .args(extra)
+            .env("PATH", format!("{}:/usr/bin:/bin", fakes.display()))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+}
+
 /// A fresh etcd holding a network config for the alloc backend.
 fn etcd_with_alloc_config() -> EtcdServer {
     let etcd = EtcdServer::start();
@@ -390,21 +417,15 @@ fn a_hung_iptables_does_not_freeze_flanneld() {
     let etcd = etcd_with_alloc_config();
     let dir = tempfile::tempdir().unwrap();
     let port = flannel_tests::free_port();
-    let p = Proc::spawn(
-        Command::new(bin_path("flanneld-alloc"))
-            .arg(format!("--etcd-endpoints={}", etcd.url()))
-            .arg(format!(
-                "--subnet-file={}",
-                dir.path().join("subnet.env").display()
-            ))
-            .args(["--iface=lo", "--public-ip=10.0.0.30", "--ip-masq"])
-            .arg(format!("--healthz-port={port}"))
-            .arg("--healthz-ip=127.0.0.1")
-            .env("PATH", format!("{}:/usr/bin:/bin", fakes.path().display()))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped()),
+    let p = alloc_with_fake_firewall(
+        &etcd,
+        dir.path(),
+        fakes.path(),
+        "10.0.0.30",
+        &[
+            format!("--healthz-port={port}"),
+            "--healthz-ip=127.0.0.1".into(),
+        ],
     );
     // It gets as far as the firewall rules (the lease is in etcd), where iptables hangs...
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -495,19 +516,7 @@ fn unreadable_rules_are_an_error_not_a_blind_rebuild() {
     ]);
     let etcd = etcd_with_alloc_config();
     let dir = tempfile::tempdir().unwrap();
-    let p = Proc::spawn(
-        Command::new(bin_path("flanneld-alloc"))
-            .arg(format!("--etcd-endpoints={}", etcd.url()))
-            .arg(format!(
-                "--subnet-file={}",
-                dir.path().join("subnet.env").display()
-            ))
-            .args(["--iface=lo", "--public-ip=10.0.0.31", "--ip-masq"])
-            .env("PATH", format!("{}:/usr/bin:/bin", fakes.path().display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped()),
-    );
+    let p = alloc_with_fake_firewall(&etcd, dir.path(), fakes.path(), "10.0.0.31", &[]);
     let (code, err) = p.stop_when_exited(Duration::from_secs(15));
     assert_eq!(code, Some(1), "{err}");
     assert!(
