@@ -4,7 +4,8 @@
 //! them while flanneld runs on two hosts: time from the last write until both hosts hold every kernel
 //! entry, and entries still missing after that; (b) a third host joining with 5000 leases present:
 //! time until its entries are installed (from process start); (c) time to remove them all after the
-//! leases are deleted; (d) flanneld's resident memory idle and at 5000 peers.
+//! leases are deleted; (d) flanneld's resident memory idle and at 5000 and 20,000 peers; (e) the CPU
+//! flanneld uses per idle minute at 5000 and 20,000 peers.
 //!
 //! Needs root. `cargo build --release --workspace && ./target/release/bench-dataplane`
 
@@ -56,6 +57,24 @@ fn wait_for(
     bench::wait_for(lab, hosts, n, backend, 0, timeout)
 }
 
+/// CPU seconds flanneld uses per minute while nothing changes (measured over 30 s).
+fn idle_cpu_per_minute(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let ticks = |pid: u32| -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // utime and stime are fields 14 and 15; the command name (field 2) may hold spaces.
+        let rest = stat.rsplit(')').next().unwrap_or_default();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        n(11) + n(12)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let before = ticks(pid);
+    std::thread::sleep(Duration::from_secs(30));
+    (ticks(pid) - before) / hz * 2.0
+}
+
 fn rss_mib(pid: Option<u32>) -> f64 {
     status_mib(pid, "VmRSS:")
 }
@@ -79,6 +98,7 @@ fn main() {
         "peak_MiB"
     );
     let mut joins = Vec::new();
+    let mut idle_cpu = Vec::new();
     for backend in ["vxlan", "host-gw"] {
         let spec = LabSpec {
             segments: vec![3],
@@ -94,7 +114,7 @@ fn main() {
             "{backend:<8} {:>6} {:>11} {:>8} {:>10} {idle:>8.1} {:>11} {:>9}",
             0, "-", "-", "-", "-", "-"
         );
-        for n in [100, 1000, 5000] {
+        for n in [100, 1000, 5000, 20_000] {
             let leases = fakes(n, backend);
             lab.etcd_put_many(
                 leases
@@ -107,6 +127,9 @@ fn main() {
             std::thread::sleep(Duration::from_secs(6));
             let settled = rss_mib(lab.flanneld_pid(0));
             let peak = status_mib(lab.flanneld_pid(0), "VmHWM:");
+            if n >= 5000 {
+                idle_cpu.push((backend, n, idle_cpu_per_minute(lab.flanneld_pid(0))));
+            }
             if n == 5000 {
                 let start = Instant::now();
                 lab.start_flanneld(2);
@@ -135,5 +158,13 @@ fn main() {
     );
     for (backend, ms, m) in joins {
         println!("{backend:<8} {ms:>24.0} {m:>8}");
+    }
+    println!();
+    println!(
+        "{:<8} {:>6} {:>22}",
+        "backend", "peers", "idle_cpu_s_per_minute"
+    );
+    for (backend, n, cpu) in idle_cpu {
+        println!("{backend:<8} {n:>6} {cpu:>22.3}");
     }
 }
