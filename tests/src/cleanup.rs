@@ -35,24 +35,45 @@ fn made() -> MutexGuard<'static, Made> {
     MADE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Records a child process (call right after spawning it).
+/// Records a child process (call right after spawning it; prefer [`spawn`], which cannot race a
+/// signal's cleanup).
 pub fn track_process(pid: u32) {
     made().pids.push(pid);
 }
 
-/// Records a network namespace the harness created.
-pub fn track_netns(name: &str) {
-    made().namespaces.push(name.to_string());
+/// Spawns `cmd` and records the child in one step, under the record's lock: a signal's cleanup
+/// either sees the child or runs (and exits) before the child exists, never in between.
+pub fn spawn(cmd: &mut std::process::Command) -> std::io::Result<Child> {
+    let mut m = made();
+    let child = cmd.spawn()?;
+    m.pids.push(child.id());
+    Ok(child)
+}
+
+/// Creates a namespace with `create` and records it in one step (see [`spawn`]).
+pub fn create_netns<E>(
+    name: &str,
+    create: impl FnOnce() -> Result<String, E>,
+) -> Result<String, E> {
+    let mut m = made();
+    let out = create()?;
+    m.namespaces.push(name.to_string());
+    Ok(out)
+}
+
+/// Creates a temporary directory with `create` and records it in one step (see [`spawn`]).
+pub fn create_dir(
+    create: impl FnOnce() -> std::io::Result<tempfile::TempDir>,
+) -> std::io::Result<tempfile::TempDir> {
+    let mut m = made();
+    let dir = create()?;
+    m.dirs.push(dir.path().to_path_buf());
+    Ok(dir)
 }
 
 /// Forgets a namespace that was deleted.
 pub fn forget_netns(name: &str) {
     made().namespaces.retain(|n| n != name);
-}
-
-/// Records a directory to remove on an abnormal exit.
-pub fn track_dir(dir: &Path) {
-    made().dirs.push(dir.to_path_buf());
 }
 
 /// Forgets a directory (its owner removes it).

@@ -145,11 +145,10 @@ impl EtcdServer {
     /// # Panics
     /// As [`start_on`](Self::start_on).
     pub fn start_in(netns: Option<&str>, host: &str, port: u16, tls: Option<TlsFiles>) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("flannel-etcd-")
-            .tempdir()
-            .expect("tempdir");
-        crate::cleanup::track_dir(dir.path());
+        let dir = crate::cleanup::create_dir(|| {
+            tempfile::Builder::new().prefix("flannel-etcd-").tempdir()
+        })
+        .expect("tempdir");
         let mut s = Self {
             child: None,
             log: dir.path().join("etcd.log"),
@@ -182,11 +181,10 @@ impl EtcdServer {
             .into_iter()
             .enumerate()
             .map(|(i, (client_port, peer_port))| {
-                let dir = tempfile::Builder::new()
-                    .prefix("flannel-etcd-")
-                    .tempdir()
-                    .expect("tempdir");
-                crate::cleanup::track_dir(dir.path());
+                let dir = crate::cleanup::create_dir(|| {
+                    tempfile::Builder::new().prefix("flannel-etcd-").tempdir()
+                })
+                .expect("tempdir");
                 Self {
                     child: None,
                     log: dir.path().join("etcd.log"),
@@ -276,8 +274,7 @@ impl EtcdServer {
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         crate::cleanup::clean_up_on_signals();
-        let child = cmd.spawn().expect("spawn etcd");
-        crate::cleanup::track_process(child.id());
+        let child = crate::cleanup::spawn(&mut cmd).expect("spawn etcd");
         self.child = Some(child);
     }
 

@@ -196,11 +196,10 @@ impl Lab {
     fn build(spec: &LabSpec, flanneld: PathBuf, kube: bool) -> Self {
         let id = LAB_COUNTER.fetch_add(1, Ordering::SeqCst);
         let tag = format!("l{id}");
-        let dir = tempfile::Builder::new()
-            .prefix("flannel-lab-")
-            .tempdir()
-            .expect("tempdir");
-        crate::cleanup::track_dir(dir.path());
+        let dir = crate::cleanup::create_dir(|| {
+            tempfile::Builder::new().prefix("flannel-lab-").tempdir()
+        })
+        .expect("tempdir");
         let sw = Netns::new(&format!("{tag}-sw"));
         let swsh = |cmd: &str| {
             let args: Vec<&str> = cmd.split_whitespace().collect();
@@ -502,8 +501,8 @@ impl Lab {
             .append(true)
             .open(&h.log)
             .expect("log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", h.ns.name()])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", h.ns.name()])
             .arg(&bin)
             .args(&store)
             .env("NODE_NAME", format!("host{}", h.n))
@@ -513,10 +512,8 @@ impl Lab {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn flanneld");
-        crate::cleanup::track_process(child.id());
+            .stderr(log);
+        let child = crate::cleanup::spawn(&mut cmd).expect("spawn flanneld");
         h.flanneld = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !h.subnet_file.exists() {
@@ -759,16 +756,14 @@ impl Lab {
         during: impl FnOnce(&mut Lab),
     ) -> (u32, u32) {
         let ns = self.hosts[from.0].pods[from.1].ns.name().to_string();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns, "ping", "-i", "0.1", "-W", "1", "-c"])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns, "ping", "-i", "0.1", "-W", "1", "-c"])
             .arg(count.to_string())
             .arg(to.into().to_string())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("ping");
+            .stderr(Stdio::null());
+        let child = crate::cleanup::spawn(&mut cmd).expect("ping");
         let pid = child.id();
-        crate::cleanup::track_process(pid);
         std::thread::sleep(Duration::from_millis(500));
         during(self);
         let out = child.wait_with_output().expect("ping");

@@ -115,8 +115,7 @@ impl Proc {
     /// # Panics
     /// When it cannot be started.
     pub fn spawn(cmd: &mut std::process::Command) -> Self {
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        cleanup::track_process(child.id());
+        let child = cleanup::spawn(cmd).unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         Self(child)
     }
 

@@ -59,8 +59,7 @@ impl Netns {
         let name = format!("{PREFIX}{}-{tag}", std::process::id());
         let _ = ip(&["netns", "del", &name]);
         crate::cleanup::clean_up_on_signals();
-        ip(&["netns", "add", &name]).expect("ip netns add");
-        crate::cleanup::track_netns(&name);
+        crate::cleanup::create_netns(&name, || ip(&["netns", "add", &name])).expect("ip netns add");
         let ns = Self { name };
         ns.exec(&["ip", "link", "set", "lo", "up"]).expect("lo up");
         ns

@@ -492,24 +492,24 @@ fn kubectl_lists_watches_and_patches_through_the_stand_in() {
     }
 
     // get nodes --watch: kubectl lists, then shows changes as they happen.
-    let mut child = Command::new("kubectl")
-        .arg(format!("--kubeconfig={}", kc.display()))
-        .args([
-            "get",
-            "nodes",
-            "--watch",
-            "--output-watch-events",
-            "-o",
-            "json",
-            "--request-timeout=0",
-        ])
-        .env("KUBECACHEDIR", dir.path().join("cache"))
-        .env("HOME", dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    flannel_tests::cleanup::track_process(child.id());
+    let mut child = flannel_tests::cleanup::spawn(
+        Command::new("kubectl")
+            .arg(format!("--kubeconfig={}", kc.display()))
+            .args([
+                "get",
+                "nodes",
+                "--watch",
+                "--output-watch-events",
+                "-o",
+                "json",
+                "--request-timeout=0",
+            ])
+            .env("KUBECACHEDIR", dir.path().join("cache"))
+            .env("HOME", dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_secs(2));
     s.add_node("n3", &["10.244.3.0/24"]);
     s.update_node("n2", |n| n["metadata"]["annotations"] = json!({"x": "1"}));
