@@ -429,6 +429,20 @@ mod tests {
         }
     }
 
+    impl Harness {
+        /// Sends `r` from the store and lets the loop take it (10 ms of paused time).
+        async fn store_says(&self, r: LeaseWatchResult) {
+            self.leases.send(r).await.unwrap_or_else(|_| unreachable!());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        /// Stops the loop; it must end cleanly.
+        async fn stop(self) {
+            self.shutdown.cancel();
+            assert!(self.task.await.unwrap_or_else(|_| unreachable!()).is_ok());
+        }
+    }
+
     fn routes(k: &FakeKernel) -> usize {
         k.state.lock().map(|s| s.routes.len()).unwrap_or(0)
     }
@@ -452,29 +466,21 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(h.passes.load(Ordering::SeqCst), 0);
         assert_eq!(routes(&h.kernel), 0);
-        h.leases
-            .send(LeaseWatchResult::Snapshot(vec![lease("10.5.3.0-24")]))
-            .await
-            .unwrap_or_else(|_| unreachable!());
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        h.store_says(LeaseWatchResult::Snapshot(vec![lease("10.5.3.0-24")]))
+            .await;
         assert_eq!(h.passes.load(Ordering::SeqCst), 1);
         assert_eq!(
             routes(&h.kernel),
             1,
             "the snapshot replaces what came before it"
         );
-        h.shutdown.cancel();
-        assert!(h.task.await.unwrap_or_else(|_| unreachable!()).is_ok());
+        h.stop().await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_burst_of_kernel_notifications_makes_one_pass() {
         let h = start(0);
-        h.leases
-            .send(LeaseWatchResult::Snapshot(vec![]))
-            .await
-            .unwrap_or_else(|_| unreachable!());
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        h.store_says(LeaseWatchResult::Snapshot(vec![])).await;
         let before = h.passes.load(Ordering::SeqCst);
         for _ in 0..20 {
             h.notify.send(()).await.unwrap_or_else(|_| unreachable!());
@@ -487,18 +493,14 @@ mod tests {
             before + 1,
             "one pass for the burst"
         );
-        h.shutdown.cancel();
-        assert!(h.task.await.unwrap_or_else(|_| unreachable!()).is_ok());
+        h.stop().await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_pass_is_retried_with_growing_backoff() {
         let h = start(2);
-        h.leases
-            .send(LeaseWatchResult::Snapshot(vec![lease("10.5.2.0-24")]))
-            .await
-            .unwrap_or_else(|_| unreachable!());
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        h.store_says(LeaseWatchResult::Snapshot(vec![lease("10.5.2.0-24")]))
+            .await;
         assert_eq!(h.passes.load(Ordering::SeqCst), 1, "first pass failed");
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(
@@ -515,27 +517,22 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(h.passes.load(Ordering::SeqCst), 3);
         assert_eq!(routes(&h.kernel), 1, "the third pass went through");
-        h.shutdown.cancel();
-        assert!(h.task.await.unwrap_or_else(|_| unreachable!()).is_ok());
+        h.stop().await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn shutdown_during_the_debounce_stops_at_once() {
         let h = start(0);
-        h.leases
-            .send(LeaseWatchResult::Snapshot(vec![]))
-            .await
-            .unwrap_or_else(|_| unreachable!());
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        h.store_says(LeaseWatchResult::Snapshot(vec![])).await;
         let passes = h.passes.load(Ordering::SeqCst);
         h.notify.send(()).await.unwrap_or_else(|_| unreachable!());
         settle().await;
+        let counted = h.passes.clone();
         let t = tokio::time::Instant::now();
-        h.shutdown.cancel();
-        assert!(h.task.await.unwrap_or_else(|_| unreachable!()).is_ok());
+        h.stop().await;
         assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
         assert_eq!(
-            h.passes.load(Ordering::SeqCst),
+            counted.load(Ordering::SeqCst),
             passes,
             "no pass after the stop"
         );
