@@ -2,16 +2,20 @@
 //!
 //! The shared contracts of the flannel overlay network agent: everything the subnet managers
 //! (`flannel-subnet`), the backends (`flannel-backend-*`), the `flanneld` binary and third-party code
-//! agree on. It names no implementation.
+//! agree on. It names no implementation: no netlink (the kernel side is `flannel-dataplane`), no
+//! metrics (each crate registers its own).
 //!
 //! - [`NetworkConfig`]: the network config JSON, parsed and validated exactly as Go flannel does.
 //! - [`Lease`], [`LeaseAttrs`], [`SubnetKey`], [`LeaseEvent`], [`LeaseWatchResult`], [`LeaseTracker`]:
 //!   leases as stored in etcd, byte-compatible with Go flanneld, and the events about them.
-//! - [`SubnetManager`]: the store of leases (etcd v3 in `flannel-subnet`).
+//! - [`SubnetManager`]: the store of leases (etcd v3 and Kubernetes in `flannel-subnet`).
 //! - [`Backend`], [`Network`] and the registry ([`register_backend!`], [`lookup_backend`]): how a data
 //!   plane plugs in.
-//! - [`SubnetEnv`]: `/run/flannel/subnet.env`, written atomically.
-//! - [`iface`]: choosing the external interface and the public address.
+//! - [`SubnetEnv`]: `/run/flannel/subnet.env`, written atomically, and read by the one reader
+//!   [`subnet_env::read_vars`].
+//! - [`iface`]: choosing the external interface and the public address (pure; the host is read by
+//!   `flannel_dataplane::host`).
+//! - [`chain`]: an error with its causes on one line.
 //! - [`gojson`]: Go `encoding/json` decoding rules (case-insensitive keys) for backend options.
 //!
 //! ```
