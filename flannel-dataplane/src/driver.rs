@@ -232,7 +232,7 @@ pub async fn run_on_netlink(
     .await
 }
 
-/// A [`crate::Network`] whose data plane is kept by this driver on the real kernel: what a kernel
+/// A [`flannel_core::Network`] whose data plane is kept by this driver on the real kernel: what a kernel
 /// backend returns from `register_network` once its devices exist and its lease is acquired.
 #[derive(Debug)]
 pub struct ReconciledNetwork<M: Model + Sync + 'static> {

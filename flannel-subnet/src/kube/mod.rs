@@ -4,7 +4,7 @@
 //! publish our public address and backend data as annotations on our Node, with a strategic-merge
 //! patch to the `nodes/<name>/status` subresource (as upstream, so the RBAC rule is
 //! `nodes/status: patch`), and mark the Node's `NetworkUnavailable` condition `False`. Peers come from
-//! a watch of all Nodes ([`kube::runtime::watcher`]: list, then watch, re-list after `410 Gone`), of
+//! a watch of all Nodes ([`kube::runtime::watcher()`]: list, then watch, re-list after `410 Gone`), of
 //! which only the few fields in [`NodeInfo`] are decoded and only the resulting lease is kept per node.
 //!
 //! ```no_run
