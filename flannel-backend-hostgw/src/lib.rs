@@ -196,6 +196,17 @@ impl Model for HostGwModel {
 mod tests {
     use super::*;
 
+    /// Cluster network 10.5.0.0/16, own subnet 10.5.1.0/24, external interface #2 on 192.168.0.0/24.
+    fn topo() -> Topology {
+        Topology {
+            network: "10.5.0.0/16".parse().unwrap(),
+            own_subnet: "10.5.1.0/24".parse().unwrap(),
+            ext_index: 2,
+            ext_networks: vec!["192.168.0.0/24".parse().unwrap()],
+            ipv6: None,
+        }
+    }
+
     fn lease(key: &str, ip: &str, ty: &str) -> Lease {
         Lease {
             key: key.parse().unwrap(),
@@ -214,13 +225,7 @@ mod tests {
     #[tokio::test]
     async fn the_same_input_twice_changes_nothing_the_second_time() {
         use flannel_dataplane::{FakeKernel, KernelOps, reconcile_once};
-        let topo = Topology {
-            network: "10.5.0.0/16".parse().unwrap(),
-            own_subnet: "10.5.1.0/24".parse().unwrap(),
-            ext_index: 2,
-            ext_networks: vec!["192.168.0.0/24".parse().unwrap()],
-            ipv6: None,
-        };
+        let topo = topo();
         // The host before flannel: the underlay's connected route.
         let k = FakeKernel::with_link_routes(&[("192.168.0.0/24", 2)]);
         let peers = [
@@ -246,13 +251,7 @@ mod tests {
 
     #[test]
     fn routes_via_on_link_peers_and_clear_warning_otherwise() {
-        let topo = Topology {
-            network: "10.5.0.0/16".parse().unwrap(),
-            own_subnet: "10.5.1.0/24".parse().unwrap(),
-            ext_index: 2,
-            ext_networks: vec!["192.168.0.0/24".parse().unwrap()],
-            ipv6: None,
-        };
+        let topo = topo();
         let peers = [
             lease("10.5.2.0-24", "192.168.0.2", "host-gw"),
             lease("10.5.3.0-24", "192.168.1.3", "host-gw"),
@@ -274,19 +273,12 @@ mod tests {
 
     #[test]
     fn dual_stack_routes_each_family_via_the_peers_address_of_that_family() {
-        let topo = Topology {
-            network: "10.5.0.0/16".parse().unwrap(),
-            own_subnet: "10.5.1.0/24".parse().unwrap(),
-            ext_index: 2,
-            ext_networks: vec![
-                "192.168.0.0/24".parse().unwrap(),
-                "fd00:20::/64".parse().unwrap(),
-            ],
-            ipv6: Some((
-                "fd00:5::/48".parse().unwrap(),
-                "fd00:5:0:1::/64".parse().unwrap(),
-            )),
-        };
+        let mut topo = topo();
+        topo.ext_networks.push("fd00:20::/64".parse().unwrap());
+        topo.ipv6 = Some((
+            "fd00:5::/48".parse().unwrap(),
+            "fd00:5:0:1::/64".parse().unwrap(),
+        ));
         let mut dual = lease("10.5.2.0-24&fd00:5:0:2::-64", "192.168.0.2", "host-gw");
         dual.attrs.public_ipv6 = Some("fd00:20::2".parse().unwrap());
         let mut off_link = lease("10.5.3.0-24&fd00:5:0:3::-64", "192.168.0.3", "host-gw");

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use flannel_tests::lab::{Lab, LabSpec};
-use flannel_tests::{bin_path, require_etcd, require_root};
+use flannel_tests::{bin_path, require_etcd, require_root, until};
 
 fn lab(test: &str, segments: Vec<usize>, backend: &str) -> Option<Lab> {
     if !require_root(test) || !require_etcd(test) {
@@ -19,20 +19,6 @@ fn lab(test: &str, segments: Vec<usize>, backend: &str) -> Option<Lab> {
         flanneld_args: vec![],
     };
     Some(Lab::new(&spec, bin_path("flanneld")))
-}
-
-/// Polls `f` until it returns true or `within` passes.
-fn until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The leases in etcd: (subnet, public ip, vtep mac).

@@ -7,10 +7,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flannel_tests::lab::{Lab, LabSpec};
-use flannel_tests::{bin_path, require_root};
+use flannel_tests::{bin_path, require_root, until};
 use serde_json::Value;
 
 const PREFIX: &str = "flannel.alpha.coreos.com/";
@@ -31,18 +31,6 @@ fn annotation(node: &Value, key: &str) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("no annotation {key}: {node}"))
         .to_string()
-}
-
-/// Waits up to `within` for `f` to hold.
-fn until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
 }
 
 /// The node's NetworkUnavailable condition, once flanneld set it.

@@ -4,11 +4,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::{Ipv4Addr, UdpSocket};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flannel_tests::lab::{Lab, LabSpec, segment_gateway};
 use flannel_tests::netns::in_netns;
-use flannel_tests::{bin_path, require_etcd, require_root};
+use flannel_tests::{bin_path, require_etcd, require_root, until};
 
 fn lab(test: &str, args: &[&str]) -> Option<Lab> {
     lab_with(
@@ -28,17 +28,6 @@ fn lab_with(test: &str, config: &str, args: &[&str]) -> Option<Lab> {
         flanneld_args: args.iter().map(|s| s.to_string()).collect(),
     };
     Some(Lab::new(&spec, bin_path("flanneld")))
-}
-
-fn until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    f()
 }
 
 fn expected_nat(lab: &Lab, h: usize) -> Vec<String> {
