@@ -163,6 +163,24 @@ fn check_deps_names_missing_well_known_protos_and_cni_plugins() {
 }
 
 #[test]
+fn check_deps_names_a_disk_too_small_for_the_build() {
+    if !machine_is_set_up("check_deps_names_a_disk_too_small_for_the_build") {
+        return;
+    }
+    // No disk here has a million GiB free: the check must say so, and what to do.
+    let (code, err) = check_deps(&[("FLANNEL_NEED_DISK_GIB", Path::new("1000000"))]);
+    assert_eq!(code, Some(1), "{err}");
+    let p = problems(&err);
+    assert_eq!(p.len(), 1, "{err}");
+    assert!(
+        p[0].contains("GiB free")
+            && p[0].contains("1000000 GiB")
+            && p[0].contains("CARGO_TARGET_DIR"),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_scripts_run_the_check_first() {
     // A broken machine must fail in the first second, before a build: the check comes first.
     for script in ["scripts/test-all", "scripts/install-deps"] {
