@@ -71,15 +71,14 @@ fn respond(path: &str, ready: &AtomicBool) -> Response<Full<Bytes>> {
 
 /// Binds the endpoint and serves it until `shutdown`.
 pub(crate) async fn serve(
-    ip: &str,
-    port: u16,
+    addr: std::net::SocketAddr,
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind((ip, port)).await.with_context(|| {
-        format!("listening for /healthz on {ip}:{port} (check --healthz-ip/--healthz-port)")
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!("listening for /healthz on {addr} (check --healthz-ip/--healthz-port)")
     })?;
-    tracing::info!(%ip, port, "serving /healthz");
+    tracing::info!(%addr, "serving /healthz");
     Ok(tokio::spawn(serve_on(listener, ready, shutdown, LIMITS)))
 }
 

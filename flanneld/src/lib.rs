@@ -33,9 +33,7 @@ mod run;
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::Parser;
-
-pub use config::{Cli, Config};
+pub use config::{Cli, Settings};
 pub use run::run;
 
 // Name every in-tree backend crate so the linker keeps their registrations.
@@ -53,7 +51,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString>,
 {
-    let cli = match Cli::try_parse_from(config::normalize_args(args)) {
+    let cli = match config::parse(args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -64,14 +62,14 @@ where
         eprintln!("{VERSION}");
         return ExitCode::SUCCESS;
     }
-    let config = match config::load(&cli, None) {
+    let settings = match config::load(&cli, None) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("flanneld: {e:#}");
             return ExitCode::from(1);
         }
     };
-    if let Err(e) = logging::init(&config) {
+    if let Err(e) = logging::init(settings.log) {
         eprintln!("flanneld: setting up logging: {e:#}");
         return ExitCode::from(1);
     }
@@ -97,7 +95,7 @@ where
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         };
         tokio::select! {
-            r = run(config, shutdown.clone()) => r,
+            r = run(settings, shutdown.clone()) => r,
             () = stuck => {
                 tracing::warn!("a step did not finish within 1 s of the stop signal; exiting anyway");
                 Ok(())

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::Config;
+use crate::config::LogSettings;
 
 /// Whether log lines may carry ANSI colour: only on a terminal, and never with a non-empty
 /// `NO_COLOR` (<https://no-color.org>).
@@ -14,8 +14,8 @@ pub(crate) fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::O
     stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
-pub(crate) fn init(config: &Config) -> anyhow::Result<()> {
-    let level = match config.v {
+pub(crate) fn init(log: LogSettings) -> anyhow::Result<()> {
+    let level = match log.verbosity {
         0 => "info",
         1..=3 => "debug",
         _ => "trace",
@@ -29,7 +29,7 @@ pub(crate) fn init(config: &Config) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_ansi(colour)
         .with_writer(std::io::stderr);
-    let result = if config.log_format == "json" {
+    let result = if log.json {
         builder.json().try_init()
     } else {
         builder.try_init()

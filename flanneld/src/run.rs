@@ -1,11 +1,10 @@
 //! The agent's life: from settings to a running network.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use flannel_core::iface::IfaceSpec;
 use flannel_core::{
     BackendContext, NetworkConfig, PreviousSubnets, SubnetEnv, SubnetError, SubnetManager,
@@ -15,14 +14,12 @@ use flannel_dataplane::host::select_external_interface;
 use flannel_subnet::kube::{
     KubeOptions, KubeSubnetManager, client as kube_client, node_name as kube_node_name,
 };
-use flannel_subnet::{EtcdConfig, EtcdRegistry, LocalManager, ManagerOptions, SUBNET_TTL};
+use flannel_subnet::{EtcdRegistry, LocalManager, ManagerOptions, SUBNET_TTL};
 use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-fn opt(s: &str) -> Option<String> {
-    (!s.is_empty()).then(|| s.to_string())
-}
+use crate::config::{KubeSettings, Settings, Store};
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM; a second one exits at once (128 + signal).
 pub(crate) async fn cancel_on_signals(shutdown: CancellationToken) {
@@ -121,7 +118,7 @@ async fn wait_for_config(
 /// The rules `--ip-masq` and `--iptables-forward-rules` ask for (IPv4), as iptables chains or, with
 /// `EnableNFTables`, an nftables table; the other mode's leftovers are removed (best effort).
 async fn traffic_rules(
-    config: &crate::Config,
+    settings: &Settings,
     net: &NetworkConfig,
     lease: &flannel_core::Lease,
 ) -> anyhow::Result<Option<crate::iptables::TrafficRules>> {
@@ -129,7 +126,7 @@ async fn traffic_rules(
     let (Some(network), Some(subnet)) = (net.network(), lease.subnet()) else {
         return Ok(None);
     };
-    if !config.ip_masq && !config.iptables_forward_rules {
+    if !settings.ip_masq && !settings.forward_rules {
         return Ok(None);
     }
     // (IPv4 network and subnet, then the IPv6 ones with EnableIPv6.)
@@ -137,7 +134,7 @@ async fn traffic_rules(
     if let (Some(n6), Some(s6)) = (net.ipv6_network(), lease.ipv6_subnet()) {
         families.push((IpNet::V6(n6), IpNet::V6(s6)));
     }
-    let random = !config.ip_masq_fully_random_disable;
+    let random = settings.random_fully;
     if net.enable_nftables {
         let all: Vec<_> = families
             .iter()
@@ -147,13 +144,7 @@ async fn traffic_rules(
         let tables = families
             .iter()
             .map(|(n, s)| {
-                crate::nftables::nft_rules(
-                    *n,
-                    *s,
-                    config.ip_masq,
-                    config.iptables_forward_rules,
-                    random,
-                )
+                crate::nftables::nft_rules(*n, *s, settings.ip_masq, settings.forward_rules, random)
             })
             .collect();
         info!("using nftables (EnableNFTables)");
@@ -170,52 +161,64 @@ async fn traffic_rules(
     );
     let mut sets = Vec::new();
     for (n, s) in families {
-        if config.ip_masq {
+        if settings.ip_masq {
             sets.push(masq_rules(n, s, random && supports_random_fully(version)));
         }
-        if config.iptables_forward_rules {
+        if settings.forward_rules {
             sets.push(forward_rules(n));
         }
     }
     Ok(Some(TrafficRules::Iptables(sets)))
 }
 
-/// The etcd subnet manager the flags describe.
-async fn etcd_manager(config: &crate::Config) -> anyhow::Result<Arc<dyn SubnetManager>> {
-    let etcd = EtcdConfig {
-        endpoints: config.endpoints(),
-        keyfile: opt(&config.etcd_keyfile),
-        certfile: opt(&config.etcd_certfile),
-        cafile: opt(&config.etcd_cafile),
-        username: opt(&config.etcd_username),
-        password: opt(&config.etcd_password),
-        dial_timeout: None,
-    };
-    if etcd.endpoints.is_empty() {
-        bail!(
-            "--etcd-endpoints is empty; give at least one etcd URL such as http://127.0.0.1:2379"
-        );
+/// The subnet manager the settings name, and (Kubernetes mode) the node's `node-public-ip(v6)`
+/// annotations, which stand in for `--public-ip(v6)`.
+async fn subnet_manager(
+    store: &Store,
+    subnet_file: &std::path::Path,
+) -> anyhow::Result<(Arc<dyn SubnetManager>, NodePublicIps)> {
+    match store {
+        Store::Etcd {
+            etcd,
+            prefix,
+            renew_margin,
+        } => {
+            let registry = EtcdRegistry::connect(etcd)
+                .await
+                .with_context(|| format!("connecting to etcd at {}", etcd.endpoints.join(",")))?;
+            let manager = LocalManager::new(
+                registry,
+                ManagerOptions {
+                    prefix: prefix.clone(),
+                    previous: PreviousSubnets::read(subnet_file),
+                    renew_margin: *renew_margin,
+                    lease_ttl: SUBNET_TTL,
+                },
+            );
+            info!(%prefix, "waiting for the network config in etcd");
+            Ok((Arc::new(manager), (None, None)))
+        }
+        Store::Kube(kube) => {
+            let manager = kube_manager(kube).await?;
+            let ips = manager.node_public_ips().await.unwrap_or_else(|e| {
+                warn!(
+                    "{}; not reading the node-public-ip annotations",
+                    flannel_core::chain(&e)
+                );
+                (None, None)
+            });
+            info!(config = %kube.net_config_path.display(), "waiting for the network config file");
+            Ok((Arc::new(manager), ips))
+        }
     }
-    let registry = EtcdRegistry::connect(&etcd)
-        .await
-        .with_context(|| format!("connecting to etcd at {}", config.etcd_endpoints))?;
-    let previous = PreviousSubnets::read(&config.subnet_file);
-    let margin_minutes = u64::try_from(config.subnet_lease_renew_margin).unwrap_or(60);
-    Ok(Arc::new(LocalManager::new(
-        registry,
-        ManagerOptions {
-            prefix: config.etcd_prefix.clone(),
-            previous,
-            renew_margin: Duration::from_secs(margin_minutes * 60),
-            lease_ttl: SUBNET_TTL,
-        },
-    )))
 }
 
+/// A node's `node-public-ip` and `node-public-ipv6` annotations.
+type NodePublicIps = (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>);
+
 /// The Kubernetes subnet manager the flags describe (`--kube-subnet-mgr`).
-async fn kube_manager(config: &crate::Config) -> anyhow::Result<KubeSubnetManager> {
-    let kubeconfig = opt(&config.kubeconfig_file).map(std::path::PathBuf::from);
-    let client = kube_client(opt(&config.kube_api_url).as_deref(), kubeconfig.as_deref())
+async fn kube_manager(kube: &KubeSettings) -> anyhow::Result<KubeSubnetManager> {
+    let client = kube_client(kube.api_url.as_deref(), kube.kubeconfig.as_deref())
         .await
         .context("connecting to the Kubernetes API")?;
     let node_name = kube_node_name(&client).await?;
@@ -224,120 +227,60 @@ async fn kube_manager(config: &crate::Config) -> anyhow::Result<KubeSubnetManage
         client,
         KubeOptions {
             node_name,
-            annotation_prefix: config.kube_annotation_prefix.clone(),
-            net_config_path: config.net_config_path.clone().into(),
-            set_node_network_unavailable: config.set_node_network_unavailable,
+            annotation_prefix: kube.annotation_prefix.clone(),
+            net_config_path: kube.net_config_path.clone(),
+            set_node_network_unavailable: kube.set_node_network_unavailable,
             ..KubeOptions::default()
         },
     )?)
 }
 
-/// Runs the agent until `shutdown` is cancelled (Ok) or something fatal happens (Err).
-pub async fn run(config: crate::Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    if !config.vmodule.is_empty() || !config.log_backtrace_at.is_empty() {
-        info!(
-            "--vmodule and --log_backtrace_at are accepted for compatibility and ignored; use RUST_LOG"
-        );
-    }
-    let ready = Arc::new(AtomicBool::new(false));
-    if config.healthz_port > 0 {
-        crate::health::serve(
-            &config.healthz_ip,
-            config.healthz_port,
-            ready.clone(),
-            shutdown.clone(),
-        )
-        .await?;
-    }
-
-    // The store: Node objects (--kube-subnet-mgr) or etcd. In Kubernetes mode the node's
-    // node-public-ip(v6) annotations stand in for --public-ip(v6).
-    let (sm, node_public): (Arc<dyn SubnetManager>, _) = if config.kube_subnet_mgr {
-        let km = kube_manager(&config).await?;
-        let ips = km.node_public_ips().await.unwrap_or_else(|e| {
-            warn!(
-                "{}; not reading the node-public-ip annotations",
-                flannel_core::chain(&e)
-            );
-            (None, None)
-        });
-        info!(config = %config.net_config_path, "waiting for the network config file");
-        (Arc::new(km), ips)
-    } else {
-        let sm = etcd_manager(&config).await?;
-        info!(prefix = %config.etcd_prefix, "waiting for the network config in etcd");
-        (sm, (None, None))
-    };
-    let Some(net) = wait_for_config(sm.as_ref(), &shutdown).await else {
-        return Ok(());
-    };
-    info!(backend = %net.backend_type, network = ?net.network(), ipv6_network = ?net.ipv6_network(), "network config read");
-
-    let spec = IfaceSpec {
-        ifaces: config.iface.clone(),
-        iface_regexes: config.iface_regex.clone(),
-        can_reach: opt(&config.iface_can_reach).and_then(|s| s.parse::<IpAddr>().ok()),
-        public_ip: opt(&config.public_ip)
-            .and_then(|s| s.parse().ok())
-            .or(node_public.0),
-        public_ipv6: opt(&config.public_ipv6)
-            .and_then(|s| s.parse().ok())
-            .or(node_public.1),
+/// How to choose the external interface: the flags, with the node annotations standing in for
+/// unset `--public-ip(v6)`, for the address families the network config has.
+fn iface_spec(settings: &Settings, net: &NetworkConfig, node_public: NodePublicIps) -> IfaceSpec {
+    IfaceSpec {
+        ifaces: settings.iface.names.clone(),
+        iface_regexes: settings.iface.regexes.clone(),
+        can_reach: settings.iface.can_reach,
+        public_ip: settings.public_ip.or(node_public.0),
+        public_ipv6: settings.public_ipv6.or(node_public.1),
         ipv4: net.ipv4.is_some(),
         ipv6: net.ipv6.is_some(),
-    };
-    let ext_iface = select_external_interface(&spec)
-        .await
-        .context("choosing the external interface")?;
-    info!(iface = %ext_iface, "using external interface");
-
-    let backend = new_backend(
-        &net.backend_type,
-        BackendContext {
-            subnet_manager: sm.clone(),
-            ext_iface,
-        },
-    )?;
-    let network = backend
-        .register_network(&net)
-        .await
-        .with_context(|| format!("setting up the {} backend", net.backend_type))?;
-    let lease = network.lease().clone();
-    info!(subnet = %lease.key, mtu = network.mtu(), "lease acquired");
-    flannel_subnet::metrics::metrics().set_lease(&lease.key.ipv4.to_string(), lease.expiration);
-
-    if let Some(rules) = traffic_rules(&config, &net, &lease).await? {
-        rules
-            .ensure()
-            .await
-            .context("installing the masquerade/forward rules")?;
-        info!("masquerade/forward rules installed");
-        let every = Duration::from_secs(config.iptables_resync.max(1));
-        tokio::spawn(crate::iptables::keep(rules, every, shutdown.clone()));
     }
+}
 
+/// Writes `subnet.env` for the container runtime and the CNI plugin.
+fn write_subnet_env(
+    settings: &Settings,
+    net: &NetworkConfig,
+    lease: &flannel_core::Lease,
+    mtu: u32,
+) -> anyhow::Result<()> {
     let env = SubnetEnv {
         network: net.network(),
         subnet: lease.subnet(),
         ipv6_network: net.ipv6_network(),
         ipv6_subnet: lease.ipv6_subnet(),
-        mtu: network.mtu(),
-        ip_masq: config.ip_masq,
+        mtu,
+        ip_masq: settings.ip_masq,
     };
-    env.write_atomic(&config.subnet_file)
-        .with_context(|| format!("writing the subnet file {}", config.subnet_file.display()))?;
-    info!(path = %config.subnet_file.display(), "wrote subnet file");
+    let path = &settings.subnet_file;
+    env.write_atomic(path)
+        .with_context(|| format!("writing the subnet file {}", path.display()))?;
+    info!(path = %path.display(), "wrote subnet file");
+    Ok(())
+}
 
-    let net_stop = shutdown.child_token();
-    let mut net_task = tokio::spawn(network.run(net_stop.clone()));
-    ready.store(true, Ordering::SeqCst);
-    sd_notify_ready();
-    info!("running; the data plane and the lease stay in place when flanneld stops");
-
-    let keep = sm.complete_lease(lease, shutdown.clone());
-    tokio::pin!(keep);
+/// Keeps the lease and the backend running until shutdown or until either of them ends; then gives
+/// the backend a few seconds to finish.
+async fn supervise(
+    keep_lease: impl std::future::Future<Output = Result<(), SubnetError>>,
+    mut net_task: tokio::task::JoinHandle<Result<(), flannel_core::BackendError>>,
+    net_stop: CancellationToken,
+) -> anyhow::Result<()> {
+    tokio::pin!(keep_lease);
     let outcome = tokio::select! {
-        r = &mut keep => r.context("keeping the lease"),
+        r = &mut keep_lease => r.context("keeping the lease"),
         r = &mut net_task => match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(anyhow::Error::new(e).context("the backend stopped")),
@@ -349,4 +292,66 @@ pub async fn run(config: crate::Config, shutdown: CancellationToken) -> anyhow::
         let _ = tokio::time::timeout(Duration::from_secs(5), net_task).await;
     }
     outcome
+}
+
+/// Runs the agent until `shutdown` is cancelled (Ok) or something fatal happens (Err), in the
+/// start-up order of Go flanneld (spec §8), the health endpoint first so it answers meanwhile.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    for flag in &settings.ignored_flags {
+        info!("{flag} is accepted for compatibility with Go flanneld and ignored; use RUST_LOG");
+    }
+    if settings.blackhole_route {
+        warn!("--ip-blackhole-route is not supported yet and is ignored");
+    }
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(addr) = settings.healthz {
+        crate::health::serve(addr, ready.clone(), shutdown.clone()).await?;
+    }
+    let (sm, node_public) = subnet_manager(&settings.store, &settings.subnet_file).await?;
+    let Some(net) = wait_for_config(sm.as_ref(), &shutdown).await else {
+        return Ok(());
+    };
+    info!(backend = %net.backend_type, network = ?net.network(), ipv6_network = ?net.ipv6_network(), "network config read");
+
+    let ext_iface = select_external_interface(&iface_spec(&settings, &net, node_public))
+        .await
+        .context("choosing the external interface")?;
+    info!(iface = %ext_iface, "using external interface");
+    let context = BackendContext {
+        subnet_manager: sm.clone(),
+        ext_iface,
+    };
+    let network = new_backend(&net.backend_type, context)?
+        .register_network(&net)
+        .await
+        .with_context(|| format!("setting up the {} backend", net.backend_type))?;
+    let lease = network.lease().clone();
+    info!(subnet = %lease.key, mtu = network.mtu(), "lease acquired");
+    flannel_subnet::metrics::metrics().set_lease(&lease.key.ipv4.to_string(), lease.expiration);
+
+    if let Some(rules) = traffic_rules(&settings, &net, &lease).await? {
+        rules
+            .ensure()
+            .await
+            .context("installing the masquerade/forward rules")?;
+        info!("masquerade/forward rules installed");
+        tokio::spawn(crate::iptables::keep(
+            rules,
+            settings.rules_resync,
+            shutdown.clone(),
+        ));
+    }
+    write_subnet_env(&settings, &net, &lease, network.mtu())?;
+
+    let net_stop = shutdown.child_token();
+    let net_task = tokio::spawn(network.run(net_stop.clone()));
+    ready.store(true, Ordering::SeqCst);
+    sd_notify_ready();
+    info!("running; the data plane and the lease stay in place when flanneld stops");
+    supervise(
+        sm.complete_lease(lease, shutdown.clone()),
+        net_task,
+        net_stop,
+    )
+    .await
 }
