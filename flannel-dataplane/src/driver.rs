@@ -2,9 +2,16 @@
 //!
 //! It keeps a [`LeaseTracker`] fed from the subnet manager's watch and, whenever something may have
 //! changed, lets the backend's [`Model`] repair its devices and compute the desired state, then applies
-//! the difference. Triggers: every lease event, every kernel notification (debounced), a failed pass
-//! (retried with backoff), and a periodic resync as a safety net (it also catches changes the kernel
-//! does not announce, e.g. routes dropped with a device set down).
+//! the difference. Triggers: every lease event, kernel notifications that are news
+//! ([`crate::changes::needs_read`]: not the echo of the loop's own changes, not entries that are not
+//! flannel's; debounced), a failed pass (retried with backoff), and a periodic resync as a safety
+//! net. Lease events are diffed against what the loop knows of the kernel; the kernel is read again
+//! only at start, at a resync, after news from the kernel or after a failure.
+//!
+//! The kernel announces what breaks a data plane: a deleted or replaced entry, a device deleted or
+//! set down (its routes go silently, but the link change is announced and makes the loop read
+//! everything again). The resync (every 60 s; every 10 s when notifications are unavailable) is for
+//! what is not announced or was lost.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -15,8 +22,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::{KernelOps, KernelState, Ownership, ReconcileReport, reconcile_once};
-use flannel_core::{BackendError, Lease, LeaseTracker, SubnetKey, SubnetManager};
+use crate::changes::{KernelChange, Notifications, needs_read};
+use crate::{KernelOps, KernelState, LeasePolicy, Ownership, ReconcileReport, apply_diff};
+use flannel_core::{
+    BackendError, Lease, LeaseEvent, LeaseTracker, LeaseWatchResult, SubnetKey, SubnetManager,
+};
+use tokio::time::Instant;
 
 /// What a backend contributes to the loop.
 #[async_trait]
@@ -33,7 +44,7 @@ pub trait Model: Send + std::fmt::Debug {
 /// Settings of the loop.
 #[derive(Debug, Clone)]
 pub struct DriverOptions {
-    /// Periodic resync interval.
+    /// Periodic resync interval (a full read of the kernel).
     pub resync: Duration,
     /// How long to collect kernel notifications before reacting.
     pub debounce: Duration,
@@ -42,7 +53,7 @@ pub struct DriverOptions {
 impl Default for DriverOptions {
     fn default() -> Self {
         Self {
-            resync: Duration::from_secs(10),
+            resync: Duration::from_secs(60),
             debounce: Duration::from_millis(50),
         }
     }
@@ -64,14 +75,268 @@ fn log_report(report: &ReconcileReport, first: bool) {
     }
 }
 
-/// Runs the loop until `shutdown`. `notifications` delivers a `()` per kernel change (see
+/// What wakes the loop.
+#[derive(Debug)]
+enum Input {
+    /// Results of the lease watch (everything queued, in order).
+    Leases(Vec<LeaseWatchResult>),
+    /// Kernel notifications (a burst).
+    Kernel(Vec<KernelChange>),
+    /// The periodic resync.
+    Tick,
+    /// The wait after a failed pass is over.
+    RetryDue,
+    /// The lease watch ended.
+    WatchEnded,
+    /// Shutdown was requested.
+    Shutdown,
+}
+
+/// Whether the loop goes on after an input.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// The wait before retrying a failed pass: 200 ms, doubling up to 10 s, back to 200 ms after a pass
+/// that worked.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(10);
+
+    /// The wait to use now; the next one is twice as long.
+    fn next(&mut self) -> Duration {
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        wait
+    }
+
+    fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+}
+
+/// The loop's state between inputs: the leases, what it knows of the kernel, and what it owes.
+#[derive(Debug)]
+struct Loop {
+    tracker: LeaseTracker,
+    /// Whether the watch has delivered its first snapshot (before it, the set of leases is unknown).
+    have_snapshot: bool,
+    /// Whether a pass is due.
+    dirty: bool,
+    /// The kernel's entries as last read plus the loop's own changes since, and the ownership they
+    /// were read for; `None` when the next pass must read the kernel.
+    known: Option<(Ownership, KernelState)>,
+    backoff: Backoff,
+    /// When to retry after a failed pass.
+    retry_at: Option<Instant>,
+    synced_once: bool,
+    /// Problems already logged (each is logged once, when it appears).
+    warned: BTreeSet<String>,
+}
+
+impl Loop {
+    fn new(own: SubnetKey) -> Self {
+        Self {
+            tracker: LeaseTracker::new(Some(own)),
+            have_snapshot: false,
+            dirty: false,
+            known: None,
+            backoff: Backoff(Backoff::FIRST),
+            retry_at: None,
+            synced_once: false,
+            warned: BTreeSet::new(),
+        }
+    }
+
+    /// Whether `changes` may have broken what the loop knows of the kernel.
+    fn is_news(&self, changes: &[KernelChange]) -> bool {
+        match &self.known {
+            None => true,
+            Some((own, known)) => changes.iter().any(|c| needs_read(c, known, own)),
+        }
+    }
+
+    /// Takes one input.
+    fn on(&mut self, input: Input) -> Flow {
+        match input {
+            Input::Leases(results) => {
+                for r in results {
+                    if matches!(r, LeaseWatchResult::Snapshot(_)) {
+                        self.have_snapshot = true;
+                    }
+                    for e in self.tracker.apply(r) {
+                        match e {
+                            LeaseEvent::Added(l) => {
+                                debug!(lease = %l, "peer lease added or changed")
+                            }
+                            LeaseEvent::Removed(l) => debug!(lease = %l, "peer lease removed"),
+                        }
+                    }
+                }
+                self.dirty = true;
+            }
+            Input::Kernel(changes) => {
+                if self.is_news(&changes) {
+                    self.known = None;
+                    self.dirty = true;
+                }
+            }
+            Input::Tick => {
+                self.known = None;
+                self.dirty = true;
+            }
+            Input::RetryDue => {
+                self.retry_at = None;
+                self.dirty = true;
+            }
+            Input::WatchEnded | Input::Shutdown => return Flow::Stop,
+        }
+        Flow::Continue
+    }
+
+    /// Whether a pass is due now.
+    fn pass_due(&self) -> bool {
+        self.dirty && self.have_snapshot
+    }
+
+    /// One pass: repair the devices, compute the desired state of the allowed leases, read the kernel
+    /// if what the loop knows may be stale, apply the difference. A failure schedules a retry.
+    async fn pass(&mut self, model: &mut dyn Model, kernel: &dyn KernelOps, policy: &LeasePolicy) {
+        self.dirty = false;
+        let ok = match model.prepare().await {
+            Err(e) => {
+                warn!(error = %crate::chain(&e), "preparing the backend's devices failed");
+                false
+            }
+            Ok(()) => self.reconcile(model, kernel, policy).await,
+        };
+        if ok {
+            self.backoff.reset();
+            self.retry_at = None;
+        } else {
+            // What the loop knows may be wrong after a failure: read the kernel next time.
+            self.known = None;
+            self.retry_at = Some(Instant::now() + self.backoff.next());
+        }
+    }
+
+    async fn reconcile(
+        &mut self,
+        model: &mut dyn Model,
+        kernel: &dyn KernelOps,
+        policy: &LeasePolicy,
+    ) -> bool {
+        let leases: Vec<&Lease> = self.tracker.leases().collect();
+        let (allowed, refused) = policy.filter(&leases);
+        let (desired, ownership, mut warnings) = model.desired(&allowed);
+        let m = crate::metrics::metrics();
+        let fresh_refusals = refused.iter().filter(|r| !self.warned.contains(*r)).count();
+        m.leases_refused.inc_by(fresh_refusals as u64);
+        warnings.extend(refused);
+        // Each problem is logged once, when it appears (a change of the lease makes a new message).
+        let now: BTreeSet<String> = warnings.into_iter().collect();
+        for w in now.difference(&self.warned) {
+            error!("{w}");
+        }
+        self.warned = now;
+        m.reconcile_runs.inc();
+        // Devices recreated since the last read (new indexes): what the loop knows is stale.
+        if self.known.as_ref().is_some_and(|(o, _)| *o != ownership) {
+            self.known = None;
+        }
+        let mut known = match self.known.take() {
+            Some((_, k)) => k,
+            None => match kernel.read(&ownership).await {
+                Ok(k) => {
+                    m.kernel_reads.inc();
+                    k
+                }
+                Err(e) => {
+                    m.netlink_errors.inc();
+                    warn!(error = %crate::chain(&e), "reading the kernel state failed");
+                    return false;
+                }
+            },
+        };
+        let report = apply_diff(kernel, &desired, &ownership, &mut known).await;
+        for (label, n) in &report.applied {
+            m.record_change(label, *n as u64);
+        }
+        m.netlink_errors.inc_by(report.failed.len() as u64);
+        log_report(&report, !self.synced_once);
+        self.synced_once = true;
+        for f in &report.failed {
+            warn!(error = %f, "data plane change failed; will retry");
+        }
+        debug!(entries = desired.len(), "reconciled");
+        self.known = Some((ownership, known));
+        report.failed.is_empty()
+    }
+}
+
+/// Waits for the next input. Everything the lease watch has queued comes as one input, and so
+/// does every kernel notification queued.
+async fn next_input(
+    leases: &mut mpsc::Receiver<LeaseWatchResult>,
+    notifications: &mut Option<Notifications>,
+    tick: &mut tokio::time::Interval,
+    retry_at: Option<Instant>,
+    shutdown: &CancellationToken,
+) -> Input {
+    let retry = async {
+        match retry_at {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let kernel = async {
+        match notifications.as_mut() {
+            Some(n) => n.recv().await.map(|first| (first, n)),
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => Input::Shutdown,
+        r = leases.recv() => match r {
+            Some(first) => {
+                let mut all = vec![first];
+                while let Ok(more) = leases.try_recv() {
+                    all.push(more);
+                }
+                Input::Leases(all)
+            }
+            None => Input::WatchEnded,
+        },
+        Some((first, n)) = kernel => {
+            let mut all = vec![first];
+            all.extend(n.drain());
+            Input::Kernel(all)
+        }
+        _ = tick.tick() => Input::Tick,
+        () = retry => Input::RetryDue,
+    }
+}
+
+/// Runs the loop until `shutdown`. `notifications` delivers kernel changes (see
 /// [`crate::netlink::Netlink::subscribe`]); pass `None` to rely on lease events and resyncs only.
+///
+/// The loop is [`Loop`] fed with [`Input`]s: lease results (a pass once the first snapshot is in),
+/// kernel notifications (a pass only for news: a burst is collected for `debounce` first), the
+/// resync tick (a pass that reads the kernel), the retry after a failed pass, shutdown and the end
+/// of the watch. A pass reads the kernel only when what the loop knows may be stale (at start, after
+/// a failure, a tick or news from the kernel); otherwise lease changes are diffed against what it
+/// knows, so a host with many peers does not dump its tables for every lease.
 pub async fn run(
     model: &mut dyn Model,
     kernel: &dyn KernelOps,
     sm: Arc<dyn SubnetManager>,
     own: SubnetKey,
-    mut notifications: Option<mpsc::Receiver<()>>,
+    mut notifications: Option<Notifications>,
     opts: DriverOptions,
     shutdown: CancellationToken,
 ) -> Result<(), BackendError> {
@@ -87,121 +352,49 @@ pub async fn run(
         warn!(error = %crate::chain(&e), "cannot read the routing table; only the cluster network is checked for leases");
         Vec::new()
     });
-    let policy = crate::LeasePolicy::new(own, &model.desired(&[]).1, &host_routes);
+    let policy = LeasePolicy::new(own, &model.desired(&[]).1, &host_routes);
     drop(host_routes);
-    let mut tracker = LeaseTracker::new(Some(own));
-    let mut warned: BTreeSet<String> = BTreeSet::new();
+    let mut state = Loop::new(own);
     let mut tick = tokio::time::interval(opts.resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut retry = Duration::from_millis(200);
-    let mut retry_at: Option<tokio::time::Instant> = None;
-    let mut synced_once = false;
-    let mut have_snapshot = false;
-    let mut dirty = false;
     loop {
-        if dirty && have_snapshot {
-            let ok = match model.prepare().await {
-                Err(e) => {
-                    warn!(error = %crate::chain(&e), "preparing the backend's devices failed");
-                    false
-                }
-                Ok(()) => {
-                    let leases: Vec<&Lease> = tracker.leases().collect();
-                    let (allowed, refused) = policy.filter(&leases);
-                    let (desired, ownership, mut warnings) = model.desired(&allowed);
-                    let m = crate::metrics::metrics();
-                    let fresh_refusals: Vec<&String> =
-                        refused.iter().filter(|r| !warned.contains(*r)).collect();
-                    m.leases_refused.inc_by(fresh_refusals.len() as u64);
-                    warnings.extend(refused);
-                    // Each problem is logged once, when it appears (a change of the lease makes a
-                    // new message).
-                    let now: BTreeSet<String> = warnings.into_iter().collect();
-                    for w in now.difference(&warned) {
-                        error!("{w}");
-                    }
-                    warned = now;
-                    m.reconcile_runs.inc();
-                    match reconcile_once(kernel, &desired, &ownership).await {
-                        Ok(report) => {
-                            for (label, n) in &report.applied {
-                                m.record_change(label, *n as u64);
-                            }
-                            m.netlink_errors.inc_by(report.failed.len() as u64);
-                            log_report(&report, !synced_once);
-                            synced_once = true;
-                            for f in &report.failed {
-                                warn!(error = %f, "data plane change failed; will retry");
-                            }
-                            debug!(entries = desired.len(), "reconciled");
-                            report.failed.is_empty()
-                        }
-                        Err(e) => {
-                            m.netlink_errors.inc();
-                            warn!(error = %crate::chain(&e), "reading the kernel state failed");
-                            false
-                        }
+        if state.pass_due() {
+            state.pass(model, kernel, &policy).await;
+        }
+        let mut input = next_input(
+            &mut rx,
+            &mut notifications,
+            &mut tick,
+            state.retry_at,
+            &shutdown,
+        )
+        .await;
+        if let Input::Kernel(changes) = &mut input
+            && state.is_news(changes)
+        {
+            // Collect the rest of the burst before reacting; a stop request ends the wait.
+            tokio::select! {
+                _ = shutdown.cancelled() => input = Input::Shutdown,
+                _ = tokio::time::sleep(opts.debounce) => {
+                    if let Some(n) = notifications.as_mut() {
+                        changes.extend(n.drain());
                     }
                 }
-            };
-            if ok {
-                retry = Duration::from_millis(200);
-                retry_at = None;
-            } else {
-                retry_at = Some(tokio::time::Instant::now() + retry);
-                retry = (retry * 2).min(Duration::from_secs(10));
             }
         }
-        let retry_sleep = async {
-            match retry_at {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
+        let ended = matches!(input, Input::WatchEnded);
+        if state.on(input) == Flow::Stop {
+            if !ended || shutdown.is_cancelled() {
+                return Ok(());
             }
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = rx.recv() => match r {
-                Some(result) => {
-                    if matches!(result, flannel_core::LeaseWatchResult::Snapshot(_)) {
-                        have_snapshot = true;
-                    }
-                    let mut events = tracker.apply(result);
-                    // Take everything that is already queued before reconciling once.
-                    while let Ok(more) = rx.try_recv() {
-                        events.extend(tracker.apply(more));
-                    }
-                    for e in &events {
-                        match e {
-                            flannel_core::LeaseEvent::Added(l) => debug!(lease = %l, "peer lease added or changed"),
-                            flannel_core::LeaseEvent::Removed(l) => debug!(lease = %l, "peer lease removed"),
-                        }
-                    }
-                    dirty = true;
-                }
-                None => {
-                    return match watcher.await {
-                        Ok(Err(e)) => Err(BackendError::Subnet(e)),
-                        _ if shutdown.is_cancelled() => Ok(()),
-                        _ => Err(BackendError::Other("the lease watch stopped unexpectedly".into())),
-                    };
-                }
-            },
-            Some(()) = async { match notifications.as_mut() { Some(n) => n.recv().await, None => std::future::pending().await } } => {
-                // Collect the burst before reacting; a stop request ends the wait.
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(opts.debounce) => {}
-                }
-                if let Some(n) = notifications.as_mut() {
-                    while n.try_recv().is_ok() {}
-                }
-                dirty = true;
-            }
-            _ = tick.tick() => dirty = true,
-            _ = retry_sleep => dirty = true,
+            return match watcher.await {
+                Ok(Err(e)) => Err(BackendError::Subnet(e)),
+                _ => Err(BackendError::Other(
+                    "the lease watch stopped unexpectedly".into(),
+                )),
+            };
         }
     }
-    Ok(())
 }
 
 /// [`run`] on the real kernel: a netlink connection plus notifications (falling back to periodic
@@ -213,23 +406,16 @@ pub async fn run_on_netlink(
     shutdown: CancellationToken,
 ) -> Result<(), BackendError> {
     let kernel = crate::netlink::Netlink::new()?;
+    let mut opts = DriverOptions::default();
     let notifications = match crate::netlink::Netlink::subscribe() {
         Ok(n) => Some(n),
         Err(e) => {
-            warn!(error = %crate::chain(&e), "no netlink notifications; relying on periodic resync");
+            warn!(error = %crate::chain(&e), "no netlink notifications; relying on a resync every 10 s");
+            opts.resync = Duration::from_secs(10);
             None
         }
     };
-    run(
-        model,
-        &kernel,
-        sm,
-        own,
-        notifications,
-        DriverOptions::default(),
-        shutdown,
-    )
-    .await
+    run(model, &kernel, sm, own, notifications, opts, shutdown).await
 }
 
 /// A [`flannel_core::Network`] whose data plane is kept by this driver on the real kernel: what a kernel
@@ -284,9 +470,31 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::{FakeKernel, Route};
-    use flannel_core::{LeaseAttrs, LeaseWatchResult, NetworkConfig, SubnetError};
+    use crate::changes::{Entry, NotificationSender, notifications};
+    use crate::{DataplaneError, FakeKernel, Op, Route};
+    use flannel_core::{LeaseAttrs, NetworkConfig, SubnetError};
     use ipnet::IpNet;
+
+    /// The fake kernel, counting full reads.
+    #[derive(Debug, Default)]
+    struct CountingKernel {
+        inner: FakeKernel,
+        reads: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl KernelOps for CountingKernel {
+        async fn read(&self, own: &Ownership) -> Result<KernelState, DataplaneError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.inner.read(own).await
+        }
+        async fn apply(&self, op: &Op) -> Result<(), DataplaneError> {
+            self.inner.apply(op).await
+        }
+        async fn host_routes(&self) -> Result<Vec<Route>, DataplaneError> {
+            self.inner.host_routes().await
+        }
+    }
 
     /// A subnet manager whose watch forwards what the test sends.
     #[derive(Debug)]
@@ -384,18 +592,18 @@ mod tests {
 
     struct Harness {
         leases: mpsc::Sender<LeaseWatchResult>,
-        notify: mpsc::Sender<()>,
+        notify: NotificationSender,
         passes: Arc<AtomicUsize>,
-        kernel: Arc<FakeKernel>,
+        kernel: Arc<CountingKernel>,
         shutdown: CancellationToken,
         task: tokio::task::JoinHandle<Result<(), BackendError>>,
     }
 
     fn start(fail_first: usize) -> Harness {
         let (leases, rx) = mpsc::channel(16);
-        let (notify, nrx) = mpsc::channel(64);
+        let (notify, nrx) = notifications(64);
         let passes = Arc::new(AtomicUsize::new(0));
-        let kernel = Arc::new(FakeKernel::default());
+        let kernel = Arc::new(CountingKernel::default());
         let shutdown = CancellationToken::new();
         let sm: Arc<dyn SubnetManager> = Arc::new(ScriptedStore(Mutex::new(Some(rx))));
         let task = {
@@ -403,7 +611,7 @@ mod tests {
             tokio::spawn(async move {
                 let mut model = CountingModel { passes, fail_first };
                 let opts = DriverOptions {
-                    resync: Duration::from_secs(3600),
+                    resync: Duration::from_secs(600),
                     debounce: Duration::from_millis(50),
                 };
                 let own = "10.5.1.0-24".parse().unwrap_or_else(|_| unreachable!());
@@ -443,8 +651,12 @@ mod tests {
         }
     }
 
-    fn routes(k: &FakeKernel) -> usize {
-        k.state.lock().map(|s| s.routes.len()).unwrap_or(0)
+    fn routes(k: &CountingKernel) -> usize {
+        k.inner.state.lock().map(|s| s.routes.len()).unwrap_or(0)
+    }
+
+    fn reads(h: &Harness) -> usize {
+        h.kernel.reads.load(Ordering::SeqCst)
     }
 
     async fn settle() {
@@ -483,7 +695,7 @@ mod tests {
         h.store_says(LeaseWatchResult::Snapshot(vec![])).await;
         let before = h.passes.load(Ordering::SeqCst);
         for _ in 0..20 {
-            h.notify.send(()).await.unwrap_or_else(|_| unreachable!());
+            assert!(h.notify.send(KernelChange::Other));
         }
         settle().await;
         assert_eq!(h.passes.load(Ordering::SeqCst), before, "still debouncing");
@@ -525,7 +737,7 @@ mod tests {
         let h = start(0);
         h.store_says(LeaseWatchResult::Snapshot(vec![])).await;
         let passes = h.passes.load(Ordering::SeqCst);
-        h.notify.send(()).await.unwrap_or_else(|_| unreachable!());
+        assert!(h.notify.send(KernelChange::Other));
         settle().await;
         let counted = h.passes.clone();
         let t = tokio::time::Instant::now();
@@ -546,5 +758,108 @@ mod tests {
         let e = r.expect_err("the loop cannot go on without a watch");
         assert!(e.to_string().contains("lease watch stopped"), "{e}");
         drop(h.notify);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lease_changes_are_diffed_against_what_the_loop_knows() {
+        let h = start(0);
+        h.store_says(LeaseWatchResult::Snapshot(vec![lease("10.5.2.0-24")]))
+            .await;
+        assert_eq!(reads(&h), 1, "the first pass reads the kernel");
+        for i in 3..13 {
+            h.store_says(LeaseWatchResult::Events(vec![LeaseEvent::Added(lease(
+                &format!("10.5.{i}.0-24"),
+            ))]))
+            .await;
+        }
+        assert_eq!(routes(&h.kernel), 11);
+        assert_eq!(reads(&h), 1, "lease changes alone never read the kernel");
+        h.store_says(LeaseWatchResult::Events(vec![LeaseEvent::Removed(lease(
+            "10.5.2.0-24",
+        ))]))
+        .await;
+        assert_eq!(routes(&h.kernel), 10);
+        assert_eq!(reads(&h), 1);
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn echoes_are_ignored_and_a_removed_entry_is_repaired() {
+        let h = start(0);
+        h.store_says(LeaseWatchResult::Snapshot(vec![lease("10.5.2.0-24")]))
+            .await;
+        let ours = h
+            .kernel
+            .inner
+            .state
+            .lock()
+            .unwrap()
+            .routes
+            .first()
+            .cloned()
+            .unwrap();
+        let passes = h.passes.load(Ordering::SeqCst);
+        // The kernel echoes our own route, and a route elsewhere changes: no news.
+        assert!(
+            h.notify
+                .send(KernelChange::Added(Entry::Route(ours.clone())))
+        );
+        let mut elsewhere = ours.clone();
+        elsewhere.dst = "192.168.0.0/24".parse().unwrap();
+        assert!(h.notify.send(KernelChange::Added(Entry::Route(elsewhere))));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            h.passes.load(Ordering::SeqCst),
+            passes,
+            "no pass for echoes"
+        );
+        assert_eq!(reads(&h), 1);
+        // Someone deletes our route: the loop reads the kernel and puts it back.
+        h.kernel.inner.state.lock().unwrap().routes.clear();
+        assert!(h.notify.send(KernelChange::Removed(Entry::Route(ours))));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(reads(&h), 2);
+        assert_eq!(routes(&h.kernel), 1, "repaired");
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_resync_reads_the_kernel_and_repairs_silent_losses() {
+        let h = start(0);
+        h.store_says(LeaseWatchResult::Snapshot(vec![lease("10.5.2.0-24")]))
+            .await;
+        // Routes dropped without a notification (a device set down does that).
+        h.kernel.inner.state.lock().unwrap().routes.clear();
+        tokio::time::sleep(Duration::from_secs(599)).await;
+        assert_eq!(routes(&h.kernel), 0, "not before the resync");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(reads(&h), 2);
+        assert_eq!(routes(&h.kernel), 1, "repaired at the resync");
+        h.stop().await;
+    }
+
+    #[test]
+    fn backoff_doubles_to_ten_seconds_and_resets() {
+        let mut b = Backoff(Backoff::FIRST);
+        let waits: Vec<u64> = (0..8).map(|_| b.next().as_millis() as u64).collect();
+        assert_eq!(waits, [200, 400, 800, 1600, 3200, 6400, 10000, 10000]);
+        b.reset();
+        assert_eq!(b.next(), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_failed_pass_forgets_what_the_loop_knew() {
+        let mut l = Loop::new("10.5.1.0-24".parse().unwrap());
+        l.known = Some((Ownership::default(), KernelState::default()));
+        assert!(!l.is_news(&[KernelChange::OnDevice(3)]));
+        assert_eq!(l.on(Input::Tick), Flow::Continue);
+        assert!(l.known.is_none() && l.dirty, "a tick always reads");
+        assert!(!l.pass_due(), "but not before the first snapshot");
+        assert!(
+            l.is_news(&[KernelChange::OnDevice(3)]),
+            "nothing known: all is news"
+        );
+        assert_eq!(l.on(Input::WatchEnded), Flow::Stop);
+        assert_eq!(l.on(Input::Shutdown), Flow::Stop);
     }
 }

@@ -10,8 +10,10 @@
 //! neighbours, FDB entries) plus an [`Ownership`] saying which existing entries are flannel's. [`diff`]
 //! turns desired and actual state into [`Op`]s; [`KernelOps`] reads and applies them (over netlink in
 //! [`netlink::Netlink`], in memory in `FakeKernel` with the `test-util` feature); [`driver::run`] repeats this on every lease
-//! event, on kernel notifications and periodically, so deleted or changed entries come back and stale
-//! ones go away, without ever touching entries that are not flannel's.
+//! event, on kernel notifications that are news ([`changes::needs_read`]) and periodically, so
+//! deleted or changed entries come back and stale ones go away, without ever touching entries that
+//! are not flannel's. Between full reads it diffs against what it knows ([`apply_diff`] keeps that
+//! record), so a lease change costs its own entries, not a dump of the kernel's tables.
 //!
 //! ```
 //! use flannel_dataplane::{diff, KernelState, Op, Ownership, Route};
@@ -22,6 +24,7 @@
 //! assert_eq!(diff(&desired, &KernelState::default(), &own), vec![Op::AddRoute(route)]);
 //! ```
 
+pub mod changes;
 pub mod driver;
 pub mod host;
 pub mod lease_policy;
@@ -609,19 +612,122 @@ pub async fn reconcile_once(
     desired: &KernelState,
     own: &Ownership,
 ) -> Result<ReconcileReport, DataplaneError> {
-    let actual = kernel.read(own).await?;
+    let mut actual = kernel.read(own).await?;
+    Ok(apply_diff(kernel, desired, own, &mut actual).await)
+}
+
+/// Applies the difference between `desired` and `known` (the kernel's entries as last read, and kept
+/// up to date by this function: each op that succeeds is recorded in it), continuing past failures,
+/// which are reported. After a failure `known` may no longer match the kernel: read it again.
+pub async fn apply_diff(
+    kernel: &dyn KernelOps,
+    desired: &KernelState,
+    own: &Ownership,
+    known: &mut KernelState,
+) -> ReconcileReport {
     let mut report = ReconcileReport::default();
-    for op in diff(desired, &actual, own) {
+    for op in diff(desired, known, own) {
         let label = match &op {
             Op::AddRoute(_) | Op::AddNeigh(_) | Op::AddFdb(_) => format!("add {}", op.kind()),
             _ => format!("delete {}", op.kind()),
         };
         match kernel.apply(&op).await {
-            Ok(()) => *report.applied.entry(label).or_default() += 1,
+            Ok(()) => {
+                known.record(&op);
+                *report.applied.entry(label).or_default() += 1;
+            }
             Err(e) => report.failed.push(chain(&e)),
         }
     }
-    Ok(report)
+    report
+}
+
+impl KernelState {
+    /// Records an op the kernel accepted, with its replace semantics: a route replaces the route to
+    /// the same destination, a neighbour the one for the same address on its device, an FDB entry
+    /// the one for the same MAC on its device. (Entries sharing that key sort next to each other, so
+    /// this costs a lookup, not a scan.)
+    pub fn record(&mut self, op: &Op) {
+        const ANY_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+        match op {
+            Op::AddRoute(r) | Op::DelRoute(r) => {
+                let first = Route {
+                    dst: r.dst,
+                    gateway: None,
+                    oif: 0,
+                    onlink: false,
+                };
+                remove_run(&mut self.routes, &first, |x| x.dst == r.dst);
+                if matches!(op, Op::AddRoute(_)) {
+                    self.routes.insert(r.clone());
+                }
+            }
+            Op::AddNeigh(n) | Op::DelNeigh(n) => {
+                let first = Neigh {
+                    mac: MacAddr([0; 6]),
+                    ..n.clone()
+                };
+                remove_run(&mut self.neighs, &first, |x| {
+                    (x.ifindex, x.ip) == (n.ifindex, n.ip)
+                });
+                if matches!(op, Op::AddNeigh(_)) {
+                    self.neighs.insert(n.clone());
+                }
+            }
+            Op::AddFdb(e) | Op::DelFdb(e) => {
+                let first = Fdb {
+                    dst: ANY_IP,
+                    ..e.clone()
+                };
+                remove_run(&mut self.fdb, &first, |x| {
+                    (x.ifindex, x.mac) == (e.ifindex, e.mac)
+                });
+                if matches!(op, Op::AddFdb(_)) {
+                    self.fdb.insert(e.clone());
+                }
+            }
+        }
+    }
+}
+
+impl KernelState {
+    /// The neighbour entry for `ip` on device `ifindex`, if any.
+    pub fn neigh_at(&self, ifindex: u32, ip: IpAddr) -> Option<&Neigh> {
+        let first = Neigh {
+            ifindex,
+            ip,
+            mac: MacAddr([0; 6]),
+        };
+        self.neighs
+            .range(&first..)
+            .next()
+            .filter(|n| (n.ifindex, n.ip) == (ifindex, ip))
+    }
+
+    /// The FDB entry for `mac` on device `ifindex`, if any.
+    pub fn fdb_of(&self, ifindex: u32, mac: MacAddr) -> Option<&Fdb> {
+        let first = Fdb {
+            ifindex,
+            mac,
+            dst: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        };
+        self.fdb
+            .range(&first..)
+            .next()
+            .filter(|e| (e.ifindex, e.mac) == (ifindex, mac))
+    }
+}
+
+/// Removes the entries from `first` on for which `same` holds (a run of neighbours in the order).
+fn remove_run<T: Ord + Clone>(set: &mut BTreeSet<T>, first: &T, same: impl Fn(&T) -> bool) {
+    let doomed: Vec<T> = set
+        .range(first..)
+        .take_while(|x| same(x))
+        .cloned()
+        .collect();
+    for d in doomed {
+        set.remove(&d);
+    }
 }
 
 #[cfg(test)]
@@ -837,6 +943,53 @@ mod tests {
         assert_eq!(*k.state.lock().unwrap(), desired);
         let r = reconcile_once(&k, &desired, &vxlan_own()).await.unwrap();
         assert!(r.is_noop(), "second pass changes nothing");
+    }
+
+    #[tokio::test]
+    async fn what_apply_diff_records_is_what_a_read_returns() {
+        // The loop diffs lease changes against what it recorded instead of reading the kernel, so
+        // the record must match a fresh read after every kind of change: adds, replacements (a
+        // new gateway, a new MAC for the same address, a moved VTEP) and removals.
+        let k = FakeKernel::default();
+        let own = vxlan_own();
+        let steps = [
+            state(
+                vec![
+                    route("10.5.2.0/24", "10.5.2.0", 5, true),
+                    route("10.5.3.0/24", "10.5.3.0", 5, true),
+                ],
+                vec![
+                    neigh("10.5.2.0", "aa:aa:aa:aa:aa:02"),
+                    neigh("10.5.3.0", "aa:aa:aa:aa:aa:03"),
+                ],
+                vec![
+                    fdb("aa:aa:aa:aa:aa:02", "192.168.0.2"),
+                    fdb("aa:aa:aa:aa:aa:03", "192.168.0.3"),
+                ],
+            ),
+            state(
+                vec![
+                    route("10.5.2.0/24", "10.5.2.9", 5, true),
+                    route("10.5.4.0/24", "10.5.4.0", 5, true),
+                ],
+                vec![
+                    neigh("10.5.2.0", "aa:aa:aa:aa:aa:09"),
+                    neigh("10.5.4.0", "aa:aa:aa:aa:aa:04"),
+                ],
+                vec![
+                    fdb("aa:aa:aa:aa:aa:02", "192.168.0.9"),
+                    fdb("aa:aa:aa:aa:aa:04", "192.168.0.4"),
+                ],
+            ),
+            KernelState::default(),
+        ];
+        let mut known = k.read(&own).await.unwrap();
+        for desired in &steps {
+            let r = apply_diff(&k, desired, &own, &mut known).await;
+            assert!(r.failed.is_empty(), "{:?}", r.failed);
+            assert_eq!(known, k.read(&own).await.unwrap());
+            assert_eq!(&known, desired);
+        }
     }
 
     #[tokio::test]

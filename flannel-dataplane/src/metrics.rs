@@ -14,6 +14,9 @@ type Labels = Vec<(&'static str, String)>;
 pub struct DataplaneMetrics {
     /// Reconcile passes.
     pub reconcile_runs: Counter,
+    /// Full reads of the kernel's entries (at start, at each resync, after news from the kernel or a
+    /// failure; lease changes alone do not read).
+    pub kernel_reads: Counter,
     /// Kernel entries added or deleted, by `op` (`add`, `delete`) and `kind` (`route`, `neigh`, `fdb`).
     pub changes: Family<Labels, Counter>,
     /// Netlink operations that failed.
@@ -45,6 +48,11 @@ pub fn register(r: &mut Registry) {
         "flannel_reconcile_runs",
         "Data plane reconcile passes",
         m.reconcile_runs.clone(),
+    );
+    r.register(
+        "flannel_kernel_reads",
+        "Full reads of the kernel's routes, neighbours and FDB entries by the reconcile loop",
+        m.kernel_reads.clone(),
     );
     r.register(
         "flannel_dataplane_changes",

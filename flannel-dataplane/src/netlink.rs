@@ -7,7 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use ipnet::IpNet;
+use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,
@@ -19,9 +21,9 @@ use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, MulticastGroup, RouteMessageBuilder};
-use tokio::sync::mpsc;
 
 use crate::LinkOps;
+use crate::changes::{Entry, KernelChange, Notifications, notifications};
 use crate::{
     DataplaneError, Fdb, KernelCause, KernelOps, KernelState, MacAddr, Neigh, Op, Ownership, Route,
 };
@@ -96,9 +98,9 @@ impl Netlink {
         Ok(Self { handle })
     }
 
-    /// Subscribes to link, address, route and neighbour notifications; each one sends a `()` (the
-    /// channel holds at most one pending trigger, so bursts collapse).
-    pub fn subscribe() -> Result<mpsc::Receiver<()>, DataplaneError> {
+    /// Subscribes to link, address, route and neighbour notifications, each turned into a
+    /// [`KernelChange`] (up to 4096 queued; past that the receiver gets [`KernelChange::Other`]).
+    pub fn subscribe() -> Result<Notifications, DataplaneError> {
         let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
             MulticastGroup::Link,
             MulticastGroup::Ipv4Route,
@@ -109,12 +111,18 @@ impl Netlink {
         ])
         .map_err(|e| err("subscribing to netlink notifications", e))?;
         tokio::spawn(conn);
-        let (tx, rx) = mpsc::channel(1);
+        let (tx, rx) = notifications(4096);
         tokio::spawn(async move {
-            while messages.next().await.is_some() {
-                match tx.try_send(()) {
-                    Ok(()) | Err(mpsc::error::TrySendError::Full(())) => {}
-                    Err(mpsc::error::TrySendError::Closed(())) => return,
+            while let Some((msg, _)) = messages.next().await {
+                let change = match msg.payload {
+                    NetlinkPayload::InnerMessage(m) => change_of(m),
+                    // An error or overrun report: something may have been lost.
+                    _ => Some(KernelChange::Other),
+                };
+                if let Some(c) = change
+                    && !tx.send(c)
+                {
+                    return;
                 }
             }
         });
@@ -228,17 +236,78 @@ fn link_state(msg: rtnetlink::packet_route::link::LinkMessage) -> LinkState {
     s
 }
 
-/// Converts a dumped route of the main table with one next hop into a [`Route`].
-fn route_of(r: &RouteMessage) -> Option<Route> {
-    let table = r
-        .attributes
+/// What a notification says, or `None` when it cannot concern flannel's entries (routes of other
+/// tables).
+fn change_of(m: RouteNetlinkMessage) -> Option<KernelChange> {
+    let entry = |added: bool, e: Entry| {
+        Some(if added {
+            KernelChange::Added(e)
+        } else {
+            KernelChange::Removed(e)
+        })
+    };
+    match m {
+        RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r)
+            if table_of(&r) != 254 =>
+        {
+            None
+        }
+        RouteNetlinkMessage::NewRoute(r) => match route_of(&r) {
+            Some(route) => entry(true, Entry::Route(route)),
+            None => Some(KernelChange::Other),
+        },
+        RouteNetlinkMessage::DelRoute(r) => match route_of(&r) {
+            Some(route) => entry(false, Entry::Route(route)),
+            None => Some(KernelChange::Other),
+        },
+        RouteNetlinkMessage::NewNeighbour(n) => Some(match neigh_entry(&n) {
+            Some(e) if n.header.state == NeighbourState::Permanent => KernelChange::Added(e),
+            _ => KernelChange::OnDevice(n.header.ifindex),
+        }),
+        RouteNetlinkMessage::DelNeighbour(n) => Some(match neigh_entry(&n) {
+            Some(e) => KernelChange::Removed(e),
+            None => KernelChange::OnDevice(n.header.ifindex),
+        }),
+        _ => Some(KernelChange::Other),
+    }
+}
+
+/// A neighbour message as a neighbour (IPv4/IPv6) or an FDB entry (bridge family), when it carries
+/// both addresses.
+fn neigh_entry(m: &NeighbourMessage) -> Option<Entry> {
+    let ip = m.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(d) => neigh_ip(d),
+        _ => None,
+    })?;
+    let mac = m.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(l) => MacAddr::try_from(l.as_slice()).ok(),
+        _ => None,
+    })?;
+    let ifindex = m.header.ifindex;
+    Some(if m.header.family == AddressFamily::Bridge {
+        Entry::Fdb(Fdb {
+            ifindex,
+            mac,
+            dst: ip,
+        })
+    } else {
+        Entry::Neigh(Neigh { ifindex, ip, mac })
+    })
+}
+
+fn table_of(r: &RouteMessage) -> u32 {
+    r.attributes
         .iter()
         .find_map(|a| match a {
             RouteAttribute::Table(t) => Some(*t),
             _ => None,
         })
-        .unwrap_or(u32::from(r.header.table));
-    if table != 254 || r.header.kind != RouteType::Unicast {
+        .unwrap_or(u32::from(r.header.table))
+}
+
+/// Converts a dumped route of the main table with one next hop into a [`Route`].
+fn route_of(r: &RouteMessage) -> Option<Route> {
+    if table_of(r) != 254 || r.header.kind != RouteType::Unicast {
         return None;
     }
     let mut dst = None;
