@@ -7,7 +7,9 @@
 //! leases are deleted; (d) flanneld's resident memory idle and at 5000 and 20,000 peers; (e) the CPU
 //! flanneld uses per idle minute at 5000 and 20,000 peers.
 //!
-//! Needs root. `cargo build --release --workspace && ./target/release/bench-dataplane`
+//! Needs root. `cargo build --release --workspace && ./target/release/bench-dataplane [vxlan|host-gw]
+//! [PEERS...]` (default: both backends, 100 1000 5000 20000 peers). Each row also shows host 0's
+//! flanneld counters for that step: reconcile passes and full reads of the kernel.
 
 use std::time::{Duration, Instant};
 
@@ -57,7 +59,8 @@ fn wait_for(
     bench::wait_for(lab, hosts, n, backend, 0, timeout)
 }
 
-/// CPU seconds flanneld uses per minute while nothing changes (measured over 30 s).
+/// CPU seconds flanneld uses per minute while nothing changes (measured over a minute, so that it
+/// holds one periodic resync).
 fn idle_cpu_per_minute(pid: Option<u32>) -> f64 {
     let Some(pid) = pid else { return 0.0 };
     let ticks = |pid: u32| -> f64 {
@@ -71,8 +74,58 @@ fn idle_cpu_per_minute(pid: Option<u32>) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let before = ticks(pid);
-    std::thread::sleep(Duration::from_secs(30));
-    (ticks(pid) - before) / hz * 2.0
+    std::thread::sleep(Duration::from_secs(60));
+    (ticks(pid) - before) / hz
+}
+
+/// The kernel's own cost of installing `n` per-peer routes in a fresh namespace, with `ip -batch`
+/// (no flanneld): routes via a distinct on-link gateway each on one device, as flannel's vxlan and
+/// host-gw routes are; the same routes through nexthop objects; and routes sharing one gateway.
+/// Returns milliseconds for each.
+fn kernel_floor(n: usize) -> (f64, f64, f64) {
+    let ns = flannel_tests::netns::Netns::new("fib");
+    for cmd in [
+        "ip link add fltfib0 type veth peer name fltfib1",
+        "ip addr add 10.0.0.1/32 dev fltfib0",
+        "ip addr add 192.0.2.2/24 dev fltfib1",
+        "ip link set fltfib0 up",
+        "ip link set fltfib1 up",
+    ] {
+        ns.exec(&cmd.split(' ').collect::<Vec<_>>())
+            .expect("set up the floor namespace");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let subnet = |i: usize| format!("{}.{}.{}", 10 + i / 62_500, 1 + (i / 250) % 250, i % 250);
+    let mut distinct = String::new();
+    let mut nexthops = String::new();
+    let mut nh_routes = String::new();
+    let mut shared = String::new();
+    for i in 0..n {
+        let s = subnet(i);
+        distinct.push_str(&format!(
+            "route add {s}.0/24 via {s}.0 dev fltfib0 onlink\n"
+        ));
+        nexthops.push_str(&format!(
+            "nexthop add id {} via {s}.0 dev fltfib0 onlink\n",
+            i + 1
+        ));
+        nh_routes.push_str(&format!("route add {s}.0/24 nhid {} table 100\n", i + 1));
+        shared.push_str(&format!(
+            "route add {s}.0/24 via 192.0.2.1 dev fltfib1 table 200\n"
+        ));
+    }
+    let time = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write batch");
+        let start = Instant::now();
+        ns.exec(&["ip", "-batch", &path.to_string_lossy()])
+            .expect("ip -batch");
+        start.elapsed().as_secs_f64() * 1000.0
+    };
+    let a = time("distinct", distinct);
+    let b = time("nexthops", nexthops + &nh_routes);
+    let c = time("shared", shared);
+    (a, b, c)
 }
 
 fn rss_mib(pid: Option<u32>) -> f64 {
@@ -86,8 +139,19 @@ fn main() {
         std::process::exit(1);
     }
     let flanneld = bin_path("flanneld");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let backends: Vec<&str> = ["vxlan", "host-gw"]
+        .into_iter()
+        .filter(|b| {
+            !args.iter().any(|a| a == "vxlan" || a == "host-gw") || args.iter().any(|a| a == b)
+        })
+        .collect();
+    let mut sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    if sizes.is_empty() {
+        sizes = vec![100, 1000, 5000, 20_000];
+    }
     println!(
-        "{:<8} {:>6} {:>11} {:>8} {:>10} {:>8} {:>11} {:>9}",
+        "{:<8} {:>6} {:>11} {:>8} {:>10} {:>8} {:>11} {:>9} {:>7} {:>6}",
         "backend",
         "peers",
         "install_ms",
@@ -95,15 +159,24 @@ fn main() {
         "remove_ms",
         "rss_MiB",
         "settled_MiB",
-        "peak_MiB"
+        "peak_MiB",
+        "passes",
+        "reads"
     );
     let mut joins = Vec::new();
     let mut idle_cpu = Vec::new();
-    for backend in ["vxlan", "host-gw"] {
+    for backend in backends {
         let spec = LabSpec {
             segments: vec![3],
             config: format!(r#"{{"Network":"10.0.0.0/8","Backend":{{"Type":"{backend}"}}}}"#),
-            flanneld_args: vec![],
+            flanneld_args: vec!["--healthz-port=8081".into()],
+        };
+        let counters = |lab: &Lab| {
+            let m = |name| lab.metric(0, 8081, name).unwrap_or(0.0);
+            (
+                m("flannel_reconcile_runs_total"),
+                m("flannel_kernel_reads_total"),
+            )
         };
         let mut lab = Lab::new(&spec, flanneld.clone());
         lab.start_flanneld(0);
@@ -114,8 +187,9 @@ fn main() {
             "{backend:<8} {:>6} {:>11} {:>8} {:>10} {idle:>8.1} {:>11} {:>9}",
             0, "-", "-", "-", "-", "-"
         );
-        for n in [100, 1000, 5000, 20_000] {
+        for &n in &sizes {
             let leases = fakes(n, backend);
+            let (passes0, reads0) = counters(&lab);
             lab.etcd_put_many(
                 leases
                     .iter()
@@ -123,6 +197,7 @@ fn main() {
                     .collect(),
             );
             let (install, miss) = wait_for(&lab, &[0, 1], n, backend, Duration::from_secs(60));
+            let (passes1, reads1) = counters(&lab);
             let rss = rss_mib(lab.flanneld_pid(0));
             std::thread::sleep(Duration::from_secs(6));
             let settled = rss_mib(lab.flanneld_pid(0));
@@ -146,8 +221,10 @@ fn main() {
                 format!("{left} left")
             };
             println!(
-                "{backend:<8} {n:>6} {:>11.0} {miss:>8} {remove:>10} {rss:>8.1} {settled:>11.1} {peak:>9.1}",
-                install.as_secs_f64() * 1000.0
+                "{backend:<8} {n:>6} {:>11.0} {miss:>8} {remove:>10} {rss:>8.1} {settled:>11.1} {peak:>9.1} {:>7} {:>6}",
+                install.as_secs_f64() * 1000.0,
+                passes1 - passes0,
+                reads1 - reads0
             );
         }
     }
@@ -166,5 +243,15 @@ fn main() {
     );
     for (backend, n, cpu) in idle_cpu {
         println!("{backend:<8} {n:>6} {cpu:>22.3}");
+    }
+    // What the kernel alone needs for the same number of routes (the floor under the install times).
+    println!();
+    println!(
+        "{:>6} {:>24} {:>22} {:>20}",
+        "routes", "distinct_gateways_ms", "nexthop_objects_ms", "shared_gateway_ms"
+    );
+    for &n in sizes.iter().filter(|&&n| n >= 5000) {
+        let (a, b, c) = kernel_floor(n);
+        println!("{n:>6} {a:>24.0} {b:>22.0} {c:>20.0}");
     }
 }
