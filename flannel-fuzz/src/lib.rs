@@ -34,6 +34,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("firewall_listing", firewall_listing),
     ("kube_node", kube_node),
     ("kube_annotations", kube_annotations),
+    ("wireguard_options", wireguard_options),
+    ("wireguard_lease", wireguard_lease),
 ];
 
 fn text(data: &[u8]) -> String {
@@ -214,5 +216,66 @@ fn lease_of(node: &NodeInfo) {
             );
         }
         let _ = annotations::own_lease_key(&c, node);
+    }
+}
+
+/// The wireguard backend's options (the `Backend` object of the network config).
+pub fn wireguard_options(data: &[u8]) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    if let Ok(o) = flannel_backend_wireguard::WireguardOptions::parse(&v) {
+        assert!(o.listen_port > 0 && o.listen_port_v6 > 0);
+        for ext in [0, 1280, 1500, u32::MAX] {
+            if let Ok(m) = o.device_mtu(ext) {
+                assert!(m >= 576 && m < o.mtu.unwrap_or(ext), "{m} from {ext}");
+            }
+        }
+    }
+}
+
+/// A peer's wireguard lease (a lease value from the store), turned into WireGuard peers in every
+/// mode: what is accepted must carry the lease's own subnet(s) only, at its public address.
+pub fn wireguard_lease(data: &[u8]) {
+    use flannel_backend_wireguard::{Key, Mode, PeerContext, desired_peers};
+    let Ok(attrs) = LeaseAttrs::from_json(data) else {
+        return;
+    };
+    let lease = flannel_core::Lease {
+        key: SubnetKey::parse("10.5.2.0-24&fd00:5:2::-64").unwrap_or_else(|_| unreachable!()),
+        enable_ipv4: true,
+        attrs,
+        expiration: None,
+        asof: 0,
+    };
+    for mode in [Mode::Separate, Mode::Auto, Mode::Ipv4, Mode::Ipv6] {
+        let ctx = PeerContext {
+            mode,
+            listen_port: 51820,
+            listen_port_v6: 51821,
+            families: (true, true),
+            ext_addr: Some(Ipv4Addr::new(192, 168, 0, 1)),
+            ext_v6_addr: Some("2001:db8::1".parse().unwrap_or_else(|_| unreachable!())),
+            own_key: Key([1; 32]),
+            psk: None,
+            keepalive: None,
+        };
+        let (peers, _) = desired_peers(&[&lease], &ctx);
+        for p in peers.main.values().chain(peers.v6.values()) {
+            assert!(p.endpoint.port() > 0);
+            let ip = p.endpoint.ip();
+            assert!(
+                ip == std::net::IpAddr::V4(lease.attrs.public_ip)
+                    || Some(ip) == lease.attrs.public_ipv6.map(std::net::IpAddr::V6),
+                "{ip} is not the lease's address"
+            );
+            for a in &p.allowed_ips {
+                assert!(
+                    *a == ipnet::IpNet::V4(lease.key.ipv4)
+                        || Some(*a) == lease.key.ipv6.map(ipnet::IpNet::V6),
+                    "{a} is not the lease's subnet"
+                );
+            }
+        }
     }
 }
