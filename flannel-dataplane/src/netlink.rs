@@ -160,6 +160,48 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Makes sure the main table has a blackhole route to `dst` (`ip route add blackhole <dst>`, what
+    /// `--ip-blackhole-route` asks for); true when it had to be added. A route of another kind to
+    /// the same prefix (a bridge's own route, say) makes the add fail with `EEXIST`.
+    pub async fn ensure_blackhole(&self, dst: IpNet) -> Result<bool, DataplaneError> {
+        let probe = match dst {
+            IpNet::V4(_) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            IpNet::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        };
+        let mut routes = self.handle.route().get(probe).execute();
+        while let Some(r) = routes
+            .try_next()
+            .await
+            .map_err(|e| err("listing routes", e))?
+        {
+            if table_of(&r) == 254
+                && r.header.kind == RouteType::BlackHole
+                && route_dst(&r) == Some(dst)
+            {
+                return Ok(false);
+            }
+        }
+        let msg = match dst {
+            IpNet::V4(d) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d.addr(), d.prefix_len())
+                .kind(RouteType::BlackHole)
+                .protocol(RouteProtocol::Boot)
+                .build(),
+            IpNet::V6(d) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d.addr(), d.prefix_len())
+                .kind(RouteType::BlackHole)
+                .protocol(RouteProtocol::Boot)
+                .build(),
+        };
+        self.handle
+            .route()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|e| err(format!("add blackhole route {dst}"), e))?;
+        Ok(true)
+    }
+
     /// The main-table routes of one family that `keep` accepts.
     async fn routes(
         &self,
@@ -305,32 +347,41 @@ fn table_of(r: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(r.header.table))
 }
 
+/// A route message's destination prefix (`0.0.0.0/0` or `::/0` for a default route).
+fn route_dst(r: &RouteMessage) -> Option<IpNet> {
+    let ip = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+            _ => None,
+        })
+        .or_else(|| {
+            (r.header.destination_prefix_length == 0).then_some(match r.header.address_family {
+                AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            })
+        })?;
+    IpNet::new(ip, r.header.destination_prefix_length).ok()
+}
+
 /// Converts a dumped route of the main table with one next hop into a [`Route`].
 fn route_of(r: &RouteMessage) -> Option<Route> {
     if table_of(r) != 254 || r.header.kind != RouteType::Unicast {
         return None;
     }
-    let mut dst = None;
     let mut gateway = None;
     let mut oif = None;
     for a in &r.attributes {
         match a {
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(IpAddr::V4(*ip)),
-            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => dst = Some(IpAddr::V6(*ip)),
             RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(IpAddr::V4(*ip)),
             RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => gateway = Some(IpAddr::V6(*ip)),
             RouteAttribute::Oif(i) => oif = Some(*i),
             _ => {}
         }
     }
-    // A default route has no destination attribute.
-    let dst = dst.or_else(|| {
-        (r.header.destination_prefix_length == 0).then_some(match r.header.address_family {
-            AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        })
-    });
-    let dst = IpNet::new(dst?, r.header.destination_prefix_length).ok()?;
+    let dst = route_dst(r)?;
     Some(Route {
         dst,
         gateway,

@@ -101,7 +101,7 @@ pub struct Cli {
     /// Add FLANNEL-FWD accept rules for the cluster network
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub iptables_forward_rules: Option<bool>,
-    /// Keep a blackhole route for the own subnet
+    /// Keep a blackhole route for the own subnet(s), checked every --iptables-resync seconds
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub ip_blackhole_route: Option<bool>,
     /// Network config file (kube mode)
@@ -233,7 +233,7 @@ pub struct Settings {
     pub random_fully: bool,
     /// `--iptables-forward-rules`.
     pub forward_rules: bool,
-    /// `--iptables-resync`: how often the rules (and the blackhole route) are checked; at least 1 s.
+    /// `--iptables-resync`: how often the rules and the blackhole route are checked; at least 1 s.
     pub rules_resync: Duration,
     /// `--ip-blackhole-route`.
     pub blackhole_route: bool,

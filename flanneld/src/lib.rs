@@ -20,6 +20,7 @@
 //!
 //! See `examples/flanneld-alloc` in the repository for a complete one.
 
+mod blackhole;
 pub mod cni;
 pub mod config;
 pub mod docker_opts;

@@ -300,9 +300,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     for flag in &settings.ignored_flags {
         info!("{flag} is accepted for compatibility with Go flanneld and ignored; use RUST_LOG");
     }
-    if settings.blackhole_route {
-        warn!("--ip-blackhole-route is not supported yet and is ignored");
-    }
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(addr) = settings.healthz {
         crate::health::serve(addr, ready.clone(), shutdown.clone()).await?;
@@ -337,6 +334,20 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         info!("masquerade/forward rules installed");
         tokio::spawn(crate::iptables::keep(
             rules,
+            settings.rules_resync,
+            shutdown.clone(),
+        ));
+    }
+    if settings.blackhole_route {
+        let own: Vec<IpNet> = [
+            lease.subnet().map(IpNet::V4),
+            lease.ipv6_subnet().map(IpNet::V6),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        tokio::spawn(crate::blackhole::keep(
+            own,
             settings.rules_resync,
             shutdown.clone(),
         ));

@@ -1,5 +1,6 @@
 //! `--ip-masq` and the forward rules in the lab: exact rules, masquerade only for traffic leaving the
-//! cluster network, resync of deleted rules, stale rules of an old subnet removed at start.
+//! cluster network, resync of deleted rules, stale rules of an old subnet removed at start; and the
+//! blackhole route of `--ip-blackhole-route`, kept on the same resync.
 
 #![allow(clippy::unwrap_used)]
 
@@ -313,5 +314,60 @@ fn nftables_mode() {
             &table()
         )),
         "table not restored"
+    );
+}
+
+#[test]
+fn the_blackhole_route_for_the_own_subnet_is_kept() {
+    let Some(mut lab) = lab(
+        "blackhole",
+        &["--ip-blackhole-route", "--iptables-resync=1"],
+    ) else {
+        return;
+    };
+    lab.start_all();
+    let h = &lab.hosts[0];
+    let subnet: ipnet::Ipv4Net = h.subnet_env().unwrap()["FLANNEL_SUBNET"]
+        .parse::<ipnet::Ipv4Net>()
+        .unwrap()
+        .trunc();
+    let blackholes = || h.sh("ip route show type blackhole");
+    assert!(
+        until(Duration::from_secs(10), || blackholes()
+            .contains(&subnet.to_string())),
+        "no blackhole route for {subnet}: {}\n{}",
+        blackholes(),
+        h.log_text()
+    );
+    // Traffic to an address of the subnet that no pod holds is dropped here instead of following
+    // the default route: the kernel answers a lookup of it with the blackhole's EINVAL.
+    let addr = std::net::Ipv4Addr::from(u32::from(subnet.addr()) + 77).to_string();
+    let get = h.ns.exec(&["ip", "route", "get", &addr]);
+    assert!(
+        get.as_ref().is_err_and(|e| e.contains("Invalid argument")),
+        "{get:?}"
+    );
+    // Deleted, it comes back within the resync period; there is never more than one.
+    h.sh(&format!("ip route del blackhole {subnet}"));
+    assert!(
+        until(Duration::from_secs(10), || blackholes()
+            .contains(&subnet.to_string())),
+        "the blackhole route did not come back:\n{}",
+        h.log_text()
+    );
+    assert_eq!(blackholes().lines().count(), 1, "{}", blackholes());
+    assert_eq!(
+        h.log_text()
+            .matches("added the blackhole route for the own subnet")
+            .count(),
+        2,
+        "{}",
+        h.log_text()
+    );
+    // The other host keeps its own.
+    assert!(
+        lab.hosts[1]
+            .sh("ip route show type blackhole")
+            .contains("/24")
     );
 }
