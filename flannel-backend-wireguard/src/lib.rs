@@ -1,15 +1,20 @@
 //! # flannel-backend-wireguard
 //!
-//! The parts of flannel's `wireguard` backend that do not touch a device, compatible with upstream's
-//! (`pkg/backend/wireguard`): the options ([`WireguardOptions`]: `ListenPort`, `ListenPortV6`, `MTU`,
-//! `PSK`, `PersistentKeepaliveInterval`, `Mode`), the node's key ([`key::load_or_create`]:
-//! `/run/flannel/wgkey` or `WIREGUARD_KEY_FILE`, kept across restarts), the lease data
-//! (`{"PublicKey":"…","Port":51820}`), and the peers as data: [`desired_peers`] turns the peers'
-//! leases into the peers each device should have, [`diff_peers`] into the changes a device needs.
+//! flannel's `wireguard` backend, compatible with upstream's (`pkg/backend/wireguard`): pods' traffic
+//! between hosts goes encrypted through the WireGuard device `flannel-wg` (and `flannel-wg-v6` in
+//! `Mode: separate` with IPv6). The devices are userspace WireGuard over TUN ([`userspace`], on
+//! gotatun), so the backend works on kernels without the WireGuard module; the wire protocol is the
+//! kernel's, so peers may be upstream nodes with kernel devices.
 //!
-//! Not yet here: the devices themselves (kernel WireGuard over netlink where the kernel has it, a
-//! userspace implementation over TUN elsewhere), so this crate does not register the `wireguard`
-//! backend yet and `flanneld` refuses `"Type": "wireguard"` as an unknown backend.
+//! - [`WireguardOptions`]: `ListenPort`, `ListenPortV6`, `MTU`, `PSK`,
+//!   `PersistentKeepaliveInterval`, `Mode`, with upstream's defaults.
+//! - [`key::load_or_create`]: the node's key, `/run/flannel/wgkey` or `WIREGUARD_KEY_FILE` (0600),
+//!   kept across restarts.
+//! - The lease data upstream writes (`{"PublicKey":"…","Port":51820}`) and the peers as data:
+//!   [`desired_peers`] turns the peers' leases into each device's peers, [`diff_peers`] into the
+//!   changes a device needs. The shared reconcile driver runs it: the route into the network
+//!   through the device is a kernel entry like any other backend's, and the peers are applied after
+//!   each pass (`Model::finish`); a deleted device is recreated with its peers.
 //!
 //! ```
 //! use flannel_backend_wireguard::{WireguardOptions, Mode};
@@ -18,10 +23,13 @@
 //! assert_eq!(o.device_mtu(1500).unwrap(), 1420);
 //! ```
 
+mod backend;
 pub mod key;
 pub mod options;
 pub mod peers;
+pub mod userspace;
 
+pub use backend::WireguardBackend;
 pub use key::{Key, PrivateKey};
 pub use options::{DEVICE, DEVICE_V6, Mode, OVERHEAD, WireguardOptions};
 pub use peers::{

@@ -39,6 +39,13 @@ pub trait Model: Send + std::fmt::Debug {
     /// The desired entries for `leases` (the peers' leases, own lease excluded), which existing entries
     /// are the backend's, and warnings about leases that cannot be served (logged once each).
     fn desired(&self, leases: &[&Lease]) -> (KernelState, Ownership, Vec<String>);
+
+    /// Called after a pass applied its kernel entries, for state a backend keeps outside the kernel's
+    /// tables (the wireguard backend's peers, computed in [`Model::desired`]). An error fails the
+    /// pass, which is then retried with backoff.
+    async fn finish(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 /// Settings of the loop.
@@ -213,7 +220,16 @@ impl Loop {
                 warn!(error = %crate::chain(&e), "preparing the backend's devices failed");
                 false
             }
-            Ok(()) => self.reconcile(model, kernel, policy).await,
+            Ok(()) => {
+                self.reconcile(model, kernel, policy).await
+                    && match model.finish().await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            warn!(error = %crate::chain(&e), "finishing the pass failed");
+                            false
+                        }
+                    }
+            }
         };
         if ok {
             self.backoff.reset();

@@ -41,6 +41,7 @@ pub use run::run;
 use flannel_backend_hostgw as _;
 use flannel_backend_udp as _;
 use flannel_backend_vxlan as _;
+use flannel_backend_wireguard as _;
 
 /// The flanneld version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

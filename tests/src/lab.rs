@@ -506,6 +506,8 @@ impl Lab {
             .arg(&bin)
             .args(&store)
             .env("NODE_NAME", format!("host{}", h.n))
+            // Hosts share one filesystem: each keeps its WireGuard key beside its subnet.env.
+            .env("WIREGUARD_KEY_FILE", h.subnet_file.with_file_name("wgkey"))
             .arg("--iface=eth0")
             .arg(format!("--subnet-file={}", h.subnet_file.display()))
             .args(&h.extra_args)

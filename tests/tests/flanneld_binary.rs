@@ -61,7 +61,7 @@ fn linked_backends_are_registered() {
     use flanneld_alloc as _;
     assert_eq!(
         flannel_core::registered_backends(),
-        vec!["alloc", "host-gw", "udp", "vxlan"]
+        vec!["alloc", "host-gw", "udp", "vxlan", "wireguard"]
     );
     assert_eq!(
         flannel_core::lookup_backend("ALLOC").unwrap().name,

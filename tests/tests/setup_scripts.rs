@@ -52,6 +52,7 @@ fn path_without(dir: &Path, leave_out: &[&str]) {
         "buildah",
         "busybox",
         "kubectl",
+        "tcpdump",
         "mktemp",
         "rm",
     ];
