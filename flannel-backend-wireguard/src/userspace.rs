@@ -33,11 +33,7 @@ impl std::fmt::Debug for UserspaceDevice {
 fn peer_of(spec: &PeerSpec) -> Peer {
     let mut p = Peer::new(PublicKey::from(spec.public_key.0));
     p.endpoint = Some(spec.endpoint);
-    p.allowed_ips = spec
-        .allowed_ips
-        .iter()
-        .filter_map(gotatun_net)
-        .collect();
+    p.allowed_ips = spec.allowed_ips.iter().filter_map(gotatun_net).collect();
     p.preshared_key = spec.preshared_key.map(|k| k.0);
     p.keepalive = spec.keepalive.and_then(|d| u16::try_from(d.as_secs()).ok());
     p

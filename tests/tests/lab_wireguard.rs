@@ -148,3 +148,184 @@ fn the_underlay_carries_only_wireguard_udp() {
         assert!(!line.contains("10.5."), "pod addresses in clear: {line}");
     }
 }
+
+/// Runs `cmd` (a program and its arguments) in host `h`'s namespace; panics with its stderr.
+fn run_in(lab: &Lab, h: usize, cmd: &[&str]) -> String {
+    lab.hosts[h]
+        .ns
+        .exec(cmd)
+        .unwrap_or_else(|e| panic!("host {h}: {e}"))
+}
+
+/// Sends `bytes` over TCP from pod `from` to pod `to` and returns how many arrived.
+fn tcp_transfer(lab: &Lab, from: (usize, usize), to: (usize, usize), bytes: usize) -> usize {
+    use std::io::{Read, Write};
+    let to_ns = lab.hosts[to.0].pods[to.1].ns.name().to_string();
+    let from_ns = lab.hosts[from.0].pods[from.1].ns.name().to_string();
+    let to_ip = lab.hosts[to.0].pods[to.1].ip;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        flannel_tests::netns::in_netns(Some(&to_ns), move || {
+            let l = std::net::TcpListener::bind("0.0.0.0:5201").unwrap();
+            tx.send(()).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0;
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total += n;
+            }
+            total
+        })
+    });
+    rx.recv().unwrap();
+    flannel_tests::netns::in_netns(Some(&from_ns), move || {
+        let mut s = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from((to_ip, 5201)),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        let chunk = vec![0x5au8; 64 * 1024];
+        let mut sent = 0;
+        while sent < bytes {
+            let n = chunk.len().min(bytes - sent);
+            s.write_all(&chunk[..n]).unwrap();
+            sent += n;
+        }
+    });
+    server.join().unwrap()
+}
+
+#[test]
+fn a_wireguard_go_node_configured_as_upstream_talks_to_ours() {
+    // Debian's wireguard-go and wg stand in for an upstream node: its device is configured from the
+    // leases the way upstream's backend configures the kernel device.
+    if !require_root("a_wireguard_go_node_configured_as_upstream_talks_to_ours")
+        || !require_etcd("a_wireguard_go_node_configured_as_upstream_talks_to_ours")
+    {
+        return;
+    }
+    let spec = LabSpec {
+        segments: vec![3],
+        config: r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}"#.into(),
+        flanneld_args: vec![],
+    };
+    let mut lab = Lab::new(&spec, bin_path("flanneld"));
+    lab.start_flanneld(0);
+    lab.start_flanneld(1);
+    // Host 2: the upstream-style node, with a lease of its own.
+    let dir = lab.dir().join("h3");
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("wg-go.key");
+    let private = PrivateKey::generate().unwrap();
+    std::fs::write(&key_file, private.to_base64()).unwrap();
+    let taken: Vec<String> = lab
+        .etcd_list("/coreos.com/network/subnets/")
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let subnet = (200..250)
+        .map(|n| format!("10.5.{n}.0"))
+        .find(|s| !taken.iter().any(|k| k.ends_with(&format!("{s}-24"))))
+        .unwrap();
+    let me = lab.hosts[2].addr.to_string();
+    lab.etcd_put(
+        &format!("/coreos.com/network/subnets/{subnet}-24"),
+        &format!(
+            r#"{{"PublicIP":"{me}","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{}","Port":51820}}}}"#,
+            private.public_key()
+        ),
+    );
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        lab.hosts[2].ns.name(),
+        "wireguard-go",
+        "flannel-wg",
+    ])
+    .env("WG_PROCESS_FOREGROUND", "1")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let mut wg_go = flannel_tests::cleanup::spawn(&mut cmd).unwrap();
+    assert!(
+        until(Duration::from_secs(10), || lab.hosts[2]
+            .ns
+            .exec(&["ip", "link", "show", "flannel-wg"])
+            .is_ok()),
+        "wireguard-go made no device"
+    );
+    let key_path = key_file.to_string_lossy().into_owned();
+    run_in(
+        &lab,
+        2,
+        &[
+            "wg",
+            "set",
+            "flannel-wg",
+            "listen-port",
+            "51820",
+            "private-key",
+            &key_path,
+        ],
+    );
+    // Peers from the leases, as upstream's addPeer does.
+    for h in 0..2 {
+        let (lease, public_key) = lease_and_key(&lab, h);
+        let peer_subnet = lab.hosts[h].subnet_env().unwrap()["FLANNEL_SUBNET"]
+            .parse::<ipnet::Ipv4Net>()
+            .unwrap()
+            .trunc()
+            .to_string();
+        let endpoint = format!("{}:51820", lease["PublicIP"].as_str().unwrap());
+        run_in(
+            &lab,
+            2,
+            &[
+                "wg",
+                "set",
+                "flannel-wg",
+                "peer",
+                &public_key,
+                "endpoint",
+                &endpoint,
+                "allowed-ips",
+                &peer_subnet,
+            ],
+        );
+    }
+    let own = format!("{subnet}/32");
+    run_in(&lab, 2, &["ip", "addr", "add", &own, "dev", "flannel-wg"]);
+    run_in(
+        &lab,
+        2,
+        &["ip", "link", "set", "flannel-wg", "mtu", "1420", "up"],
+    );
+    run_in(
+        &lab,
+        2,
+        &["ip", "route", "add", "10.5.0.0/16", "dev", "flannel-wg"],
+    );
+    let gw = subnet.trim_end_matches(".0").to_string() + ".1";
+    std::fs::write(
+        &lab.hosts[2].subnet_file,
+        format!("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET={gw}/24\nFLANNEL_MTU=1420\nFLANNEL_IPMASQ=false\n"),
+    )
+    .unwrap();
+    for h in 0..3 {
+        lab.add_pods(h, 1);
+    }
+    let failures = lab.ping_all(Duration::from_secs(20));
+    // 20 MB of TCP each way between one of our pods and the wireguard-go node's pod.
+    let to_go = tcp_transfer(&lab, (0, 0), (2, 0), 20 << 20);
+    let from_go = tcp_transfer(&lab, (2, 0), (1, 0), 20 << 20);
+    let shown = run_in(&lab, 2, &["wg", "show", "flannel-wg"]);
+    flannel_tests::cleanup::stop_child(&mut wg_go, Duration::from_secs(5));
+    assert!(failures.is_empty(), "unreachable: {failures:?}\n{shown}");
+    assert_eq!((to_go, from_go), (20 << 20, 20 << 20), "{shown}");
+    assert!(shown.contains("latest handshake"), "{shown}");
+}

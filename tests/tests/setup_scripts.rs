@@ -53,6 +53,8 @@ fn path_without(dir: &Path, leave_out: &[&str]) {
         "busybox",
         "kubectl",
         "tcpdump",
+        "wireguard-go",
+        "wg",
         "mktemp",
         "rm",
     ];
