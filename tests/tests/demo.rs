@@ -54,6 +54,7 @@ fn the_demo_runs_clean() {
         &["--hosts", "2"][..],
         &["--hosts", "2", "--backend", "host-gw", "--ipv6"],
         &["--hosts", "2", "--backend", "udp"],
+        &["--hosts", "2", "--backend", "wireguard"],
         &["--hosts", "2", "--kube"],
     ] {
         let (code, out) = demo(args);

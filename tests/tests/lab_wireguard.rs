@@ -329,3 +329,26 @@ fn a_wireguard_go_node_configured_as_upstream_talks_to_ours() {
     assert_eq!((to_go, from_go), (20 << 20, 20 << 20), "{shown}");
     assert!(shown.contains("latest handshake"), "{shown}");
 }
+
+#[test]
+fn a_peer_whose_key_changes_is_updated() {
+    let Some(mut lab) = lab("a_peer_whose_key_changes_is_updated") else {
+        return;
+    };
+    assert!(lab.ping_all(Duration::from_secs(10)).is_empty());
+    let (_, old_key) = lease_and_key(&lab, 1);
+    // Host 1 loses its key file (a reinstalled node): it makes a new key and publishes it.
+    let _ = lab.stop_flanneld(1);
+    std::fs::remove_file(lab.hosts[1].subnet_file.with_file_name("wgkey")).unwrap();
+    lab.start_flanneld(1);
+    let (lease, new_key) = lease_and_key(&lab, 1);
+    assert_ne!(old_key, new_key);
+    assert_eq!(lease["BackendData"]["PublicKey"], new_key.as_str());
+    let failures = lab.ping_all(Duration::from_secs(10));
+    assert!(failures.is_empty(), "after the key change: {failures:?}");
+    assert!(
+        lab.hosts[0].log_text().contains("WireGuard peers updated"),
+        "{}",
+        lab.hosts[0].log_text()
+    );
+}

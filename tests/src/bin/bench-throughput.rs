@@ -98,10 +98,11 @@ fn main() {
         eprintln!("bench-throughput needs root (network namespaces)");
         std::process::exit(1);
     }
-    // `bench-throughput [BACKEND...]`: vxlan and udp unless named (the underlay runs with vxlan).
+    // `bench-throughput [BACKEND...]`: vxlan, udp and wireguard unless named (the underlay runs
+    // with vxlan).
     let mut backends: Vec<String> = std::env::args().skip(1).collect();
     if backends.is_empty() {
-        backends = vec!["vxlan".into(), "udp".into()];
+        backends = vec!["vxlan".into(), "udp".into(), "wireguard".into()];
     }
     let mut rows = Vec::new();
     let mut drops = Vec::new();

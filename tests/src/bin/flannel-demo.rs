@@ -1,6 +1,6 @@
 //! The demo: a local multi-host flannel cluster in network namespaces.
 //!
-//! `flannel-demo [--backend vxlan|host-gw|vxlan-direct|udp] [--hosts N] [--ipv6] [--kube] [--hold]`
+//! `flannel-demo [--backend vxlan|host-gw|vxlan-direct|udp|wireguard] [--hosts N] [--ipv6] [--kube] [--hold]`
 //!
 //! Builds N hosts on an underlay switch, runs etcd and the real flanneld on every host, creates two
 //! pods per host, pings every pod from every pod, and shows what flannel put in the kernel and in
@@ -52,6 +52,8 @@ enum DemoBackend {
     HostGw,
     /// Userspace encapsulation over the TUN device flannel0.
     Udp,
+    /// Encrypted: WireGuard (userspace, over the TUN device flannel-wg).
+    Wireguard,
 }
 
 impl DemoBackend {
@@ -61,6 +63,7 @@ impl DemoBackend {
             Self::VxlanDirect => "vxlan-direct",
             Self::HostGw => "host-gw",
             Self::Udp => "udp",
+            Self::Wireguard => "wireguard",
         }
     }
 
@@ -70,6 +73,7 @@ impl DemoBackend {
             Self::VxlanDirect => r#"{"Type":"vxlan","DirectRouting":true}"#,
             Self::HostGw => r#"{"Type":"host-gw"}"#,
             Self::Udp => r#"{"Type":"udp"}"#,
+            Self::Wireguard => r#"{"Type":"wireguard"}"#,
         }
     }
 }
@@ -99,10 +103,10 @@ fn indent(text: &str) -> Result<(), StdoutClosed> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if args.ipv6 && args.backend == DemoBackend::Udp {
+    if args.ipv6 && matches!(args.backend, DemoBackend::Udp | DemoBackend::Wireguard) {
         let _ = writeln!(
             std::io::stderr(),
-            "--ipv6 needs --backend vxlan, vxlan-direct or host-gw: the udp backend is IPv4 only"
+            "--ipv6 needs --backend vxlan, vxlan-direct or host-gw (the udp backend is IPv4 only; the demo shows wireguard with IPv4)"
         );
         return ExitCode::from(2);
     }
@@ -305,6 +309,14 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
         say!("    $ ip addr show flannel0");
         indent(&h.sh("ip addr show flannel0"))?;
     }
+    if backend == "wireguard" {
+        say!(
+            "    $ ip -d link show flannel-wg   (userspace WireGuard over TUN: no kernel module needed)"
+        );
+        indent(&h.sh("ip -d link show flannel-wg"))?;
+        say!("    $ ip addr show flannel-wg");
+        indent(&h.sh("ip addr show flannel-wg"))?;
+    }
 
     if args.kube {
         section(
@@ -343,8 +355,9 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
         }
     }
 
-    // udp has one route for the whole network (to flannel0); the others one per peer.
-    let doomed: Vec<String> = if backend == "udp" {
+    // udp and wireguard have one route for the whole network (into their device); the others one
+    // per peer.
+    let doomed: Vec<String> = if backend == "udp" || backend == "wireguard" {
         vec!["10.5.0.0/16".into()]
     } else if args.kube {
         lab.hosts
