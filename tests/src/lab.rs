@@ -154,6 +154,24 @@ impl Lab {
         Self::build(spec, flanneld, false)
     }
 
+    /// An etcd lab for `test` with the repository's `flanneld`: `segments` hosts, the network
+    /// `config` JSON and extra flanneld `args`; `None` (with the skip printed) when the test cannot
+    /// run here (no root, or no etcd).
+    ///
+    /// # Panics
+    /// When a step fails, or when a needed tool is missing and `FLANNEL_REQUIRE_ROOT_TESTS=1`.
+    pub fn for_test(test: &str, segments: Vec<usize>, config: &str, args: &[&str]) -> Option<Self> {
+        if !crate::require_root(test) || !crate::require_etcd(test) {
+            return None;
+        }
+        let spec = LabSpec {
+            segments,
+            config: config.into(),
+            flanneld_args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        Some(Self::new(&spec, crate::bin_path("flanneld")))
+    }
+
     /// Builds a Kubernetes lab: the stand-in API server on the switch (`http://172.20.0.1:6443`)
     /// instead of etcd, the network config in a `net-conf.json` file, and a Node `hostN` per host
     /// with the Nth subnet of the network as its pod CIDR (IPv4, and IPv6 with `EnableIPv6`), as the

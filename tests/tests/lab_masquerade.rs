@@ -7,9 +7,9 @@
 use std::net::{Ipv4Addr, UdpSocket};
 use std::time::Duration;
 
-use flannel_tests::lab::{Lab, LabSpec, segment_gateway};
+use flannel_tests::lab::{Lab, segment_gateway};
 use flannel_tests::netns::in_netns;
-use flannel_tests::{bin_path, require_etcd, require_root, until};
+use flannel_tests::until;
 
 fn lab(test: &str, args: &[&str]) -> Option<Lab> {
     lab_with(
@@ -20,15 +20,7 @@ fn lab(test: &str, args: &[&str]) -> Option<Lab> {
 }
 
 fn lab_with(test: &str, config: &str, args: &[&str]) -> Option<Lab> {
-    if !require_root(test) || !require_etcd(test) {
-        return None;
-    }
-    let spec = LabSpec {
-        segments: vec![2],
-        config: config.into(),
-        flanneld_args: args.iter().map(|s| s.to_string()).collect(),
-    };
-    Some(Lab::new(&spec, bin_path("flanneld")))
+    Lab::for_test(test, vec![2], config, args)
 }
 
 fn expected_nat(lab: &Lab, h: usize) -> Vec<String> {

@@ -8,9 +8,8 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use flannel_tests::lab::{Lab, LabSpec};
+use flannel_tests::lab::Lab;
 use flannel_tests::netns::in_netns;
-use flannel_tests::{bin_path, require_etcd, require_root};
 
 /// flannel0's (rx packets, rx bytes, tx packets, tx bytes) on host `h`. The kernel counts one
 /// packet per TUN read or write, so bytes per packet above the MTU show offloads at work.
@@ -28,18 +27,12 @@ fn flannel0_stats(lab: &Lab, h: usize) -> [u64; 4] {
 }
 
 fn udp_lab(test: &str) -> Option<Lab> {
-    if !require_root(test) || !require_etcd(test) {
-        return None;
-    }
-    let spec = LabSpec {
-        segments: vec![3],
-        config: r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#.into(),
-        flanneld_args: vec![
-            "--healthz-port=8081".into(),
-            "--healthz-ip=127.0.0.1".into(),
-        ],
-    };
-    let mut lab = Lab::new(&spec, bin_path("flanneld"));
+    let mut lab = Lab::for_test(
+        test,
+        vec![3],
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#,
+        &["--healthz-port=8081", "--healthz-ip=127.0.0.1"],
+    )?;
     lab.start_all();
     for i in 0..3 {
         lab.add_pods(i, 1);

@@ -7,19 +7,14 @@
 use std::time::Duration;
 
 use flannel_backend_wireguard::PrivateKey;
-use flannel_tests::lab::{Lab, LabSpec};
-use flannel_tests::{bin_path, require_etcd, require_root, until};
+use flannel_tests::lab::Lab;
+use flannel_tests::until;
 
+const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}"#;
+
+/// A 3-host wireguard lab with flanneld running and two pods per host.
 fn lab(test: &str) -> Option<Lab> {
-    if !require_root(test) || !require_etcd(test) {
-        return None;
-    }
-    let spec = LabSpec {
-        segments: vec![3],
-        config: r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}"#.into(),
-        flanneld_args: vec![],
-    };
-    let mut lab = Lab::new(&spec, bin_path("flanneld"));
+    let mut lab = Lab::for_test(test, vec![3], CONFIG, &[])?;
     lab.start_all();
     for i in 0..3 {
         lab.add_pods(i, 2);
@@ -204,17 +199,14 @@ fn tcp_transfer(lab: &Lab, from: (usize, usize), to: (usize, usize), bytes: usiz
 fn a_wireguard_go_node_configured_as_upstream_talks_to_ours() {
     // Debian's wireguard-go and wg stand in for an upstream node: its device is configured from the
     // leases the way upstream's backend configures the kernel device.
-    if !require_root("a_wireguard_go_node_configured_as_upstream_talks_to_ours")
-        || !require_etcd("a_wireguard_go_node_configured_as_upstream_talks_to_ours")
-    {
+    let Some(mut lab) = Lab::for_test(
+        "a_wireguard_go_node_configured_as_upstream_talks_to_ours",
+        vec![3],
+        CONFIG,
+        &[],
+    ) else {
         return;
-    }
-    let spec = LabSpec {
-        segments: vec![3],
-        config: r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}"#.into(),
-        flanneld_args: vec![],
     };
-    let mut lab = Lab::new(&spec, bin_path("flanneld"));
     lab.start_flanneld(0);
     lab.start_flanneld(1);
     // Host 2: the upstream-style node, with a lease of its own.
