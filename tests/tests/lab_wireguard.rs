@@ -344,3 +344,43 @@ fn a_peer_whose_key_changes_is_updated() {
         lab.hosts[0].log_text()
     );
 }
+
+#[test]
+fn dual_stack_in_both_kinds_of_mode() {
+    // separate: flannel-wg for IPv4 on 51820, flannel-wg-v6 for IPv6 on 51821; auto: one device for
+    // both families.
+    for (mode, devices) in [
+        ("separate", &["flannel-wg", "flannel-wg-v6"][..]),
+        ("auto", &["flannel-wg"][..]),
+    ] {
+        let config = format!(
+            r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{{"Type":"wireguard","Mode":"{mode}"}}}}"#
+        );
+        let Some(mut lab) =
+            Lab::for_test("dual_stack_in_both_kinds_of_mode", vec![3], &config, &[])
+        else {
+            return;
+        };
+        lab.start_all();
+        for i in 0..3 {
+            lab.add_pods(i, 1);
+        }
+        let failures = lab.ping_both_families();
+        assert!(failures.is_empty(), "{mode}: {failures:?}");
+        let links = lab.hosts[0].sh("ip link");
+        for d in devices {
+            assert!(links.contains(&format!(" {d}:")), "{mode}: no {d}: {links}");
+        }
+        assert_eq!(
+            links.contains(" flannel-wg-v6:"),
+            mode == "separate",
+            "{mode}: {links}"
+        );
+        let (lease, key) = lease_and_key(&lab, 0);
+        assert_eq!(
+            lease["BackendV6Data"],
+            serde_json::json!({"PublicKey": key, "Port": 51821}),
+            "{mode}: {lease}"
+        );
+    }
+}
