@@ -16,6 +16,7 @@
 //! - [`iface`]: choosing the external interface and the public address (pure; the host is read by
 //!   `flannel_dataplane::host`).
 //! - [`chain`]: an error with its causes on one line.
+//! - [`Backoff`]: the doubling wait before a retry, shared by the managers and the reconcile loop.
 //! - [`gojson`]: Go `encoding/json` decoding rules (case-insensitive keys) for backend options.
 //!
 //! ```
@@ -33,6 +34,7 @@
 //! ```
 
 pub mod backend;
+pub mod backoff;
 pub mod config;
 pub mod gojson;
 pub mod iface;
@@ -44,6 +46,7 @@ pub use backend::{
     Backend, BackendContext, BackendCtor, BackendError, BackendRegistration, Network,
     lookup_backend, new_backend, registered_backends,
 };
+pub use backoff::Backoff;
 pub use config::{ConfigError, NetworkConfig, NetworkConfigInput, SubnetPool};
 pub use iface::{ExternalInterface, IfaceError, IfaceSpec};
 pub use lease::{

@@ -25,7 +25,8 @@ use tracing::{debug, error, info, warn};
 use crate::changes::{KernelChange, Notifications, needs_read};
 use crate::{KernelOps, KernelState, LeasePolicy, Ownership, ReconcileReport, apply_diff};
 use flannel_core::{
-    BackendError, Lease, LeaseEvent, LeaseTracker, LeaseWatchResult, SubnetKey, SubnetManager,
+    BackendError, Backoff, Lease, LeaseEvent, LeaseTracker, LeaseWatchResult, SubnetKey,
+    SubnetManager,
 };
 use tokio::time::Instant;
 
@@ -108,23 +109,8 @@ enum Flow {
 
 /// The wait before retrying a failed pass: 200 ms, doubling up to 10 s, back to 200 ms after a pass
 /// that worked.
-#[derive(Debug)]
-struct Backoff(Duration);
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(200);
-    const MAX: Duration = Duration::from_secs(10);
-
-    /// The wait to use now; the next one is twice as long.
-    fn next(&mut self) -> Duration {
-        let wait = self.0;
-        self.0 = (self.0 * 2).min(Self::MAX);
-        wait
-    }
-
-    fn reset(&mut self) {
-        self.0 = Self::FIRST;
-    }
+fn pass_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
 }
 
 /// The loop's state between inputs: the leases, what it knows of the kernel, and what it owes.
@@ -153,7 +139,7 @@ impl Loop {
             have_snapshot: false,
             dirty: false,
             known: None,
-            backoff: Backoff(Backoff::FIRST),
+            backoff: pass_backoff(),
             retry_at: None,
             synced_once: false,
             warned: BTreeSet::new(),
@@ -855,12 +841,10 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_to_ten_seconds_and_resets() {
-        let mut b = Backoff(Backoff::FIRST);
-        let waits: Vec<u64> = (0..8).map(|_| b.next().as_millis() as u64).collect();
+    fn pass_backoff_doubles_to_ten_seconds() {
+        let mut b = pass_backoff();
+        let waits: Vec<u128> = (0..8).map(|_| b.next().as_millis()).collect();
         assert_eq!(waits, [200, 400, 800, 1600, 3200, 6400, 10000, 10000]);
-        b.reset();
-        assert_eq!(b.next(), Duration::from_millis(200));
     }
 
     #[test]

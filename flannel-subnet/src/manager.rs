@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use flannel_core::{
-    Lease, LeaseAttrs, LeaseEvent, LeaseWatchResult, NetworkConfig, PreviousSubnets, SubnetError,
-    SubnetKey, SubnetManager,
+    Backoff, Lease, LeaseAttrs, LeaseEvent, LeaseWatchResult, NetworkConfig, PreviousSubnets,
+    SubnetError, SubnetKey, SubnetManager,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -85,33 +85,20 @@ pub fn lease_from_kv(kv: &KeyValue, asof: i64) -> Option<Lease> {
     })
 }
 
-/// Exponential reconnect backoff, 100 ms doubling to 5 s (Go flannel HEAD's watch backoff).
-#[derive(Debug)]
-struct Backoff(Duration);
+/// Reconnect backoff, 100 ms doubling to 5 s (Go flannel HEAD's watch backoff).
+fn watch_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+}
 
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(5);
-
-    fn reset(&mut self) {
-        self.0 = Self::FIRST;
-    }
-
-    /// Logs `what` failed, sleeps for the current delay and doubles it; false if `shutdown` fired.
-    async fn wait(
-        &mut self,
-        what: &str,
-        error: &(dyn std::fmt::Display + Sync),
-        shutdown: &CancellationToken,
-    ) -> bool {
-        warn!(%error, retry_in = ?self.0, "{what}");
-        let d = self.0;
-        self.0 = (self.0 * 2).min(Self::MAX);
-        tokio::select! {
-            _ = shutdown.cancelled() => false,
-            _ = tokio::time::sleep(d) => true,
-        }
-    }
+/// Logs that `what` failed, then waits with `backoff`; false if `shutdown` fired first.
+async fn retry_after(
+    backoff: &mut Backoff,
+    what: &str,
+    error: &(dyn std::fmt::Display + Sync),
+    shutdown: &CancellationToken,
+) -> bool {
+    warn!(%error, retry_in = ?backoff.peek(), "{what}");
+    backoff.sleep(shutdown).await
 }
 
 impl<R: Registry> LocalManager<R> {
@@ -168,7 +155,7 @@ impl<R: Registry> LocalManager<R> {
         shutdown: CancellationToken,
     ) -> Result<(), SubnetError> {
         let mut since: Option<i64> = None;
-        let mut backoff = Backoff(Backoff::FIRST);
+        let mut backoff = watch_backoff();
         loop {
             if shutdown.is_cancelled() || sink.is_closed() {
                 return Ok(());
@@ -195,7 +182,9 @@ impl<R: Registry> LocalManager<R> {
                             rev + 1
                         }
                         Err(e) => {
-                            if !backoff.wait("listing leases failed", &e, &shutdown).await {
+                            if !retry_after(&mut backoff, "listing leases failed", &e, &shutdown)
+                                .await
+                            {
                                 return Ok(());
                             }
                             continue;
@@ -206,9 +195,13 @@ impl<R: Registry> LocalManager<R> {
             let mut watch = match self.registry.watch(key, prefix, from).await {
                 Ok(w) => w,
                 Err(e) => {
-                    if !backoff
-                        .wait("starting the lease watch failed", &e, &shutdown)
-                        .await
+                    if !retry_after(
+                        &mut backoff,
+                        "starting the lease watch failed",
+                        &e,
+                        &shutdown,
+                    )
+                    .await
                     {
                         return Ok(());
                     }
@@ -264,22 +257,26 @@ impl<R: Registry> LocalManager<R> {
                         break;
                     }
                     Ok(None) => {
-                        if !backoff
-                            .wait(
-                                "lease watch closed; reconnecting",
-                                &"stream ended",
-                                &shutdown,
-                            )
-                            .await
+                        if !retry_after(
+                            &mut backoff,
+                            "lease watch closed; reconnecting",
+                            &"stream ended",
+                            &shutdown,
+                        )
+                        .await
                         {
                             return Ok(());
                         }
                         break;
                     }
                     Err(e) => {
-                        if !backoff
-                            .wait("lease watch failed; reconnecting", &e, &shutdown)
-                            .await
+                        if !retry_after(
+                            &mut backoff,
+                            "lease watch failed; reconnecting",
+                            &e,
+                            &shutdown,
+                        )
+                        .await
                         {
                             return Ok(());
                         }

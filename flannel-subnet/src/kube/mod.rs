@@ -35,8 +35,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use flannel_core::{
-    Lease, LeaseAttrs, LeaseEvent, LeaseWatchResult, NetworkConfig, SubnetError, SubnetKey,
-    SubnetManager,
+    Backoff, Lease, LeaseAttrs, LeaseEvent, LeaseWatchResult, NetworkConfig, SubnetError,
+    SubnetKey, SubnetManager,
 };
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -595,7 +595,7 @@ impl SubnetManager for KubeSubnetManager {
         shutdown: CancellationToken,
     ) -> Result<(), SubnetError> {
         if self.opts.set_node_network_unavailable {
-            let mut delay = Duration::from_millis(500);
+            let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
             loop {
                 match self
                     .patch_status(
@@ -608,13 +608,15 @@ impl SubnetManager for KubeSubnetManager {
                         info!(node = %self.opts.node_name, "node condition NetworkUnavailable=False (FlannelIsUp)");
                         break;
                     }
-                    Err(e) => warn!("{}; retrying in {delay:?}", flannel_core::chain(&e)),
+                    Err(e) => warn!(
+                        "{}; retrying in {:?}",
+                        flannel_core::chain(&e),
+                        backoff.peek()
+                    ),
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
+                if !backoff.sleep(&shutdown).await {
+                    return Ok(());
                 }
-                delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
         shutdown.cancelled().await;
