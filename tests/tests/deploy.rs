@@ -207,6 +207,26 @@ fn the_manifest_hangs_together() {
             .unwrap()
             .contains(&"NET_ADMIN".to_string())
     );
+    // The TUN device (udp, userspace wireguard) comes from the host as a character device.
+    let tun = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.host_path.as_ref().is_some_and(|h| h.path == "/dev/net/tun"))
+        .expect("a hostPath volume for /dev/net/tun");
+    assert_eq!(
+        tun.host_path.as_ref().unwrap().type_.as_deref(),
+        Some("CharDevice")
+    );
+    assert!(
+        agent
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|vm| vm.name == tun.name && vm.mount_path == "/dev/net/tun"),
+        "the agent mounts /dev/net/tun"
+    );
     let out = Command::new(bin_path("flanneld"))
         .args(&args)
         .arg("--help")
