@@ -9,11 +9,11 @@ use std::time::Duration;
 /// use std::time::Duration;
 /// use flannel_core::Backoff;
 /// let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(300));
-/// assert_eq!(b.next(), Duration::from_millis(100));
-/// assert_eq!(b.next(), Duration::from_millis(200));
-/// assert_eq!(b.next(), Duration::from_millis(300));
+/// assert_eq!(b.next_delay(), Duration::from_millis(100));
+/// assert_eq!(b.next_delay(), Duration::from_millis(200));
+/// assert_eq!(b.next_delay(), Duration::from_millis(300));
 /// b.reset();
-/// assert_eq!(b.next(), Duration::from_millis(100));
+/// assert_eq!(b.next_delay(), Duration::from_millis(100));
 /// ```
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -33,13 +33,13 @@ impl Backoff {
     }
 
     /// The wait to use now; the next one is twice as long, at most `max`.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let wait = self.current;
         self.current = self.current.saturating_mul(2).min(self.max);
         wait
     }
 
-    /// The wait [`next`](Backoff::next) would return, without using it.
+    /// The wait [`next_delay`](Backoff::next_delay) would return, without using it.
     pub fn peek(&self) -> Duration {
         self.current
     }
@@ -49,9 +49,9 @@ impl Backoff {
         self.current = self.first;
     }
 
-    /// Sleeps for [`next`](Backoff::next) unless `shutdown` fires first; false if it did.
+    /// Sleeps for [`next_delay`](Backoff::next_delay) unless `shutdown` fires first; false if it did.
     pub async fn sleep(&mut self, shutdown: &tokio_util::sync::CancellationToken) -> bool {
-        let wait = self.next();
+        let wait = self.next_delay();
         tokio::select! {
             _ = shutdown.cancelled() => false,
             _ = tokio::time::sleep(wait) => true,
@@ -66,19 +66,19 @@ mod tests {
     #[test]
     fn doubles_up_to_max_and_resets() {
         let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let waits: Vec<u128> = (0..8).map(|_| b.next().as_millis()).collect();
+        let waits: Vec<u128> = (0..8).map(|_| b.next_delay().as_millis()).collect();
         assert_eq!(waits, [200, 400, 800, 1600, 3200, 6400, 10000, 10000]);
         b.reset();
-        assert_eq!(b.next(), Duration::from_millis(200));
+        assert_eq!(b.next_delay(), Duration::from_millis(200));
     }
 
     #[test]
     fn max_below_first_and_huge_values_do_not_panic() {
         let mut b = Backoff::new(Duration::from_secs(2), Duration::from_secs(1));
-        assert_eq!(b.next(), Duration::from_secs(2));
-        assert_eq!(b.next(), Duration::from_secs(2));
+        assert_eq!(b.next_delay(), Duration::from_secs(2));
+        assert_eq!(b.next_delay(), Duration::from_secs(2));
         let mut b = Backoff::new(Duration::MAX / 2 + Duration::from_secs(1), Duration::MAX);
-        b.next();
-        assert_eq!(b.next(), Duration::MAX);
+        b.next_delay();
+        assert_eq!(b.next_delay(), Duration::MAX);
     }
 }

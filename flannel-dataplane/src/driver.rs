@@ -223,7 +223,7 @@ impl Loop {
         } else {
             // What the loop knows may be wrong after a failure: read the kernel next time.
             self.known = None;
-            self.retry_at = Some(Instant::now() + self.backoff.next());
+            self.retry_at = Some(Instant::now() + self.backoff.next_delay());
         }
     }
 
@@ -843,7 +843,7 @@ mod tests {
     #[test]
     fn pass_backoff_doubles_to_ten_seconds() {
         let mut b = pass_backoff();
-        let waits: Vec<u128> = (0..8).map(|_| b.next().as_millis()).collect();
+        let waits: Vec<u128> = (0..8).map(|_| b.next_delay().as_millis()).collect();
         assert_eq!(waits, [200, 400, 800, 1600, 3200, 6400, 10000, 10000]);
     }
 
