@@ -30,6 +30,7 @@ pub mod host;
 pub mod lease_policy;
 pub mod metrics;
 pub mod netlink;
+pub mod systemd;
 
 pub use lease_policy::LeasePolicy;
 

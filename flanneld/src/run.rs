@@ -60,31 +60,6 @@ pub(crate) async fn trim_memory_periodically(shutdown: CancellationToken) {
     }
 }
 
-/// Tells systemd we are ready (`Type=notify`), when `$NOTIFY_SOCKET` is set.
-fn sd_notify_ready() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "sd_notify failed");
-            return;
-        }
-    };
-    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
-    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
-            .and_then(|addr| sock.send_to_addr(b"READY=1", &addr))
-    } else {
-        sock.send_to(b"READY=1", &path)
-    };
-    if let Err(e) = result {
-        warn!(error = %e, "sd_notify failed");
-    }
-}
-
 /// Waits for a valid network config, retrying every second (a missing or invalid config is logged,
 /// never fatal: in etcd mode it may not be written yet, in Kubernetes mode the ConfigMap may not be
 /// mounted yet). Returns `None` on shutdown.
@@ -357,7 +332,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let net_stop = shutdown.child_token();
     let net_task = tokio::spawn(network.run(net_stop.clone()));
     ready.store(true, Ordering::SeqCst);
-    sd_notify_ready();
+    flannel_dataplane::systemd::ready();
     info!("running; the data plane and the lease stay in place when flanneld stops");
     supervise(
         sm.complete_lease(lease, shutdown.clone()),
