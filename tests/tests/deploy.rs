@@ -213,7 +213,11 @@ fn the_manifest_hangs_together() {
         .as_ref()
         .unwrap()
         .iter()
-        .find(|v| v.host_path.as_ref().is_some_and(|h| h.path == "/dev/net/tun"))
+        .find(|v| {
+            v.host_path
+                .as_ref()
+                .is_some_and(|h| h.path == "/dev/net/tun")
+        })
         .expect("a hostPath volume for /dev/net/tun");
     assert_eq!(
         tun.host_path.as_ref().unwrap().type_.as_deref(),
