@@ -17,6 +17,9 @@
 //!   table, so lease updates never stall it.
 //! - `flannel0` is created persistent: it and its route survive a flanneld restart and the next run
 //!   re-attaches, so pods see a gap of the restart time only (Go's device disappears with the process).
+//! - [`tun`]: opening `flannel0` (multi-queue), and under systemd a spare *parking queue* that, with
+//!   the UDP socket, waits in systemd's file-descriptor store while flanneld restarts, so a restart
+//!   delays packets instead of dropping them.
 //!
 //! The I/O loop (`pump`) runs one thread per direction that waits with `poll` and moves packets in
 //! batches through buffers allocated once: TUN offloads (`tun-rs`: 64 KiB reads cut into MTU-sized
@@ -27,7 +30,7 @@ pub mod metrics;
 pub mod packet;
 mod pump;
 pub mod table;
-mod tun;
+pub mod tun;
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::AtomicBool;
@@ -42,10 +45,11 @@ use flannel_core::{
 use flannel_dataplane::LinkOps;
 use flannel_dataplane::driver::{self, Model};
 use flannel_dataplane::netlink::Netlink;
+use flannel_dataplane::systemd;
 use flannel_dataplane::{KernelOps, KernelState, Op, Ownership, Route};
 use ipnet::{IpNet, Ipv4Net};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::table::Table;
 
@@ -85,6 +89,28 @@ sockopt_impl!(
     libc::IP_MTU_DISCOVER,
     usize
 );
+
+/// The name of the UDP socket in systemd's file-descriptor store.
+pub const SOCKET_NAME: &str = "flannel-udp";
+
+/// The UDP socket the previous flanneld left with systemd, when it is bound to `addr`; one bound
+/// elsewhere (the address or port changed) is closed and removed from the store.
+fn inherited_socket(addr: std::net::SocketAddrV4) -> Option<std::net::UdpSocket> {
+    let fd = systemd::take_stored_fd(SOCKET_NAME)?;
+    let socket = std::net::UdpSocket::from(fd);
+    match socket.local_addr() {
+        Ok(std::net::SocketAddr::V4(bound)) if bound == addr => {
+            info!(%addr, "took over the UDP socket kept by systemd");
+            Some(socket)
+        }
+        other => {
+            warn!(?other, %addr, "the UDP socket kept by systemd is bound elsewhere; closing it");
+            drop(socket);
+            let _ = systemd::remove_stored_fd(SOCKET_NAME);
+            None
+        }
+    }
+}
 
 /// Raises the socket's buffers to [`SOCKET_BUFFER`] (the `FORCE` options pass the sysctl limits, as
 /// root), falling back to what the limits allow.
@@ -141,19 +167,25 @@ impl Backend for UdpBackend {
             .subnet()
             .ok_or_else(|| BackendError::Other("the lease has no IPv4 subnet".into()))?;
         let mtu = ext.mtu.saturating_sub(28);
-        let dev = tun::open(DEVICE, u16::try_from(mtu).unwrap_or(u16::MAX)).map_err(|e| {
-            BackendError::Io {
+        let tun::Tun { dev, park } = tun::open(DEVICE, u16::try_from(mtu).unwrap_or(u16::MAX))
+            .map_err(|e| BackendError::Io {
                 context: format!("opening TUN device {DEVICE}"),
                 source: e,
-            }
-        })?;
-        let socket = std::net::UdpSocket::bind((local, port))
-            .and_then(|s| s.set_nonblocking(true).map(|()| s))
-            .map_err(|e| BackendError::Io {
-                context: format!("binding UDP {local}:{port}"),
-                source: e,
             })?;
+        let socket = match inherited_socket(std::net::SocketAddrV4::new(local, port)) {
+            Some(s) => Ok(s),
+            None => std::net::UdpSocket::bind((local, port)),
+        }
+        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        .map_err(|e| BackendError::Io {
+            context: format!("binding UDP {local}:{port}"),
+            source: e,
+        })?;
         grow_buffers(&socket);
+        // Under systemd the socket outlives a restart: peers' datagrams queue in it meanwhile.
+        if let Err(e) = systemd::store_fd(SOCKET_NAME, std::os::fd::AsFd::as_fd(&socket)) {
+            warn!(error = %e, "storing the UDP socket with systemd");
+        }
         let udp =
             quinn_udp::UdpSocketState::new((&socket).into()).map_err(|e| BackendError::Io {
                 context: format!("configuring UDP {local}:{port}"),
@@ -174,6 +206,8 @@ impl Backend for UdpBackend {
             mtu,
             index: 0,
             table: Arc::new(RwLock::new(Arc::new(Table::default()))),
+            ready: Arc::new(AtomicBool::new(false)),
+            pending: std::sync::Mutex::new(None),
         };
         model.prepare().await?;
         info!(device = DEVICE, %local, port, mtu, "udp backend ready");
@@ -183,6 +217,7 @@ impl Backend for UdpBackend {
             port,
             model,
             dev,
+            park,
             socket,
             udp,
             sm: self.ctx.subnet_manager.clone(),
@@ -199,6 +234,10 @@ struct UdpModel {
     mtu: u32,
     index: u32,
     table: Arc<RwLock<Arc<Table>>>,
+    /// Set once `table` holds the leases.
+    ready: Arc<AtomicBool>,
+    /// The table of the pass in progress.
+    pending: std::sync::Mutex<Option<Arc<Table>>>,
 }
 
 impl UdpModel {
@@ -270,10 +309,21 @@ impl Model for UdpModel {
 
     fn desired(&self, leases: &[&Lease]) -> (KernelState, Ownership, Vec<String>) {
         let (state, own, table) = desired_state(self.network, self.own_subnet, self.index, leases);
-        if let Ok(mut t) = self.table.write() {
-            *t = Arc::new(table);
+        // Published by `finish`, after a pass: `desired` is also asked with no leases (the
+        // driver's ownership probe at start), which must not reach the forwarding threads.
+        if let Ok(mut pending) = self.pending.lock() {
+            *pending = Some(Arc::new(table));
         }
         (state, own, Vec::new())
+    }
+
+    async fn finish(&mut self) -> Result<(), BackendError> {
+        let table = self.pending.lock().ok().and_then(|mut p| p.take());
+        if let (Some(table), Ok(mut t)) = (table, self.table.write()) {
+            *t = table;
+            self.ready.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 }
 
@@ -284,6 +334,7 @@ pub struct UdpNetwork {
     port: u16,
     model: UdpModel,
     dev: tun_rs::SyncDevice,
+    park: Option<tun::Park>,
     socket: std::net::UdpSocket,
     udp: quinn_udp::UdpSocketState,
     sm: Arc<dyn SubnetManager>,
@@ -315,13 +366,16 @@ impl Network for UdpNetwork {
             lease,
             mut model,
             dev,
+            park,
             socket,
             udp,
             sm,
             port,
             mtu,
         } = *self;
+        let park = park.map(Arc::new);
         let stop = Arc::new(AtomicBool::new(false));
+        let stop_rx = Arc::new(AtomicBool::new(false));
         let pump = pump::Pump {
             dev: Arc::new(dev),
             sock: Arc::new(socket),
@@ -331,23 +385,20 @@ impl Network for UdpNetwork {
             tun_addr: model.own_subnet.network(),
             mtu: usize::try_from(mtu).unwrap_or(1500).max(1500) + 64,
             stop: stop.clone(),
+            stop_rx: stop_rx.clone(),
+            ready: model.ready.clone(),
+            park: park.clone(),
         };
-        let threads = [
-            {
-                let p = pump.clone();
-                std::thread::Builder::new()
-                    .name("udp-tun-out".into())
-                    .spawn(move || p.tun_to_udp())
-            },
-            {
-                let p = pump.clone();
-                std::thread::Builder::new()
-                    .name("udp-tun-in".into())
-                    .spawn(move || p.udp_to_tun())
-            },
-        ];
+        let spawn = |name: &str, f: fn(&pump::Pump)| {
+            let p = pump.clone();
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || f(&p))
+        };
+        let tx = spawn("udp-tun-out", pump::Pump::tun_to_udp);
+        let rx = spawn("udp-tun-in", pump::Pump::udp_to_tun);
         // A thread that could not be started means no forwarding: an error, never a silent half.
-        let spawn_error = threads
+        let spawn_error = [&tx, &rx]
             .iter()
             .find_map(|t| t.as_ref().err().map(|e| e.to_string()));
         let result = match spawn_error {
@@ -356,10 +407,23 @@ impl Network for UdpNetwork {
             ))),
             None => driver::run_on_netlink(&mut model, sm, lease.key, shutdown).await,
         };
-        stop.store(true, Ordering::Relaxed);
-        for t in threads.into_iter().flatten() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        // Stop in the order that loses nothing under systemd: first reading the socket (datagrams
+        // then wait in it for the next flanneld), and once what was read is on the TUN device, hand
+        // the TUN traffic to the parking queue, which systemd keeps; then stop reading the TUN.
+        let join = |t: std::io::Result<std::thread::JoinHandle<()>>| async move {
+            if let Ok(t) = t {
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
+        };
+        stop_rx.store(true, Ordering::Relaxed);
+        join(rx).await;
+        if let Some(park) = &park
+            && let Err(e) = park.take_over_from(std::os::fd::AsFd::as_fd(&*pump.dev))
+        {
+            warn!(error = %e, "attaching the parking queue; packets sent during the restart are dropped");
         }
+        stop.store(true, Ordering::Relaxed);
+        join(tx).await;
         // The descriptors close when the last thread's `Pump` is gone.
         drop(pump);
         result

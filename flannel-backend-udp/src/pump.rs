@@ -24,6 +24,7 @@ use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::packet::{Outcome, from_tun, from_udp};
 use crate::table::Table;
+use crate::tun::Park;
 
 /// The largest UDP payload one GSO send may carry (an IPv4 datagram is at most 64 KiB).
 const MAX_GSO_BYTES: usize = 65_000;
@@ -36,7 +37,7 @@ const TUN_WRITE_BATCH: usize = 64;
 const RX_BATCH: usize = 16;
 const RX_BUF: usize = 65_535;
 
-/// Waits up to 100 ms for `fd` to become readable (or writable); false on timeout or error.
+/// Waits up to 50 ms for `fd` to become readable (or writable); false on timeout or error.
 fn wait(fd: RawFd, events: libc::c_short) -> bool {
     let mut p = libc::pollfd {
         fd,
@@ -44,7 +45,7 @@ fn wait(fd: RawFd, events: libc::c_short) -> bool {
         revents: 0,
     };
     // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, 100) > 0 }
+    unsafe { libc::poll(&mut p, 1, 50) > 0 }
 }
 
 fn add(counter: &prometheus_client::metrics::counter::Counter, n: usize) {
@@ -108,8 +109,14 @@ pub struct Pump {
     pub tun_addr: Ipv4Addr,
     /// Largest packet on the TUN device (its MTU, with headroom).
     pub mtu: usize,
-    /// Set to stop both threads.
+    /// Set to stop TUN → peers (and both threads' waits).
     pub stop: Arc<AtomicBool>,
+    /// Set to stop peers → TUN (stopped first at shutdown, so what it read reaches the TUN device).
+    pub stop_rx: Arc<AtomicBool>,
+    /// Set once the table holds the leases (before that, packets wait in the kernel's queues).
+    pub ready: Arc<AtomicBool>,
+    /// The parking queue, drained first when the previous flanneld left packets in it.
+    pub park: Option<Arc<Park>>,
 }
 
 impl std::fmt::Debug for Pump {
@@ -176,7 +183,41 @@ impl Pump {
         add(&m.dropped, run.count);
     }
 
-    /// TUN → peers, until `stop`.
+    /// Waits until the table holds the leases; false if stopped first.
+    fn wait_ready(&self) -> bool {
+        while !self.ready.load(Ordering::Acquire) {
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Forwards one packet read from the TUN device on its own (the parking queue's packets).
+    fn forward_one(
+        &self,
+        packet: &mut [u8],
+        table: &Table,
+        gro: &mut GROTable,
+        reply: &mut Vec<u8>,
+    ) {
+        match from_tun(packet, table, self.port, self.tun_addr) {
+            Outcome::SendTo(peer) => {
+                let mut run = Run::default();
+                run.push(peer, packet.len());
+                self.send_run(&run, packet);
+            }
+            Outcome::Reply(r) => self.write_one(gro, reply, &r),
+            Outcome::WriteTun => self.write_one(gro, reply, packet),
+            Outcome::Drop(_) => {
+                metrics().dropped.inc();
+            }
+        }
+    }
+
+    /// TUN → peers, until `stop`: once the table is ready, first what the previous flanneld left in
+    /// the parking queue, then the device's own queue.
     pub fn tun_to_udp(&self) {
         let m = metrics();
         let mut raw = vec![0u8; TUN_READ];
@@ -186,6 +227,21 @@ impl Pump {
         let mut reply = Vec::with_capacity(VIRTIO_NET_HDR_LEN + self.mtu);
         let mut gro = GROTable::default();
         let fd = self.dev.as_raw_fd();
+        if !self.wait_ready() {
+            return;
+        }
+        if let Some(park) = self.park.as_ref().filter(|p| p.inherited()) {
+            let table = self.table();
+            let (forwarded, dropped) = park.drain(&mut raw, |packet| {
+                self.forward_one(packet, &table, &mut gro, &mut reply)
+            });
+            add(&m.dropped, dropped);
+            tracing::info!(
+                forwarded,
+                dropped,
+                "took over the parking queue: forwarded the packets queued while flanneld restarted"
+            );
+        }
         while !self.stop.load(Ordering::Relaxed) {
             if !wait(fd, libc::POLLIN) {
                 continue;
@@ -231,7 +287,7 @@ impl Pump {
         }
     }
 
-    /// Peers → TUN, until `stop`.
+    /// Peers → TUN, until `stop_rx` (or `stop`).
     pub fn udp_to_tun(&self) {
         let m = metrics();
         let mut arena = vec![0u8; RX_BATCH * RX_BUF];
@@ -245,7 +301,10 @@ impl Pump {
             .collect();
         let mut gro = GROTable::default();
         let fd = self.sock.as_raw_fd();
-        while !self.stop.load(Ordering::Relaxed) {
+        if !self.wait_ready() {
+            return;
+        }
+        while !self.stop_rx.load(Ordering::Relaxed) && !self.stop.load(Ordering::Relaxed) {
             if !wait(fd, libc::POLLIN) {
                 continue;
             }
