@@ -495,23 +495,44 @@ impl Lab {
         failures
     }
 
-    /// Starts flanneld on host `i` (0-based) and waits until it wrote subnet.env.
-    ///
-    /// # Panics
-    /// When it does not come up within 20 s.
-    pub fn start_flanneld(&mut self, i: usize) {
-        let store: Vec<String> = match &self.kube {
-            Some(api) => vec![
+    /// The program, arguments and environment of host `i`'s flanneld (run through `ip netns exec`).
+    fn flanneld_command(&self, i: usize) -> (Vec<String>, Vec<(String, String)>) {
+        let h = &self.hosts[i];
+        let mut argv: Vec<String> = vec!["ip".into(), "netns".into(), "exec".into()];
+        argv.push(h.ns.name().to_string());
+        argv.push(self.flanneld.display().to_string());
+        match &self.kube {
+            Some(api) => argv.extend([
                 "--kube-subnet-mgr".into(),
                 format!("--kube-api-url={}", api.url()),
                 format!(
                     "--net-config-path={}",
                     self.dir.path().join("net-conf.json").display()
                 ),
-            ],
-            None => vec![format!("--etcd-endpoints={}", self.etcd_url())],
-        };
-        let bin = self.flanneld.clone();
+            ]),
+            None => argv.push(format!("--etcd-endpoints={}", self.etcd_url())),
+        }
+        argv.push("--iface=eth0".into());
+        argv.push(format!("--subnet-file={}", h.subnet_file.display()));
+        argv.extend(h.extra_args.iter().cloned());
+        let env = vec![
+            ("NODE_NAME".to_string(), format!("host{}", h.n)),
+            // Hosts share one filesystem: each keeps its WireGuard key beside its subnet.env.
+            (
+                "WIREGUARD_KEY_FILE".to_string(),
+                h.subnet_file.with_file_name("wgkey").display().to_string(),
+            ),
+            ("RUST_LOG".to_string(), "info".to_string()),
+        ];
+        (argv, env)
+    }
+
+    /// Starts flanneld on host `i` (0-based) and waits until it wrote subnet.env.
+    ///
+    /// # Panics
+    /// When it does not come up within 20 s.
+    pub fn start_flanneld(&mut self, i: usize) {
+        let (argv, env) = self.flanneld_command(i);
         let h = &mut self.hosts[i];
         let _ = std::fs::remove_file(&h.subnet_file);
         let log = std::fs::OpenOptions::new()
@@ -519,25 +540,23 @@ impl Lab {
             .append(true)
             .open(&h.log)
             .expect("log");
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", h.ns.name()])
-            .arg(&bin)
-            .args(&store)
-            .env("NODE_NAME", format!("host{}", h.n))
-            // Hosts share one filesystem: each keeps its WireGuard key beside its subnet.env.
-            .env("WIREGUARD_KEY_FILE", h.subnet_file.with_file_name("wgkey"))
-            .arg("--iface=eth0")
-            .arg(format!("--subnet-file={}", h.subnet_file.display()))
-            .args(&h.extra_args)
-            .env("RUST_LOG", "info")
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         let child = crate::cleanup::spawn(&mut cmd).expect("spawn flanneld");
         h.flanneld = Some(child);
+        self.wait_subnet_file(i, true);
+    }
+
+    /// Waits up to 20 s for host `i`'s subnet.env (checking that its own flanneld child runs).
+    fn wait_subnet_file(&mut self, i: usize, own_child: bool) {
+        let h = &mut self.hosts[i];
         let deadline = Instant::now() + Duration::from_secs(20);
         while !h.subnet_file.exists() {
-            if !h.flanneld_running() {
+            if own_child && !h.flanneld_running() {
                 panic!("flanneld on {} exited:\n{}", h.ns.name(), h.log_text());
             }
             assert!(
@@ -548,6 +567,36 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Runs host `i`'s flanneld as the service `unit` of the systemd user manager `mgr`
+    /// (`Type=notify`, with a file-descriptor store, logging to the host's log), and waits for its
+    /// subnet.env. Restart it with `mgr.must(&["restart", unit])`.
+    ///
+    /// # Panics
+    /// When the service does not start.
+    pub fn start_flanneld_service(
+        &mut self,
+        i: usize,
+        mgr: &mut crate::systemd::UserManager,
+        unit: &str,
+    ) {
+        let (argv, env) = self.flanneld_command(i);
+        let h = &self.hosts[i];
+        let _ = std::fs::remove_file(&h.subnet_file);
+        let environment: String = env
+            .iter()
+            .map(|(k, v)| format!("Environment=\"{k}={v}\"\n"))
+            .collect();
+        let text = format!(
+            "[Service]\nType=notify\nExecStart={}\n{environment}FileDescriptorStoreMax=8\n\
+             StandardOutput=append:{log}\nStandardError=append:{log}\nTimeoutStopSec=10\n",
+            argv.join(" "),
+            log = h.log.display()
+        );
+        mgr.add_unit(unit, &text);
+        mgr.must(&["start", unit]);
+        self.wait_subnet_file(i, false);
     }
 
     /// Starts flanneld on every host.

@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod kubeapi;
 pub mod lab;
 pub mod netns;
+pub mod systemd;
 
 use std::path::PathBuf;
 
