@@ -145,8 +145,14 @@ pub fn parse_listen_fds(
     names: Option<&str>,
     pid: u32,
 ) -> Vec<Option<String>> {
-    let for_us = listen_pid.and_then(|p| p.trim().parse::<u32>().ok()) == Some(pid);
-    let count = listen_fds.and_then(|n| n.trim().parse::<usize>().ok());
+    // Plain decimal digits only (no sign, no spaces), as systemd writes them.
+    fn number<T: std::str::FromStr>(s: Option<&str>) -> Option<T> {
+        s.filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))?
+            .parse()
+            .ok()
+    }
+    let for_us = number::<u32>(listen_pid) == Some(pid);
+    let count = number::<usize>(listen_fds);
     let (true, Some(count)) = (for_us, count) else {
         return Vec::new();
     };
@@ -181,6 +187,9 @@ mod tests {
         assert!(parse_listen_fds(Some("41"), Some("2"), Some("a:b"), 42).is_empty());
         assert!(parse_listen_fds(None, Some("2"), None, 42).is_empty());
         assert!(parse_listen_fds(Some("42"), Some("x"), None, 42).is_empty());
+        // A sign or spaces are not systemd's: refused (found by fuzzing: "+42" parsed as 42).
+        assert!(parse_listen_fds(Some("+42"), Some("1"), None, 42).is_empty());
+        assert!(parse_listen_fds(Some(" 42"), Some("1"), None, 42).is_empty());
         assert!(parse_listen_fds(Some("42"), Some("100000"), None, 42).is_empty());
         // Fewer names than descriptors, empty names: unnamed; more names: cut to the count.
         assert_eq!(

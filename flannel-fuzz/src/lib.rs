@@ -36,6 +36,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("kube_annotations", kube_annotations),
     ("wireguard_options", wireguard_options),
     ("wireguard_lease", wireguard_lease),
+    ("tun_read", tun_read),
+    ("listen_fds", listen_fds),
 ];
 
 fn text(data: &[u8]) -> String {
@@ -277,5 +279,36 @@ pub fn wireguard_lease(data: &[u8]) {
                 );
             }
         }
+    }
+}
+
+/// A read from a `flannel0` queue with a virtio header (the parking queue's packets, which come
+/// from pods): the IP packet is taken out, its checksum completed, then routed as the udp backend
+/// routes it.
+pub fn tun_read(data: &[u8]) {
+    let mut read = data.to_vec();
+    if let Some(packet) = flannel_backend_udp::tun::packet_of(&mut read) {
+        let len = packet.len();
+        assert!(len < data.len(), "the packet lies inside the read");
+        udp_datagram(packet);
+    }
+}
+
+/// `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES` as a service manager (or whoever set them) passes
+/// them, split from the input at NUL bytes: never more descriptors than the bounded maximum, and
+/// only for our PID.
+pub fn listen_fds(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.split('\0');
+    let (pid, count, names) = (parts.next(), parts.next(), parts.next());
+    let got = flannel_dataplane::systemd::parse_listen_fds(pid, count, names, 42);
+    assert!(got.len() <= 64, "bounded");
+    if !got.is_empty() {
+        let pid = pid.unwrap_or_default();
+        assert!(
+            pid.bytes().all(|b| b.is_ascii_digit()),
+            "digits only: {pid:?}"
+        );
+        assert_eq!(pid.parse::<u32>().ok(), Some(42), "only our PID");
     }
 }
