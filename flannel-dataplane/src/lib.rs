@@ -626,22 +626,42 @@ pub async fn apply_diff(
     own: &Ownership,
     known: &mut KernelState,
 ) -> ReconcileReport {
+    use futures::StreamExt;
     let mut report = ReconcileReport::default();
-    for op in diff(desired, known, own) {
-        let label = match &op {
-            Op::AddRoute(_) | Op::AddNeigh(_) | Op::AddFdb(_) => format!("add {}", op.kind()),
-            _ => format!("delete {}", op.kind()),
-        };
-        match kernel.apply(&op).await {
-            Ok(()) => {
-                known.record(&op);
-                *report.applied.entry(label).or_default() += 1;
+    // Deletions first, then additions (a changed entry is one replacing add, never a delete and an
+    // add of the same key); within each phase up to APPLY_IN_FLIGHT requests are in flight at
+    // once, so a large change costs the kernel's work, not one round trip per entry.
+    let (deletes, adds): (Vec<Op>, Vec<Op>) = diff(desired, known, own)
+        .into_iter()
+        .partition(|op| matches!(op, Op::DelRoute(_) | Op::DelNeigh(_) | Op::DelFdb(_)));
+    for phase in [deletes, adds] {
+        let results: Vec<(Op, Result<(), DataplaneError>)> = futures::stream::iter(phase)
+            .map(|op| async move {
+                let result = kernel.apply(&op).await;
+                (op, result)
+            })
+            .buffered(APPLY_IN_FLIGHT)
+            .collect()
+            .await;
+        for (op, result) in results {
+            let label = match &op {
+                Op::AddRoute(_) | Op::AddNeigh(_) | Op::AddFdb(_) => format!("add {}", op.kind()),
+                _ => format!("delete {}", op.kind()),
+            };
+            match result {
+                Ok(()) => {
+                    known.record(&op);
+                    *report.applied.entry(label).or_default() += 1;
+                }
+                Err(e) => report.failed.push(chain(&e)),
             }
-            Err(e) => report.failed.push(chain(&e)),
         }
     }
     report
 }
+
+/// Kernel requests [`apply_diff`] keeps in flight at once.
+pub const APPLY_IN_FLIGHT: usize = 64;
 
 impl KernelState {
     /// Records an op the kernel accepted, with its replace semantics: a route replaces the route to
@@ -765,6 +785,72 @@ mod tests {
         assert_eq!(e.to_string(), "x");
         let b: flannel_core::BackendError = e.into();
         assert!(chain(&b).ends_with("no errno"), "{}", chain(&b));
+    }
+
+    /// A kernel whose every op takes 1 ms (paused time) and that records how many were in flight.
+    #[derive(Debug, Default)]
+    struct SlowKernel {
+        in_flight: std::sync::atomic::AtomicUsize,
+        max_in_flight: std::sync::atomic::AtomicUsize,
+        log: std::sync::Mutex<Vec<(bool, bool)>>,
+    }
+
+    #[async_trait]
+    impl KernelOps for SlowKernel {
+        async fn read(&self, _: &Ownership) -> Result<KernelState, DataplaneError> {
+            Ok(KernelState::default())
+        }
+        async fn apply(&self, op: &Op) -> Result<(), DataplaneError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+            self.max_in_flight.fetch_max(now, SeqCst);
+            let delete = matches!(op, Op::DelRoute(_) | Op::DelNeigh(_) | Op::DelFdb(_));
+            self.log.lock().unwrap().push((delete, true));
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            self.log.lock().unwrap().push((delete, false));
+            self.in_flight.fetch_sub(1, SeqCst);
+            Ok(())
+        }
+        async fn host_routes(&self) -> Result<Vec<Route>, DataplaneError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn apply_diff_keeps_requests_in_flight_and_deletes_before_adding() {
+        let own = Ownership {
+            networks: vec!["10.5.0.0/16".parse().unwrap()],
+            gateway_route_oifs: vec![5],
+            ..Default::default()
+        };
+        let mut known = KernelState::default();
+        let mut desired = KernelState::default();
+        for i in 0..200u32 {
+            let (a, b) = (i / 256, i % 256);
+            known
+                .routes
+                .insert(route(&format!("10.5.{a}.{b}/32"), "192.168.0.9", 5, false));
+            desired.routes.insert(route(
+                &format!("10.5.{}.{b}/32", a + 100),
+                "192.168.0.9",
+                5,
+                false,
+            ));
+        }
+        let kernel = SlowKernel::default();
+        let report = apply_diff(&kernel, &desired, &own, &mut known).await;
+        assert!(report.failed.is_empty());
+        assert_eq!(report.applied.values().sum::<usize>(), 400);
+        assert_eq!(known, desired, "the record follows every op");
+        let max = kernel
+            .max_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(max, APPLY_IN_FLIGHT, "requests overlap, up to the bound");
+        // No add starts before the last delete finished.
+        let log = kernel.log.lock().unwrap();
+        let last_delete_end = log.iter().rposition(|&(d, start)| d && !start).unwrap();
+        let first_add_start = log.iter().position(|&(d, start)| !d && start).unwrap();
+        assert!(last_delete_end < first_add_start);
     }
 
     fn route(dst: &str, gw: &str, oif: u32, onlink: bool) -> Route {
