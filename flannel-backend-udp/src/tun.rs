@@ -27,6 +27,15 @@ pub struct Tun {
     pub park: Option<Park>,
 }
 
+impl std::fmt::Debug for Tun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tun")
+            .field("fd", &self.dev.as_raw_fd())
+            .field("park", &self.park)
+            .finish()
+    }
+}
+
 /// Opens (creating or re-attaching to) the TUN device `name`, non-blocking, and marks it persistent.
 /// Offloads are asked for first; a kernel without them gets a plain device. Under systemd it also
 /// sets up the parking queue (taking the previous flanneld's from systemd when there is one).
