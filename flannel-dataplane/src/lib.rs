@@ -13,7 +13,10 @@
 //! event, on kernel notifications that are news ([`changes::needs_read`]) and periodically, so
 //! deleted or changed entries come back and stale ones go away, without ever touching entries that
 //! are not flannel's. Between full reads it diffs against what it knows ([`apply_diff`] keeps that
-//! record), so a lease change costs its own entries, not a dump of the kernel's tables.
+//! record, with up to [`APPLY_IN_FLIGHT`] requests in flight), so a lease change costs its own
+//! entries, not a dump of the kernel's tables. Routes with a gateway go through next-hop objects
+//! ([`nexthop`]), which the kernel installs in constant time instead of comparing each new route
+//! with every other on the device. [`systemd`] is the service manager's side of a restart.
 //!
 //! ```
 //! use flannel_dataplane::{diff, KernelState, Op, Ownership, Route};
@@ -30,6 +33,7 @@ pub mod host;
 pub mod lease_policy;
 pub mod metrics;
 pub mod netlink;
+pub mod nexthop;
 pub mod systemd;
 
 pub use lease_policy::LeasePolicy;

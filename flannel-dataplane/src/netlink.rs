@@ -24,6 +24,7 @@ use rtnetlink::{Handle, LinkUnspec, LinkVxlan, MulticastGroup, RouteMessageBuild
 
 use crate::LinkOps;
 use crate::changes::{Entry, KernelChange, Notifications, notifications};
+use crate::nexthop::{self, NextHop, NexthopMessage};
 use crate::{
     DataplaneError, Fdb, KernelCause, KernelOps, KernelState, MacAddr, Neigh, Op, Ownership, Route,
 };
@@ -39,6 +40,135 @@ fn err(context: impl Into<String>, e: impl Into<KernelCause>) -> DataplaneError 
 #[derive(Debug, Clone)]
 pub struct Netlink {
     handle: Handle,
+    /// Next-hop objects for routes with a gateway (see [`crate::nexthop`]); `None` when turned off.
+    nexthops: Option<std::sync::Arc<Nexthops>>,
+}
+
+/// flanneld's next-hop objects: a connection for their messages and what flanneld holds.
+struct Nexthops {
+    handle: netlink_proto::ConnectionHandle<NexthopMessage>,
+    registry: std::sync::Mutex<nexthop::Registry>,
+    /// Whether the kernel has next-hop objects (known after the first dump).
+    enabled: tokio::sync::OnceCell<bool>,
+}
+
+impl std::fmt::Debug for Nexthops {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nexthops")
+            .field("enabled", &self.enabled.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Nexthops {
+    fn open() -> std::io::Result<Self> {
+        let (conn, handle, _) =
+            netlink_proto::new_connection::<NexthopMessage>(netlink_sys::protocols::NETLINK_ROUTE)?;
+        tokio::spawn(conn);
+        Ok(Self {
+            handle,
+            registry: std::sync::Mutex::new(nexthop::Registry::default()),
+            enabled: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, nexthop::Registry> {
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sends `m`; the kernel's answers (a dump's objects, none for an acknowledged change).
+    async fn send(&self, m: NexthopMessage) -> std::io::Result<Vec<NexthopMessage>> {
+        let mut answers = self
+            .handle
+            .request(nexthop::request(m), netlink_sys::SocketAddr::new(0, 0))
+            .map_err(std::io::Error::other)?;
+        let mut out = Vec::new();
+        while let Some(msg) = answers.next().await {
+            match msg.payload {
+                NetlinkPayload::InnerMessage(m) => out.push(m),
+                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether next-hop objects are in use: on the first call, reads flanneld's objects from the
+    /// kernel (a kernel without them answers the dump with an error: routes then carry their
+    /// gateway, as before).
+    async fn enabled(&self) -> bool {
+        *self
+            .enabled
+            .get_or_init(|| async {
+                match self.refresh().await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::info!(error = %e, "no next-hop objects in this kernel (before 5.3?): routes carry their gateway");
+                        false
+                    }
+                }
+            })
+            .await
+    }
+
+    /// Reads flanneld's objects from the kernel again (a full read: objects made or deleted by
+    /// others since are seen).
+    async fn refresh(&self) -> std::io::Result<()> {
+        let objects = self.send(NexthopMessage::dump()).await?;
+        let mut reg = self.registry();
+        reg.clear_objects();
+        for o in objects {
+            if let (Some(id), Some(hop)) = (o.id, o.hop())
+                && (nexthop::FIRST_ID..=nexthop::LAST_ID).contains(&id)
+            {
+                reg.insert(id, hop);
+            }
+        }
+        Ok(())
+    }
+
+    /// The object for `hop`, created if flanneld has none.
+    async fn ensure(&self, hop: NextHop) -> Result<u32, DataplaneError> {
+        if let Some(id) = self.registry().id_of(&hop) {
+            return Ok(id);
+        }
+        let context = || format!("add nexthop via {} dev #{}", hop.gateway, hop.oif);
+        // An id another program took is skipped (bounded).
+        for _ in 0..64 {
+            let id = self.registry().next_free().ok_or_else(|| {
+                err(
+                    context(),
+                    std::io::Error::other("no free nexthop id in flanneld's range"),
+                )
+            })?;
+            match self.send(NexthopMessage::new_object(id, hop)).await {
+                Ok(_) => {
+                    self.registry().insert(id, hop);
+                    return Ok(id);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    self.registry().skip(id);
+                }
+                Err(e) => return Err(err(context(), e)),
+            }
+        }
+        Err(err(
+            context(),
+            std::io::Error::from_raw_os_error(libc::EEXIST),
+        ))
+    }
+
+    /// Deletes object `id` (gone already is fine) and forgets it.
+    async fn delete(&self, id: u32) {
+        match self.send(NexthopMessage::delete(id)).await {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => tracing::debug!(id, error = %e, "deleting a nexthop object"),
+        }
+        self.registry().remove(id);
+    }
 }
 
 /// What the kernel reports about a link.
@@ -95,7 +225,106 @@ impl Netlink {
         let (conn, handle, _) =
             rtnetlink::new_connection().map_err(|e| err("opening a netlink socket", e))?;
         tokio::spawn(conn);
-        Ok(Self { handle })
+        let nexthops = match Nexthops::open() {
+            Ok(n) => Some(std::sync::Arc::new(n)),
+            Err(e) => {
+                tracing::info!(error = %e, "no netlink socket for next-hop objects: routes carry their gateway");
+                None
+            }
+        };
+        Ok(Self { handle, nexthops })
+    }
+
+    /// The same connection without next-hop objects: routes carry their gateway (what a kernel
+    /// before 5.3 gets).
+    pub fn without_nexthops(mut self) -> Self {
+        self.nexthops = None;
+        self
+    }
+
+    /// The next-hop objects, when they are in use.
+    async fn nexthops(&self) -> Option<&Nexthops> {
+        let nh = self.nexthops.as_deref()?;
+        nh.enabled().await.then_some(nh)
+    }
+
+    /// `ip route replace <dst> nhid <id>`, the object (`via <gateway> dev <oif> [onlink]`) made
+    /// first when flanneld has none; an object someone deleted is made again.
+    async fn add_route_via_object(
+        &self,
+        nh: &Nexthops,
+        r: &Route,
+        gateway: IpAddr,
+    ) -> Result<(), DataplaneError> {
+        let hop = NextHop {
+            gateway,
+            oif: r.oif,
+            onlink: r.onlink,
+        };
+        // Errors name the route (the object is how it is installed, not what the operator asked).
+        let named = |e: DataplaneError| DataplaneError {
+            context: format!("{} (via nexthop object)", Op::AddRoute(r.clone())),
+            cause: e.cause,
+        };
+        let mut id = nh.ensure(hop).await.map_err(named)?;
+        let mut result = self.replace_route_to_object(r.dst, id).await;
+        if result.is_err() {
+            // The object may be gone (deleted by hand): forget it, make it again, try once more.
+            nh.registry().remove(id);
+            id = nh.ensure(hop).await.map_err(named)?;
+            result = self.replace_route_to_object(r.dst, id).await;
+        }
+        result.map_err(|e| err(Op::AddRoute(r.clone()).to_string(), e))?;
+        let unused = nh.registry().set_route(r.dst, Some(id));
+        if let Some(old) = unused {
+            nh.delete(old).await;
+        }
+        Ok(())
+    }
+
+    async fn replace_route_to_object(&self, dst: IpNet, id: u32) -> Result<(), rtnetlink::Error> {
+        let mut msg = match dst {
+            IpNet::V4(d) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d.addr(), d.prefix_len())
+                .build(),
+            IpNet::V6(d) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d.addr(), d.prefix_len())
+                .build(),
+        };
+        msg.header.protocol = RouteProtocol::Boot;
+        msg.attributes.push(RouteAttribute::NhId(id));
+        self.handle.route().add(msg).replace().execute().await
+    }
+
+    /// `ip route del <dst> nhid <id>` (a route through an object matches no gateway), then the
+    /// object when no other route uses it.
+    async fn del_route_via_object(
+        &self,
+        nh: &Nexthops,
+        r: &Route,
+        id: u32,
+    ) -> Result<(), DataplaneError> {
+        let mut msg = match r.dst {
+            IpNet::V4(d) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d.addr(), d.prefix_len())
+                .build(),
+            IpNet::V6(d) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d.addr(), d.prefix_len())
+                .build(),
+        };
+        msg.header.protocol = RouteProtocol::Unspec;
+        msg.header.scope = RouteScope::NoWhere;
+        msg.attributes.push(RouteAttribute::NhId(id));
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => {}
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {}
+            Err(e) => return Err(err(Op::DelRoute(r.clone()).to_string(), e)),
+        }
+        let unused = nh.registry().set_route(r.dst, None);
+        if let Some(old) = unused {
+            nh.delete(old).await;
+        }
+        Ok(())
     }
 
     /// Subscribes to link, address, route and neighbour notifications, each turned into a
@@ -208,6 +437,7 @@ impl Netlink {
         v6: bool,
         keep: impl Fn(&Route) -> bool,
         out: &mut Vec<Route>,
+        nh_ids: &mut Vec<(IpNet, u32)>,
     ) -> Result<(), DataplaneError> {
         let msg = if v6 {
             RouteMessageBuilder::<Ipv6Addr>::new().build()
@@ -220,14 +450,37 @@ impl Netlink {
             .await
             .map_err(|e| err("listing routes", e))?
         {
-            if let Some(route) = route_of(&r)
+            let nh_id = nh_id_of(&r);
+            // With nexthop_compat_mode off the kernel reports only the object: take its next hop
+            // from what flanneld knows of its own objects.
+            let route = route_of(&r).or_else(|| {
+                let hop = self.nexthops.as_ref()?.registry().hop_of(nh_id?)?;
+                Some(Route {
+                    dst: route_dst(&r)?,
+                    gateway: Some(hop.gateway),
+                    oif: hop.oif,
+                    onlink: hop.onlink,
+                })
+            });
+            if let Some(route) = route
                 && keep(&route)
             {
+                if let Some(id) = nh_id {
+                    nh_ids.push((route.dst, id));
+                }
                 out.push(route);
             }
         }
         Ok(())
     }
+}
+
+/// The next-hop object a route points at (`RTA_NH_ID`).
+fn nh_id_of(r: &RouteMessage) -> Option<u32> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::NhId(id) => Some(*id),
+        _ => None,
+    })
 }
 
 fn link_state(msg: rtnetlink::packet_route::link::LinkMessage) -> LinkState {
@@ -577,23 +830,44 @@ impl LinkOps for Netlink {
 #[async_trait]
 impl KernelOps for Netlink {
     async fn host_routes(&self) -> Result<Vec<Route>, DataplaneError> {
-        let mut routes = Vec::new();
-        self.routes(false, |_| true, &mut routes).await?;
-        self.routes(true, |_| true, &mut routes).await?;
+        let (mut routes, mut ids) = (Vec::new(), Vec::new());
+        self.routes(false, |_| true, &mut routes, &mut ids).await?;
+        self.routes(true, |_| true, &mut routes, &mut ids).await?;
         Ok(routes)
     }
 
     async fn read(&self, own: &Ownership) -> Result<KernelState, DataplaneError> {
         let mut out = KernelState::default();
-        let mut routes = Vec::new();
+        let (mut routes, mut ids) = (Vec::new(), Vec::new());
         let in_networks = |r: &Route| own.networks.iter().any(|n| n.contains(&r.dst));
         if own.networks.iter().any(|n| n.addr().is_ipv4()) {
-            self.routes(false, in_networks, &mut routes).await?;
+            self.routes(false, in_networks, &mut routes, &mut ids)
+                .await?;
         }
         if own.networks.iter().any(|n| n.addr().is_ipv6()) {
-            self.routes(true, in_networks, &mut routes).await?;
+            self.routes(true, in_networks, &mut routes, &mut ids)
+                .await?;
         }
         out.routes.extend(routes);
+        // What the routes point at, as read; objects of flanneld's that no route uses go.
+        if let Some(nh) = self.nexthops().await {
+            nh.refresh()
+                .await
+                .map_err(|e| err("listing nexthop objects", e))?;
+            let read_v4 = own.networks.iter().any(|n| n.addr().is_ipv4());
+            let read_v6 = own.networks.iter().any(|n| n.addr().is_ipv6());
+            let unused = nh.registry().reset_routes(ids, |hop| {
+                (if hop.gateway.is_ipv4() {
+                    read_v4
+                } else {
+                    read_v6
+                }) && (own.gateway_route_oifs.contains(&hop.oif)
+                    || own.route_oifs.contains(&hop.oif))
+            });
+            for id in unused {
+                nh.delete(id).await;
+            }
+        }
         if !own.neigh_ifindexes.is_empty() {
             for family in [AddressFamily::Inet, AddressFamily::Inet6] {
                 let mut neighs = self
@@ -670,15 +944,26 @@ impl KernelOps for Netlink {
     async fn apply(&self, op: &Op) -> Result<(), DataplaneError> {
         tracing::trace!(%op, "netlink");
         let result = match op {
-            Op::AddRoute(r) => {
-                self.handle
-                    .route()
-                    .add(route_message(r))
-                    .replace()
-                    .execute()
-                    .await
-            }
+            Op::AddRoute(r) => match (self.nexthops().await, r.gateway) {
+                (Some(nh), Some(gateway)) => {
+                    return self.add_route_via_object(nh, r, gateway).await;
+                }
+                _ => {
+                    self.handle
+                        .route()
+                        .add(route_message(r))
+                        .replace()
+                        .execute()
+                        .await
+                }
+            },
             Op::DelRoute(r) => {
+                if let Some(nh) = self.nexthops().await {
+                    let id = nh.registry().route(&r.dst);
+                    if let Some(id) = id {
+                        return self.del_route_via_object(nh, r, id).await;
+                    }
+                }
                 let mut m = route_message(r);
                 // Match routes whoever built them.
                 m.header.protocol = RouteProtocol::Unspec;

@@ -38,6 +38,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("wireguard_lease", wireguard_lease),
     ("tun_read", tun_read),
     ("listen_fds", listen_fds),
+    ("nexthop_message", nexthop_message),
 ];
 
 fn text(data: &[u8]) -> String {
@@ -310,5 +311,17 @@ pub fn listen_fds(data: &[u8]) {
             "digits only: {pid:?}"
         );
         assert_eq!(pid.parse::<u32>().ok(), Some(42), "only our PID");
+    }
+}
+
+/// A next-hop object message as the kernel sends it (the payload after the netlink header): what
+/// parses serializes back to a message that parses to the same value.
+pub fn nexthop_message(data: &[u8]) {
+    use flannel_dataplane::nexthop::NexthopMessage;
+    use netlink_packet_core::NetlinkSerializable;
+    if let Ok(m) = NexthopMessage::parse(104, data) {
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.serialize(&mut buf);
+        assert_eq!(NexthopMessage::parse(104, &buf).ok(), Some(m));
     }
 }

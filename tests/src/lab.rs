@@ -78,6 +78,12 @@ impl Host {
             .unwrap_or_else(|e| panic!("{}: {e}", self.ns.name()))
     }
 
+    /// `ip route show [ARGS]` with each route as Go flanneld installs it: flanneld installs routes
+    /// with a gateway through next-hop objects, which `ip` shows as `nhid N` before the gateway.
+    pub fn routes(&self, args: &str) -> String {
+        without_nhid(&self.sh(&format!("ip route show {args}")))
+    }
+
     /// Whether flanneld is running.
     pub fn flanneld_running(&mut self) -> bool {
         self.flanneld
@@ -957,4 +963,23 @@ impl Drop for Lab {
         // Pods, hosts and the switch namespaces are removed by their own guards (fields drop after
         // this), which also deletes every link inside them.
     }
+}
+
+/// `ip route` output without the `nhid N` of routes through next-hop objects.
+pub fn without_nhid(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            let mut words = l.split(' ').peekable();
+            let mut out: Vec<&str> = Vec::new();
+            while let Some(w) = words.next() {
+                if w == "nhid" {
+                    words.next();
+                    continue;
+                }
+                out.push(w);
+            }
+            out.join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -69,7 +69,7 @@ fn actual_vxlan(lab: &Lab, host: usize) -> (BTreeSet<String>, BTreeSet<String>, 
             .unwrap_or_default()
     };
     // `proto boot` is iproute2's default and not printed; Go's netlink library uses it too.
-    let routes = lines(&run("ip route show"))
+    let routes = lines(&flannel_tests::lab::without_nhid(&run("ip route show")))
         .into_iter()
         .filter(|l| l.contains("dev flannel.1"))
         .collect();
@@ -91,7 +91,7 @@ fn expected_direct(lab: &Lab, host: usize, only: impl Fn(&str) -> bool) -> BTree
 }
 
 fn actual_direct(lab: &Lab, host: usize) -> BTreeSet<String> {
-    lines(&lab.hosts[host].sh("ip route show"))
+    lines(&lab.hosts[host].routes(""))
         .into_iter()
         .filter(|l| l.starts_with("10.5.") && l.contains("dev eth0"))
         .collect()
@@ -136,7 +136,7 @@ fn vxlan_direct_routing_and_two_segments() {
         actual_direct(&lab, 0)
     );
     let (far_subnet, far_ip, far_mac) = lease_of(&lab, 2);
-    let routes = lab.hosts[0].sh("ip route show");
+    let routes = lab.hosts[0].routes("");
     assert!(
         routes.contains(&format!(
             "{far_subnet} via {} dev flannel.1 onlink",
@@ -427,10 +427,7 @@ fn restart_keeps_pods_talking_and_departed_peers_are_removed() {
                 "{flavor:?} host {h} kept the departed peer: {}",
                 flavor.describe(&lab, h)
             );
-            assert!(
-                !lab.hosts[h].sh("ip route show").contains(&gone),
-                "{flavor:?}"
-            );
+            assert!(!lab.hosts[h].routes("").contains(&gone), "{flavor:?}");
         }
     }
 }

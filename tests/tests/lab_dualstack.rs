@@ -62,7 +62,7 @@ fn hostgw_dual_stack() {
             .iter()
             .find(|(_, ip)| *ip == h.addr6.to_string())
             .unwrap_or_else(|| panic!("no lease advertises {}: {leases:?}", h.addr6));
-        let routes = h.sh("ip -6 route show");
+        let routes = flannel_tests::lab::without_nhid(&h.sh("ip -6 route show"));
         for (subnet, gw) in &leases {
             let want = format!("{subnet} via {gw} dev eth0");
             if subnet == &own.0 {
@@ -136,7 +136,7 @@ fn vxlan_dual_stack() {
         let addr = h.sh("ip -6 addr show dev flannel-v6.1");
         let own_addr = own.split('/').next().unwrap();
         assert!(addr.contains(&format!("{own_addr}/128")), "{addr}");
-        let routes = h.sh("ip -6 route show");
+        let routes = flannel_tests::lab::without_nhid(&h.sh("ip -6 route show"));
         let neighs = h.sh("ip -6 neigh show dev flannel-v6.1");
         let fdb = h.sh("bridge fdb show dev flannel-v6.1");
         for ((subnet, public), (_, mac)) in leases.iter().zip(&macs) {
@@ -183,8 +183,7 @@ fn vxlan_dual_stack() {
     lab.hosts[1].sh("ip link del flannel-v6.1");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let route_back = lab.hosts[0]
-            .sh("ip -6 route show")
+        let route_back = flannel_tests::lab::without_nhid(&lab.hosts[0].sh("ip -6 route show"))
             .contains(&format!("{peer_subnet} via"));
         let dev_back = lab.hosts[1]
             .ns

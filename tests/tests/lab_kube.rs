@@ -130,7 +130,7 @@ fn deleted_nodes_restarts_and_an_expired_watch() {
     }
     assert!(lab.ping_all(Duration::from_secs(10)).is_empty());
     let h3_cidr = Lab::pod_cidrs(r#"{"Network":"10.5.0.0/16"}"#, 3)[0].clone();
-    let routes = |lab: &Lab, i: usize| lab.hosts[i].sh("ip route");
+    let routes = |lab: &Lab, i: usize| lab.hosts[i].routes("");
     assert!(routes(&lab, 0).contains(&h3_cidr));
 
     // A deleted Node: its routes go away on the other hosts.

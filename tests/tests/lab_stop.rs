@@ -46,7 +46,7 @@ fn sigterm_stops_every_backend_quickly() {
         } else {
             lab.hosts[1].subnet_env().unwrap()["FLANNEL_SUBNET"].replace(".1/24", ".0/24")
         };
-        assert!(lab.hosts[0].sh("ip route").contains(&peer), "{backend}");
+        assert!(lab.hosts[0].routes("").contains(&peer), "{backend}");
         // The target is 200 ms (printed below); the assertion leaves room for a loaded machine and
         // catches a stop that waits on something (it took 1.6 s for udp once).
         assert!(

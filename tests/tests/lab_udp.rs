@@ -216,11 +216,7 @@ fn udp_backend_end_to_end() {
     for (k, v) in lab.etcd_list("/coreos.com/network/subnets/") {
         assert!(v.ends_with(r#""PublicIPv6":null}"#), "{k}: {v}");
     }
-    assert!(
-        lab.hosts[0]
-            .sh("ip route")
-            .contains("10.5.0.0/16 dev flannel0")
-    );
+    assert!(lab.hosts[0].routes("").contains("10.5.0.0/16 dev flannel0"));
 
     // Packets up to the pod MTU arrive (1444 bytes of ICMP payload + 28 = 1472).
     let to = lab.hosts[1].pods[0].ip.to_string();
@@ -339,9 +335,7 @@ fn udp_backend_end_to_end() {
     let (sent, received) = lab.ping_during((1, 0), to, 50, |lab| {
         lab.stop_flanneld(0);
         assert!(
-            lab.hosts[0]
-                .sh("ip route")
-                .contains("10.5.0.0/16 dev flannel0"),
+            lab.hosts[0].routes("").contains("10.5.0.0/16 dev flannel0"),
             "the route outlives flanneld"
         );
         lab.start_flanneld(0);
@@ -363,9 +357,7 @@ fn udp_backend_end_to_end() {
     lab.start_flanneld(0);
     // subnet.env (written before start_flanneld returns) means the route is in place.
     assert!(
-        lab.hosts[0]
-            .sh("ip route")
-            .contains("10.5.0.0/16 dev flannel0"),
+        lab.hosts[0].routes("").contains("10.5.0.0/16 dev flannel0"),
         "the cluster route is in place when subnet.env appears"
     );
     assert!(

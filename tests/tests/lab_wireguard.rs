@@ -59,7 +59,7 @@ fn pods_ping_over_flannel_wg_with_upstreams_lease_data() {
         let host = &lab.hosts[h];
         let env = host.subnet_env().unwrap();
         assert_eq!(env["FLANNEL_MTU"], "1420", "underlay 1500 - 80");
-        let routes = host.sh("ip route");
+        let routes = host.routes("");
         assert!(routes.contains("10.5.0.0/16 dev flannel-wg"), "{routes}");
     }
 }
@@ -82,7 +82,7 @@ fn restart_keeps_the_key_and_a_deleted_device_comes_back() {
     lab.hosts[1].sh("ip link del flannel-wg");
     assert!(
         until(Duration::from_secs(10), || lab.hosts[1]
-            .sh("ip route")
+            .routes("")
             .contains("dev flannel-wg")),
         "flannel-wg not back:\n{}",
         lab.hosts[1].log_text()

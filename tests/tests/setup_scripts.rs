@@ -55,6 +55,9 @@ fn path_without(dir: &Path, leave_out: &[&str]) {
         "tcpdump",
         "wireguard-go",
         "wg",
+        "systemctl",
+        "unshare",
+        "nsenter",
         "mktemp",
         "rm",
     ];

@@ -1,0 +1,177 @@
+//! Routes through next-hop objects against the real kernel, inside a network namespace: what `ip`
+//! shows, what flanneld reads back, objects made, shared, replaced and deleted with their routes,
+//! adopted after a restart, left-over ones removed, and the plain routes of a kernel without them.
+
+#![allow(clippy::unwrap_used)]
+
+use flannel_dataplane::netlink::Netlink;
+use flannel_dataplane::nexthop::{FIRST_ID, LAST_ID};
+use flannel_dataplane::{KernelOps, KernelState, Op, Ownership, Route, apply_diff};
+use flannel_tests::netns::Netns;
+use flannel_tests::require_root;
+
+fn ip(args: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(args.split_whitespace())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The ids of the next-hop objects in flanneld's range.
+fn objects() -> Vec<u32> {
+    ip("nexthop show")
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("id ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .filter(|id| (FIRST_ID..=LAST_ID).contains(id))
+        .collect()
+}
+
+fn route(dst: &str, gw: &str, oif: u32, onlink: bool) -> Route {
+    Route {
+        dst: dst.parse().unwrap(),
+        gateway: Some(gw.parse().unwrap()),
+        oif,
+        onlink,
+    }
+}
+
+#[test]
+fn routes_through_next_hop_objects() {
+    if !require_root("routes_through_next_hop_objects") {
+        return;
+    }
+    let ns = Netns::new("nh");
+    for cmd in [
+        "ip link add fltnh0 type veth peer name fltnh1",
+        "ip link set fltnh0 up",
+        "ip link set fltnh1 up",
+        "ip addr add 192.168.60.1/24 dev fltnh0",
+    ] {
+        let args: Vec<&str> = cmd.split_whitespace().collect();
+        ns.exec(&args).unwrap();
+    }
+    ns.run(|| {
+        Box::pin(async {
+            let oif = ip("-o link show fltnh0")
+                .split(':')
+                .next()
+                .unwrap()
+                .trim()
+                .parse::<u32>()
+                .unwrap();
+            let own = Ownership {
+                networks: vec!["10.5.0.0/16".parse().unwrap()],
+                gateway_route_oifs: vec![oif],
+                ..Default::default()
+            };
+            let nl = Netlink::new().unwrap();
+            // vxlan's shape (onlink) and host-gw's (a gateway on the device's network).
+            let mut desired = KernelState::default();
+            desired
+                .routes
+                .insert(route("10.5.2.0/24", "10.5.2.0", oif, true));
+            desired
+                .routes
+                .insert(route("10.5.3.0/24", "192.168.60.3", oif, false));
+            let mut known = nl.read(&own).await.unwrap();
+            let report = apply_diff(&nl, &desired, &own, &mut known).await;
+            assert!(report.failed.is_empty(), "{:?}", report.failed);
+            let shown = ip("route show 10.5.2.0/24");
+            assert!(
+                shown.contains("nhid")
+                    && shown.contains("via 10.5.2.0")
+                    && shown.contains("onlink"),
+                "{shown}"
+            );
+            assert!(ip("route show 10.5.3.0/24").contains("via 192.168.60.3"));
+            assert_eq!(objects().len(), 2, "one object per next hop");
+            // What flanneld reads back is what it wanted: a second pass changes nothing.
+            let mut read = nl.read(&own).await.unwrap();
+            assert_eq!(read, desired);
+            let again = apply_diff(&nl, &desired, &own, &mut read).await;
+            assert!(again.applied.is_empty(), "{:?}", again.applied);
+
+            // A new gateway for a route: a new object, the old one goes.
+            desired
+                .routes
+                .remove(&route("10.5.3.0/24", "192.168.60.3", oif, false));
+            desired
+                .routes
+                .insert(route("10.5.3.0/24", "192.168.60.4", oif, false));
+            let before = objects();
+            let report = apply_diff(&nl, &desired, &own, &mut read).await;
+            assert!(report.failed.is_empty(), "{:?}", report.failed);
+            assert!(ip("route show 10.5.3.0/24").contains("via 192.168.60.4"));
+            let after = objects();
+            assert_eq!(after.len(), 2);
+            assert_ne!(before, after);
+
+            // A restart: a new connection adopts the objects; nothing is made again.
+            drop(nl);
+            let nl = Netlink::new().unwrap();
+            let mut read = nl.read(&own).await.unwrap();
+            assert_eq!(read, desired);
+            let again = apply_diff(&nl, &desired, &own, &mut read).await;
+            assert!(again.applied.is_empty(), "{:?}", again.applied);
+            assert_eq!(objects(), after);
+
+            // A left-over object of flanneld's range, used by no route, goes at the next read.
+            ip(&format!(
+                "nexthop add id {} via 10.5.9.0 dev fltnh0 onlink",
+                FIRST_ID + 4000
+            ));
+            nl.read(&own).await.unwrap();
+            assert_eq!(objects(), after);
+
+            // An object deleted by hand takes its route along; the next pass restores both.
+            let id = ip("route show 10.5.2.0/24")
+                .split_whitespace()
+                .skip_while(|w| *w != "nhid")
+                .nth(1)
+                .unwrap()
+                .to_string();
+            ip(&format!("nexthop del id {id}"));
+            assert!(ip("route show 10.5.2.0/24").is_empty());
+            let mut read = nl.read(&own).await.unwrap();
+            let report = apply_diff(&nl, &desired, &own, &mut read).await;
+            assert!(report.failed.is_empty(), "{:?}", report.failed);
+            assert!(ip("route show 10.5.2.0/24").contains("via 10.5.2.0"));
+            assert_eq!(nl.read(&own).await.unwrap(), desired);
+
+            // Removing the routes removes the objects.
+            let mut known = nl.read(&own).await.unwrap();
+            let report = apply_diff(&nl, &KernelState::default(), &own, &mut known).await;
+            assert!(report.failed.is_empty(), "{:?}", report.failed);
+            assert!(ip("route show 10.5.0.0/16 root 10.5.0.0/16").is_empty());
+            assert!(objects().is_empty(), "{:?}", objects());
+
+            // Without objects (a kernel before 5.3): plain routes with their gateway.
+            let plain = Netlink::new().unwrap().without_nexthops();
+            plain
+                .apply(&Op::AddRoute(route("10.5.2.0/24", "10.5.2.0", oif, true)))
+                .await
+                .unwrap();
+            let shown = ip("route show 10.5.2.0/24");
+            assert!(
+                !shown.contains("nhid") && shown.contains("via 10.5.2.0"),
+                "{shown}"
+            );
+            // ... which a connection with objects takes over, and deletes, as any route.
+            let mut known = nl.read(&own).await.unwrap();
+            apply_diff(&nl, &KernelState::default(), &own, &mut known).await;
+            assert!(ip("route show 10.5.2.0/24").is_empty());
+        })
+    });
+}
