@@ -113,8 +113,8 @@ impl Nexthops {
             .await
     }
 
-    /// Reads flanneld's objects from the kernel again (a full read: objects made or deleted by
-    /// others since are seen).
+    /// Reads flanneld's objects from the kernel (at the first use: left-overs of an earlier run are
+    /// adopted, or deleted at the first full read when no route uses them).
     async fn refresh(&self) -> std::io::Result<()> {
         let objects = self.send(NexthopMessage::dump()).await?;
         let mut reg = self.registry();
@@ -283,16 +283,8 @@ impl Netlink {
     }
 
     async fn replace_route_to_object(&self, dst: IpNet, id: u32) -> Result<(), rtnetlink::Error> {
-        let mut msg = match dst {
-            IpNet::V4(d) => RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(d.addr(), d.prefix_len())
-                .build(),
-            IpNet::V6(d) => RouteMessageBuilder::<Ipv6Addr>::new()
-                .destination_prefix(d.addr(), d.prefix_len())
-                .build(),
-        };
+        let mut msg = route_to_object(dst, id);
         msg.header.protocol = RouteProtocol::Boot;
-        msg.attributes.push(RouteAttribute::NhId(id));
         self.handle.route().add(msg).replace().execute().await
     }
 
@@ -304,17 +296,9 @@ impl Netlink {
         r: &Route,
         id: u32,
     ) -> Result<(), DataplaneError> {
-        let mut msg = match r.dst {
-            IpNet::V4(d) => RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(d.addr(), d.prefix_len())
-                .build(),
-            IpNet::V6(d) => RouteMessageBuilder::<Ipv6Addr>::new()
-                .destination_prefix(d.addr(), d.prefix_len())
-                .build(),
-        };
+        let mut msg = route_to_object(r.dst, id);
         msg.header.protocol = RouteProtocol::Unspec;
         msg.header.scope = RouteScope::NoWhere;
-        msg.attributes.push(RouteAttribute::NhId(id));
         match self.handle.route().del(msg).execute().await {
             Ok(()) => {}
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {}
@@ -473,6 +457,20 @@ impl Netlink {
         }
         Ok(())
     }
+}
+
+/// A main-table route message for `dst` through next-hop object `id` (`<dst> nhid <id>`).
+fn route_to_object(dst: IpNet, id: u32) -> RouteMessage {
+    let mut msg = match dst {
+        IpNet::V4(d) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(d.addr(), d.prefix_len())
+            .build(),
+        IpNet::V6(d) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(d.addr(), d.prefix_len())
+            .build(),
+    };
+    msg.attributes.push(RouteAttribute::NhId(id));
+    msg
 }
 
 /// The next-hop object a route points at (`RTA_NH_ID`).
@@ -850,10 +848,9 @@ impl KernelOps for Netlink {
         }
         out.routes.extend(routes);
         // What the routes point at, as read; objects of flanneld's that no route uses go.
+        // (The objects themselves were read once, at the first use; flanneld's own changes keep
+        // that record, and an object deleted by hand shows as a failed route, which is retried.)
         if let Some(nh) = self.nexthops().await {
-            nh.refresh()
-                .await
-                .map_err(|e| err("listing nexthop objects", e))?;
             let read_v4 = own.networks.iter().any(|n| n.addr().is_ipv4());
             let read_v6 = own.networks.iter().any(|n| n.addr().is_ipv6());
             let unused = nh.registry().reset_routes(ids, |hop| {
