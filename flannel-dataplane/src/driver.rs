@@ -220,6 +220,10 @@ impl Loop {
         if ok {
             self.backoff.reset();
             self.retry_at = None;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            crate::metrics::metrics().last_success.set(now);
         } else {
             // What the loop knows may be wrong after a failure: read the kernel next time.
             self.known = None;

@@ -4,6 +4,7 @@ use std::sync::OnceLock;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Labels of a metric family.
@@ -23,6 +24,9 @@ pub struct DataplaneMetrics {
     pub netlink_errors: Counter,
     /// Peer leases refused by the [`crate::LeasePolicy`], once per change.
     pub leases_refused: Counter,
+    /// When the last pass that worked ended (seconds since the Unix epoch): from then on the kernel
+    /// held every entry the leases asked for.
+    pub last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl DataplaneMetrics {
@@ -63,6 +67,11 @@ pub fn register(r: &mut Registry) {
         "flannel_netlink_errors",
         "Netlink operations that failed",
         m.netlink_errors.clone(),
+    );
+    r.register(
+        "flannel_reconcile_last_success_timestamp_seconds",
+        "When the last reconcile pass that worked ended (Unix time)",
+        m.last_success.clone(),
     );
     r.register(
         "flannel_leases_refused",
