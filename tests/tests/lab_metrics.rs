@@ -77,7 +77,10 @@ fn health_and_metrics_endpoints() {
     );
     // The last pass that worked ended after flanneld started and not after now.
     let last = sample(&text, "flannel_reconcile_last_success_timestamp_seconds").unwrap();
-    assert!(last <= now + 1.0 && last > now - 120.0, "last pass {last} vs now {now}");
+    assert!(
+        last <= now + 1.0 && last > now - 120.0,
+        "last pass {last} vs now {now}"
+    );
     // A repair shows up as another route added.
     let peer = lab
         .etcd_list("/coreos.com/network/subnets/")
