@@ -268,9 +268,17 @@ impl Netlink {
         };
         let mut id = nh.ensure(hop).await.map_err(named)?;
         let mut result = self.replace_route_to_object(r.dst, id).await;
-        if result.is_err() {
-            // The object may be gone (deleted by hand): forget it, make it again, try once more.
-            nh.registry().remove(id);
+        // The kernel answers EINVAL ("Nexthop id does not exist") when the object is gone (deleted
+        // by hand, or with its device): make it again and try once more. Other errors are the
+        // route's; the object stays recorded (forgetting it would leak it in the kernel).
+        if matches!(&result, Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EINVAL)
+        {
+            if nh.registry().in_use(id) {
+                nh.registry().remove(id);
+            } else {
+                // Deleted if it does exist after all (ENOENT is fine), and forgotten.
+                nh.delete(id).await;
+            }
             id = nh.ensure(hop).await.map_err(named)?;
             result = self.replace_route_to_object(r.dst, id).await;
         }

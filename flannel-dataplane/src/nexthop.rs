@@ -278,6 +278,11 @@ impl Registry {
         self.route_id.get(dst).copied()
     }
 
+    /// Whether a route points at object `id`.
+    pub fn in_use(&self, id: u32) -> bool {
+        self.users.get(&id).is_some_and(|&n| n > 0)
+    }
+
     /// Records an object (created, or found in a dump).
     pub fn insert(&mut self, id: u32, hop: NextHop) {
         if let Some(old) = self.by_id.insert(id, hop)
@@ -422,8 +427,10 @@ mod tests {
         assert_eq!(r.set_route(d1, Some(a)), None);
         assert_eq!(r.set_route(d1, Some(a)), None, "the same route again");
         assert_eq!(r.set_route(d2, Some(a)), None);
+        assert!(r.in_use(a));
         assert_eq!(r.set_route(d1, None), None, "still used by d2");
         assert_eq!(r.set_route(d2, None), Some(a), "last user gone");
+        assert!(!r.in_use(a));
         // A route moving to another object releases the old one.
         let b = r.next_free().unwrap();
         assert_ne!(a, b);

@@ -147,6 +147,20 @@ fn routes_through_next_hop_objects() {
             assert!(report.failed.is_empty(), "{:?}", report.failed);
             assert!(ip("route show 10.5.2.0/24").contains("via 10.5.2.0"));
             assert_eq!(nl.read(&own).await.unwrap(), desired);
+            // The same without a read in between: the add finds its object gone (EINVAL), makes
+            // it again and installs the route.
+            let id = ip("route show 10.5.2.0/24")
+                .split_whitespace()
+                .skip_while(|w| *w != "nhid")
+                .nth(1)
+                .unwrap()
+                .to_string();
+            ip(&format!("nexthop del id {id}"));
+            nl.apply(&Op::AddRoute(route("10.5.2.0/24", "10.5.2.0", oif, true)))
+                .await
+                .unwrap();
+            assert!(ip("route show 10.5.2.0/24").contains("via 10.5.2.0"));
+            assert_eq!(objects().len(), 2, "{:?}", objects());
 
             // Removing the routes removes the objects.
             let mut known = nl.read(&own).await.unwrap();
