@@ -90,6 +90,15 @@ fn watch_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
 }
 
+/// Hands `pending` events to `sink`, waiting for room; false if the consumer is gone.
+async fn flush(sink: &mpsc::Sender<LeaseWatchResult>, pending: &mut Vec<LeaseEvent>) -> bool {
+    pending.is_empty()
+        || sink
+            .send(LeaseWatchResult::Events(std::mem::take(pending)))
+            .await
+            .is_ok()
+}
+
 /// Logs that `what` failed, then waits with `backoff`; false if `shutdown` fired first.
 async fn retry_after(
     backoff: &mut Backoff,
@@ -156,8 +165,14 @@ impl<R: Registry> LocalManager<R> {
     ) -> Result<(), SubnetError> {
         let mut since: Option<i64> = None;
         let mut backoff = watch_backoff();
+        // Events read but not yet taken by the consumer (kept across a reconnect: `since` is
+        // already past them).
+        let mut pending: Vec<LeaseEvent> = Vec::new();
         loop {
             if shutdown.is_cancelled() || sink.is_closed() {
+                return Ok(());
+            }
+            if !flush(&sink, &mut pending).await {
                 return Ok(());
             }
             let from = match since {
@@ -208,45 +223,47 @@ impl<R: Registry> LocalManager<R> {
                     continue;
                 }
             };
+            // Events are read from the store as fast as it sends them and wait here, merged into
+            // one batch, while the consumer is busy (a long kernel pass): a stalled reader would
+            // leave them in the HTTP/2 connection's receive buffers, which keep their high-water
+            // size for the life of the connection.
             loop {
-                let item = tokio::select! {
+                let step = tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = sink.closed() => return Ok(()),
+                    permit = sink.reserve(), if !pending.is_empty() => match permit {
+                        Ok(permit) => {
+                            permit.send(LeaseWatchResult::Events(std::mem::take(&mut pending)));
+                            continue;
+                        }
+                        Err(_) => return Ok(()),
+                    },
                     item = watch.next() => item,
                 };
-                match item {
+                match step {
                     Ok(Some(WatchItem::Events(events, rev))) => {
                         backoff.reset();
                         since = Some(rev + 1);
-                        let batch: Vec<LeaseEvent> = events
-                            .iter()
-                            .filter_map(|e| match e {
-                                RegistryEvent::Put(kv) => {
-                                    lease_from_kv(kv, rev).map(LeaseEvent::Added)
-                                }
-                                RegistryEvent::Delete(k) => SubnetKey::parse(k).ok().map(|key| {
-                                    LeaseEvent::Removed(Lease {
-                                        key,
-                                        enable_ipv4: true,
-                                        attrs: LeaseAttrs::default(),
-                                        expiration: None,
-                                        asof: rev,
-                                    })
-                                }),
-                            })
-                            .collect();
                         let m = crate::metrics::metrics();
-                        for e in &batch {
-                            m.lease_event(match e {
+                        pending.extend(events.iter().filter_map(|e| {
+                            let event = match e {
+                                RegistryEvent::Put(kv) => {
+                                    lease_from_kv(kv, rev).map(LeaseEvent::Added)?
+                                }
+                                RegistryEvent::Delete(k) => LeaseEvent::Removed(Lease {
+                                    key: SubnetKey::parse(k).ok()?,
+                                    enable_ipv4: true,
+                                    attrs: LeaseAttrs::default(),
+                                    expiration: None,
+                                    asof: rev,
+                                }),
+                            };
+                            m.lease_event(match event {
                                 LeaseEvent::Added(_) => "added",
                                 LeaseEvent::Removed(_) => "removed",
                             });
-                        }
-                        if !batch.is_empty()
-                            && sink.send(LeaseWatchResult::Events(batch)).await.is_err()
-                        {
-                            return Ok(());
-                        }
+                            Some(event)
+                        }));
                     }
                     Ok(Some(WatchItem::Compacted(rev))) => {
                         info!(
@@ -257,26 +274,30 @@ impl<R: Registry> LocalManager<R> {
                         break;
                     }
                     Ok(None) => {
-                        if !retry_after(
-                            &mut backoff,
-                            "lease watch closed; reconnecting",
-                            &"stream ended",
-                            &shutdown,
-                        )
-                        .await
+                        // What was read reaches the consumer before the pause.
+                        if !flush(&sink, &mut pending).await
+                            || !retry_after(
+                                &mut backoff,
+                                "lease watch closed; reconnecting",
+                                &"stream ended",
+                                &shutdown,
+                            )
+                            .await
                         {
                             return Ok(());
                         }
                         break;
                     }
                     Err(e) => {
-                        if !retry_after(
-                            &mut backoff,
-                            "lease watch failed; reconnecting",
-                            &e,
-                            &shutdown,
-                        )
-                        .await
+                        // What was read reaches the consumer before the pause.
+                        if !flush(&sink, &mut pending).await
+                            || !retry_after(
+                                &mut backoff,
+                                "lease watch failed; reconnecting",
+                                &e,
+                                &shutdown,
+                            )
+                            .await
                         {
                             return Ok(());
                         }

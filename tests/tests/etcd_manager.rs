@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,7 +15,7 @@ use flannel_core::{
 };
 use flannel_subnet::{
     EtcdConfig, EtcdRegistry, KeyValue, LocalManager, ManagerOptions, Registry, RegistryError,
-    RegistryWatch,
+    RegistryWatch, WatchItem,
 };
 use flannel_tests::etcd::{EtcdServer, TlsFiles};
 use flannel_tests::{eventually, require_etcd};
@@ -410,10 +411,39 @@ async fn watch_sees_add_remove_expiry_and_survives_restart() {
 
 /// A real etcd registry whose watches wait for a permit: lets the test change and compact the store
 /// between the snapshot and the watch, which is what a slow or disconnected watcher experiences.
+/// It also counts the events its watches have handed to the manager (`read`).
 #[derive(Debug)]
 struct Gated {
     inner: EtcdRegistry,
     gate: Arc<Semaphore>,
+    read: Arc<AtomicUsize>,
+}
+
+impl Gated {
+    async fn open(url: &str, permits: usize) -> Self {
+        Self {
+            inner: registry(url).await,
+            gate: Arc::new(Semaphore::new(permits)),
+            read: Arc::default(),
+        }
+    }
+}
+
+/// A watch that counts the events it yields.
+struct Counted {
+    inner: Box<dyn RegistryWatch>,
+    read: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl RegistryWatch for Counted {
+    async fn next(&mut self) -> Result<Option<WatchItem>, RegistryError> {
+        let item = self.inner.next().await;
+        if let Ok(Some(WatchItem::Events(events, _))) = &item {
+            self.read.fetch_add(events.len(), Ordering::SeqCst);
+        }
+        item
+    }
 }
 
 #[async_trait]
@@ -462,7 +492,10 @@ impl Registry for Gated {
         since: i64,
     ) -> Result<Box<dyn RegistryWatch>, RegistryError> {
         self.gate.acquire().await.expect("gate").forget();
-        self.inner.watch(key, prefix, since).await
+        Ok(Box::new(Counted {
+            inner: self.inner.watch(key, prefix, since).await?,
+            read: self.read.clone(),
+        }))
     }
 }
 
@@ -482,14 +515,9 @@ async fn watch_recovers_from_compaction_without_missing_or_phantom_leases() {
         .await
         .unwrap();
     }
-    let gate = Arc::new(Semaphore::new(0));
-    let m = Arc::new(LocalManager::new(
-        Gated {
-            inner: registry(&etcd.url()).await,
-            gate: gate.clone(),
-        },
-        ManagerOptions::default(),
-    ));
+    let registry = Gated::open(&etcd.url(), 0).await;
+    let gate = registry.gate.clone();
+    let m = Arc::new(LocalManager::new(registry, ManagerOptions::default()));
     let (tx, mut rx) = mpsc::channel(64);
     let stop = CancellationToken::new();
     let w = {
@@ -538,6 +566,67 @@ async fn watch_recovers_from_compaction_without_missing_or_phantom_leases() {
     .unwrap();
     let want = keys(&mut c).await;
     assert!(converge(&mut rx, &mut t, &want).await);
+    stop.cancel();
+    w.await.unwrap().unwrap();
+}
+
+/// While the consumer is busy (a long kernel pass), the watch keeps reading the store: events wait
+/// in the manager, merged into one batch, not in the connection's receive buffers (which would keep
+/// their high-water size for the life of the connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_consumer_gets_the_events_merged_and_the_watch_keeps_reading() {
+    if !require_etcd("a_busy_consumer_gets_the_events_merged") {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let mut c = client(&etcd.url()).await;
+    let registry = Gated::open(&etcd.url(), 100).await;
+    let read = registry.read.clone();
+    let m = Arc::new(LocalManager::new(registry, ManagerOptions::default()));
+    // Room for one result: the consumer below takes the snapshot and then stops reading.
+    let (tx, mut rx) = mpsc::channel(1);
+    let stop = CancellationToken::new();
+    let w = {
+        let (m, stop) = (m.clone(), stop.clone());
+        tokio::spawn(async move { m.watch_leases(tx, stop).await })
+    };
+    let Some(LeaseWatchResult::Snapshot(first)) = rx.recv().await else {
+        panic!("no snapshot")
+    };
+    assert!(first.is_empty());
+    const N: usize = 100;
+    for i in 0..N {
+        c.put(
+            format!("{PREFIX}/subnets/10.5.{i}.0-24"),
+            format!(r#"{{"PublicIP":"10.0.0.{i}"}}"#),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    let all_read = eventually(Duration::from_secs(20), || {
+        let n = read.load(Ordering::SeqCst);
+        async move { (n == N).then_some(()) }
+    })
+    .await;
+    assert!(
+        all_read.is_some(),
+        "the watch stopped reading while the consumer was busy: {} of {N} events read",
+        read.load(Ordering::SeqCst)
+    );
+    let mut t = LeaseTracker::new(None);
+    let mut results = 0;
+    while t.leases().count() < N {
+        let r = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("events arrive")
+            .expect("watch open");
+        assert!(matches!(r, LeaseWatchResult::Events(_)));
+        t.apply(r);
+        results += 1;
+    }
+    // One result waited in the channel; everything read after it came as one merged batch.
+    assert_eq!(results, 2, "{N} events came as {results} results");
     stop.cancel();
     w.await.unwrap().unwrap();
 }
