@@ -29,6 +29,7 @@
 
 pub mod changes;
 pub mod driver;
+pub mod dump;
 pub mod host;
 pub mod lease_policy;
 pub mod metrics;

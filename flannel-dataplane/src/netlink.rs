@@ -18,12 +18,14 @@ use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
 };
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, MulticastGroup, RouteMessageBuilder};
 
 use crate::LinkOps;
 use crate::changes::{Entry, KernelChange, Notifications, notifications};
+use crate::dump::Dumper;
 use crate::nexthop::{self, NextHop, NexthopMessage};
 use crate::{
     DataplaneError, Fdb, KernelCause, KernelOps, KernelState, MacAddr, Neigh, Op, Ownership, Route,
@@ -42,6 +44,8 @@ pub struct Netlink {
     handle: Handle,
     /// Next-hop objects for routes with a gateway (see [`crate::nexthop`]); `None` when turned off.
     nexthops: Option<std::sync::Arc<Nexthops>>,
+    /// A socket of its own for reading tables in bounded memory (see [`crate::dump`]).
+    dumper: std::sync::Arc<tokio::sync::Mutex<Dumper>>,
 }
 
 /// flanneld's next-hop objects: a connection for their messages and what flanneld holds.
@@ -232,7 +236,12 @@ impl Netlink {
                 None
             }
         };
-        Ok(Self { handle, nexthops })
+        let dumper = Dumper::open().map_err(|e| err("opening a netlink socket for dumps", e))?;
+        Ok(Self {
+            handle,
+            nexthops,
+            dumper: std::sync::Arc::new(tokio::sync::Mutex::new(dumper)),
+        })
     }
 
     /// The same connection without next-hop objects: routes carry their gateway (what a kernel
@@ -423,7 +432,7 @@ impl Netlink {
         Ok(true)
     }
 
-    /// The main-table routes of one family that `keep` accepts.
+    /// The main-table routes of one family that `keep` accepts (`ip route show table main`).
     async fn routes(
         &self,
         v6: bool,
@@ -431,39 +440,97 @@ impl Netlink {
         out: &mut Vec<Route>,
         nh_ids: &mut Vec<(IpNet, u32)>,
     ) -> Result<(), DataplaneError> {
-        let msg = if v6 {
-            RouteMessageBuilder::<Ipv6Addr>::new().build()
+        let mut request = RouteMessage::default();
+        request.header.address_family = if v6 {
+            AddressFamily::Inet6
         } else {
-            RouteMessageBuilder::<Ipv4Addr>::new().build()
+            AddressFamily::Inet
         };
-        let mut routes = self.handle.route().get(msg).execute();
-        while let Some(r) = routes
-            .try_next()
-            .await
-            .map_err(|e| err("listing routes", e))?
-        {
-            let nh_id = nh_id_of(&r);
-            // With nexthop_compat_mode off the kernel reports only the object: take its next hop
-            // from what flanneld knows of its own objects.
-            let route = route_of(&r).or_else(|| {
-                let hop = self.nexthops.as_ref()?.registry().hop_of(nh_id?)?;
-                Some(Route {
-                    dst: route_dst(&r)?,
-                    gateway: Some(hop.gateway),
-                    oif: hop.oif,
-                    onlink: hop.onlink,
-                })
-            });
-            if let Some(route) = route
-                && keep(&route)
-            {
-                if let Some(id) = nh_id {
-                    nh_ids.push((route.dst, id));
-                }
-                out.push(route);
-            }
+        let mut dumper = self.dumper.lock().await;
+        if dumper.strict() {
+            request.header.table = RouteHeader::RT_TABLE_MAIN;
         }
-        Ok(())
+        dumper
+            .dump(RouteNetlinkMessage::GetRoute(request), |m| {
+                let RouteNetlinkMessage::NewRoute(r) = m else {
+                    return;
+                };
+                let nh_id = nh_id_of(&r);
+                // With nexthop_compat_mode off the kernel reports only the object: take its next
+                // hop from what flanneld knows of its own objects.
+                let route = route_of(&r).or_else(|| {
+                    let hop = self.nexthops.as_ref()?.registry().hop_of(nh_id?)?;
+                    Some(Route {
+                        dst: route_dst(&r)?,
+                        gateway: Some(hop.gateway),
+                        oif: hop.oif,
+                        onlink: hop.onlink,
+                    })
+                });
+                if let Some(route) = route
+                    && keep(&route)
+                {
+                    if let Some(id) = nh_id {
+                        nh_ids.push((route.dst, id));
+                    }
+                    out.push(route);
+                }
+            })
+            .await
+            .map_err(|e| err("listing routes", e))
+    }
+
+    /// The permanent neighbour entries (`family` Inet or Inet6) or FDB entries (Bridge) of device
+    /// `ifindex` (`ip neigh show dev <ifindex> nud permanent`, `bridge fdb show dev <ifindex>`).
+    async fn entries(
+        &self,
+        family: AddressFamily,
+        ifindex: u32,
+        out: &mut KernelState,
+    ) -> Result<(), DataplaneError> {
+        let mut request = NeighbourMessage::default();
+        request.header.family = family;
+        let mut dumper = self.dumper.lock().await;
+        if family == AddressFamily::Bridge {
+            // The FDB dump takes the device from the header (strict requests only).
+            if dumper.strict() {
+                request.header.ifindex = ifindex;
+            }
+        } else {
+            request
+                .attributes
+                .push(NeighbourAttribute::IfIndex(ifindex));
+        }
+        dumper
+            .dump(RouteNetlinkMessage::GetNeighbour(request), |m| {
+                let RouteNetlinkMessage::NewNeighbour(n) = m else {
+                    return;
+                };
+                if n.header.ifindex != ifindex {
+                    return;
+                }
+                match neigh_entry(&n) {
+                    Some(Entry::Fdb(e)) if family == AddressFamily::Bridge => {
+                        out.fdb.insert(e);
+                    }
+                    Some(Entry::Neigh(e))
+                        if family != AddressFamily::Bridge
+                            && n.header.state == NeighbourState::Permanent =>
+                    {
+                        out.neighs.insert(e);
+                    }
+                    _ => {}
+                }
+            })
+            .await
+            .map_err(|e| {
+                let what = if family == AddressFamily::Bridge {
+                    "listing FDB entries"
+                } else {
+                    "listing neighbours"
+                };
+                err(what, e)
+            })
     }
 }
 
@@ -873,75 +940,14 @@ impl KernelOps for Netlink {
                 nh.delete(id).await;
             }
         }
-        if !own.neigh_ifindexes.is_empty() {
+        for &ifindex in &own.neigh_ifindexes {
             for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-                let mut neighs = self
-                    .handle
-                    .neighbours()
-                    .get()
-                    .set_address_family(family)
-                    .execute();
-                while let Some(m) = neighs
-                    .try_next()
-                    .await
-                    .map_err(|e| err("listing neighbours", e))?
-                {
-                    if !own.neigh_ifindexes.contains(&m.header.ifindex)
-                        || m.header.state != NeighbourState::Permanent
-                    {
-                        continue;
-                    }
-                    let ip = m.attributes.iter().find_map(|a| match a {
-                        NeighbourAttribute::Destination(d) => neigh_ip(d),
-                        _ => None,
-                    });
-                    let mac = m.attributes.iter().find_map(|a| match a {
-                        NeighbourAttribute::LinkLayerAddress(l) => {
-                            MacAddr::try_from(l.as_slice()).ok()
-                        }
-                        _ => None,
-                    });
-                    if let (Some(ip), Some(mac)) = (ip, mac) {
-                        out.neighs.insert(Neigh {
-                            ifindex: m.header.ifindex,
-                            ip,
-                            mac,
-                        });
-                    }
-                }
+                self.entries(family, ifindex, &mut out).await?;
             }
         }
-        if !own.fdb_ifindexes.is_empty() {
-            let mut fdb = self
-                .handle
-                .neighbours()
-                .get()
-                .set_address_family(AddressFamily::Bridge)
-                .execute();
-            while let Some(m) = fdb
-                .try_next()
-                .await
-                .map_err(|e| err("listing FDB entries", e))?
-            {
-                if !own.fdb_ifindexes.contains(&m.header.ifindex) {
-                    continue;
-                }
-                let dst = m.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::Destination(d) => neigh_ip(d),
-                    _ => None,
-                });
-                let mac = m.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::LinkLayerAddress(l) => MacAddr::try_from(l.as_slice()).ok(),
-                    _ => None,
-                });
-                if let (Some(dst), Some(mac)) = (dst, mac) {
-                    out.fdb.insert(Fdb {
-                        ifindex: m.header.ifindex,
-                        mac,
-                        dst,
-                    });
-                }
-            }
+        for &ifindex in &own.fdb_ifindexes {
+            self.entries(AddressFamily::Bridge, ifindex, &mut out)
+                .await?;
         }
         Ok(out)
     }

@@ -39,6 +39,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("tun_read", tun_read),
     ("listen_fds", listen_fds),
     ("nexthop_message", nexthop_message),
+    ("netlink_dump", netlink_dump),
 ];
 
 fn text(data: &[u8]) -> String {
@@ -323,5 +324,18 @@ pub fn nexthop_message(data: &[u8]) {
         let mut buf = vec![0u8; m.buffer_len()];
         m.serialize(&mut buf);
         assert_eq!(NexthopMessage::parse(104, &buf).ok(), Some(m));
+    }
+}
+
+/// One datagram of a netlink dump (routes, neighbours, FDB entries) as the kernel sends it: split
+/// into messages, each parsed on its own. Every message takes at least a header, so the split ends.
+pub fn netlink_dump(data: &[u8]) {
+    let mut n = 0;
+    for m in flannel_dataplane::dump::messages(data) {
+        n += 1;
+        assert!(n <= data.len() / 16 + 1, "more messages than headers fit");
+        if let Ok(m) = m {
+            let _ = format!("{m:?}");
+        }
     }
 }
