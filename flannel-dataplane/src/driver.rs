@@ -270,6 +270,11 @@ impl Loop {
             },
         };
         let report = apply_diff(kernel, &desired, &ownership, &mut known).await;
+        let entries = desired.len();
+        drop(desired);
+        if report.applied.values().sum::<usize>() >= crate::memory::LARGE_PASS {
+            crate::memory::release_freed();
+        }
         for (label, n) in &report.applied {
             m.record_change(label, *n as u64);
         }
@@ -279,7 +284,7 @@ impl Loop {
         for f in &report.failed {
             warn!(error = %f, "data plane change failed; will retry");
         }
-        debug!(entries = desired.len(), "reconciled");
+        debug!(entries, "reconciled");
         self.known = Some((ownership, known));
         report.failed.is_empty()
     }

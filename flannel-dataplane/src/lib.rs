@@ -32,6 +32,7 @@ pub mod driver;
 pub mod dump;
 pub mod host;
 pub mod lease_policy;
+pub mod memory;
 pub mod metrics;
 pub mod netlink;
 pub mod nexthop;
@@ -237,6 +238,19 @@ pub enum Op {
 }
 
 impl Op {
+    /// The direction and kind, as [`ReconcileReport::applied`] counts them (`add route`,
+    /// `delete fdb`, …).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Op::AddRoute(_) => "add route",
+            Op::AddNeigh(_) => "add neigh",
+            Op::AddFdb(_) => "add fdb",
+            Op::DelRoute(_) => "delete route",
+            Op::DelNeigh(_) => "delete neigh",
+            Op::DelFdb(_) => "delete fdb",
+        }
+    }
+
     /// A short kind name for logs and metrics (`route`, `neigh`, `fdb`).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -635,28 +649,32 @@ pub async fn apply_diff(
     let mut report = ReconcileReport::default();
     // Deletions first, then additions (a changed entry is one replacing add, never a delete and an
     // add of the same key); within each phase up to APPLY_IN_FLIGHT requests are in flight at
-    // once, so a large change costs the kernel's work, not one round trip per entry.
-    let (deletes, adds): (Vec<Op>, Vec<Op>) = diff(desired, known, own)
-        .into_iter()
-        .partition(|op| matches!(op, Op::DelRoute(_) | Op::DelNeigh(_) | Op::DelFdb(_)));
-    for phase in [deletes, adds] {
-        let results: Vec<(Op, Result<(), DataplaneError>)> = futures::stream::iter(phase)
+    // once, so a large change costs the kernel's work, not one round trip per entry. Results are
+    // taken as they come: nothing the size of the change is held besides the ops themselves.
+    let mut ops = diff(desired, known, own);
+    let first_add = ops
+        .iter()
+        .position(|op| matches!(op, Op::AddRoute(_) | Op::AddNeigh(_) | Op::AddFdb(_)))
+        .unwrap_or(ops.len());
+    // One list, taken in two phases (no copy of the additions).
+    for phase in [first_add, ops.len() - first_add] {
+        let mut results = futures::stream::iter(ops.drain(..phase))
             .map(|op| async move {
                 let result = kernel.apply(&op).await;
                 (op, result)
             })
-            .buffered(APPLY_IN_FLIGHT)
-            .collect()
-            .await;
-        for (op, result) in results {
-            let label = match &op {
-                Op::AddRoute(_) | Op::AddNeigh(_) | Op::AddFdb(_) => format!("add {}", op.kind()),
-                _ => format!("delete {}", op.kind()),
-            };
+            .buffered(APPLY_IN_FLIGHT);
+        while let Some((op, result)) = results.next().await {
             match result {
                 Ok(()) => {
                     known.record(&op);
-                    *report.applied.entry(label).or_default() += 1;
+                    let label = op.label();
+                    match report.applied.get_mut(label) {
+                        Some(n) => *n += 1,
+                        None => {
+                            report.applied.insert(label.to_string(), 1);
+                        }
+                    }
                 }
                 Err(e) => report.failed.push(chain(&e)),
             }
