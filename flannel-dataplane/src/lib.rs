@@ -16,7 +16,9 @@
 //! record, with up to [`APPLY_IN_FLIGHT`] requests in flight), so a lease change costs its own
 //! entries, not a dump of the kernel's tables. Routes with a gateway go through next-hop objects
 //! ([`nexthop`]), which the kernel installs in constant time instead of comparing each new route
-//! with every other on the device. [`systemd`] is the service manager's side of a restart.
+//! with every other on the device. Tables are read through [`dump`], one receive buffer however
+//! large they are, and after a large pass [`memory::release_freed`] hands the freed heap back.
+//! [`systemd`] is the service manager's side of a restart.
 //!
 //! ```
 //! use flannel_dataplane::{diff, KernelState, Op, Ownership, Route};
