@@ -212,10 +212,30 @@ impl EtcdConfig {
 #[derive(Clone)]
 pub struct EtcdRegistry {
     endpoints: Vec<String>,
-    opts: ConnectOptions,
-    probe_timeout: Duration,
+    dial: Dial,
     current: std::sync::Arc<tokio::sync::RwLock<Client>>,
 }
+
+/// How to connect to an endpoint.
+#[derive(Debug, Clone)]
+struct Dial {
+    /// The client's options (credentials, leader requirement).
+    opts: ConnectOptions,
+    tls: Option<TlsOptions>,
+    /// How long connecting and the first answer may take.
+    timeout: Duration,
+}
+
+/// HTTP/2 keep-alive: a ping every 10 s, answered within 5 s.
+const KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
+
+/// The HTTP/2 flow-control windows of the etcd connection: how much etcd may send ahead of what
+/// flanneld has taken. tonic's defaults (2 MiB per stream, 5 MiB per connection) let a burst of
+/// watch responses pile up in h2's receive buffer, which keeps its high-water size for the life of
+/// the connection (2 MiB at 20,000 peers joining); 256 KiB still streams a 20,000-lease list at
+/// memory speed on a LAN.
+const STREAM_WINDOW: u32 = 256 * 1024;
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
 
 impl fmt::Debug for EtcdRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -272,15 +292,13 @@ fn is_unavailable(e: &etcd_client::Error) -> bool {
 impl EtcdRegistry {
     /// Connects to the first endpoint that answers.
     pub async fn connect(cfg: &EtcdConfig) -> Result<Self, RegistryError> {
-        let probe_timeout = cfg.dial_timeout.unwrap_or(Duration::from_secs(5));
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(probe_timeout)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_require_leader(true);
+        let timeout = cfg.dial_timeout.unwrap_or(Duration::from_secs(5));
+        let mut opts = ConnectOptions::new().with_require_leader(true);
         if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
             opts = opts.with_user(u.clone(), p.clone());
         }
         let mut endpoints = cfg.endpoints.clone();
+        let mut dial_tls = None;
         if cfg.uses_tls() {
             let mut tls = TlsOptions::new();
             if let Some(ca) = &cfg.cafile {
@@ -289,7 +307,7 @@ impl EtcdRegistry {
             if let (Some(cert), Some(key)) = (&cfg.certfile, &cfg.keyfile) {
                 tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
             }
-            opts = opts.with_tls(tls);
+            dial_tls = Some(tls);
             for e in &mut endpoints {
                 if let Some(rest) = e.strip_prefix("http://") {
                     *e = format!("https://{rest}");
@@ -300,11 +318,15 @@ impl EtcdRegistry {
                 "the etcd connection is not encrypted; pass --etcd-certfile, --etcd-keyfile and --etcd-cafile to use TLS"
             );
         }
-        let client = connect_any(&endpoints, &opts, probe_timeout).await?;
+        let dial = Dial {
+            opts,
+            tls: dial_tls,
+            timeout,
+        };
+        let client = connect_any(&endpoints, &dial).await?;
         Ok(Self {
             endpoints,
-            opts,
-            probe_timeout,
+            dial,
             current: std::sync::Arc::new(tokio::sync::RwLock::new(client)),
         })
     }
@@ -324,7 +346,7 @@ impl EtcdRegistry {
         match op(client).await {
             Err(e) if is_unavailable(&e) && self.endpoints.len() > 1 => {
                 tracing::warn!(error = %e, "etcd endpoint unavailable; trying the others");
-                let fresh = connect_any(&self.endpoints, &self.opts, self.probe_timeout).await?;
+                let fresh = connect_any(&self.endpoints, &self.dial).await?;
                 *self.current.write().await = fresh.clone();
                 Ok(op(fresh).await?)
             }
@@ -397,33 +419,75 @@ impl EtcdRegistry {
     }
 }
 
+/// Keys per page of a list.
+const LIST_PAGE: i64 = 1000;
+
+/// The end of the key range holding every key that starts with `prefix` (etcd's `GetPrefixRangeEnd`).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(&last) = end.last() {
+        if last < 0xff {
+            if let Some(l) = end.last_mut() {
+                *l += 1;
+            }
+            return end;
+        }
+        end.pop();
+    }
+    // Every byte 0xff (or empty): the range runs to the end of the key space.
+    vec![0]
+}
+
 /// Connects to one endpoint and checks that it answers.
-async fn connect_one(
-    endpoint: &str,
-    opts: &ConnectOptions,
-    timeout: Duration,
-) -> Result<Client, etcd_client::Error> {
-    let mut client = Client::connect([endpoint], Some(opts.clone())).await?;
+async fn connect_one(endpoint: &str, dial: &Dial) -> Result<Client, etcd_client::Error> {
+    // An endpoint written without a scheme (`10.0.0.1:2379`) is taken as etcd-client takes it.
+    let url = if endpoint.contains("://") {
+        endpoint.to_string()
+    } else if dial.tls.is_some() {
+        format!("https://{endpoint}")
+    } else {
+        format!("http://{endpoint}")
+    };
+    let mut e = tonic::transport::Endpoint::from_shared(url)?
+        .connect_timeout(dial.timeout)
+        .http2_keep_alive_interval(KEEP_ALIVE.0)
+        .keep_alive_timeout(KEEP_ALIVE.1)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    if let Some(tls) = &dial.tls {
+        e = e.tls_config(tls.clone())?;
+    }
+    let timeout = dial.timeout;
+    let timed_out = || {
+        etcd_client::Error::IoError(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{endpoint} did not answer within {timeout:?}"),
+        ))
+    };
+    let connected = tokio::time::timeout(timeout, async {
+        let channel = e.connect().await?;
+        Client::from_channel(
+            etcd_client::Channel::Tonic(channel),
+            Some(dial.opts.clone()),
+        )
+        .await
+    })
+    .await;
+    let mut client = connected.map_err(|_| timed_out())??;
     match tokio::time::timeout(timeout, client.status()).await {
         Ok(Ok(_)) => Ok(client),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("{endpoint} did not answer within {timeout:?}"),
-        ))),
+        Err(_) => Err(timed_out()),
     }
 }
 
 /// The first endpoint that answers; an error that is not about reachability (wrong credentials, TLS)
 /// is returned at once.
-async fn connect_any(
-    endpoints: &[String],
-    opts: &ConnectOptions,
-    timeout: Duration,
-) -> Result<Client, RegistryError> {
+async fn connect_any(endpoints: &[String], dial: &Dial) -> Result<Client, RegistryError> {
     let mut last = None;
     for ep in endpoints {
-        match connect_one(ep, opts, timeout).await {
+        match connect_one(ep, dial).await {
             Ok(c) => {
                 tracing::debug!(endpoint = %ep, "connected to etcd");
                 return Ok(c);
@@ -465,11 +529,45 @@ impl Registry for EtcdRegistry {
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), RegistryError> {
-        let r = self
-            .call(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
-            .await?;
-        let rev = r.header().map_or(0, |h| h.revision());
-        Ok((r.kvs().iter().map(kv).collect(), rev))
+        // In pages, all at the revision of the first one: a single range answer over 4 MiB (about
+        // 20,000 vxlan leases) is more than tonic decodes. A page still too big (huge values) is
+        // asked for again at half the size.
+        let end = prefix_end(prefix.as_bytes());
+        let (mut out, mut rev, mut limit) = (Vec::new(), 0, LIST_PAGE);
+        let mut from = prefix.as_bytes().to_vec();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
+            if rev != 0 {
+                opts = opts.with_revision(rev);
+            }
+            let page = self
+                .call(|mut c| {
+                    let (from, opts) = (from.clone(), opts.clone());
+                    async move { c.get(from, Some(opts)).await }
+                })
+                .await;
+            let r = match page {
+                Err(RegistryError::Etcd {
+                    error: etcd_client::Error::GRpcStatus(s),
+                    ..
+                }) if s.code() == tonic::Code::OutOfRange && limit > 1 => {
+                    limit /= 2;
+                    continue;
+                }
+                r => r?,
+            };
+            if rev == 0 {
+                rev = r.header().map_or(0, |h| h.revision());
+            }
+            out.extend(r.kvs().iter().map(kv));
+            match r.kvs().last() {
+                Some(last) if r.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((out, rev)),
+            }
+        }
     }
 
     async fn create(
@@ -606,6 +704,18 @@ impl RegistryWatch for EtcdWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_ranges_end_where_etcd_says() {
+        assert_eq!(
+            prefix_end(b"/coreos.com/network/subnets/"),
+            b"/coreos.com/network/subnets0"
+        );
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"a\xff\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), b"\0");
+        assert_eq!(prefix_end(b""), b"\0");
+    }
 
     fn kv(value: &str, lease: i64) -> KeyValue {
         KeyValue {

@@ -570,6 +570,40 @@ async fn watch_recovers_from_compaction_without_missing_or_phantom_leases() {
     w.await.unwrap().unwrap();
 }
 
+/// A list bigger than one gRPC message may be (tonic decodes at most 4 MiB; 20,000 vxlan leases are
+/// about that) is read in pages at one revision, and whole; pages of big values shrink until they fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_bigger_than_a_grpc_message_is_read_whole() {
+    if !require_etcd("a_list_bigger_than_a_grpc_message") {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let mut c = client(&etcd.url()).await;
+    const N: usize = 2500;
+    // 5 kB values: a page of 1000 is over the limit too, so pages shrink until they fit.
+    let pad = "x".repeat(5000);
+    for chunk in (0..N).collect::<Vec<_>>().chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                etcd_client::TxnOp::put(
+                    format!("{PREFIX}/subnets/10.{}.{}.0-24", 100 + i / 256, i % 256),
+                    format!(r#"{{"PublicIP":"10.0.0.1","BackendData":{{"Pad":"{pad}"}}}}"#),
+                    None,
+                )
+            })
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+    }
+    let reg = registry(&etcd.url()).await;
+    let (kvs, rev) = reg.list(&format!("{PREFIX}/subnets/")).await.unwrap();
+    assert_eq!(kvs.len(), N, "every key, once");
+    let distinct: BTreeSet<&str> = kvs.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(distinct.len(), N);
+    let now = c.get("x", None).await.unwrap().header().unwrap().revision();
+    assert_eq!(rev, now, "the revision the list was read at");
+}
+
 /// While the consumer is busy (a long kernel pass), the watch keeps reading the store: events wait
 /// in the manager, merged into one batch, not in the connection's receive buffers (which would keep
 /// their high-water size for the life of the connection).
