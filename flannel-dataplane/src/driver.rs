@@ -130,6 +130,8 @@ struct Loop {
     synced_once: bool,
     /// Problems already logged (each is logged once, when it appears).
     warned: BTreeSet<String>,
+    /// Kernel entries changed since freed memory was last handed back.
+    changed_since_release: usize,
 }
 
 impl Loop {
@@ -143,6 +145,7 @@ impl Loop {
             retry_at: None,
             synced_once: false,
             warned: BTreeSet::new(),
+            changed_since_release: 0,
         }
     }
 
@@ -272,7 +275,11 @@ impl Loop {
         let report = apply_diff(kernel, &desired, &ownership, &mut known).await;
         let entries = desired.len();
         drop(desired);
-        if report.applied.values().sum::<usize>() >= crate::memory::LARGE_PASS {
+        // A large change (often many passes: a burst of joining peers comes in batches) leaves
+        // freed memory behind; hand it back once it adds up.
+        self.changed_since_release += report.applied.values().sum::<usize>();
+        if self.changed_since_release >= crate::memory::LARGE_CHANGE {
+            self.changed_since_release = 0;
             crate::memory::release_freed();
         }
         for (label, n) in &report.applied {
