@@ -70,6 +70,25 @@ async fn keys(c: &mut Client) -> BTreeSet<SubnetKey> {
         .collect()
 }
 
+/// Starts `m`'s lease watch into a channel of `capacity`: the results, the token that stops it,
+/// and its task.
+fn start_watch<M: SubnetManager + 'static>(
+    m: Arc<M>,
+    capacity: usize,
+) -> (
+    mpsc::Receiver<LeaseWatchResult>,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), SubnetError>>,
+) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let stop = CancellationToken::new();
+    let task = {
+        let stop = stop.clone();
+        tokio::spawn(async move { m.watch_leases(tx, stop).await })
+    };
+    (rx, stop, task)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_missing_invalid_then_valid() {
     if !require_etcd("config_missing_invalid_then_valid") {
@@ -213,12 +232,7 @@ async fn restart_keeps_subnet_and_go_json_is_compatible() {
     c.put(format!("{PREFIX}/subnets/10.5.99.0-24"), go, None)
         .await
         .unwrap();
-    let (tx, mut rx) = mpsc::channel(8);
-    let stop = CancellationToken::new();
-    let w = {
-        let stop = stop.clone();
-        tokio::spawn(async move { m.watch_leases(tx, stop).await })
-    };
+    let (mut rx, stop, w) = start_watch(Arc::new(m), 8);
     let Some(LeaseWatchResult::Snapshot(leases)) = rx.recv().await else {
         panic!("no snapshot")
     };
@@ -343,12 +357,7 @@ async fn watch_sees_add_remove_expiry_and_survives_restart() {
         registry(&etcd.url()).await,
         ManagerOptions::default(),
     ));
-    let (tx, mut rx) = mpsc::channel(64);
-    let stop = CancellationToken::new();
-    let w = {
-        let (m, stop) = (m.clone(), stop.clone());
-        tokio::spawn(async move { m.watch_leases(tx, stop).await })
-    };
+    let (mut rx, stop, w) = start_watch(m.clone(), 64);
     let mut t = LeaseTracker::new(None);
     assert!(converge(&mut rx, &mut t, &BTreeSet::new()).await);
     let put = |s: &str| {
@@ -518,12 +527,7 @@ async fn watch_recovers_from_compaction_without_missing_or_phantom_leases() {
     let registry = Gated::open(&etcd.url(), 0).await;
     let gate = registry.gate.clone();
     let m = Arc::new(LocalManager::new(registry, ManagerOptions::default()));
-    let (tx, mut rx) = mpsc::channel(64);
-    let stop = CancellationToken::new();
-    let w = {
-        let (m, stop) = (m.clone(), stop.clone());
-        tokio::spawn(async move { m.watch_leases(tx, stop).await })
-    };
+    let (mut rx, stop, w) = start_watch(m.clone(), 64);
     let mut t = LeaseTracker::new(None);
     let Some(first) = rx.recv().await else {
         panic!("no snapshot")
@@ -618,12 +622,7 @@ async fn a_busy_consumer_gets_the_events_merged_and_the_watch_keeps_reading() {
     let read = registry.read.clone();
     let m = Arc::new(LocalManager::new(registry, ManagerOptions::default()));
     // Room for one result: the consumer below takes the snapshot and then stops reading.
-    let (tx, mut rx) = mpsc::channel(1);
-    let stop = CancellationToken::new();
-    let w = {
-        let (m, stop) = (m.clone(), stop.clone());
-        tokio::spawn(async move { m.watch_leases(tx, stop).await })
-    };
+    let (mut rx, stop, w) = start_watch(m, 1);
     let Some(LeaseWatchResult::Snapshot(first)) = rx.recv().await else {
         panic!("no snapshot")
     };
