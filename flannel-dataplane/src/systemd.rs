@@ -98,6 +98,27 @@ pub fn remove_stored_fd(name: &str) -> io::Result<bool> {
     notify(&format!("FDSTOREREMOVE=1\nFDNAME={name}"), &[])
 }
 
+/// Closes the passed descriptors nobody took (stored by a backend this flanneld does not run, e.g.
+/// udp's socket after the host moved to vxlan) and asks the service manager to drop its copies, so
+/// they are not kept open, or inherited by the tools flanneld runs, for good. Returns their names.
+/// Call it once the backend has taken what it needs.
+pub fn release_unclaimed() -> Vec<String> {
+    let unclaimed: Vec<(String, OwnedFd)> = match passed().lock() {
+        Ok(mut map) => map.drain().collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut names = Vec::new();
+    for (name, fd) in unclaimed {
+        drop(fd);
+        if let Err(e) = remove_stored_fd(&name) {
+            tracing::warn!(error = %e, name, "asking the service manager to drop a descriptor failed");
+        }
+        names.push(name);
+    }
+    names.sort();
+    names
+}
+
 /// The passed descriptors by name, parsed from the environment once; each can be taken once.
 fn passed() -> &'static Mutex<HashMap<String, OwnedFd>> {
     static PASSED: OnceLock<Mutex<HashMap<String, OwnedFd>>> = OnceLock::new();

@@ -297,6 +297,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         .register_network(&net)
         .await
         .with_context(|| format!("setting up the {} backend", net.backend_type))?;
+    for name in flannel_dataplane::systemd::release_unclaimed() {
+        info!(
+            name,
+            "closed a descriptor the service manager kept for a backend not in use here"
+        );
+    }
     let lease = network.lease().clone();
     info!(subnet = %lease.key, mtu = network.mtu(), "lease acquired");
     flannel_subnet::metrics::metrics().set_lease(&lease.key.ipv4.to_string(), lease.expiration);

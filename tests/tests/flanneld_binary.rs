@@ -331,6 +331,74 @@ fn sd_notify_ready_after_subnet_env() {
     assert_eq!(code, Some(0));
 }
 
+/// A descriptor systemd kept for a backend this flanneld does not run (udp's socket, after the host
+/// moved to another backend) is closed and dropped from the store, not kept open for good.
+#[test]
+fn descriptors_no_backend_takes_are_closed_and_dropped_from_the_store() {
+    if !require_etcd("descriptors_no_backend_takes_are_closed") {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    etcdctl_put(
+        &etcd.url(),
+        "/coreos.com/network/config",
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#,
+    );
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let kept = dir.path().join("kept-by-systemd");
+    std::fs::write(&kept, "").unwrap();
+    // The shell opens descriptor 3 and sets LISTEN_PID to its own PID, which exec hands to flanneld:
+    // what systemd does for a service with a stored descriptor.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"exec 3<"$KEPT"; LISTEN_PID=$$ exec "$0" "$@""#)
+        .arg(bin_path("flanneld-alloc"))
+        .arg(format!("--etcd-endpoints={}", etcd.url()))
+        .arg(format!(
+            "--subnet-file={}",
+            dir.path().join("subnet.env").display()
+        ))
+        .args([
+            "--iptables-forward-rules=false",
+            "--iface=lo",
+            "--public-ip=10.0.0.32",
+        ])
+        .env("KEPT", &kept)
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "flannel-udp")
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let p = Proc::spawn(&mut cmd);
+    let mut buf = [0u8; 128];
+    let mut got = Vec::new();
+    while got.last().map(String::as_str) != Some("READY=1") {
+        let n = sock
+            .recv(&mut buf)
+            .expect("flanneld sent nothing more to NOTIFY_SOCKET");
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert_eq!(got, ["FDSTOREREMOVE=1\nFDNAME=flannel-udp", "READY=1"]);
+    let open: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", p.0.id()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|t| t.display().to_string())
+        .collect();
+    assert!(
+        !open.iter().any(|t| t.ends_with("kept-by-systemd")),
+        "the kept descriptor is still open: {open:?}"
+    );
+    let (code, log) = p.stop();
+    assert_eq!(code, Some(0));
+    assert!(log.contains("closed a descriptor"), "{log}");
+}
+
 /// A directory of executable shell scripts standing in for tools (put it first on `PATH`).
 fn fake_tools(tools: &[(&str, &str)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
