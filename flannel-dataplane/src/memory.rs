@@ -7,6 +7,21 @@
 //! [`release_freed`] asks glibc to return every free page (`malloc_trim(0)`, which `madvise`s
 //! them away); the driver calls it each time its passes have changed [`LARGE_CHANGE`] more entries.
 
+/// Allocations of this size or more get pages of their own (glibc's `M_MMAP_THRESHOLD`).
+pub const OWN_PAGES_FROM: usize = 128 * 1024;
+
+/// Makes every allocation of [`OWN_PAGES_FROM`] or more get pages of its own, returned to the kernel
+/// when freed. glibc starts there too, but raises the threshold to the size of each such block that
+/// is freed (up to 32 MiB), after which a pass's large short-lived lists (its changes, a burst of
+/// lease events) come from the heap and leave it fragmented. Call once, at start (glibc only).
+pub fn keep_large_blocks_apart() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it takes no pointers.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, OWN_PAGES_FROM as libc::c_int);
+    }
+}
+
 /// After this many changed kernel entries (over one pass or several) the driver calls
 /// [`release_freed`].
 pub const LARGE_CHANGE: usize = 1000;

@@ -75,6 +75,7 @@ where
         eprintln!("flanneld: setting up logging: {e:#}");
         return ExitCode::from(1);
     }
+    flannel_dataplane::memory::keep_large_blocks_apart();
     // One thread is plenty for an agent, and keeps glibc to one malloc arena (less resident memory).
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -89,7 +90,6 @@ where
     let result = runtime.block_on(async {
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(run::cancel_on_signals(shutdown.clone()));
-        tokio::spawn(run::trim_memory_periodically(shutdown.clone()));
         // After a stop signal, a step that is still waiting (a child process, a store that does not
         // answer) is abandoned after a short grace; its child processes are killed on drop.
         let stuck = async {

@@ -44,22 +44,6 @@ pub(crate) async fn cancel_on_signals(shutdown: CancellationToken) {
     std::process::exit(code);
 }
 
-/// Returns freed heap memory to the OS every few seconds (glibc keeps it otherwise, so resident
-/// memory would stay at the peak of the largest netlink dump).
-pub(crate) async fn trim_memory_periodically(shutdown: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-        }
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only releases free memory; it has no preconditions.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-    }
-}
-
 /// Waits for a valid network config, retrying every second (a missing or invalid config is logged,
 /// never fatal: in etcd mode it may not be written yet, in Kubernetes mode the ConfigMap may not be
 /// mounted yet). Returns `None` on shutdown.
