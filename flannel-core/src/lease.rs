@@ -293,6 +293,12 @@ pub struct LeaseTracker {
 }
 
 impl LeaseTracker {
+    /// Rebuilds the map of known leases in bulk: one that grew a lease at a time is a tree of
+    /// half-full nodes, rebuilt its nodes are full. The leases stay the same.
+    pub fn compact(&mut self) {
+        self.known = std::mem::take(&mut self.known).into_iter().collect();
+    }
+
     /// A tracker that filters out `own` (the node's own lease).
     pub fn new(own: Option<SubnetKey>) -> Self {
         Self {
@@ -470,6 +476,26 @@ mod tests {
             vec![LeaseEvent::Removed(lease("10.5.2.0-24", "1.1.1.2"))]
         );
         assert_eq!(t.leases().count(), 0);
+    }
+
+    #[test]
+    fn compacting_the_tracker_keeps_its_leases() {
+        let mut t = LeaseTracker::new(None);
+        let all: Vec<Lease> = (0..200)
+            .map(|i| lease(&format!("10.{}.{}.0-24", 5 + i / 256, i % 256), "1.1.1.2"))
+            .collect();
+        for l in &all {
+            t.apply(LeaseWatchResult::Events(vec![LeaseEvent::Added(l.clone())]));
+        }
+        t.compact();
+        let kept: Vec<&Lease> = t.leases().collect();
+        assert_eq!(kept, all.iter().collect::<Vec<_>>());
+        // And it goes on as before: a removal is reported with the stored lease.
+        let ev = t.apply(LeaseWatchResult::Events(vec![LeaseEvent::Removed(
+            all[7].clone(),
+        )]));
+        assert_eq!(ev, vec![LeaseEvent::Removed(all[7].clone())]);
+        assert_eq!(t.leases().count(), 199);
     }
 
     #[test]

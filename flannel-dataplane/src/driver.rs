@@ -94,6 +94,8 @@ enum Input {
     Tick,
     /// The wait after a failed pass is over.
     RetryDue,
+    /// A large change is over (no pass changed anything for [`QUIET`]): time to compact.
+    Quiet,
     /// The lease watch ended.
     WatchEnded,
     /// Shutdown was requested.
@@ -113,6 +115,10 @@ fn pass_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
 }
 
+/// How long after the last pass of a large change the loop compacts what it keeps (so a burst of
+/// joining peers, which comes as many passes, is compacted once, at its end).
+const QUIET: Duration = Duration::from_secs(1);
+
 /// The loop's state between inputs: the leases, what it knows of the kernel, and what it owes.
 #[derive(Debug)]
 struct Loop {
@@ -130,8 +136,10 @@ struct Loop {
     synced_once: bool,
     /// Problems already logged (each is logged once, when it appears).
     warned: BTreeSet<String>,
-    /// Kernel entries changed since freed memory was last handed back.
+    /// Kernel entries changed since the loop last compacted what it keeps.
     changed_since_release: usize,
+    /// When to compact, once a large change is over.
+    compact_at: Option<Instant>,
 }
 
 impl Loop {
@@ -146,6 +154,7 @@ impl Loop {
             synced_once: false,
             warned: BTreeSet::new(),
             changed_since_release: 0,
+            compact_at: None,
         }
     }
 
@@ -190,9 +199,32 @@ impl Loop {
                 self.retry_at = None;
                 self.dirty = true;
             }
+            Input::Quiet => self.compact(),
             Input::WatchEnded | Input::Shutdown => return Flow::Stop,
         }
         Flow::Continue
+    }
+
+    /// Compacts what the loop keeps and hands freed memory back. The loop's record of the kernel
+    /// and its lease table grew one entry at a time (trees of half-full nodes); rebuilt in bulk
+    /// they take about half the memory.
+    fn compact(&mut self) {
+        self.compact_at = None;
+        self.changed_since_release = 0;
+        if let Some((_, known)) = self.known.as_mut() {
+            known.compact();
+        }
+        self.tracker.compact();
+        crate::memory::release_freed();
+    }
+
+    /// Counts `changed` kernel entries; once they add up to a large change, the loop compacts
+    /// [`QUIET`] after the last pass that changed anything.
+    fn count_changes(&mut self, changed: usize, now: Instant) {
+        self.changed_since_release += changed;
+        if changed > 0 && self.changed_since_release >= crate::memory::LARGE_CHANGE {
+            self.compact_at = Some(now + QUIET);
+        }
     }
 
     /// Whether a pass is due now.
@@ -275,13 +307,7 @@ impl Loop {
         let report = apply_diff(kernel, &desired, &ownership, &mut known).await;
         let entries = desired.len();
         drop(desired);
-        // A large change (often many passes: a burst of joining peers comes in batches) leaves
-        // freed memory behind; hand it back once it adds up.
-        self.changed_since_release += report.applied.values().sum::<usize>();
-        if self.changed_since_release >= crate::memory::LARGE_CHANGE {
-            self.changed_since_release = 0;
-            crate::memory::release_freed();
-        }
+        self.count_changes(report.applied.values().sum::<usize>(), Instant::now());
         for (label, n) in &report.applied {
             m.record_change(label, *n as u64);
         }
@@ -304,14 +330,16 @@ async fn next_input(
     notifications: &mut Option<Notifications>,
     tick: &mut tokio::time::Interval,
     retry_at: Option<Instant>,
+    compact_at: Option<Instant>,
     shutdown: &CancellationToken,
 ) -> Input {
-    let retry = async {
-        match retry_at {
+    let at = |when: Option<Instant>| async move {
+        match when {
             Some(t) => tokio::time::sleep_until(t).await,
             None => std::future::pending().await,
         }
     };
+    let (retry, quiet) = (at(retry_at), at(compact_at));
     let kernel = async {
         match notifications.as_mut() {
             Some(n) => n.recv().await.map(|first| (first, n)),
@@ -337,16 +365,18 @@ async fn next_input(
         }
         _ = tick.tick() => Input::Tick,
         () = retry => Input::RetryDue,
+        () = quiet => Input::Quiet,
     }
 }
 
 /// Runs the loop until `shutdown`. `notifications` delivers kernel changes (see
 /// [`crate::netlink::Netlink::subscribe`]); pass `None` to rely on lease events and resyncs only.
 ///
-/// The loop is [`Loop`] fed with [`Input`]s: lease results (a pass once the first snapshot is in),
+/// The loop is `Loop` fed with `Input`s: lease results (a pass once the first snapshot is in),
 /// kernel notifications (a pass only for news: a burst is collected for `debounce` first), the
-/// resync tick (a pass that reads the kernel), the retry after a failed pass, shutdown and the end
-/// of the watch. A pass reads the kernel only when what the loop knows may be stale (at start, after
+/// resync tick (a pass that reads the kernel), the retry after a failed pass, the quiet second after
+/// a large change (what the loop keeps is rebuilt compactly and freed memory handed back), shutdown
+/// and the end of the watch. A pass reads the kernel only when what the loop knows may be stale (at start, after
 /// a failure, a tick or news from the kernel); otherwise lease changes are diffed against what it
 /// knows, so a host with many peers does not dump its tables for every lease.
 pub async fn run(
@@ -384,6 +414,7 @@ pub async fn run(
             &mut notifications,
             &mut tick,
             state.retry_at,
+            state.compact_at,
             &shutdown,
         )
         .await;
@@ -861,6 +892,58 @@ mod tests {
         let mut b = pass_backoff();
         let waits: Vec<u128> = (0..8).map(|_| b.next_delay().as_millis()).collect();
         assert_eq!(waits, [200, 400, 800, 1600, 3200, 6400, 10000, 10000]);
+    }
+
+    #[test]
+    fn a_large_change_is_compacted_once_it_is_over() {
+        let mut l = Loop::new("10.5.1.0-24".parse().unwrap());
+        let t0 = Instant::now();
+        l.count_changes(600, t0);
+        assert_eq!(l.compact_at, None, "not a large change yet");
+        l.count_changes(600, t0);
+        assert_eq!(l.compact_at, Some(t0 + QUIET));
+        let t1 = t0 + Duration::from_millis(500);
+        l.count_changes(10, t1);
+        assert_eq!(
+            l.compact_at,
+            Some(t1 + QUIET),
+            "a pass that changes pushes it back"
+        );
+        l.count_changes(0, t1 + Duration::from_millis(700));
+        assert_eq!(
+            l.compact_at,
+            Some(t1 + QUIET),
+            "a pass that changes nothing does not"
+        );
+        let mut known = KernelState::default();
+        for i in 0..100u32 {
+            known.record(&Op::AddRoute(Route {
+                dst: IpNet::V4(
+                    ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(0x0a05_0000 + (i << 8)), 24)
+                        .unwrap(),
+                ),
+                gateway: None,
+                oif: 5,
+                onlink: false,
+            }));
+        }
+        l.known = Some((Ownership::default(), known.clone()));
+        assert_eq!(l.on(Input::Quiet), Flow::Continue);
+        assert_eq!((l.compact_at, l.changed_since_release), (None, 0));
+        assert_eq!(l.known.map(|(_, k)| k), Some(known), "the same entries");
+        assert!(!l.dirty, "compacting is no reason for a pass");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_quiet_time_wakes_the_loop() {
+        let (_tx, mut rx) = mpsc::channel(1);
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.tick().await;
+        let shutdown = CancellationToken::new();
+        let at = Instant::now() + QUIET;
+        let input = next_input(&mut rx, &mut None, &mut tick, None, Some(at), &shutdown).await;
+        assert!(matches!(input, Input::Quiet), "{input:?}");
+        assert!(Instant::now() >= at);
     }
 
     #[test]

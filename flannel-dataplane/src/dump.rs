@@ -4,7 +4,7 @@
 //! sees the first message (the kernel produces the next part of a dump as soon as the previous one
 //! is read, so the socket never runs dry), and those queues keep their high-water size. At 20,000
 //! vxlan peers one read of the kernel is 60,000 parsed messages: about 11 MiB at once, 3 MiB of it
-//! kept for good. A [`Dumper`] instead parses each message from one receive buffer and hands it on
+//! kept for good. A `Dumper` instead parses each message from one receive buffer and hands it on
 //! before it reads the next part, so a dump of any size costs one buffer.
 //!
 //! It also asks the kernel to filter where the kernel can (`NETLINK_GET_STRICT_CHK`, Linux 4.20):

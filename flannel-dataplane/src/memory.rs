@@ -1,11 +1,12 @@
 //! Handing freed heap memory back to the kernel after a large change.
 //!
-//! A large change (thousands of peers joining or leaving at once) builds and frees several
-//! MiB of short-lived data: the desired state, the ops, the entries replaced in what the loop knows.
-//! glibc's allocator keeps freed pages in the middle of its heap for reuse and only returns the top
-//! of it, so the agent's resident size would stay at the high-water mark of its largest pass.
-//! [`release_freed`] asks glibc to return every free page (`malloc_trim(0)`, which `madvise`s
-//! them away); the driver calls it each time its passes have changed [`LARGE_CHANGE`] more entries.
+//! A large change (thousands of peers joining or leaving at once) builds and frees several MiB of
+//! short-lived data: the desired state, the ops, the entries replaced in what the loop knows. glibc's
+//! allocator keeps freed pages in the middle of its heap for reuse and only returns the top of it,
+//! so the agent's resident size would stay at the high-water mark of its largest change.
+//! [`release_freed`] asks glibc to return every free page (`malloc_trim(0)`, which `madvise`s them
+//! away). The driver calls it once a change of [`LARGE_CHANGE`] or more entries is over (a second
+//! after its last pass), right after rebuilding what it keeps in compact form.
 
 /// Allocations of this size or more get pages of their own (glibc's `M_MMAP_THRESHOLD`).
 pub const OWN_PAGES_FROM: usize = 128 * 1024;
@@ -22,8 +23,7 @@ pub fn keep_large_blocks_apart() {
     }
 }
 
-/// After this many changed kernel entries (over one pass or several) the driver calls
-/// [`release_freed`].
+/// A change of this many kernel entries or more (over one pass or several) is a large one.
 pub const LARGE_CHANGE: usize = 1000;
 
 /// Returns the allocator's free pages to the kernel (glibc only; elsewhere it does nothing).

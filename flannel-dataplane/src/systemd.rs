@@ -159,7 +159,7 @@ fn passed() -> &'static Mutex<HashMap<String, OwnedFd>> {
 
 /// The names of the descriptors passed to process `pid` (`None` for unnamed ones), from the values
 /// of `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES`. Empty when they are not for `pid` or are
-/// malformed (untrusted input: never more than [`MAX_LISTEN_FDS`]).
+/// malformed (untrusted input: never more than `MAX_LISTEN_FDS` (64)).
 pub fn parse_listen_fds(
     listen_pid: Option<&str>,
     listen_fds: Option<&str>,
