@@ -94,7 +94,9 @@ impl Dumper {
                 }
                 match m.payload {
                     NetlinkPayload::InnerMessage(inner) => each(inner),
+                    // An error without a code is an acknowledgement: the end as well.
                     NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Error(e) if e.code.is_none() => return Ok(()),
                     NetlinkPayload::Error(e) => return Err(e.to_io()),
                     NetlinkPayload::Overrun(_) => {
                         return Err(io::Error::other("the netlink dump overran its buffer"));
