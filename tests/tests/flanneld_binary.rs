@@ -299,17 +299,9 @@ fn sd_notify_ready_after_subnet_env() {
     if !require_etcd("sd_notify_ready_after_subnet_env") {
         return;
     }
-    let etcd = EtcdServer::start();
+    let etcd = etcd_with_alloc_config();
     let dir = tempfile::tempdir().unwrap();
-    etcdctl_put(
-        &etcd.url(),
-        "/coreos.com/network/config",
-        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#,
-    );
-    let sock_path = dir.path().join("notify.sock");
-    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
+    let (sock, sock_path) = notify_socket(dir.path());
     let notify = sock_path.display().to_string();
     let p = start(
         "flanneld-alloc",
@@ -338,17 +330,9 @@ fn descriptors_no_backend_takes_are_closed_and_dropped_from_the_store() {
     if !require_etcd("descriptors_no_backend_takes_are_closed") {
         return;
     }
-    let etcd = EtcdServer::start();
+    let etcd = etcd_with_alloc_config();
     let dir = tempfile::tempdir().unwrap();
-    etcdctl_put(
-        &etcd.url(),
-        "/coreos.com/network/config",
-        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#,
-    );
-    let sock_path = dir.path().join("notify.sock");
-    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
+    let (sock, sock_path) = notify_socket(dir.path());
     let kept = dir.path().join("kept-by-systemd");
     std::fs::write(&kept, "").unwrap();
     // The shell opens descriptor 3 and sets LISTEN_PID to its own PID, which exec hands to flanneld:
@@ -397,6 +381,15 @@ fn descriptors_no_backend_takes_are_closed_and_dropped_from_the_store() {
     let (code, log) = p.stop();
     assert_eq!(code, Some(0));
     assert!(log.contains("closed a descriptor"), "{log}");
+}
+
+/// A datagram socket in `dir` standing in for systemd's `NOTIFY_SOCKET`, and its path.
+fn notify_socket(dir: &Path) -> (std::os::unix::net::UnixDatagram, std::path::PathBuf) {
+    let path = dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    (sock, path)
 }
 
 /// A directory of executable shell scripts standing in for tools (put it first on `PATH`).
