@@ -38,6 +38,16 @@ fn objects() -> Vec<u32> {
         .collect()
 }
 
+/// The next-hop object id route `dst` goes through, as `ip route` shows it.
+fn object_of(dst: &str) -> String {
+    ip(&format!("route show {dst}"))
+        .split_whitespace()
+        .skip_while(|w| *w != "nhid")
+        .nth(1)
+        .unwrap()
+        .to_string()
+}
+
 fn route(dst: &str, gw: &str, oif: u32, onlink: bool) -> Route {
     Route {
         dst: dst.parse().unwrap(),
@@ -134,12 +144,7 @@ fn routes_through_next_hop_objects() {
             assert_eq!(objects(), after);
 
             // An object deleted by hand takes its route along; the next pass restores both.
-            let id = ip("route show 10.5.2.0/24")
-                .split_whitespace()
-                .skip_while(|w| *w != "nhid")
-                .nth(1)
-                .unwrap()
-                .to_string();
+            let id = object_of("10.5.2.0/24");
             ip(&format!("nexthop del id {id}"));
             assert!(ip("route show 10.5.2.0/24").is_empty());
             let mut read = nl.read(&own).await.unwrap();
@@ -149,12 +154,7 @@ fn routes_through_next_hop_objects() {
             assert_eq!(nl.read(&own).await.unwrap(), desired);
             // The same without a read in between: the add finds its object gone (EINVAL), makes
             // it again and installs the route.
-            let id = ip("route show 10.5.2.0/24")
-                .split_whitespace()
-                .skip_while(|w| *w != "nhid")
-                .nth(1)
-                .unwrap()
-                .to_string();
+            let id = object_of("10.5.2.0/24");
             ip(&format!("nexthop del id {id}"));
             nl.apply(&Op::AddRoute(route("10.5.2.0/24", "10.5.2.0", oif, true)))
                 .await
