@@ -4,27 +4,31 @@
 //! sees the first message (the kernel produces the next part of a dump as soon as the previous one
 //! is read, so the socket never runs dry), and those queues keep their high-water size. At 20,000
 //! vxlan peers one read of the kernel is 60,000 parsed messages: about 11 MiB at once, 3 MiB of it
-//! kept for good. A `Dumper` instead parses each message from one receive buffer and hands it on
+//! kept for good. A [`Socket`] instead parses each message from one receive buffer and hands it on
 //! before it reads the next part, so a dump of any size costs one buffer.
 //!
 //! It also asks the kernel to filter where the kernel can (`NETLINK_GET_STRICT_CHK`, Linux 4.20):
 //! routes of the main table only, neighbours and FDB entries of the given device only. Callers
 //! filter again, so a kernel that ignores a filter gives the same result.
 
+use std::fmt::Debug;
 use std::io;
 
 use netlink_packet_core::{
-    DecodeError, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
+    DecodeError, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkDeserializable,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable,
 };
-use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocols::NETLINK_ROUTE};
-use rtnetlink::packet_route::RouteNetlinkMessage;
+pub use netlink_sys::protocols::{NETLINK_GENERIC, NETLINK_ROUTE};
+use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket};
 
 /// The receive buffer: larger than the biggest part of a dump the kernel sends (32 KiB).
 const BUFFER: usize = 64 * 1024;
 
-/// A netlink socket of its own for dumps (one at a time).
-pub(crate) struct Dumper {
+/// A netlink socket of its own for requests and dumps, one at a time: each answer is parsed from
+/// one receive buffer and handed on before the next part is read. flanneld reads routes,
+/// neighbours and FDB entries through one (`NETLINK_ROUTE`); the wireguard backend configures
+/// kernel WireGuard devices through another (`NETLINK_GENERIC`).
+pub struct Socket {
     socket: TokioSocket,
     /// Whether the kernel checks dump requests strictly, and so applies their filters.
     strict: bool,
@@ -32,18 +36,22 @@ pub(crate) struct Dumper {
     buf: Vec<u8>,
 }
 
-impl std::fmt::Debug for Dumper {
+impl std::fmt::Debug for Socket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dumper")
+        f.debug_struct("Socket")
             .field("strict", &self.strict)
             .finish_non_exhaustive()
     }
 }
 
-impl Dumper {
-    /// A socket in the current thread's network namespace (needs a tokio runtime).
-    pub(crate) fn open() -> io::Result<Self> {
-        let mut socket = TokioSocket::new(NETLINK_ROUTE)?;
+impl Socket {
+    /// A socket of netlink `protocol` ([`NETLINK_ROUTE`], [`NETLINK_GENERIC`]) in the current
+    /// thread's network namespace (needs a tokio runtime).
+    ///
+    /// # Errors
+    /// When the kernel refuses the socket.
+    pub fn open(protocol: isize) -> io::Result<Self> {
+        let mut socket = TokioSocket::new(protocol)?;
         socket.socket_mut().bind_auto()?;
         socket.socket_mut().connect(&SocketAddr::new(0, 0))?;
         let strict = socket.socket_ref().set_netlink_get_strict_chk(true).is_ok();
@@ -55,22 +63,50 @@ impl Dumper {
         })
     }
 
-    /// Whether the kernel applies the filters of a request (otherwise it ignores them).
-    pub(crate) fn strict(&self) -> bool {
+    /// Whether the kernel applies the filters of a dump request (otherwise it ignores them).
+    pub fn strict(&self) -> bool {
         self.strict
     }
 
     /// Sends `request` as a dump and hands each answer to `each` as it is parsed. A message that
     /// cannot be parsed is skipped (logged at debug): an entry flanneld cannot read is one it never
     /// changes.
-    pub(crate) async fn dump(
+    ///
+    /// # Errors
+    /// When the socket fails or the kernel answers with an error.
+    pub async fn dump<I>(&mut self, request: I, each: impl FnMut(I)) -> io::Result<()>
+    where
+        I: NetlinkSerializable + NetlinkDeserializable + Debug,
+    {
+        self.exchange(request, NLM_F_REQUEST | NLM_F_DUMP, each)
+            .await
+    }
+
+    /// Sends `request` with an acknowledgement asked for and waits for it; answers before it go to
+    /// `each`.
+    ///
+    /// # Errors
+    /// When the socket fails or the kernel answers with an error (its errno in the `io::Error`).
+    pub async fn request<I>(&mut self, request: I, each: impl FnMut(I)) -> io::Result<()>
+    where
+        I: NetlinkSerializable + NetlinkDeserializable + Debug,
+    {
+        self.exchange(request, NLM_F_REQUEST | NLM_F_ACK, each)
+            .await
+    }
+
+    async fn exchange<I>(
         &mut self,
-        request: RouteNetlinkMessage,
-        mut each: impl FnMut(RouteNetlinkMessage),
-    ) -> io::Result<()> {
+        request: I,
+        flags: u16,
+        mut each: impl FnMut(I),
+    ) -> io::Result<()>
+    where
+        I: NetlinkSerializable + NetlinkDeserializable + Debug,
+    {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.flags = flags;
         header.sequence_number = self.seq;
         let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(request));
         msg.finalize();
@@ -80,7 +116,7 @@ impl Dumper {
         loop {
             self.buf.clear();
             self.socket.recv(&mut self.buf).await?;
-            for m in messages(&self.buf) {
+            for m in messages::<I>(&self.buf) {
                 let m = match m {
                     Ok(m) => m,
                     Err(e) => {
@@ -88,7 +124,7 @@ impl Dumper {
                         continue;
                     }
                 };
-                // Answers to an earlier dump that was abandoned half-way are not ours.
+                // Answers to an earlier request that was abandoned half-way are not ours.
                 if m.header.sequence_number != self.seq {
                     continue;
                 }
@@ -110,9 +146,9 @@ impl Dumper {
 
 /// The netlink messages in one datagram, each parsed on its own: a message that does not parse is
 /// an `Err` and the next one is still read; a header whose length does not fit ends the datagram.
-pub fn messages(
+pub fn messages<I: NetlinkDeserializable + Debug>(
     buf: &[u8],
-) -> impl Iterator<Item = Result<NetlinkMessage<RouteNetlinkMessage>, DecodeError>> + '_ {
+) -> impl Iterator<Item = Result<NetlinkMessage<I>, DecodeError>> + '_ {
     let mut rest = buf;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -138,6 +174,7 @@ pub fn messages(
 mod tests {
     use super::*;
     use netlink_packet_core::DoneMessage;
+    use rtnetlink::packet_route::RouteNetlinkMessage;
     use rtnetlink::packet_route::route::RouteMessage;
 
     fn bytes(payload: NetlinkPayload<RouteNetlinkMessage>, seq: u32) -> Vec<u8> {
@@ -163,7 +200,7 @@ mod tests {
         let mut buf = route.clone();
         buf.extend(&broken);
         buf.extend(&done);
-        let got: Vec<_> = messages(&buf).collect();
+        let got: Vec<_> = messages::<RouteNetlinkMessage>(&buf).collect();
         assert_eq!(got.len(), 3, "{got:?}");
         assert!(matches!(
             got[0].as_ref().map(|m| &m.payload),
@@ -184,10 +221,10 @@ mod tests {
     fn a_length_that_does_not_fit_ends_the_datagram() {
         let mut buf = bytes(NetlinkPayload::Done(DoneMessage::default()), 1);
         buf[0] = 0xff; // length 255, but the datagram is shorter
-        let got: Vec<_> = messages(&buf).collect();
+        let got: Vec<_> = messages::<RouteNetlinkMessage>(&buf).collect();
         assert_eq!(got.len(), 1);
         assert!(got[0].is_err());
-        assert_eq!(messages(&[1, 2, 3]).count(), 1);
-        assert_eq!(messages(&[]).count(), 0);
+        assert_eq!(messages::<RouteNetlinkMessage>(&[1, 2, 3]).count(), 1);
+        assert_eq!(messages::<RouteNetlinkMessage>(&[]).count(), 0);
     }
 }

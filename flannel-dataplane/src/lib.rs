@@ -485,6 +485,7 @@ impl LinkOps for FakeKernel {
                         up: false,
                         mtu: spec.mtu,
                         vxlan: Some(spec.attrs.clone()),
+                        kind: Some("vxlan".into()),
                     },
                     addrs: Vec::new(),
                 },

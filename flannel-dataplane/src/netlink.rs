@@ -21,11 +21,13 @@ use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
     RouteType,
 };
-use rtnetlink::{Handle, LinkUnspec, LinkVxlan, MulticastGroup, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkUnspec, LinkVxlan, LinkWireguard, MulticastGroup, RouteMessageBuilder,
+};
 
 use crate::LinkOps;
 use crate::changes::{Entry, KernelChange, Notifications, notifications};
-use crate::dump::Dumper;
+use crate::dump::{NETLINK_ROUTE, Socket as Dumper};
 use crate::nexthop::{self, NextHop, NexthopMessage};
 use crate::{
     DataplaneError, Fdb, KernelCause, KernelOps, KernelState, MacAddr, Neigh, Op, Ownership, Route,
@@ -190,6 +192,8 @@ pub struct LinkState {
     pub mtu: u32,
     /// The vxlan attributes, for a vxlan device.
     pub vxlan: Option<VxlanAttrs>,
+    /// The link's kind (`ip -d link`: `vxlan`, `wireguard`, `tun`, ...), when it has one.
+    pub kind: Option<String>,
 }
 
 /// The attributes of a vxlan device that decide whether it can be reused.
@@ -236,7 +240,8 @@ impl Netlink {
                 None
             }
         };
-        let dumper = Dumper::open().map_err(|e| err("opening a netlink socket for dumps", e))?;
+        let dumper = Dumper::open(NETLINK_ROUTE)
+            .map_err(|e| err("opening a netlink socket for dumps", e))?;
         Ok(Self {
             handle,
             nexthops,
@@ -326,6 +331,21 @@ impl Netlink {
             nh.delete(old).await;
         }
         Ok(())
+    }
+
+    /// Creates a kernel WireGuard device (`ip link add <name> type wireguard`). A kernel without
+    /// WireGuard answers `EOPNOTSUPP` ([`DataplaneError::errno`]).
+    ///
+    /// # Errors
+    /// When the kernel refuses the device.
+    pub async fn create_wireguard(&self, name: &str) -> Result<(), DataplaneError> {
+        let msg = LinkWireguard::new(name).build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|e| err(format!("creating WireGuard device {name}"), e))
     }
 
     /// Subscribes to link, address, route and neighbour notifications, each turned into a
@@ -564,6 +584,7 @@ fn link_state(msg: rtnetlink::packet_route::link::LinkMessage) -> LinkState {
         up: msg.header.flags.contains(LinkFlags::Up),
         mtu: 0,
         vxlan: None,
+        kind: None,
     };
     for a in msg.attributes {
         match a {
@@ -571,6 +592,10 @@ fn link_state(msg: rtnetlink::packet_route::link::LinkMessage) -> LinkState {
             LinkAttribute::Mtu(m) => s.mtu = m,
             LinkAttribute::Address(mac) => s.mac = MacAddr::try_from(mac.as_slice()).ok(),
             LinkAttribute::LinkInfo(infos) => {
+                s.kind = infos.iter().find_map(|i| match i {
+                    LinkInfo::Kind(k) => Some(k.to_string()),
+                    _ => None,
+                });
                 let is_vxlan = infos
                     .iter()
                     .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)));
