@@ -1,26 +1,83 @@
 //! The registered `wireguard` backend: its devices, its lease, and the reconcile model that keeps
 //! the routes into the devices and the devices' peers in step with the leases.
 //!
-//! The devices are userspace WireGuard over TUN ([`crate::userspace`]); the wire protocol is the
-//! kernel's, so peers may run upstream's kernel devices. Each device holds the node's subnet
+//! The devices are the kernel's WireGuard devices where the kernel has them ([`crate::kernel`],
+//! as upstream's), and userspace WireGuard over TUN ([`crate::userspace`]) where it has not (or
+//! with `FLANNEL_WIREGUARD_USERSPACE=1`); the wire protocol is the same, so hosts of both kinds
+//! and upstream's nodes share one network. Each device holds the node's subnet
 //! address (`<subnet>.0/32`, and the IPv6 one as `/128`), and the route into the cluster network
 //! (`<Network> dev flannel-wg`) sends pods' traffic through it; WireGuard's allowed IPs pick the peer.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 use flannel_core::{Backend, BackendContext, BackendError, Lease, Network, NetworkConfig};
 use flannel_dataplane::driver::{Model, ReconciledNetwork};
-use flannel_dataplane::netlink::Netlink;
+use flannel_dataplane::netlink::{LinkState, Netlink};
 use flannel_dataplane::{KernelState, LinkOps, Ownership, Route};
 use ipnet::IpNet;
 use tracing::info;
 
-use crate::key::{self, PrivateKey};
+use crate::kernel::KernelDevice;
+use crate::key::{self, Key, PrivateKey};
 use crate::options::{DEVICE, DEVICE_V6, Mode, WireguardOptions};
-use crate::peers::{DesiredPeers, PeerContext, desired_peers, diff_peers, lease_attrs};
-use crate::userspace::UserspaceDevice;
+use crate::peers::{
+    DesiredPeers, PeerContext, PeerOp, PeerSpec, desired_peers, diff_peers, lease_attrs,
+};
+use crate::userspace::{DeviceError, UserspaceDevice};
+
+/// The environment variable that makes flanneld use userspace WireGuard even where the kernel has
+/// it (`1`).
+pub const USERSPACE_ENV: &str = "FLANNEL_WIREGUARD_USERSPACE";
+
+/// A device of either kind.
+#[derive(Debug)]
+enum Device {
+    Kernel(KernelDevice),
+    Userspace(UserspaceDevice),
+}
+
+impl Device {
+    /// The peers it has; for a kernel device also whether its key or port were changed behind
+    /// flanneld's back (then they are set again).
+    async fn peers(
+        &mut self,
+        key: &PrivateKey,
+        port: u16,
+    ) -> Result<BTreeMap<Key, PeerSpec>, DeviceError> {
+        match self {
+            Device::Userspace(d) => Ok(d.peers().await),
+            Device::Kernel(d) => {
+                let state = d.read().await?;
+                if state.private_key != Some(key.to_bytes()) || state.listen_port != port {
+                    info!(
+                        index = d.index(),
+                        "the WireGuard device's key or port was changed; setting them again"
+                    );
+                    d.set(Some(key), Some(port), &[]).await?;
+                }
+                Ok(state.peers)
+            }
+        }
+    }
+
+    async fn apply(&mut self, ops: &[PeerOp]) -> Result<(), DeviceError> {
+        match self {
+            Device::Userspace(d) => d.apply(ops).await,
+            Device::Kernel(d) => d.set(None, None, ops).await,
+        }
+    }
+
+    /// Lets the device go: a userspace device stops (its TUN device goes away), a kernel device
+    /// stays as it is.
+    async fn stop(self) {
+        if let Device::Userspace(d) = self {
+            d.stop().await;
+        }
+    }
+}
 
 flannel_core::register_backend!("wireguard", WireguardBackend::create);
 
@@ -48,7 +105,7 @@ struct Slot {
     addrs: Vec<IpNet>,
     /// Whether it takes the peers of `flannel-wg-v6` (`Mode: separate` with IPv6).
     v6: bool,
-    dev: Option<UserspaceDevice>,
+    dev: Option<Device>,
     index: u32,
     /// Made since the last `finish`: its peers still hold sessions with the device it replaced.
     fresh: bool,
@@ -60,6 +117,8 @@ struct WgModel {
     nl: Netlink,
     key: PrivateKey,
     mtu: u32,
+    /// Whether devices are userspace ones: asked for, or the kernel refused a `wireguard` link.
+    userspace: bool,
     slots: Vec<Slot>,
     own_subnets: Vec<IpNet>,
     ctx: PeerContext,
@@ -147,6 +206,7 @@ impl Backend for WireguardBackend {
         let mut model = WgModel {
             nl: Netlink::new()?,
             mtu,
+            userspace: std::env::var_os(USERSPACE_ENV).is_some_and(|v| v == "1"),
             slots,
             own_subnets,
             ctx: PeerContext {
@@ -168,7 +228,12 @@ impl Backend for WireguardBackend {
             devices = ?model.slots.iter().map(|s| s.name).collect::<Vec<_>>(),
             public_key = %model.ctx.own_key,
             mtu,
-            "wireguard backend ready (userspace WireGuard over TUN)"
+            kind = if model.userspace {
+                "userspace WireGuard over TUN"
+            } else {
+                "kernel WireGuard"
+            },
+            "wireguard backend ready"
         );
         Ok(Box::new(ReconciledNetwork::new(
             lease,
@@ -200,38 +265,119 @@ fn greet<'a>(peers: impl Iterator<Item = &'a crate::peers::PeerSpec>) {
     }
 }
 
+impl WgModel {
+    /// A new device for slot `i`, where the link `found` (if any) has its name; whether it is fresh
+    /// (its peers hold sessions with an older device and should be greeted). A kernel that refuses
+    /// a `wireguard` link (`EOPNOTSUPP`: no module) makes this and every later device a userspace
+    /// one.
+    async fn make_device(
+        &mut self,
+        i: usize,
+        found: Option<LinkState>,
+    ) -> Result<(Device, bool), BackendError> {
+        let (name, port) = (self.slots[i].name, self.slots[i].port);
+        let is_wireguard = found
+            .as_ref()
+            .is_some_and(|l| l.kind.as_deref() == Some("wireguard"));
+        let mut found = found;
+        if !self.userspace {
+            match self.make_kernel_device(name, port, found.take()).await? {
+                Some(made) => return Ok(made),
+                None => {
+                    info!(
+                        device = name,
+                        "the kernel has no WireGuard; using userspace WireGuard over TUN"
+                    );
+                    self.userspace = true;
+                }
+            }
+        }
+        if let Some(l) = found.filter(|_| is_wireguard) {
+            info!(
+                device = name,
+                "replacing a kernel WireGuard device with a userspace one"
+            );
+            self.nl.delete_link(l.index).await?;
+        }
+        let dev = UserspaceDevice::create(name, &self.key, port)
+            .await
+            .map_err(|e| BackendError::Other(e.to_string()))?;
+        Ok((Device::Userspace(dev), true))
+    }
+
+    /// A kernel device `name`: a kernel WireGuard device of that name is taken over as it is
+    /// (after a restart its peers and sessions carry on, so it is not fresh); anything else of
+    /// that name is replaced. `None` when the kernel has no WireGuard.
+    async fn make_kernel_device(
+        &self,
+        name: &str,
+        port: u16,
+        found: Option<LinkState>,
+    ) -> Result<Option<(Device, bool)>, BackendError> {
+        let (index, fresh) = match found {
+            Some(l) if l.kind.as_deref() == Some("wireguard") => (l.index, false),
+            other => {
+                if let Some(l) = other {
+                    info!(device = name, kind = ?l.kind, "replacing a link that is not a WireGuard device");
+                    self.nl.delete_link(l.index).await?;
+                }
+                match self.nl.create_wireguard(name).await {
+                    Ok(()) => {}
+                    Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                }
+                let link = self.nl.link_by_name(name).await?.ok_or_else(|| {
+                    BackendError::Other(format!("{name} vanished right after it was made"))
+                })?;
+                (link.index, true)
+            }
+        };
+        let dev = KernelDevice::open(name, index, &self.key, port)
+            .await
+            .map_err(|e| BackendError::Other(e.to_string()))?;
+        Ok(Some((Device::Kernel(dev), fresh)))
+    }
+}
+
 #[async_trait]
 impl Model for WgModel {
     async fn prepare(&mut self) -> Result<(), BackendError> {
-        for slot in &mut self.slots {
-            let link = self.nl.link_by_name(slot.name).await?;
-            let link = match (link, slot.dev.is_some()) {
-                (Some(l), true) => l,
-                // Gone (deleted by someone), or not made yet: a new device; its peers come back in
-                // this pass's `finish`.
-                (_, had) => {
-                    if let Some(old) = slot.dev.take() {
-                        old.stop().await;
-                    }
+        for i in 0..self.slots.len() {
+            let name = self.slots[i].name;
+            let found = self.nl.link_by_name(name).await?;
+            let keep = match (&self.slots[i].dev, &found) {
+                (Some(Device::Kernel(d)), Some(l)) => l.index == d.index(),
+                (Some(Device::Userspace(_)), Some(_)) => true,
+                _ => false,
+            };
+            let link = match found {
+                Some(l) if keep => l,
+                // Gone (deleted by someone), replaced, or not made yet: a new device; its peers
+                // come back in this pass's `finish`.
+                found => {
+                    let had = match self.slots[i].dev.take() {
+                        Some(old) => {
+                            old.stop().await;
+                            true
+                        }
+                        None => false,
+                    };
                     if had {
                         info!(
-                            device = slot.name,
+                            device = name,
                             "the WireGuard device was removed; recreating it"
                         );
                     }
-                    let dev = UserspaceDevice::create(slot.name, &self.key, slot.port)
-                        .await
-                        .map_err(|e| BackendError::Other(e.to_string()))?;
+                    let (dev, fresh) = self.make_device(i, found).await?;
+                    let slot = &mut self.slots[i];
                     slot.dev = Some(dev);
-                    slot.fresh = true;
-                    self.nl.link_by_name(slot.name).await?.ok_or_else(|| {
-                        BackendError::Other(format!(
-                            "{} vanished right after it was made",
-                            slot.name
-                        ))
+                    slot.fresh = fresh;
+                    self.nl.link_by_name(name).await?.ok_or_else(|| {
+                        BackendError::Other(format!("{name} vanished right after it was made"))
                     })?
                 }
             };
+            let slot = &mut self.slots[i];
             slot.index = link.index;
             for (addr, network) in slot.addrs.iter().zip(&slot.networks) {
                 self.nl
@@ -280,9 +426,13 @@ impl Model for WgModel {
             .map(|w| w.clone())
             .map_err(|_| BackendError::Other("the peer set lock is poisoned".into()))?;
         for slot in &mut self.slots {
-            let Some(dev) = &slot.dev else { continue };
+            let Some(dev) = &mut slot.dev else { continue };
             let desired = if slot.v6 { &wanted.v6 } else { &wanted.main };
-            let ops = diff_peers(desired, &dev.peers().await);
+            let actual = dev
+                .peers(&self.key, slot.port)
+                .await
+                .map_err(|e| BackendError::Other(e.to_string()))?;
+            let ops = diff_peers(desired, &actual);
             if !ops.is_empty() {
                 dev.apply(&ops)
                     .await

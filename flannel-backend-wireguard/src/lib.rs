@@ -24,12 +24,13 @@
 //! ```
 
 mod backend;
+pub mod kernel;
 pub mod key;
 pub mod options;
 pub mod peers;
 pub mod userspace;
 
-pub use backend::WireguardBackend;
+pub use backend::{USERSPACE_ENV, WireguardBackend};
 pub use key::{Key, PrivateKey};
 pub use options::{DEVICE, DEVICE_V6, Mode, OVERHEAD, WireguardOptions};
 pub use peers::{

@@ -40,6 +40,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("listen_fds", listen_fds),
     ("nexthop_message", nexthop_message),
     ("netlink_dump", netlink_dump),
+    ("wireguard_dump", wireguard_dump),
 ];
 
 fn text(data: &[u8]) -> String {
@@ -331,11 +332,38 @@ pub fn nexthop_message(data: &[u8]) {
 /// into messages, each parsed on its own. Every message takes at least a header, so the split ends.
 pub fn netlink_dump(data: &[u8]) {
     let mut n = 0;
-    for m in flannel_dataplane::dump::messages(data) {
+    for m in flannel_dataplane::dump::messages::<rtnetlink::packet_route::RouteNetlinkMessage>(data)
+    {
         n += 1;
         assert!(n <= data.len() / 16 + 1, "more messages than headers fit");
         if let Ok(m) = m {
             let _ = format!("{m:?}");
         }
+    }
+}
+
+/// One datagram of a kernel WireGuard device's `GET_DEVICE` dump: split into generic netlink
+/// messages, and the parts read as one device. What is read is consistent: every peer under its
+/// own key, with an endpoint, its allowed IPs sorted and without repeats.
+pub fn wireguard_dump(data: &[u8]) {
+    use flannel_backend_wireguard::kernel::device_of;
+    use netlink_packet_generic::GenlMessage;
+    use netlink_packet_wireguard::WireguardMessage;
+    let parts: Vec<WireguardMessage> =
+        flannel_dataplane::dump::messages::<GenlMessage<WireguardMessage>>(data)
+            .filter_map(Result::ok)
+            .filter_map(|m| match m.payload {
+                netlink_packet_core::NetlinkPayload::InnerMessage(g) => Some(g.payload),
+                _ => None,
+            })
+            .collect();
+    let state = device_of(parts);
+    for (key, peer) in &state.peers {
+        assert_eq!(*key, peer.public_key);
+        assert!(
+            peer.allowed_ips.windows(2).all(|w| w[0] < w[1]),
+            "{:?}",
+            peer.allowed_ips
+        );
     }
 }
