@@ -65,6 +65,8 @@ pub struct Host {
     pub log: PathBuf,
     flanneld: Option<Child>,
     extra_args: Vec<String>,
+    /// Extra environment of its flanneld (set before starting it).
+    pub env: Vec<(String, String)>,
     /// Its pods.
     pub pods: Vec<Pod>,
 }
@@ -331,6 +333,7 @@ impl Lab {
             log: self.dir.path().join(format!("h{n}.log")),
             flanneld: None,
             extra_args,
+            env: Vec::new(),
             pods: Vec::new(),
         };
         host.sh(&format!("ip addr add {addr}/16 dev eth0"));
@@ -529,8 +532,31 @@ impl Lab {
                 h.subnet_file.with_file_name("wgkey").display().to_string(),
             ),
             ("RUST_LOG".to_string(), "info".to_string()),
-        ];
+        ]
+        .into_iter()
+        .chain(h.env.iter().cloned())
+        .collect();
         (argv, env)
+    }
+
+    /// Host `h`'s lease value (etcd labs) and the WireGuard public key its key file gives.
+    ///
+    /// # Panics
+    /// When the lease or the key file is missing.
+    pub fn wireguard_lease(&self, h: usize) -> (serde_json::Value, String) {
+        let me = self.hosts[h].addr.to_string();
+        let value = self
+            .etcd_list("/coreos.com/network/subnets/")
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_str::<serde_json::Value>(&v).ok())
+            .find(|v| v["PublicIP"] == me)
+            .unwrap_or_else(|| panic!("no lease of host {h}"));
+        let key_file = self.hosts[h].subnet_file.with_file_name("wgkey");
+        let key: flannel_backend_wireguard::PrivateKey = std::fs::read_to_string(&key_file)
+            .unwrap_or_else(|e| panic!("{}: {e}", key_file.display()))
+            .parse()
+            .unwrap_or_else(|e| panic!("{}: {e}", key_file.display()));
+        (value, key.public_key().to_string())
     }
 
     /// Starts flanneld on host `i` (0-based) and waits until it wrote subnet.env.

@@ -12,6 +12,7 @@ pub mod kubeapi;
 pub mod lab;
 pub mod netns;
 pub mod systemd;
+pub mod vm;
 
 use std::path::PathBuf;
 

@@ -1,12 +1,12 @@
-//! The wireguard backend in the multi-host lab (userspace WireGuard over TUN): pods on different
-//! hosts reach each other through `flannel-wg`, the leases carry upstream's data, the key survives a
-//! restart, and a deleted device is recreated.
+//! The wireguard backend in the multi-host lab, with the devices this machine's kernel allows
+//! (userspace WireGuard over TUN where the kernel has no WireGuard): pods on different hosts reach
+//! each other through `flannel-wg`, the leases carry upstream's data, the key survives a restart,
+//! and a deleted device is recreated. Kernel devices: tests/vm_wireguard.rs.
 
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
-use flannel_backend_wireguard::PrivateKey;
 use flannel_tests::lab::Lab;
 use flannel_tests::until;
 
@@ -22,20 +22,6 @@ fn lab(test: &str) -> Option<Lab> {
     Some(lab)
 }
 
-/// Host `h`'s lease value and the public key its key file gives.
-fn lease_and_key(lab: &Lab, h: usize) -> (serde_json::Value, String) {
-    let me = lab.hosts[h].addr.to_string();
-    let value = lab
-        .etcd_list("/coreos.com/network/subnets/")
-        .into_iter()
-        .map(|(_, v)| serde_json::from_str::<serde_json::Value>(&v).unwrap())
-        .find(|v| v["PublicIP"] == me)
-        .unwrap();
-    let key_file = lab.hosts[h].subnet_file.with_file_name("wgkey");
-    let key: PrivateKey = std::fs::read_to_string(&key_file).unwrap().parse().unwrap();
-    (value, key.public_key().to_string())
-}
-
 #[test]
 fn pods_ping_over_flannel_wg_with_upstreams_lease_data() {
     let Some(lab) = lab("pods_ping_over_flannel_wg_with_upstreams_lease_data") else {
@@ -44,7 +30,7 @@ fn pods_ping_over_flannel_wg_with_upstreams_lease_data() {
     let failures = lab.ping_all(Duration::from_secs(10));
     assert!(failures.is_empty(), "unreachable: {failures:?}");
     for h in 0..3 {
-        let (lease, public_key) = lease_and_key(&lab, h);
+        let (lease, public_key) = lab.wireguard_lease(h);
         assert_eq!(lease["BackendType"], "wireguard", "{lease}");
         assert_eq!(
             lease["BackendData"],
@@ -61,6 +47,15 @@ fn pods_ping_over_flannel_wg_with_upstreams_lease_data() {
         assert_eq!(env["FLANNEL_MTU"], "1420", "underlay 1500 - 80");
         let routes = host.routes("");
         assert!(routes.contains("10.5.0.0/16 dev flannel-wg"), "{routes}");
+        // The kernel's device where the kernel has WireGuard, else userspace over TUN, said so.
+        let link = host.sh("ip -d link show flannel-wg");
+        let log = host.log_text();
+        if link.contains(" tun ") {
+            assert!(log.contains("the kernel has no WireGuard"), "{log}");
+        } else {
+            assert!(link.contains("wireguard"), "{link}");
+            assert!(log.contains("kind=\"kernel WireGuard\""), "{log}");
+        }
     }
 }
 
@@ -70,10 +65,10 @@ fn restart_keeps_the_key_and_a_deleted_device_comes_back() {
         return;
     };
     assert!(lab.ping_all(Duration::from_secs(10)).is_empty());
-    let (before, key_before) = lease_and_key(&lab, 0);
+    let (before, key_before) = lab.wireguard_lease(0);
     let _ = lab.stop_flanneld(0);
     lab.start_flanneld(0);
-    let (after, key_after) = lease_and_key(&lab, 0);
+    let (after, key_after) = lab.wireguard_lease(0);
     assert_eq!(key_before, key_after, "the key file is kept");
     assert_eq!(before["BackendData"], after["BackendData"]);
     let failures = lab.ping_all(Duration::from_secs(10));
@@ -213,7 +208,7 @@ fn a_wireguard_go_node_configured_as_upstream_talks_to_ours() {
     let dir = lab.dir().join("h3");
     std::fs::create_dir_all(&dir).unwrap();
     let key_file = dir.join("wg-go.key");
-    let private = PrivateKey::generate().unwrap();
+    let private = flannel_backend_wireguard::PrivateKey::generate().unwrap();
     std::fs::write(&key_file, private.to_base64()).unwrap();
     let taken: Vec<String> = lab
         .etcd_list("/coreos.com/network/subnets/")
@@ -267,7 +262,7 @@ fn a_wireguard_go_node_configured_as_upstream_talks_to_ours() {
     );
     // Peers from the leases, as upstream's addPeer does.
     for h in 0..2 {
-        let (lease, public_key) = lease_and_key(&lab, h);
+        let (lease, public_key) = lab.wireguard_lease(h);
         let peer_subnet = lab.hosts[h].subnet_env().unwrap()["FLANNEL_SUBNET"]
             .parse::<ipnet::Ipv4Net>()
             .unwrap()
@@ -328,12 +323,12 @@ fn a_peer_whose_key_changes_is_updated() {
         return;
     };
     assert!(lab.ping_all(Duration::from_secs(10)).is_empty());
-    let (_, old_key) = lease_and_key(&lab, 1);
+    let (_, old_key) = lab.wireguard_lease(1);
     // Host 1 loses its key file (a reinstalled node): it makes a new key and publishes it.
     let _ = lab.stop_flanneld(1);
     std::fs::remove_file(lab.hosts[1].subnet_file.with_file_name("wgkey")).unwrap();
     lab.start_flanneld(1);
-    let (lease, new_key) = lease_and_key(&lab, 1);
+    let (lease, new_key) = lab.wireguard_lease(1);
     assert_ne!(old_key, new_key);
     assert_eq!(lease["BackendData"]["PublicKey"], new_key.as_str());
     let failures = lab.ping_all(Duration::from_secs(10));
@@ -376,7 +371,7 @@ fn dual_stack_in_both_kinds_of_mode() {
             mode == "separate",
             "{mode}: {links}"
         );
-        let (lease, key) = lease_and_key(&lab, 0);
+        let (lease, key) = lab.wireguard_lease(0);
         assert_eq!(
             lease["BackendV6Data"],
             serde_json::json!({"PublicKey": key, "Port": 51821}),

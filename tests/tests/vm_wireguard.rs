@@ -1,0 +1,31 @@
+//! The wireguard backend's kernel devices, in a kernel that has WireGuard: the test VM
+//! (`scripts/test-vm`; this machine's kernel may have none) runs `vm-wireguard-lab`, a 3-host lab
+//! where two hosts use the kernel's `flannel-wg` and one userspace WireGuard. The lab checks that
+//! pods ping across both kinds, that `wg show` sees the key, port and peers the leases say, that a
+//! removed peer, a changed port and a deleted device are repaired, that traffic goes on while
+//! flanneld is stopped and the restart takes the device over, and that a peer's new key is
+//! followed.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use flannel_tests::vm::Vm;
+
+#[test]
+fn kernel_wireguard_devices_in_a_vm() {
+    let Some(vm) = Vm::for_test("kernel_wireguard_devices_in_a_vm") else {
+        return;
+    };
+    let lab = flannel_tests::bin_path("vm-wireguard-lab");
+    let run = vm.run(&lab, &[], Duration::from_secs(900));
+    println!("{}", run.out);
+    assert_eq!(
+        run.rc,
+        Some(0),
+        "in the VM (kernel {}): {}",
+        vm.kernel(),
+        run.report()
+    );
+    assert!(run.out.contains("all checks passed"), "{}", run.report());
+}
