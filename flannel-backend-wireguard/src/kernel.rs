@@ -2,7 +2,9 @@
 //! as `wg` and upstream's backend do: the device's key and port, and its peers read and changed
 //! one message at a time.
 //!
-//! The messages are built and read by pure functions ([`set_device_messages`], [`device_of`]), so
+//! The messages are built with netlink-packet-wireguard and read by our own parser, which cannot
+//! panic whatever the bytes ([`device_of`]; the crate's parser indexes into attributes without
+//! checking their length, found by the `wireguard_dump` fuzz target). Both are pure functions, so
 //! what goes to the kernel is tested without one; the lab test runs the device in a kernel that has
 //! WireGuard (a virtual machine).
 
@@ -10,7 +12,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use flannel_dataplane::dump::{NETLINK_GENERIC, Socket};
+use flannel_dataplane::dump::{NETLINK_GENERIC, Raw, Socket};
+use netlink_packet_core::NlasIterator;
 use netlink_packet_generic::GenlMessage;
 use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
 use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
@@ -105,7 +108,7 @@ impl KernelDevice {
         msg.set_resolved_family_id(self.family);
         let mut parts = Vec::new();
         self.socket
-            .dump(msg, |m| parts.push(m.payload))
+            .dump(msg, |m: Raw| parts.push(m.payload))
             .await
             .map_err(|e| io_err(&self.name, "reading the device", e))?;
         Ok(device_of(parts))
@@ -125,7 +128,7 @@ impl KernelDevice {
             let mut msg = GenlMessage::from_payload(payload);
             msg.set_resolved_family_id(self.family);
             self.socket
-                .request(msg, |_| {})
+                .request(msg, |_: Raw| {})
                 .await
                 .map_err(|e| io_err(&self.name, "configuring the device", e))?;
         }
@@ -142,10 +145,10 @@ async fn resolve_family(socket: &mut Socket) -> std::io::Result<u16> {
     });
     let mut id = None;
     socket
-        .request(msg, |m: GenlMessage<GenlCtrl>| {
-            for a in m.payload.nlas {
-                if let GenlCtrlAttrs::FamilyId(i) = a {
-                    id = Some(i);
+        .request(msg, |m: Raw| {
+            for a in attrs(m.payload.get(GENL_HEADER..).unwrap_or_default()) {
+                if a.kind() == CTRL_ATTR_FAMILY_ID {
+                    id = u16_of(a.value()).or(id);
                 }
             }
         })
@@ -228,6 +231,69 @@ pub fn set_device_messages(
     out
 }
 
+/// The generic netlink header before a message's attributes.
+const GENL_HEADER: usize = 4;
+const CTRL_ATTR_FAMILY_ID: u16 = 1;
+const WGDEVICE_A_PRIVATE_KEY: u16 = 3;
+const WGDEVICE_A_LISTEN_PORT: u16 = 6;
+const WGDEVICE_A_PEERS: u16 = 8;
+const WGPEER_A_PUBLIC_KEY: u16 = 1;
+const WGPEER_A_PRESHARED_KEY: u16 = 2;
+const WGPEER_A_ENDPOINT: u16 = 4;
+const WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL: u16 = 5;
+const WGPEER_A_ALLOWEDIPS: u16 = 9;
+const WGALLOWEDIP_A_IPADDR: u16 = 2;
+const WGALLOWEDIP_A_CIDR_MASK: u16 = 3;
+
+/// The attributes in `buf`, up to the first one whose length does not fit.
+fn attrs(buf: &[u8]) -> impl Iterator<Item = netlink_packet_core::NlaBuffer<&[u8]>> {
+    NlasIterator::new(buf).map_while(Result::ok)
+}
+
+fn u16_of(v: &[u8]) -> Option<u16> {
+    Some(u16::from_ne_bytes(v.try_into().ok()?))
+}
+
+fn key_of(v: &[u8]) -> Option<Key> {
+    Some(Key(v.try_into().ok()?))
+}
+
+/// A `sockaddr_in` or `sockaddr_in6`, as the kernel writes an endpoint.
+fn endpoint_of(v: &[u8]) -> Option<std::net::SocketAddr> {
+    let family = u16::from_ne_bytes(v.get(0..2)?.try_into().ok()?);
+    let port = u16::from_be_bytes(v.get(2..4)?.try_into().ok()?);
+    match i32::from(family) {
+        libc::AF_INET if v.len() >= 8 => {
+            let ip: [u8; 4] = v.get(4..8)?.try_into().ok()?;
+            Some((IpAddr::from(ip), port).into())
+        }
+        libc::AF_INET6 if v.len() >= 24 => {
+            let ip: [u8; 16] = v.get(8..24)?.try_into().ok()?;
+            Some((IpAddr::from(ip), port).into())
+        }
+        _ => None,
+    }
+}
+
+fn allowed_ip_of(v: &[u8]) -> Option<ipnet::IpNet> {
+    let mut ip = None;
+    let mut cidr = None;
+    for a in attrs(v) {
+        match a.kind() {
+            WGALLOWEDIP_A_IPADDR => {
+                ip = match a.value().len() {
+                    4 => <[u8; 4]>::try_from(a.value()).ok().map(IpAddr::from),
+                    16 => <[u8; 16]>::try_from(a.value()).ok().map(IpAddr::from),
+                    _ => None,
+                };
+            }
+            WGALLOWEDIP_A_CIDR_MASK => cidr = a.value().first().copied(),
+            _ => {}
+        }
+    }
+    ipnet::IpNet::new(ip?, cidr?).ok()
+}
+
 /// A peer as far as it was read: the kernel splits a device with many peers (or a peer with many
 /// allowed IPs) over several messages, repeating the peer's key where its allowed IPs continue.
 #[derive(Default)]
@@ -238,56 +304,51 @@ struct PartPeer {
     keepalive: Option<Duration>,
 }
 
-fn net_of(attrs: &[WireguardAllowedIpAttr]) -> Option<ipnet::IpNet> {
-    let mut ip = None;
-    let mut cidr = None;
-    for a in attrs {
-        match a {
-            WireguardAllowedIpAttr::IpAddr(i) => ip = Some(*i),
-            WireguardAllowedIpAttr::Cidr(c) => cidr = Some(*c),
+fn read_peer(v: &[u8], peers: &mut BTreeMap<Key, PartPeer>) {
+    let Some(key) = attrs(v)
+        .find(|a| a.kind() == WGPEER_A_PUBLIC_KEY)
+        .and_then(|a| key_of(a.value()))
+    else {
+        return;
+    };
+    let peer = peers.entry(key).or_default();
+    for a in attrs(v) {
+        let v = a.value();
+        match a.kind() {
+            WGPEER_A_ENDPOINT => peer.endpoint = endpoint_of(v).or(peer.endpoint),
+            WGPEER_A_PRESHARED_KEY => peer.preshared_key = key_of(v).filter(|k| k.0 != [0; 32]),
+            WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL => {
+                peer.keepalive = u16_of(v)
+                    .filter(|s| *s > 0)
+                    .map(|s| Duration::from_secs(u64::from(s)));
+            }
+            WGPEER_A_ALLOWEDIPS => peer
+                .allowed_ips
+                .extend(attrs(v).filter_map(|ip| allowed_ip_of(ip.value()))),
             _ => {}
         }
     }
-    ipnet::IpNet::new(ip?, cidr?).ok()
 }
 
-/// The device as the parts of a `GET_DEVICE` dump describe it. Unknown attributes are ignored, and
-/// a peer without a key or an endpoint is left out.
-pub fn device_of(parts: impl IntoIterator<Item = WireguardMessage>) -> DeviceState {
+/// The device as the parts of a `GET_DEVICE` dump describe it, each part a generic netlink payload
+/// (header and attributes) as the kernel sent it. Whatever the bytes, this returns: attributes of
+/// unknown kinds or wrong lengths are skipped, and a peer without a key or an endpoint is left out.
+pub fn device_of<P: AsRef<[u8]>>(parts: impl IntoIterator<Item = P>) -> DeviceState {
     let mut state = DeviceState::default();
     let mut peers: BTreeMap<Key, PartPeer> = BTreeMap::new();
     for part in parts {
-        for a in part.attributes {
-            match a {
-                WireguardAttribute::PrivateKey(k) => {
-                    state.private_key = Some(k).filter(|k| *k != [0; 32]);
+        let body = part.as_ref().get(GENL_HEADER..).unwrap_or_default();
+        for a in attrs(body) {
+            match a.kind() {
+                WGDEVICE_A_PRIVATE_KEY => {
+                    state.private_key = key_of(a.value()).map(|k| k.0).filter(|k| *k != [0; 32]);
                 }
-                WireguardAttribute::ListenPort(p) => state.listen_port = p,
-                WireguardAttribute::Peers(list) => {
-                    for WireguardPeer(attrs) in list {
-                        let Some(key) = attrs.iter().find_map(|a| match a {
-                            WireguardPeerAttribute::PublicKey(k) => Some(Key(*k)),
-                            _ => None,
-                        }) else {
-                            continue;
-                        };
-                        let peer = peers.entry(key).or_default();
-                        for a in attrs {
-                            match a {
-                                WireguardPeerAttribute::Endpoint(e) => peer.endpoint = Some(e),
-                                WireguardPeerAttribute::PresharedKey(k) => {
-                                    peer.preshared_key = Some(Key(k)).filter(|k| k.0 != [0; 32]);
-                                }
-                                WireguardPeerAttribute::PersistentKeepalive(s) => {
-                                    peer.keepalive =
-                                        Some(Duration::from_secs(u64::from(s))).filter(|_| s > 0);
-                                }
-                                WireguardPeerAttribute::AllowedIps(ips) => peer.allowed_ips.extend(
-                                    ips.iter().filter_map(|WireguardAllowedIp(a)| net_of(a)),
-                                ),
-                                _ => {}
-                            }
-                        }
+                WGDEVICE_A_LISTEN_PORT => {
+                    state.listen_port = u16_of(a.value()).unwrap_or(state.listen_port);
+                }
+                WGDEVICE_A_PEERS => {
+                    for p in attrs(a.value()) {
+                        read_peer(p.value(), &mut peers);
                     }
                 }
                 _ => {}
@@ -317,8 +378,7 @@ pub fn device_of(parts: impl IntoIterator<Item = WireguardMessage>) -> DeviceSta
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netlink_packet_core::{Emitable, ParseableParametrized};
-    use netlink_packet_generic::GenlHeader;
+    use netlink_packet_core::Emitable;
 
     fn spec(n: u8, psk: Option<Key>, keepalive: Option<u64>) -> PeerSpec {
         PeerSpec {
@@ -333,15 +393,14 @@ mod tests {
         }
     }
 
-    /// Through the bytes and back, as the kernel would receive and answer them.
-    fn wire(m: &WireguardMessage) -> WireguardMessage {
-        let mut buf = vec![0; m.buffer_len()];
-        m.emit(&mut buf);
-        let header = GenlHeader {
-            cmd: m.cmd.into(),
-            version: 1,
-        };
-        WireguardMessage::parse_with_param(&buf[..], header).unwrap()
+    /// The bytes of a message (generic header and attributes), as netlink-packet-wireguard writes
+    /// them: the kernel answers a dump in the same layout, so what our parser reads back from these
+    /// is what a device set this way reports.
+    fn wire(m: &WireguardMessage) -> Vec<u8> {
+        let g = GenlMessage::from_payload(m.clone());
+        let mut buf = vec![0; g.buffer_len()];
+        g.emit(&mut buf);
+        buf
     }
 
     #[test]
@@ -457,13 +516,47 @@ mod tests {
                 WireguardPeer(vec![WireguardPeerAttribute::Endpoint(p.endpoint)]),
             ])],
         };
-        let state = device_of([
-            part(&p.allowed_ips[1..], true),
-            part(&p.allowed_ips[..1], false),
-            no_endpoint,
-        ]);
+        let state = device_of(
+            [
+                part(&p.allowed_ips[1..], true),
+                part(&p.allowed_ips[..1], false),
+                no_endpoint,
+            ]
+            .iter()
+            .map(wire),
+        );
         assert_eq!(state.peers.len(), 1, "{:?}", state.peers);
         assert_eq!(state.peers[&p.public_key], p);
         assert_eq!(state.private_key, None);
+    }
+
+    #[test]
+    fn attributes_of_the_wrong_length_are_skipped_not_a_panic() {
+        let p = spec(1, None, None);
+        let mut bytes = wire(&WireguardMessage {
+            cmd: WireguardCmd::GetDevice,
+            attributes: vec![WireguardAttribute::Peers(vec![WireguardPeer(vec![
+                WireguardPeerAttribute::PublicKey(p.public_key.0),
+                WireguardPeerAttribute::Endpoint(p.endpoint),
+                WireguardPeerAttribute::AllowedIps(vec![allowed_ip(&p.allowed_ips[0])]),
+            ])])],
+        });
+        assert_eq!(device_of([&bytes]).peers.len(), 1);
+        // Every cut of the message, and every byte changed in turn: never a panic.
+        for cut in 0..bytes.len() {
+            let _ = device_of([&bytes[..cut]]);
+        }
+        for i in 0..bytes.len() {
+            let old = bytes[i];
+            for v in [0, 1, 4, 0xff] {
+                bytes[i] = v;
+                let _ = device_of([&bytes]);
+            }
+            bytes[i] = old;
+        }
+        // An empty CIDR attribute (what crashed the crate's parser) drops that allowed IP only.
+        let empty_cidr = [4u8, 0, 3, 0];
+        assert_eq!(allowed_ip_of(&empty_cidr), None);
+        assert_eq!(endpoint_of(&[2, 0, 0]), None);
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! flannel's `wireguard` backend, compatible with upstream's (`pkg/backend/wireguard`): pods' traffic
 //! between hosts goes encrypted through the WireGuard device `flannel-wg` (and `flannel-wg-v6` in
-//! `Mode: separate` with IPv6). The devices are userspace WireGuard over TUN ([`userspace`], on
-//! gotatun), so the backend works on kernels without the WireGuard module; the wire protocol is the
-//! kernel's, so peers may be upstream nodes with kernel devices.
+//! `Mode: separate` with IPv6). The devices are the kernel's WireGuard devices where the kernel has
+//! them ([`kernel`], configured over generic netlink as upstream's are), and userspace WireGuard
+//! over TUN ([`userspace`], on gotatun) where it has not (or with [`USERSPACE_ENV`]`=1`), so the
+//! backend works on any kernel with TUN; the wire protocol is the same, so hosts of both kinds and
+//! upstream's nodes share one network.
 //!
 //! - [`WireguardOptions`]: `ListenPort`, `ListenPortV6`, `MTU`, `PSK`,
 //!   `PersistentKeepaliveInterval`, `Mode`, with upstream's defaults.
@@ -14,7 +16,8 @@
 //!   [`desired_peers`] turns the peers' leases into each device's peers, [`diff_peers`] into the
 //!   changes a device needs. The shared reconcile driver runs it: the route into the network
 //!   through the device is a kernel entry like any other backend's, and the peers are applied after
-//!   each pass (`Model::finish`); a deleted device is recreated with its peers.
+//!   each pass (`Model::finish`, which reads the device's peers first, so a peer removed behind
+//!   flanneld's back comes back); a deleted device is recreated with its peers.
 //!
 //! ```
 //! use flannel_backend_wireguard::{WireguardOptions, Mode};

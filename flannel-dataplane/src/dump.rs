@@ -74,9 +74,10 @@ impl Socket {
     ///
     /// # Errors
     /// When the socket fails or the kernel answers with an error.
-    pub async fn dump<I>(&mut self, request: I, each: impl FnMut(I)) -> io::Result<()>
+    pub async fn dump<R, A>(&mut self, request: R, each: impl FnMut(A)) -> io::Result<()>
     where
-        I: NetlinkSerializable + NetlinkDeserializable + Debug,
+        R: NetlinkSerializable + Debug,
+        A: NetlinkDeserializable + Debug,
     {
         self.exchange(request, NLM_F_REQUEST | NLM_F_DUMP, each)
             .await
@@ -87,22 +88,24 @@ impl Socket {
     ///
     /// # Errors
     /// When the socket fails or the kernel answers with an error (its errno in the `io::Error`).
-    pub async fn request<I>(&mut self, request: I, each: impl FnMut(I)) -> io::Result<()>
+    pub async fn request<R, A>(&mut self, request: R, each: impl FnMut(A)) -> io::Result<()>
     where
-        I: NetlinkSerializable + NetlinkDeserializable + Debug,
+        R: NetlinkSerializable + Debug,
+        A: NetlinkDeserializable + Debug,
     {
         self.exchange(request, NLM_F_REQUEST | NLM_F_ACK, each)
             .await
     }
 
-    async fn exchange<I>(
+    async fn exchange<R, A>(
         &mut self,
-        request: I,
+        request: R,
         flags: u16,
-        mut each: impl FnMut(I),
+        mut each: impl FnMut(A),
     ) -> io::Result<()>
     where
-        I: NetlinkSerializable + NetlinkDeserializable + Debug,
+        R: NetlinkSerializable + Debug,
+        A: NetlinkDeserializable + Debug,
     {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
@@ -116,7 +119,7 @@ impl Socket {
         loop {
             self.buf.clear();
             self.socket.recv(&mut self.buf).await?;
-            for m in messages::<I>(&self.buf) {
+            for m in messages::<A>(&self.buf) {
                 let m = match m {
                     Ok(m) => m,
                     Err(e) => {
@@ -141,6 +144,27 @@ impl Socket {
                 }
             }
         }
+    }
+}
+
+/// An answer kept as bytes, for a caller that parses it itself (the payload after the netlink
+/// header; for generic netlink it starts with the 4-byte generic header). Reading one cannot fail.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Raw {
+    /// The message type (for generic netlink, the family id).
+    pub message_type: u16,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+impl NetlinkDeserializable for Raw {
+    type Error = std::convert::Infallible;
+
+    fn deserialize(header: &NetlinkHeader, payload: &[u8]) -> Result<Self, Self::Error> {
+        Ok(Self {
+            message_type: header.message_type,
+            payload: payload.to_vec(),
+        })
     }
 }
 

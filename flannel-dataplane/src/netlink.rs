@@ -27,7 +27,7 @@ use rtnetlink::{
 
 use crate::LinkOps;
 use crate::changes::{Entry, KernelChange, Notifications, notifications};
-use crate::dump::{NETLINK_ROUTE, Socket as Dumper};
+use crate::dump::{NETLINK_ROUTE, Socket};
 use crate::nexthop::{self, NextHop, NexthopMessage};
 use crate::{
     DataplaneError, Fdb, KernelCause, KernelOps, KernelState, MacAddr, Neigh, Op, Ownership, Route,
@@ -47,7 +47,7 @@ pub struct Netlink {
     /// Next-hop objects for routes with a gateway (see [`crate::nexthop`]); `None` when turned off.
     nexthops: Option<std::sync::Arc<Nexthops>>,
     /// A socket of its own for reading tables in bounded memory (see [`crate::dump`]).
-    dumper: std::sync::Arc<tokio::sync::Mutex<Dumper>>,
+    dumper: std::sync::Arc<tokio::sync::Mutex<Socket>>,
 }
 
 /// flanneld's next-hop objects: a connection for their messages and what flanneld holds.
@@ -240,7 +240,7 @@ impl Netlink {
                 None
             }
         };
-        let dumper = Dumper::open(NETLINK_ROUTE)
+        let dumper = Socket::open(NETLINK_ROUTE)
             .map_err(|e| err("opening a netlink socket for dumps", e))?;
         Ok(Self {
             handle,

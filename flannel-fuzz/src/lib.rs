@@ -347,17 +347,15 @@ pub fn netlink_dump(data: &[u8]) {
 /// own key, with an endpoint, its allowed IPs sorted and without repeats.
 pub fn wireguard_dump(data: &[u8]) {
     use flannel_backend_wireguard::kernel::device_of;
-    use netlink_packet_generic::GenlMessage;
-    use netlink_packet_wireguard::WireguardMessage;
-    let parts: Vec<WireguardMessage> =
-        flannel_dataplane::dump::messages::<GenlMessage<WireguardMessage>>(data)
-            .filter_map(Result::ok)
-            .filter_map(|m| match m.payload {
-                netlink_packet_core::NetlinkPayload::InnerMessage(g) => Some(g.payload),
-                _ => None,
-            })
-            .collect();
-    let state = device_of(parts);
+    use flannel_dataplane::dump::{Raw, messages};
+    let parts: Vec<Vec<u8>> = messages::<Raw>(data)
+        .filter_map(Result::ok)
+        .filter_map(|m| match m.payload {
+            netlink_packet_core::NetlinkPayload::InnerMessage(r) => Some(r.payload),
+            _ => None,
+        })
+        .collect();
+    let state = device_of(&parts);
     for (key, peer) in &state.peers {
         assert_eq!(*key, peer.public_key);
         assert!(
