@@ -58,6 +58,7 @@ fn path_without(dir: &Path, leave_out: &[&str]) {
         "systemctl",
         "unshare",
         "nsenter",
+        "qemu-system-x86_64",
         "mktemp",
         "rm",
     ];
@@ -203,4 +204,17 @@ fn the_scripts_run_the_check_first() {
         install < demo.find("cargo ").unwrap(),
         "demo builds before it checks"
     );
+}
+
+#[test]
+fn check_deps_names_an_unprepared_test_vm() {
+    if !machine_is_set_up("check_deps_names_an_unprepared_test_vm") {
+        return;
+    }
+    let empty = tempfile::tempdir().unwrap();
+    let (code, err) = check_deps(&[("FLANNEL_TEST_VM_DIR", empty.path())]);
+    assert_eq!(code, Some(1), "{err}");
+    let p = problems(&err);
+    assert_eq!(p.len(), 1, "only the VM is missing: {err}");
+    assert!(p[0].contains("scripts/test-vm prepare"), "{err}");
 }
