@@ -583,18 +583,20 @@ impl Lab {
         self.wait_subnet_file(i, true);
     }
 
-    /// Waits up to 20 s for host `i`'s subnet.env (checking that its own flanneld child runs).
+    /// Waits up to 20 s (60 s in the test VM, which emulates its CPU) for host `i`'s subnet.env
+    /// (checking that its own flanneld child runs).
     fn wait_subnet_file(&mut self, i: usize, own_child: bool) {
         let h = &mut self.hosts[i];
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(20) * crate::vm::slowdown();
         while !h.subnet_file.exists() {
             if own_child && !h.flanneld_running() {
                 panic!("flanneld on {} exited:\n{}", h.ns.name(), h.log_text());
             }
             assert!(
                 Instant::now() < deadline,
-                "flanneld on {} wrote no subnet.env in 20 s:\n{}",
+                "flanneld on {} wrote no subnet.env in {} s:\n{}",
                 h.ns.name(),
+                20 * crate::vm::slowdown(),
                 h.log_text()
             );
             std::thread::sleep(Duration::from_millis(20));

@@ -1,8 +1,9 @@
 //! A virtual machine for tests that need a kernel this machine may not have: Debian's kernel (it
 //! has WireGuard) under qemu, prepared by `scripts/test-vm prepare`. The VM sees the host's files
 //! (its root is the host's root over 9p, so it runs the workspace's binaries where they were
-//! built) but has its own kernel, its own `/run` and `/tmp`, and no network device: whatever a job
-//! does to networks stays in the VM.
+//! built, also from a checkout under `/tmp`) but has its own kernel, its own `/run` (temporary
+//! files go to `/run/tmp`: `TMPDIR`), and no network device: whatever a job does to networks stays
+//! in the VM.
 //!
 //! ```no_run
 //! # use std::time::Duration;
@@ -19,6 +20,16 @@ use std::time::{Duration, Instant};
 
 /// Set inside the VM for the job (`1`).
 pub const IN_VM_ENV: &str = "FLANNEL_IN_VM";
+
+/// How many times longer the lab's waits are: 3 inside the test VM (software emulation runs the
+/// debug binaries several times slower), else 1.
+pub fn slowdown() -> u32 {
+    if std::env::var(IN_VM_ENV).is_ok_and(|v| v == "1") {
+        3
+    } else {
+        1
+    }
+}
 
 /// The prepared VM (kernel, first stage, module loader).
 #[derive(Debug, Clone)]
@@ -109,7 +120,8 @@ impl Vm {
     /// # Panics
     /// When qemu cannot be started or the job directory cannot be made.
     pub fn run(&self, program: &Path, args: &[&str], limit: Duration) -> VmRun {
-        // The job directory is on the host's disk, next to the binaries: the VM's /tmp is its own.
+        // The job directory is on the host's disk, next to the binaries, where the VM writes the
+        // job's output.
         let base = std::env::current_exe()
             .ok()
             .and_then(|e| e.ancestors().nth(2).map(|d| d.join("vm-jobs")))
@@ -123,12 +135,12 @@ impl Vm {
         let _ = writeln!(
             script,
             "mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
-             mount -t tmpfs run /run\nmount -t tmpfs tmp /tmp\n\
+             mount -t tmpfs run /run\nmkdir /run/tmp\n\
              echo {m} > /proc/sys/kernel/modprobe\nip link set lo up\n\
              # /dev/net/tun appears only once tun is loaded: nothing loads it on demand\n\
              {m} tun\n\
              export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-             {IN_VM_ENV}=1 FLANNEL_REQUIRE_ROOT_TESTS=1 RUST_BACKTRACE=1\ncd {}",
+             TMPDIR=/run/tmp {IN_VM_ENV}=1 FLANNEL_REQUIRE_ROOT_TESTS=1 RUST_BACKTRACE=1\ncd {}",
             quote(&cwd.display().to_string()),
             m = quote(&self.dir.join("modprobe").display().to_string()),
         );

@@ -58,9 +58,11 @@ fn main() {
         .env
         .push((USERSPACE_ENV.to_string(), "1".to_string()));
     lab.start_all();
+    step("flanneld runs on the 3 hosts");
     for i in 0..3 {
         lab.add_pods(i, 1);
     }
+    step("pods added");
     let failures = lab.ping_all(Duration::from_secs(60));
     assert!(failures.is_empty(), "unreachable: {failures:?}");
     step("pods ping across hosts: kernel <-> kernel and kernel <-> userspace");
