@@ -204,12 +204,8 @@ fn a_wireguard_go_node_configured_as_upstream_talks_to_ours() {
     };
     lab.start_flanneld(0);
     lab.start_flanneld(1);
-    // Host 2: the upstream-style node, with a lease of its own.
-    let dir = lab.dir().join("h3");
-    std::fs::create_dir_all(&dir).unwrap();
-    let key_file = dir.join("wg-go.key");
-    let private = flannel_backend_wireguard::PrivateKey::generate().unwrap();
-    std::fs::write(&key_file, private.to_base64()).unwrap();
+    // Host 2: the upstream-style node, with its device and a lease of its own.
+    let (mut wg_go, private) = lab.start_wireguard_go(2, 51820);
     let taken: Vec<String> = lab
         .etcd_list("/coreos.com/network/subnets/")
         .into_iter()
@@ -226,39 +222,6 @@ fn a_wireguard_go_node_configured_as_upstream_talks_to_ours() {
             r#"{{"PublicIP":"{me}","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{}","Port":51820}}}}"#,
             private.public_key()
         ),
-    );
-    let mut cmd = std::process::Command::new("ip");
-    cmd.args([
-        "netns",
-        "exec",
-        lab.hosts[2].ns.name(),
-        "wireguard-go",
-        "flannel-wg",
-    ])
-    .env("WG_PROCESS_FOREGROUND", "1")
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null());
-    let mut wg_go = flannel_tests::cleanup::spawn(&mut cmd).unwrap();
-    assert!(
-        until(Duration::from_secs(10), || lab.hosts[2]
-            .ns
-            .exec(&["ip", "link", "show", "flannel-wg"])
-            .is_ok()),
-        "wireguard-go made no device"
-    );
-    let key_path = key_file.to_string_lossy().into_owned();
-    run_in(
-        &lab,
-        2,
-        &[
-            "wg",
-            "set",
-            "flannel-wg",
-            "listen-port",
-            "51820",
-            "private-key",
-            &key_path,
-        ],
     );
     // Peers from the leases, as upstream's addPeer does.
     for h in 0..2 {

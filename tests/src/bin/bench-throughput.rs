@@ -1,5 +1,7 @@
-//! Benchmark: pod-to-pod TCP throughput over the udp backend next to vxlan and next to host-to-host on
-//! the underlay, in the same run (iperf3, 5 s each), plus the CPU flanneld uses per Gbit.
+//! Benchmark: pod-to-pod TCP throughput over the udp and wireguard backends next to vxlan and next
+//! to host-to-host on the underlay, in the same run (iperf3, 5 s each), plus the CPU flanneld uses
+//! per Gbit; and, as an anchor for the wireguard figure, two lab hosts tunnelling through Debian's
+//! wireguard-go (row `wireguard-go`: its CPU and memory in the flanneld columns).
 //!
 //! Needs root. `cargo build --release --workspace && ./target/release/bench-throughput`
 
@@ -92,6 +94,52 @@ fn cpu_seconds(pid: Option<u32>) -> f64 {
     ticks / hz
 }
 
+/// Two lab hosts whose only tunnel is Debian's wireguard-go (`flannel-wg`, 10.99.0.1 and .2,
+/// MTU 1420 as flannel's): host-to-host Gbit/s through it, the CPU seconds both wireguard-go
+/// processes used per Gbit, and the larger one's resident MiB.
+fn wireguard_go_anchor() -> Option<(f64, f64, f64)> {
+    let spec = LabSpec {
+        segments: vec![2],
+        config: r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#.into(),
+        flanneld_args: vec![],
+    };
+    let lab = Lab::new(&spec, bin_path("flanneld"));
+    let (mut a, ka) = lab.start_wireguard_go(0, 51820);
+    let (mut b, kb) = lab.start_wireguard_go(1, 51820);
+    let keys = [ka.public_key().to_string(), kb.public_key().to_string()];
+    for h in 0..2 {
+        let other = 1 - h;
+        let host = &lab.hosts[h];
+        host.sh(&format!(
+            "wg set flannel-wg peer {} endpoint {}:51820 allowed-ips 10.99.0.{}/32",
+            keys[other],
+            lab.hosts[other].addr,
+            other + 1
+        ));
+        host.sh(&format!("ip addr add 10.99.0.{}/24 dev flannel-wg", h + 1));
+        host.sh("ip link set flannel-wg mtu 1420 up");
+    }
+    // `ip netns exec` execs wireguard-go: these are its processes.
+    let procs = [Some(a.id()), Some(b.id())];
+    let up = flannel_tests::until(Duration::from_secs(10), || {
+        lab.hosts[0]
+            .ns
+            .exec(&["ping", "-c", "1", "-W", "1", "10.99.0.2"])
+            .is_ok()
+    });
+    let result = up.then(|| {
+        let cpu_before: f64 = procs.iter().map(|p| cpu_seconds(*p)).sum();
+        let gbps = iperf(lab.hosts[0].ns.name(), lab.hosts[1].ns.name(), "10.99.0.2");
+        let cpu: f64 = procs.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
+        let rss = procs.iter().map(|p| rss_mib(*p)).fold(0.0, f64::max);
+        let gbits = gbps * f64::from(SECONDS);
+        (gbps, if gbits > 0.0 { cpu / gbits } else { 0.0 }, rss)
+    });
+    flannel_tests::cleanup::stop_child(&mut a, Duration::from_secs(5));
+    flannel_tests::cleanup::stop_child(&mut b, Duration::from_secs(5));
+    result
+}
+
 fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -145,13 +193,19 @@ fn main() {
             rss,
         ));
     }
+    if backends.iter().any(|b| b == "wireguard") {
+        match wireguard_go_anchor() {
+            Some((gbps, cpu, rss)) => rows.push(("wireguard-go", gbps, cpu, rss)),
+            None => eprintln!("wireguard-go: the two hosts cannot reach each other; skipping"),
+        }
+    }
     let vxlan = rows.iter().find(|r| r.0 == "vxlan").map_or(0.0, |r| r.1);
     println!(
-        "{:<10} {:>8} {:>10} {:>13} {:>24} {:>18}",
+        "{:<12} {:>8} {:>10} {:>13} {:>24} {:>18}",
         "path", "Gbit/s", "vs_vxlan", "vs_underlay", "flanneld_cpu_s_per_Gbit", "flanneld_rss_MiB"
     );
     println!(
-        "{:<10} {:>8.2} {:>10} {:>13.2} {:>24} {:>18}",
+        "{:<12} {:>8.2} {:>10} {:>13.2} {:>24} {:>18}",
         "underlay", underlay, "-", 1.0, "-", "-"
     );
     for (b, g, c, rss) in rows {
@@ -161,7 +215,7 @@ fn main() {
             "-".into()
         };
         let ru = if underlay > 0.0 { g / underlay } else { 0.0 };
-        println!("{b:<10} {g:>8.2} {rv:>10} {ru:>13.2} {c:>24.3} {rss:>18.1}");
+        println!("{b:<12} {g:>8.2} {rv:>10} {ru:>13.2} {c:>24.3} {rss:>18.1}");
     }
     for (b, n) in drops {
         println!("{b}: UDP receive-buffer drops on the receiving host: {n}");
