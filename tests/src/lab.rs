@@ -539,41 +539,38 @@ impl Lab {
         (argv, env)
     }
 
-    /// Starts Debian's wireguard-go on host `h` as the device `flannel-wg` (in the foreground: its
-    /// daemonised mode dies in a namespace), gives it a new key (in `<host dir>/wg-go.key`) and
-    /// `port`, and returns the process and the key. The device is down, without address or peers.
+    /// Starts Debian's wireguard-go on host `h` as the device `name` (in the foreground: its
+    /// daemonised mode dies in a namespace), gives it a new key (in `<host dir>/<name>.key`) and
+    /// `port`, and returns the process (stopped when dropped) and the key. The device is down,
+    /// without address or peers. Hosts share `/var/run/wireguard`, where wireguard-go keeps a
+    /// socket per device name: two at once need two names.
     ///
     /// # Panics
     /// When wireguard-go or wg fails (Debian packages wireguard-go, wireguard-tools).
     pub fn start_wireguard_go(
         &self,
         h: usize,
+        name: &str,
         port: u16,
-    ) -> (Child, flannel_backend_wireguard::PrivateKey) {
+    ) -> (crate::Proc, flannel_backend_wireguard::PrivateKey) {
         let host = &self.hosts[h];
         let dir = host.subnet_file.parent().expect("host dir").to_path_buf();
         std::fs::create_dir_all(&dir).expect("host dir");
-        let key_file = dir.join("wg-go.key");
+        let key_file = dir.join(format!("{name}.key"));
         let private = flannel_backend_wireguard::PrivateKey::generate().expect("a key");
         std::fs::write(&key_file, private.to_base64()).expect("key file");
         let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            host.ns.name(),
-            "wireguard-go",
-            "flannel-wg",
-        ])
-        .env("WG_PROCESS_FOREGROUND", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        let child = crate::cleanup::spawn(&mut cmd).expect("wireguard-go");
+        cmd.args(["netns", "exec", host.ns.name(), "wireguard-go", name])
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let proc = crate::Proc::spawn(&mut cmd);
         assert!(
             crate::until(Duration::from_secs(10), || host
                 .ns
-                .exec(&["ip", "link", "show", "flannel-wg"])
+                .exec(&["ip", "link", "show", name])
                 .is_ok()),
-            "wireguard-go made no device on host {h}"
+            "wireguard-go made no device {name} on host {h}"
         );
         let port = port.to_string();
         let key_path = key_file.display().to_string();
@@ -581,14 +578,14 @@ impl Lab {
             .exec(&[
                 "wg",
                 "set",
-                "flannel-wg",
+                name,
                 "listen-port",
                 &port,
                 "private-key",
                 &key_path,
             ])
             .unwrap_or_else(|e| panic!("wg set on host {h}: {e}"));
-        (child, private)
+        (proc, private)
     }
 
     /// Host `h`'s lease value (etcd labs) and the WireGuard public key its key file gives.

@@ -205,7 +205,7 @@ fn a_wireguard_go_node_configured_as_upstream_talks_to_ours() {
     lab.start_flanneld(0);
     lab.start_flanneld(1);
     // Host 2: the upstream-style node, with its device and a lease of its own.
-    let (mut wg_go, private) = lab.start_wireguard_go(2, 51820);
+    let (wg_go, private) = lab.start_wireguard_go(2, "flannel-wg", 51820);
     let taken: Vec<String> = lab
         .etcd_list("/coreos.com/network/subnets/")
         .into_iter()
@@ -274,7 +274,7 @@ fn a_wireguard_go_node_configured_as_upstream_talks_to_ours() {
     let to_go = tcp_transfer(&lab, (0, 0), (2, 0), 20 << 20);
     let from_go = tcp_transfer(&lab, (2, 0), (1, 0), 20 << 20);
     let shown = run_in(&lab, 2, &["wg", "show", "flannel-wg"]);
-    flannel_tests::cleanup::stop_child(&mut wg_go, Duration::from_secs(5));
+    let _ = wg_go.stop();
     assert!(failures.is_empty(), "unreachable: {failures:?}\n{shown}");
     assert_eq!((to_go, from_go), (20 << 20, 20 << 20), "{shown}");
     assert!(shown.contains("latest handshake"), "{shown}");

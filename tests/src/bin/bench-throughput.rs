@@ -94,8 +94,8 @@ fn cpu_seconds(pid: Option<u32>) -> f64 {
     ticks / hz
 }
 
-/// Two lab hosts whose only tunnel is Debian's wireguard-go (`flannel-wg`, 10.99.0.1 and .2,
-/// MTU 1420 as flannel's): host-to-host Gbit/s through it, the CPU seconds both wireguard-go
+/// Two lab hosts whose only tunnel is Debian's wireguard-go (`fltwg0` and `fltwg1`: one name per
+/// process, as their sockets share /var/run/wireguard; 10.99.0.1 and .2, MTU 1420 as flannel's): host-to-host Gbit/s through it, the CPU seconds both wireguard-go
 /// processes used per Gbit, and the larger one's resident MiB.
 fn wireguard_go_anchor() -> Option<(f64, f64, f64)> {
     let spec = LabSpec {
@@ -104,23 +104,23 @@ fn wireguard_go_anchor() -> Option<(f64, f64, f64)> {
         flanneld_args: vec![],
     };
     let lab = Lab::new(&spec, bin_path("flanneld"));
-    let (mut a, ka) = lab.start_wireguard_go(0, 51820);
-    let (mut b, kb) = lab.start_wireguard_go(1, 51820);
+    let (a, ka) = lab.start_wireguard_go(0, "fltwg0", 51820);
+    let (b, kb) = lab.start_wireguard_go(1, "fltwg1", 51820);
     let keys = [ka.public_key().to_string(), kb.public_key().to_string()];
     for h in 0..2 {
         let other = 1 - h;
         let host = &lab.hosts[h];
         host.sh(&format!(
-            "wg set flannel-wg peer {} endpoint {}:51820 allowed-ips 10.99.0.{}/32",
+            "wg set fltwg{h} peer {} endpoint {}:51820 allowed-ips 10.99.0.{}/32",
             keys[other],
             lab.hosts[other].addr,
             other + 1
         ));
-        host.sh(&format!("ip addr add 10.99.0.{}/24 dev flannel-wg", h + 1));
-        host.sh("ip link set flannel-wg mtu 1420 up");
+        host.sh(&format!("ip addr add 10.99.0.{}/24 dev fltwg{h}", h + 1));
+        host.sh(&format!("ip link set fltwg{h} mtu 1420 up"));
     }
     // `ip netns exec` execs wireguard-go: these are its processes.
-    let procs = [Some(a.id()), Some(b.id())];
+    let procs = [Some(a.0.id()), Some(b.0.id())];
     let up = flannel_tests::until(Duration::from_secs(10), || {
         lab.hosts[0]
             .ns
@@ -135,8 +135,7 @@ fn wireguard_go_anchor() -> Option<(f64, f64, f64)> {
         let gbits = gbps * f64::from(SECONDS);
         (gbps, if gbits > 0.0 { cpu / gbits } else { 0.0 }, rss)
     });
-    flannel_tests::cleanup::stop_child(&mut a, Duration::from_secs(5));
-    flannel_tests::cleanup::stop_child(&mut b, Duration::from_secs(5));
+    let _ = (a.stop(), b.stop());
     result
 }
 
