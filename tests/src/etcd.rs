@@ -161,7 +161,7 @@ impl EtcdServer {
             name: "flannel-test".into(),
             initial_cluster: None,
         };
-        s.spawn();
+        s.spawn_moving(port == 0);
         s
     }
 
@@ -221,8 +221,30 @@ impl EtcdServer {
     }
 
     fn spawn(&mut self) {
-        self.spawn_process();
-        self.wait_healthy();
+        self.spawn_moving(false);
+    }
+
+    /// Starts etcd and waits until it answers. With `may_move` (ports chosen by [`free_port`]), a
+    /// port another process took between the choice and etcd's bind is replaced by a new free one
+    /// (up to 3 tries): that race is not what any test is about.
+    fn spawn_moving(&mut self, may_move: bool) {
+        for _ in 0..3 {
+            self.spawn_process();
+            match self.until_healthy() {
+                Ok(()) => return,
+                Err(log) if may_move && log.contains("address already in use") => {
+                    self.child = None;
+                    self.client_port = free_port();
+                    self.peer_port = free_port();
+                    let _ = std::fs::remove_dir_all(self.dir.path().join("data"));
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
+        panic!(
+            "etcd found its ports taken three times: {}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
     }
 
     fn spawn_process(&mut self) {
@@ -279,13 +301,20 @@ impl EtcdServer {
     }
 
     fn wait_healthy(&mut self) {
+        if let Err(e) = self.until_healthy() {
+            panic!("{e}");
+        }
+    }
+
+    /// Waits up to 20 s until etcd answers; the reason (with its log) when it exits or does not.
+    fn until_healthy(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
+                return Err(format!(
                     "etcd exited with {status}: {}",
                     std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
+                ));
             }
             let addr = (self.host.clone(), self.client_port);
             let reachable = crate::netns::in_netns(self.netns.as_deref(), move || {
@@ -294,14 +323,14 @@ impl EtcdServer {
             if reachable {
                 // The port is open; give the member a moment to elect itself leader.
                 std::thread::sleep(Duration::from_millis(300));
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
+        Err(format!(
             "etcd did not start within 20 s: {}",
             std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
+        ))
     }
 
     /// Stops the server (SIGKILL to our child, by PID) and keeps its data.
