@@ -299,7 +299,8 @@ impl WgModel {
             );
             self.nl.delete_link(l.index).await?;
         }
-        let dev = UserspaceDevice::create(name, &self.key, port)
+        let mtu = u16::try_from(self.mtu).unwrap_or(u16::MAX);
+        let dev = UserspaceDevice::create(name, &self.key, port, mtu)
             .await
             .map_err(|e| BackendError::Other(e.to_string()))?;
         Ok((Device::Userspace(dev), true))

@@ -31,6 +31,8 @@ pub mod kernel;
 pub mod key;
 pub mod options;
 pub mod peers;
+pub mod tun;
+pub mod udp;
 pub mod userspace;
 
 pub use backend::{USERSPACE_ENV, WireguardBackend};

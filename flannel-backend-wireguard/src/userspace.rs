@@ -1,9 +1,14 @@
-//! A userspace WireGuard device over TUN (gotatun), for kernels without the WireGuard module.
+//! A userspace WireGuard device over TUN (gotatun), for kernels without the WireGuard module. The
+//! TUN side is ours ([`crate::tun`]: offloads and batched writes), and so are the UDP sends
+//! ([`crate::udp`]: batched); gotatun does the protocol and receives the datagrams.
 
 use std::collections::BTreeMap;
 
-use gotatun::device::{DefaultDeviceTransports, Device, DeviceBuilder, Peer};
+use gotatun::device::{Device, DeviceBuilder, Peer};
 use gotatun::x25519::{PublicKey, StaticSecret};
+
+use crate::tun::{TunReader, TunWriter};
+use crate::udp::BatchedUdpFactory;
 
 use crate::key::{Key, PrivateKey};
 use crate::peers::{PeerOp, PeerSpec};
@@ -21,7 +26,7 @@ pub struct DeviceError {
 /// A running userspace WireGuard device: a TUN device of that name plus its UDP socket(s).
 pub struct UserspaceDevice {
     name: String,
-    device: Device<DefaultDeviceTransports>,
+    device: Device<(BatchedUdpFactory, TunWriter, TunReader)>,
 }
 
 impl std::fmt::Debug for UserspaceDevice {
@@ -44,16 +49,22 @@ fn gotatun_net(n: &ipnet::IpNet) -> Option<ipnetwork::IpNetwork> {
 }
 
 impl UserspaceDevice {
-    /// Creates the TUN device `name` and starts WireGuard on `port` with `key`.
-    pub async fn create(name: &str, key: &PrivateKey, port: u16) -> Result<Self, DeviceError> {
+    /// Creates the TUN device `name` with `mtu` and starts WireGuard on `port` with `key`.
+    pub async fn create(
+        name: &str,
+        key: &PrivateKey,
+        port: u16,
+        mtu: u16,
+    ) -> Result<Self, DeviceError> {
         let err = |message: String| DeviceError {
             name: name.into(),
             message,
         };
+        let (writer, reader) =
+            crate::tun::open(name, mtu).map_err(|e| err(format!("TUN device: {e}")))?;
         let device = DeviceBuilder::new()
-            .with_default_udp()
-            .create_tun(name)
-            .map_err(|e| err(e.to_string()))?
+            .with_udp(BatchedUdpFactory)
+            .with_ip_pair(writer, reader)
             .with_private_key(StaticSecret::from(key.to_bytes()))
             .build()
             .await
