@@ -1,32 +1,100 @@
-//! The UDP side of a userspace WireGuard device: gotatun's sockets (batched receives with GRO), with
-//! sends batched. gotatun hands over one encrypted datagram at a time; they are queued, and a task
-//! sends what the queue holds in one `sendmmsg` each time it runs (on flanneld's one runtime thread:
-//! every datagram gotatun encrypted from one TUN read).
+//! The UDP side of a userspace WireGuard device, with the kernel's segmentation offloads as the udp
+//! backend has them (quinn-udp): datagrams gotatun encrypted are queued, and a task sends what the
+//! queue holds, each run of equal-sized datagrams to one peer as one GSO send (the kernel carries
+//! it as one buffer as far as it can); receives take what the kernel coalesced (GRO) in one read
+//! and hand gotatun one datagram at a time from it. On flanneld's current-thread runtime the queue
+//! batches by itself: the task runs when gotatun's loop waits, so it takes everything one TUN read
+//! produced.
+//!
+//! gotatun's own sockets receive one datagram per `recvfrom` into a 4 KiB buffer while asking the
+//! kernel to coalesce (`UDP_GRO`): a peer that sends with GSO (ours now, newer wireguard-go) would
+//! have its datagrams cut. Here a coalesced read is split at the kernel's stride.
 //!
 //! The queue also keeps one failed send from stopping the device: gotatun ends its sending loop
-//! at the first error a socket returns (an unreachable peer, a firewall's `EPERM`); here a batch
-//! that fails is dropped (logged at debug), as a network drops packets, and sending goes on.
+//! at the first error a socket returns (an unreachable peer, a firewall's `EPERM`); here a run that
+//! fails is dropped (logged at debug), as a network drops packets, and sending goes on.
 
-use std::io;
+use std::collections::VecDeque;
+use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
-use gotatun::packet::Packet;
-use gotatun::udp::socket::{UdpSocket, UdpSocketFactory};
-use gotatun::udp::{UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
+use gotatun::packet::{Packet, PacketBufPool};
+use gotatun::udp::{UdpRecv, UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tokio::io::Interest;
 use tokio::sync::mpsc;
 
 /// Datagrams waiting to be sent (a bound on what a burst may hold).
 const QUEUE: usize = 1024;
+/// Socket buffers (gotatun's size).
+const SOCKET_BUFFER: usize = 7 << 20;
+/// One GSO send carries at most this much (the kernel's limit for one UDP buffer).
+const MAX_GSO_BYTES: usize = 65_000;
+/// Receive buffers per read, each room for one coalesced read.
+const RX_BATCH: usize = 4;
+const RX_BUF: usize = 65_535;
 
-/// Binds gotatun's sockets and batches their sends.
+/// A bound socket with its offload state.
+#[derive(Debug)]
+struct Sock {
+    io: tokio::net::UdpSocket,
+    state: UdpSocketState,
+}
+
+fn bind(addr: SocketAddr) -> io::Result<Arc<Sock>> {
+    let domain = match addr {
+        SocketAddr::V4(_) => socket2::Domain::IPV4,
+        SocketAddr::V6(_) => socket2::Domain::IPV6,
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.set_reuse_address(true)?;
+    s.set_recv_buffer_size(SOCKET_BUFFER)?;
+    s.set_send_buffer_size(SOCKET_BUFFER)?;
+    s.bind(&addr.into())?;
+    let std: std::net::UdpSocket = s.into();
+    let state = UdpSocketState::new((&std).into())?;
+    Ok(Arc::new(Sock {
+        io: tokio::net::UdpSocket::from_std(std)?,
+        state,
+    }))
+}
+
+/// Binds the device's sockets (IPv4 and IPv6 on one port).
 #[derive(Debug, Default)]
-pub struct BatchedUdpFactory;
+pub struct OffloadUdpFactory;
+
+impl UdpTransportFactory for OffloadUdpFactory {
+    type SendV4 = BatchedSend;
+    type SendV6 = BatchedSend;
+    type RecvV4 = GroRecv;
+    type RecvV6 = GroRecv;
+
+    async fn bind(
+        &mut self,
+        params: &UdpTransportFactoryParams,
+    ) -> io::Result<((BatchedSend, GroRecv), (BatchedSend, GroRecv))> {
+        let v4 = bind(SocketAddr::from((params.addr_v4, params.port)))?;
+        // Port 0 (not used by flanneld) binds IPv6 to the port IPv4 got.
+        let port = match params.port {
+            0 => v4.io.local_addr()?.port(),
+            p => p,
+        };
+        let v6 = bind(SocketAddr::from((params.addr_v6, port)))?;
+        let pair = |s: Arc<Sock>| (BatchedSend::new(s.clone()), GroRecv::new(s));
+        Ok((pair(v4), pair(v6)))
+    }
+}
 
 /// Queues datagrams for the sending task of one socket (which ends when every clone is dropped).
 #[derive(Clone)]
 pub struct BatchedSend {
     tx: mpsc::Sender<(Packet, SocketAddr)>,
-    socket: UdpSocket,
+    sock: Arc<Sock>,
 }
 
 impl std::fmt::Debug for BatchedSend {
@@ -36,22 +104,76 @@ impl std::fmt::Debug for BatchedSend {
 }
 
 impl BatchedSend {
-    fn new(socket: UdpSocket) -> Self {
+    fn new(sock: Arc<Sock>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(send_batches(socket.clone(), rx));
-        Self { tx, socket }
+        tokio::spawn(send_batches(sock.clone(), rx));
+        Self { tx, sock }
     }
 }
 
-async fn send_batches(socket: UdpSocket, mut rx: mpsc::Receiver<(Packet, SocketAddr)>) {
-    let max = socket.max_number_of_packets_to_send().max(1);
-    let mut buf = Default::default();
-    let mut batch = Vec::with_capacity(max);
-    while rx.recv_many(&mut batch, max).await > 0 {
-        if let Err(e) = socket.send_many_to(&mut buf, &mut batch).await {
-            tracing::debug!(error = %e, dropped = batch.len(), "sending WireGuard datagrams");
+/// How many of `batch`, from the first, go in one send: datagrams to one destination, all of the
+/// first one's size but the last (which may be shorter), at most `max_segments` and
+/// [`MAX_GSO_BYTES`] in all.
+pub fn run_length(batch: &[(usize, SocketAddr)], max_segments: usize) -> usize {
+    let Some(&(size, dst)) = batch.first() else {
+        return 0;
+    };
+    let mut n = 1;
+    let mut bytes = size;
+    for &(len, to) in &batch[1..] {
+        if to != dst || len > size || n >= max_segments || bytes + len > MAX_GSO_BYTES {
+            break;
+        }
+        n += 1;
+        bytes += len;
+        if len < size {
+            break;
+        }
+    }
+    n
+}
+
+async fn send_batches(sock: Arc<Sock>, mut rx: mpsc::Receiver<(Packet, SocketAddr)>) {
+    let mut batch: Vec<(Packet, SocketAddr)> = Vec::with_capacity(64);
+    let mut shape: Vec<(usize, SocketAddr)> = Vec::with_capacity(64);
+    let mut out: Vec<u8> = Vec::with_capacity(MAX_GSO_BYTES + 4096);
+    while rx.recv_many(&mut batch, 64).await > 0 {
+        shape.clear();
+        shape.extend(batch.iter().map(|(p, a)| (p.len(), *a)));
+        let max = sock.state.max_gso_segments().max(1);
+        let mut i = 0;
+        while i < batch.len() {
+            let n = run_length(&shape[i..], max).max(1);
+            out.clear();
+            for (p, _) in &batch[i..i + n] {
+                out.extend_from_slice(p);
+            }
+            let transmit = Transmit {
+                destination: shape[i].1,
+                ecn: None,
+                contents: &out,
+                segment_size: (n > 1).then_some(shape[i].0),
+                src_ip: None,
+            };
+            if let Err(e) = send_one(&sock, &transmit).await {
+                tracing::debug!(error = %e, dropped = n, to = %shape[i].1, "sending WireGuard datagrams");
+            }
+            i += n;
         }
         batch.clear();
+    }
+}
+
+/// Sends one transmit, waiting while the socket buffer is full.
+async fn send_one(sock: &Sock, transmit: &Transmit<'_>) -> io::Result<()> {
+    loop {
+        sock.io.writable().await?;
+        match sock.io.try_io(Interest::WRITABLE, || {
+            sock.state.try_send((&sock.io).into(), transmit)
+        }) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
     }
 }
 
@@ -66,26 +188,92 @@ impl UdpSend for BatchedSend {
     }
 
     fn local_addr(&self) -> io::Result<Option<SocketAddr>> {
-        UdpSend::local_addr(&self.socket)
+        self.sock.io.local_addr().map(Some)
     }
 
     fn set_fwmark(&self, mark: u32) -> io::Result<()> {
-        UdpSend::set_fwmark(&self.socket, mark)
+        nix::sys::socket::setsockopt(&self.sock.io, nix::sys::socket::sockopt::Mark, &mark)
+            .map_err(io::Error::from)
     }
 }
 
-impl UdpTransportFactory for BatchedUdpFactory {
-    type SendV4 = BatchedSend;
-    type SendV6 = BatchedSend;
-    type RecvV4 = UdpSocket;
-    type RecvV6 = UdpSocket;
+/// Receives datagrams, one coalesced read at a time, and hands them out one by one.
+pub struct GroRecv {
+    sock: Arc<Sock>,
+    /// [`RX_BATCH`] buffers of [`RX_BUF`] bytes in one allocation (large enough to be mapped on its
+    /// own: its pages cost memory only once a read fills them).
+    arena: Vec<u8>,
+    meta: Vec<RecvMeta>,
+    /// Datagrams read and not handed out yet: (start, end) in `arena`, and the source.
+    pending: VecDeque<(usize, usize, SocketAddr)>,
+}
 
-    async fn bind(
-        &mut self,
-        params: &UdpTransportFactoryParams,
-    ) -> io::Result<((BatchedSend, UdpSocket), (BatchedSend, UdpSocket))> {
-        let ((s4, r4), (s6, r6)) = UdpSocketFactory.bind(params).await?;
-        Ok(((BatchedSend::new(s4), r4), (BatchedSend::new(s6), r6)))
+impl std::fmt::Debug for GroRecv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroRecv")
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GroRecv {
+    fn new(sock: Arc<Sock>) -> Self {
+        Self {
+            sock,
+            arena: vec![0; RX_BATCH * RX_BUF],
+            meta: vec![RecvMeta::default(); RX_BATCH],
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Reads what the socket holds (up to [`RX_BATCH`] coalesced reads) into `pending`.
+    async fn fill(&mut self) -> io::Result<()> {
+        let Self {
+            sock, arena, meta, ..
+        } = self;
+        let n = loop {
+            sock.io.readable().await?;
+            let mut slices: Vec<IoSliceMut<'_>> =
+                arena.chunks_mut(RX_BUF).map(IoSliceMut::new).collect();
+            match sock.io.try_io(Interest::READABLE, || {
+                sock.state.recv((&sock.io).into(), &mut slices, meta)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => break other?,
+            }
+        };
+        for (i, m) in meta.iter().enumerate().take(n) {
+            let base = i * RX_BUF;
+            let stride = m.stride.max(1);
+            let mut start = 0;
+            while start < m.len.min(RX_BUF) {
+                let end = (start + stride).min(m.len).min(RX_BUF);
+                self.pending.push_back((base + start, base + end, m.addr));
+                start = end;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl UdpRecv for GroRecv {
+    type RecvManyBuf = ();
+
+    async fn recv_from(&mut self, pool: &mut PacketBufPool) -> io::Result<(Packet, SocketAddr)> {
+        loop {
+            while let Some((start, end, from)) = self.pending.pop_front() {
+                let datagram = &self.arena[start..end];
+                let mut packet = pool.get();
+                // A datagram larger than a packet buffer is no WireGuard message of ours.
+                let Some(dst) = packet.get_mut(..datagram.len()) else {
+                    continue;
+                };
+                dst.copy_from_slice(datagram);
+                packet.truncate(datagram.len());
+                return Ok((packet, from));
+            }
+            self.fill().await?;
+        }
     }
 }
 
@@ -107,7 +295,7 @@ mod tests {
         listener
             .set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .unwrap();
-        let send = BatchedSend::new(UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+        let send = BatchedSend::new(bind("127.0.0.1:0".parse().unwrap()).unwrap());
         let pool = PacketBufPool::new(4);
         // An IPv4 socket cannot send to an IPv6 address: the kernel refuses that datagram.
         send.send_to(packet(&pool, b"refused"), "[::1]:9".parse().unwrap())
@@ -127,5 +315,30 @@ mod tests {
                 .unwrap()
                 .unwrap();
         assert_eq!(n, b"delivered");
+    }
+
+    #[test]
+    fn runs_are_one_destination_and_one_size_with_a_shorter_last() {
+        let a: SocketAddr = "10.0.0.1:51820".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:51820".parse().unwrap();
+        assert_eq!(run_length(&[], 64), 0);
+        // 1452-byte datagrams to a, the last shorter: one run; then b starts another.
+        let mut batch = vec![(1452, a); 5];
+        batch.push((600, a));
+        batch.push((1452, a));
+        assert_eq!(run_length(&batch, 64), 6, "a shorter datagram ends the run");
+        assert_eq!(run_length(&[(1452, a), (1452, b)], 64), 1);
+        assert_eq!(
+            run_length(&[(600, a), (1452, a)], 64),
+            1,
+            "none longer than the first"
+        );
+        assert_eq!(
+            run_length(&vec![(1452, a); 100], 10),
+            10,
+            "the kernel's segment limit"
+        );
+        let n = run_length(&vec![(1452, a); 100], 64);
+        assert_eq!(n, MAX_GSO_BYTES / 1452, "the size limit of one send");
     }
 }

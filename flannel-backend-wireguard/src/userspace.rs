@@ -1,6 +1,6 @@
 //! A userspace WireGuard device over TUN (gotatun), for kernels without the WireGuard module. The
-//! TUN side is ours ([`crate::tun`]: offloads and batched writes), and so are the UDP sends
-//! ([`crate::udp`]: batched); gotatun does the protocol and receives the datagrams.
+//! TUN side is ours ([`crate::tun`]: offloads and batched writes), and so is the UDP side
+//! ([`crate::udp`]: GSO sends, GRO receives); gotatun does the protocol.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +8,7 @@ use gotatun::device::{Device, DeviceBuilder, Peer};
 use gotatun::x25519::{PublicKey, StaticSecret};
 
 use crate::tun::{TunReader, TunWriter};
-use crate::udp::BatchedUdpFactory;
+use crate::udp::OffloadUdpFactory;
 
 use crate::key::{Key, PrivateKey};
 use crate::peers::{PeerOp, PeerSpec};
@@ -26,7 +26,7 @@ pub struct DeviceError {
 /// A running userspace WireGuard device: a TUN device of that name plus its UDP socket(s).
 pub struct UserspaceDevice {
     name: String,
-    device: Device<(BatchedUdpFactory, TunWriter, TunReader)>,
+    device: Device<(OffloadUdpFactory, TunWriter, TunReader)>,
 }
 
 impl std::fmt::Debug for UserspaceDevice {
@@ -63,7 +63,7 @@ impl UserspaceDevice {
         let (writer, reader) =
             crate::tun::open(name, mtu).map_err(|e| err(format!("TUN device: {e}")))?;
         let device = DeviceBuilder::new()
-            .with_udp(BatchedUdpFactory)
+            .with_udp(OffloadUdpFactory)
             .with_ip_pair(writer, reader)
             .with_private_key(StaticSecret::from(key.to_bytes()))
             .build()
