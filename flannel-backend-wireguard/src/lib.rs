@@ -18,6 +18,10 @@
 //!   through the device is a kernel entry like any other backend's, and the peers are applied after
 //!   each pass (`Model::finish`, which reads the device's peers first, so a peer removed behind
 //!   flanneld's back comes back); a deleted device is recreated with its peers.
+//! - [`kernel`]: the kernel device's netlink messages, built and read as plain functions
+//!   ([`kernel::set_device_messages`], [`kernel::device_of`], which never panics on odd bytes).
+//! - [`userspace`]: gotatun's protocol between our own TUN side ([`tun`]: offloads, batched
+//!   writes with TCP segments merged) and UDP side ([`udp`]: GSO sends, GRO receives).
 //!
 //! ```
 //! use flannel_backend_wireguard::{WireguardOptions, Mode};

@@ -113,7 +113,7 @@ impl BatchedSend {
 
 /// How many of `batch`, from the first, go in one send: datagrams to one destination, all of the
 /// first one's size but the last (which may be shorter), at most `max_segments` and
-/// [`MAX_GSO_BYTES`] in all.
+/// 65,000 bytes in all.
 pub fn run_length(batch: &[(usize, SocketAddr)], max_segments: usize) -> usize {
     let Some(&(size, dst)) = batch.first() else {
         return 0;
