@@ -495,7 +495,11 @@ impl Lab {
                 let pod = &self.hosts[to].pods[0];
                 let ip6 = pod.ip6.expect("the pod has an IPv6 address");
                 for ip in [IpAddr::V4(pod.ip), IpAddr::V6(ip6)] {
-                    if !self.ping((from, 0), ip, Duration::from_secs(5)) {
+                    if !self.ping(
+                        (from, 0),
+                        ip,
+                        Duration::from_secs(5) * crate::vm::slowdown(),
+                    ) {
                         failures.push(format!("host {from} -> {ip}"));
                     }
                 }
@@ -632,7 +636,7 @@ impl Lab {
         self.wait_subnet_file(i, true);
     }
 
-    /// Waits up to 20 s (60 s in the test VM, which emulates its CPU) for host `i`'s subnet.env
+    /// Waits up to 20 s (100 s in the test VM, which emulates its CPU) for host `i`'s subnet.env
     /// (checking that its own flanneld child runs).
     fn wait_subnet_file(&mut self, i: usize, own_child: bool) {
         let h = &mut self.hosts[i];

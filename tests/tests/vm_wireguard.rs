@@ -3,8 +3,9 @@
 //! where two hosts use the kernel's `flannel-wg` and one userspace WireGuard. The lab checks that
 //! pods ping across both kinds, that `wg show` sees the key, port and peers the leases say, that a
 //! removed peer, a changed port and a deleted device are repaired, that traffic goes on while
-//! flanneld is stopped and the restart takes the device over, and that a peer's new key is
-//! followed.
+//! flanneld is stopped and the restart takes the device over, that a peer's new key is followed,
+//! and, in a dual-stack lab (`Mode: separate`), that `flannel-wg-v6` is a kernel device whose peer
+//! is reached at its IPv6 address.
 
 #![allow(clippy::unwrap_used)]
 

@@ -17,9 +17,18 @@ const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}
 /// The peers `wg show flannel-wg dump` lists on host `h`: public key -> (endpoint, allowed IPs),
 /// and the device's own (public key, listen port).
 fn wg_dump(lab: &Lab, h: usize) -> ((String, String), BTreeMap<String, (String, String)>) {
+    wg_dump_of(lab, h, "flannel-wg")
+}
+
+/// As [`wg_dump`], for device `dev`.
+fn wg_dump_of(
+    lab: &Lab,
+    h: usize,
+    dev: &str,
+) -> ((String, String), BTreeMap<String, (String, String)>) {
     let out = lab.hosts[h]
         .ns
-        .exec(&["wg", "show", "flannel-wg", "dump"])
+        .exec(&["wg", "show", dev, "dump"])
         .unwrap_or_else(|e| panic!("wg show on host {h}: {e}"));
     let mut lines = out.lines();
     let dev: Vec<&str> = lines.next().unwrap_or_default().split('\t').collect();
@@ -36,9 +45,13 @@ fn wg_dump(lab: &Lab, h: usize) -> ((String, String), BTreeMap<String, (String, 
 }
 
 fn kind(lab: &Lab, h: usize) -> String {
+    kind_of(lab, h, "flannel-wg")
+}
+
+fn kind_of(lab: &Lab, h: usize, dev: &str) -> String {
     lab.hosts[h]
         .ns
-        .exec(&["ip", "-d", "link", "show", "flannel-wg"])
+        .exec(&["ip", "-d", "link", "show", dev])
         .unwrap_or_default()
 }
 
@@ -173,5 +186,30 @@ fn main() {
     let failures = lab.ping_all(Duration::from_secs(60));
     assert!(failures.is_empty(), "after the key change: {failures:?}");
     step("a peer whose key changes is updated");
+    drop(lab);
+
+    // Dual stack in `Mode: separate`: flannel-wg-v6 is a kernel device too, on 51821, its peer
+    // reached at its IPv6 address (the kernel reports that endpoint as a sockaddr_in6).
+    let config = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{"Type":"wireguard","Mode":"separate"}}"#;
+    let mut lab = Lab::for_test("vm-wireguard-lab-dual", vec![2], config, &[]).expect("the lab");
+    lab.start_all();
+    for i in 0..2 {
+        lab.add_pods(i, 1);
+    }
+    let failures = lab.ping_both_families();
+    assert!(failures.is_empty(), "dual stack: {failures:?}");
+    for h in 0..2 {
+        let k = kind_of(&lab, h, "flannel-wg-v6");
+        assert!(k.contains("wireguard"), "host {h}: {k}");
+        let ((_, port), peers) = wg_dump_of(&lab, h, "flannel-wg-v6");
+        assert_eq!(port, "51821");
+        let endpoints: Vec<&String> = peers.values().map(|(e, _)| e).collect();
+        assert_eq!(
+            endpoints,
+            vec![&format!("[{}]:51821", lab.hosts[1 - h].addr6)],
+            "host {h}: {peers:?}"
+        );
+    }
+    step("dual stack: flannel-wg-v6 is a kernel device, its peer at [IPv6]:51821");
     println!("vm-wireguard-lab: all checks passed");
 }
