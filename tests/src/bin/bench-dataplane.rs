@@ -154,7 +154,7 @@ fn main() {
         sizes = vec![100, 1000, 5000, 20_000];
     }
     println!(
-        "{:<8} {:>6} {:>11} {:>10} {:>8} {:>10} {:>8} {:>11} {:>9} {:>7} {:>6}",
+        "{:<8} {:>6} {:>11} {:>10} {:>8} {:>10} {:>8} {:>11} {:>9} {:>7} {:>6} {:>9} {:>9}",
         "backend",
         "peers",
         "install_ms",
@@ -165,7 +165,9 @@ fn main() {
         "settled_MiB",
         "peak_MiB",
         "passes",
-        "reads"
+        "reads",
+        "anon_MiB",
+        "file_MiB"
     );
     let mut joins = Vec::new();
     let mut idle_cpu = Vec::new();
@@ -187,9 +189,13 @@ fn main() {
         lab.start_flanneld(1);
         std::thread::sleep(Duration::from_secs(1));
         let idle = rss_mib(lab.flanneld_pid(0));
+        let (anon, file) = (
+            status_mib(lab.flanneld_pid(0), "RssAnon:"),
+            status_mib(lab.flanneld_pid(0), "RssFile:"),
+        );
         println!(
-            "{backend:<8} {:>6} {:>11} {:>10} {:>8} {:>10} {idle:>8.1} {:>11} {:>9}",
-            0, "-", "-", "-", "-", "-", "-"
+            "{backend:<8} {:>6} {:>11} {:>10} {:>8} {:>10} {idle:>8.1} {:>11} {:>9} {:>7} {:>6} {anon:>9.1} {file:>9.1}",
+            0, "-", "-", "-", "-", "-", "-", "-", "-"
         );
         for &n in &sizes {
             let leases = fakes(n, backend);
@@ -217,6 +223,12 @@ fn main() {
             std::thread::sleep(Duration::from_secs(6));
             let settled = rss_mib(lab.flanneld_pid(0));
             let peak = status_mib(lab.flanneld_pid(0), "VmHWM:");
+            // What the settled figure is made of: the heap and stacks, and mapped file pages
+            // (flanneld's code, mostly).
+            let (anon, file) = (
+                status_mib(lab.flanneld_pid(0), "RssAnon:"),
+                status_mib(lab.flanneld_pid(0), "RssFile:"),
+            );
             if n >= 5000 {
                 idle_cpu.push((backend, n, idle_cpu_per_minute(lab.flanneld_pid(0))));
             }
@@ -236,7 +248,7 @@ fn main() {
                 format!("{left} left")
             };
             println!(
-                "{backend:<8} {n:>6} {:>11.0} {applied_ms:>10.0} {miss:>8} {remove:>10} {rss:>8.1} {settled:>11.1} {peak:>9.1} {:>7} {:>6}",
+                "{backend:<8} {n:>6} {:>11.0} {applied_ms:>10.0} {miss:>8} {remove:>10} {rss:>8.1} {settled:>11.1} {peak:>9.1} {:>7} {:>6} {anon:>9.1} {file:>9.1}",
                 install.as_secs_f64() * 1000.0,
                 passes1 - passes0,
                 reads1 - reads0
