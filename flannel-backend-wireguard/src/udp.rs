@@ -164,6 +164,14 @@ async fn send_batches(sock: Arc<Sock>, mut rx: mpsc::Receiver<(Packet, SocketAdd
     }
 }
 
+/// Whether a receive error means the socket is unusable (rather than one failed read).
+fn socket_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADF | libc::ENOTSOCK | libc::EINVAL)
+    )
+}
+
 /// Sends one transmit, waiting while the socket buffer is full.
 async fn send_one(sock: &Sock, transmit: &Transmit<'_>) -> io::Result<()> {
     loop {
@@ -238,8 +246,12 @@ impl GroRecv {
             match sock.io.try_io(Interest::READABLE, || {
                 sock.state.recv((&sock.io).into(), &mut slices, meta)
             }) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => break other?,
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // gotatun stops receiving at the first error it is handed: only a socket that is
+                // gone ends it; anything else (an ICMP error queued on the socket) is one read lost.
+                Err(e) if socket_gone(&e) => return Err(e),
+                Err(e) => tracing::debug!(error = %e, "receiving WireGuard datagrams"),
             }
         };
         for (i, m) in meta.iter().enumerate().take(n) {
