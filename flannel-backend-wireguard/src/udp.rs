@@ -1,18 +1,17 @@
 //! The UDP side of a userspace WireGuard device, with the kernel's segmentation offloads as the udp
-//! backend has them (quinn-udp): datagrams gotatun encrypted are queued, and a task sends what the
-//! queue holds, each run of equal-sized datagrams to one peer as one GSO send (the kernel carries
-//! it as one buffer as far as it can); receives take what the kernel coalesced (GRO) in one read
-//! and hand gotatun one datagram at a time from it. On flanneld's current-thread runtime the queue
-//! batches by itself: the task runs when gotatun's loop waits, so it takes everything one TUN read
-//! produced.
+//! backend has them (quinn-udp): gotatun queues the datagrams it encrypted and hands this module
+//! what its queue holds ([`UdpSend::send_many_to`]), and each run of equal-sized datagrams to one
+//! peer goes out as one GSO send (the kernel carries it as one buffer as far as it can). Receives
+//! take what the kernel coalesced (GRO) in one read and hand gotatun all the datagrams of it at
+//! once ([`UdpRecv::recv_many_from`]).
 //!
 //! gotatun's own sockets receive one datagram per `recvfrom` into a 4 KiB buffer while asking the
 //! kernel to coalesce (`UDP_GRO`): a peer that sends with GSO (ours now, newer wireguard-go) would
 //! have its datagrams cut. Here a coalesced read is split at the kernel's stride.
 //!
-//! The queue also keeps one failed send from stopping the device: gotatun ends its sending loop
-//! at the first error a socket returns (an unreachable peer, a firewall's `EPERM`); here a run that
-//! fails is dropped (logged at debug), as a network drops packets, and sending goes on.
+//! One failed send does not stop the device: gotatun's own sockets end its sending loop at the
+//! first error (an unreachable peer, a firewall's `EPERM`); here a run that fails is dropped
+//! (logged at debug), as a network drops packets, and the runs after it are sent.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSliceMut};
@@ -23,10 +22,9 @@ use gotatun::packet::{Packet, PacketBufPool};
 use gotatun::udp::{UdpRecv, UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
-use tokio::sync::mpsc;
 
-/// Datagrams waiting to be sent (a bound on what a burst may hold).
-const QUEUE: usize = 1024;
+/// Datagrams gotatun hands over per send at most.
+const SEND_BATCH: usize = 64;
 /// Socket buffers (gotatun's size).
 const SOCKET_BUFFER: usize = 7 << 20;
 /// One GSO send carries at most this much (the kernel's limit for one UDP buffer).
@@ -90,10 +88,10 @@ impl UdpTransportFactory for OffloadUdpFactory {
     }
 }
 
-/// Queues datagrams for the sending task of one socket (which ends when every clone is dropped).
+/// Sends datagrams on one socket: gotatun's own send queue hands it what it holds
+/// ([`UdpSend::send_many_to`]), sent as GSO runs.
 #[derive(Clone)]
 pub struct BatchedSend {
-    tx: mpsc::Sender<(Packet, SocketAddr)>,
     sock: Arc<Sock>,
 }
 
@@ -105,9 +103,7 @@ impl std::fmt::Debug for BatchedSend {
 
 impl BatchedSend {
     fn new(sock: Arc<Sock>) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(send_batches(sock.clone(), rx));
-        Self { tx, sock }
+        Self { sock }
     }
 }
 
@@ -133,34 +129,29 @@ pub fn run_length(batch: &[(usize, SocketAddr)], max_segments: usize) -> usize {
     n
 }
 
-async fn send_batches(sock: Arc<Sock>, mut rx: mpsc::Receiver<(Packet, SocketAddr)>) {
-    let mut batch: Vec<(Packet, SocketAddr)> = Vec::with_capacity(64);
-    let mut shape: Vec<(usize, SocketAddr)> = Vec::with_capacity(64);
-    let mut out: Vec<u8> = Vec::with_capacity(MAX_GSO_BYTES + 4096);
-    while rx.recv_many(&mut batch, 64).await > 0 {
-        shape.clear();
-        shape.extend(batch.iter().map(|(p, a)| (p.len(), *a)));
-        let max = sock.state.max_gso_segments().max(1);
-        let mut i = 0;
-        while i < batch.len() {
-            let n = run_length(&shape[i..], max).max(1);
-            out.clear();
-            for (p, _) in &batch[i..i + n] {
-                out.extend_from_slice(p);
-            }
-            let transmit = Transmit {
-                destination: shape[i].1,
-                ecn: None,
-                contents: &out,
-                segment_size: (n > 1).then_some(shape[i].0),
-                src_ip: None,
-            };
-            if let Err(e) = send_one(&sock, &transmit).await {
-                tracing::debug!(error = %e, dropped = n, to = %shape[i].1, "sending WireGuard datagrams");
-            }
-            i += n;
+/// Sends `batch`, each run of datagrams to one peer of one size as one GSO send (built in `out`).
+/// A run the kernel refuses is dropped (logged at debug), and the runs after it are still sent.
+async fn send_runs(sock: &Sock, batch: &[(Packet, SocketAddr)], out: &mut Vec<u8>) {
+    let shape: Vec<(usize, SocketAddr)> = batch.iter().map(|(p, a)| (p.len(), *a)).collect();
+    let max = sock.state.max_gso_segments().max(1);
+    let mut i = 0;
+    while i < batch.len() {
+        let n = run_length(&shape[i..], max).max(1);
+        out.clear();
+        for (p, _) in &batch[i..i + n] {
+            out.extend_from_slice(p);
         }
-        batch.clear();
+        let transmit = Transmit {
+            destination: shape[i].1,
+            ecn: None,
+            contents: out,
+            segment_size: (n > 1).then_some(shape[i].0),
+            src_ip: None,
+        };
+        if let Err(e) = send_one(sock, &transmit).await {
+            tracing::debug!(error = %e, dropped = n, to = %shape[i].1, "sending WireGuard datagrams");
+        }
+        i += n;
     }
 }
 
@@ -186,13 +177,31 @@ async fn send_one(sock: &Sock, transmit: &Transmit<'_>) -> io::Result<()> {
 }
 
 impl UdpSend for BatchedSend {
-    type SendManyBuf = ();
+    type SendManyBuf = Vec<u8>;
 
     async fn send_to(&self, packet: Packet, destination: SocketAddr) -> io::Result<()> {
-        self.tx
-            .send((packet, destination))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the UDP sender stopped"))
+        let transmit = Transmit {
+            destination,
+            ecn: None,
+            contents: &packet,
+            segment_size: None,
+            src_ip: None,
+        };
+        send_one(&self.sock, &transmit).await
+    }
+
+    fn max_number_of_packets_to_send(&self) -> usize {
+        SEND_BATCH
+    }
+
+    async fn send_many_to(
+        &self,
+        out: &mut Vec<u8>,
+        packets: &mut Vec<(Packet, SocketAddr)>,
+    ) -> io::Result<()> {
+        send_runs(&self.sock, packets, out).await;
+        packets.clear();
+        Ok(())
     }
 
     fn local_addr(&self) -> io::Result<Option<SocketAddr>> {
@@ -268,24 +277,49 @@ impl GroRecv {
     }
 }
 
+impl GroRecv {
+    /// The next datagram read and not handed out yet, copied into a packet buffer of `pool`.
+    fn next_pending(&mut self, pool: &PacketBufPool) -> Option<(Packet, SocketAddr)> {
+        while let Some((start, end, from)) = self.pending.pop_front() {
+            let datagram = &self.arena[start..end];
+            let mut packet = pool.get();
+            // A datagram larger than a packet buffer is no WireGuard message of ours.
+            let Some(dst) = packet.get_mut(..datagram.len()) else {
+                continue;
+            };
+            dst.copy_from_slice(datagram);
+            packet.truncate(datagram.len());
+            return Some((packet, from));
+        }
+        None
+    }
+}
+
 impl UdpRecv for GroRecv {
     type RecvManyBuf = ();
 
     async fn recv_from(&mut self, pool: &mut PacketBufPool) -> io::Result<(Packet, SocketAddr)> {
         loop {
-            while let Some((start, end, from)) = self.pending.pop_front() {
-                let datagram = &self.arena[start..end];
-                let mut packet = pool.get();
-                // A datagram larger than a packet buffer is no WireGuard message of ours.
-                let Some(dst) = packet.get_mut(..datagram.len()) else {
-                    continue;
-                };
-                dst.copy_from_slice(datagram);
-                packet.truncate(datagram.len());
-                return Ok((packet, from));
+            if let Some(next) = self.next_pending(pool) {
+                return Ok(next);
             }
             self.fill().await?;
         }
+    }
+
+    async fn recv_many_from(
+        &mut self,
+        _: &mut (),
+        pool: &mut PacketBufPool,
+        packets: &mut Vec<(Packet, SocketAddr)>,
+    ) -> io::Result<()> {
+        if self.pending.is_empty() {
+            self.fill().await?;
+        }
+        while let Some(next) = self.next_pending(pool) {
+            packets.push(next);
+        }
+        Ok(())
     }
 }
 
@@ -307,26 +341,78 @@ mod tests {
         listener
             .set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .unwrap();
+        let to = listener.local_addr().unwrap();
         let send = BatchedSend::new(bind("127.0.0.1:0".parse().unwrap()).unwrap());
-        let pool = PacketBufPool::new(4);
+        let pool = PacketBufPool::new(8);
         // An IPv4 socket cannot send to an IPv6 address: the kernel refuses that datagram.
-        send.send_to(packet(&pool, b"refused"), "[::1]:9".parse().unwrap())
-            .await
-            .unwrap();
-        // Let the sending task take that one alone before the next is queued.
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        send.send_to(packet(&pool, b"delivered"), listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let mut buf = [0u8; 64];
-        let n =
-            tokio::task::spawn_blocking(move || listener.recv(&mut buf).map(|n| buf[..n].to_vec()))
+        let refused: SocketAddr = "[::1]:9".parse().unwrap();
+        assert!(
+            send.send_to(packet(&pool, b"refused"), refused)
                 .await
-                .unwrap()
-                .unwrap();
-        assert_eq!(n, b"delivered");
+                .is_err()
+        );
+        let mut batch = vec![
+            (packet(&pool, b"refused"), refused),
+            (packet(&pool, b"delivered-1"), to),
+            (packet(&pool, b"delivered-2"), to),
+            (packet(&pool, b"short"), to),
+        ];
+        let mut out = Vec::new();
+        send.send_many_to(&mut out, &mut batch).await.unwrap();
+        assert!(batch.is_empty(), "what was handed over is taken");
+        let got = tokio::task::spawn_blocking(move || {
+            let mut buf = [0u8; 64];
+            (0..3)
+                .map(|_| listener.recv(&mut buf).map(|n| buf[..n].to_vec()).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            got,
+            [&b"delivered-1"[..], b"delivered-2", b"short"],
+            "the runs after a refused one are sent, one datagram each"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gso_run_is_received_as_the_datagrams_it_was_made_of() {
+        let (send, mut recv) = {
+            let rx = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let to = rx.io.local_addr().unwrap();
+            (
+                (
+                    BatchedSend::new(bind("127.0.0.1:0".parse().unwrap()).unwrap()),
+                    to,
+                ),
+                GroRecv::new(rx),
+            )
+        };
+        let pool = PacketBufPool::new(64);
+        let sent: Vec<Vec<u8>> = (0..20u8)
+            .map(|i| vec![i; if i == 19 { 300 } else { 1200 }])
+            .collect();
+        let mut batch: Vec<(Packet, SocketAddr)> =
+            sent.iter().map(|d| (packet(&pool, d), send.1)).collect();
+        send.0
+            .send_many_to(&mut Vec::new(), &mut batch)
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut pool = PacketBufPool::new(64);
+        while got.len() < sent.len() {
+            let mut many = Vec::new();
+            tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                recv.recv_many_from(&mut (), &mut pool, &mut many),
+            )
+            .await
+            .expect("the datagrams arrive on 127.0.0.1")
+            .unwrap();
+            assert!(!many.is_empty());
+            got.extend(many.into_iter().map(|(p, _)| p.to_vec()));
+        }
+        assert_eq!(got, sent);
     }
 
     #[test]
