@@ -1,6 +1,7 @@
 //! Every way out cleans up: a process-wide record of what the harness started and made (child
 //! processes, network namespaces, directories), so that SIGINT, SIGTERM, SIGHUP and a panic in a
-//! program that cannot unwind cleanly (the demo) still stop every process and delete every namespace.
+//! program that cannot unwind cleanly (the demo, and any release build: its panics abort) still
+//! stop every process and delete every namespace.
 //!
 //! The normal path is the drop guards ([`crate::netns::Netns`], [`crate::lab::Lab`],
 //! [`crate::etcd::EtcdServer`]); they record what they make here and forget it when they remove it.
@@ -174,10 +175,24 @@ pub fn clean_up_and_exit(code: i32) -> ! {
 }
 
 /// Installs (once per process) a thread that turns SIGINT, SIGTERM and SIGHUP into
-/// [`clean_up_and_exit`] with the exit code 128 + signal, after one line on stderr.
+/// [`clean_up_and_exit`] with the exit code 128 + signal, after one line on stderr. In a build whose
+/// panics abort (the release profile, which the benchmarks use) no drop guard runs after a panic,
+/// so a panic hook cleans up there too; where panics unwind (tests) the guards do it, and one
+/// failing test must not end the others.
 pub fn clean_up_on_signals() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
+        if cfg!(panic = "abort") {
+            let report = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                report(info);
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "panic: stopping every process and deleting every namespace the lab made"
+                );
+                clean_up_and_exit(101);
+            }));
+        }
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
         let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
             Ok(s) => s,
