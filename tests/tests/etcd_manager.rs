@@ -658,8 +658,10 @@ async fn a_busy_consumer_gets_the_events_merged_and_the_watch_keeps_reading() {
         t.apply(r);
         results += 1;
     }
-    // One result waited in the channel; everything read after it came as one merged batch.
-    assert_eq!(results, 2, "{N} events came as {results} results");
+    // At most one result waited in the channel; everything read after it came as one merged batch.
+    // (etcd may also put all the events in one watch response, when the watch reads late: then
+    // the first result holds them all.)
+    assert!(results <= 2, "{N} events came as {results} results");
     stop.cancel();
     w.await.unwrap().unwrap();
 }
