@@ -1,17 +1,13 @@
 //! The UDP side of a userspace WireGuard device, with the kernel's segmentation offloads as the udp
-//! backend has them (quinn-udp): gotatun queues the datagrams it encrypted and hands this module
-//! what its queue holds ([`UdpSend::send_many_to`]), and each run of equal-sized datagrams to one
-//! peer goes out as one GSO send (the kernel carries it as one buffer as far as it can). Receives
-//! take what the kernel coalesced (GRO) in one read and hand gotatun all the datagrams of it at
-//! once ([`UdpRecv::recv_many_from`]).
+//! backend has them (quinn-udp): the datagrams one batch of packets became are sent as runs, each
+//! run of equal-sized datagrams to one peer as one GSO send (the kernel carries it as one buffer as
+//! far as it can); receives take what the kernel coalesced (GRO) in one read and split it at the
+//! kernel's stride (gotatun's own sockets read one datagram into 4 KiB while asking for `UDP_GRO`,
+//! which would cut the datagrams of a peer that sends with GSO: ours, newer wireguard-go).
 //!
-//! gotatun's own sockets receive one datagram per `recvfrom` into a 4 KiB buffer while asking the
-//! kernel to coalesce (`UDP_GRO`): a peer that sends with GSO (ours now, newer wireguard-go) would
-//! have its datagrams cut. Here a coalesced read is split at the kernel's stride.
-//!
-//! One failed send does not stop the device: gotatun's own sockets end its sending loop at the
-//! first error (an unreachable peer, a firewall's `EPERM`); here a run that fails is dropped
-//! (logged at debug), as a network drops packets, and the runs after it are sent.
+//! One failed send does not stop the device: a run the kernel refuses (an unreachable peer, a
+//! firewall's `EPERM`) is dropped (logged at debug), as a network drops packets, and the runs
+//! after it are sent.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSliceMut};
@@ -19,12 +15,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use gotatun::packet::{Packet, PacketBufPool};
-use gotatun::udp::{UdpRecv, UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
 
-/// Datagrams gotatun hands over per send at most.
-const SEND_BATCH: usize = 64;
 /// Socket buffers (gotatun's size).
 const SOCKET_BUFFER: usize = 7 << 20;
 /// One GSO send carries at most this much (the kernel's limit for one UDP buffer).
@@ -35,12 +28,16 @@ const RX_BUF: usize = 65_535;
 
 /// A bound socket with its offload state.
 #[derive(Debug)]
-struct Sock {
+pub struct Sock {
     io: tokio::net::UdpSocket,
     state: UdpSocketState,
 }
 
-fn bind(addr: SocketAddr) -> io::Result<Arc<Sock>> {
+/// Binds a UDP socket to `addr` with large buffers and the kernel's offloads.
+///
+/// # Errors
+/// When the socket cannot be made or bound.
+pub fn bind(addr: SocketAddr) -> io::Result<Arc<Sock>> {
     let domain = match addr {
         SocketAddr::V4(_) => socket2::Domain::IPV4,
         SocketAddr::V6(_) => socket2::Domain::IPV6,
@@ -60,51 +57,6 @@ fn bind(addr: SocketAddr) -> io::Result<Arc<Sock>> {
         io: tokio::net::UdpSocket::from_std(std)?,
         state,
     }))
-}
-
-/// Binds the device's sockets (IPv4 and IPv6 on one port).
-#[derive(Debug, Default)]
-pub struct OffloadUdpFactory;
-
-impl UdpTransportFactory for OffloadUdpFactory {
-    type SendV4 = BatchedSend;
-    type SendV6 = BatchedSend;
-    type RecvV4 = GroRecv;
-    type RecvV6 = GroRecv;
-
-    async fn bind(
-        &mut self,
-        params: &UdpTransportFactoryParams,
-    ) -> io::Result<((BatchedSend, GroRecv), (BatchedSend, GroRecv))> {
-        let v4 = bind(SocketAddr::from((params.addr_v4, params.port)))?;
-        // Port 0 (not used by flanneld) binds IPv6 to the port IPv4 got.
-        let port = match params.port {
-            0 => v4.io.local_addr()?.port(),
-            p => p,
-        };
-        let v6 = bind(SocketAddr::from((params.addr_v6, port)))?;
-        let pair = |s: Arc<Sock>| (BatchedSend::new(s.clone()), GroRecv::new(s));
-        Ok((pair(v4), pair(v6)))
-    }
-}
-
-/// Sends datagrams on one socket: gotatun's own send queue hands it what it holds
-/// ([`UdpSend::send_many_to`]), sent as GSO runs.
-#[derive(Clone)]
-pub struct BatchedSend {
-    sock: Arc<Sock>,
-}
-
-impl std::fmt::Debug for BatchedSend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BatchedSend").finish_non_exhaustive()
-    }
-}
-
-impl BatchedSend {
-    fn new(sock: Arc<Sock>) -> Self {
-        Self { sock }
-    }
 }
 
 /// How many of `batch`, from the first, go in one send: datagrams to one destination, all of the
@@ -131,7 +83,7 @@ pub fn run_length(batch: &[(usize, SocketAddr)], max_segments: usize) -> usize {
 
 /// Sends `batch`, each run of datagrams to one peer of one size as one GSO send (built in `out`).
 /// A run the kernel refuses is dropped (logged at debug), and the runs after it are still sent.
-async fn send_runs(sock: &Sock, batch: &[(Packet, SocketAddr)], out: &mut Vec<u8>) {
+pub async fn send_runs(sock: &Sock, batch: &[(Packet, SocketAddr)], out: &mut Vec<u8>) {
     let shape: Vec<(usize, SocketAddr)> = batch.iter().map(|(p, a)| (p.len(), *a)).collect();
     let max = sock.state.max_gso_segments().max(1);
     let mut i = 0;
@@ -176,44 +128,6 @@ async fn send_one(sock: &Sock, transmit: &Transmit<'_>) -> io::Result<()> {
     }
 }
 
-impl UdpSend for BatchedSend {
-    type SendManyBuf = Vec<u8>;
-
-    async fn send_to(&self, packet: Packet, destination: SocketAddr) -> io::Result<()> {
-        let transmit = Transmit {
-            destination,
-            ecn: None,
-            contents: &packet,
-            segment_size: None,
-            src_ip: None,
-        };
-        send_one(&self.sock, &transmit).await
-    }
-
-    fn max_number_of_packets_to_send(&self) -> usize {
-        SEND_BATCH
-    }
-
-    async fn send_many_to(
-        &self,
-        out: &mut Vec<u8>,
-        packets: &mut Vec<(Packet, SocketAddr)>,
-    ) -> io::Result<()> {
-        send_runs(&self.sock, packets, out).await;
-        packets.clear();
-        Ok(())
-    }
-
-    fn local_addr(&self) -> io::Result<Option<SocketAddr>> {
-        self.sock.io.local_addr().map(Some)
-    }
-
-    fn set_fwmark(&self, mark: u32) -> io::Result<()> {
-        nix::sys::socket::setsockopt(&self.sock.io, nix::sys::socket::sockopt::Mark, &mark)
-            .map_err(io::Error::from)
-    }
-}
-
 /// Receives datagrams, one coalesced read at a time, and hands them out one by one.
 pub struct GroRecv {
     sock: Arc<Sock>,
@@ -234,7 +148,8 @@ impl std::fmt::Debug for GroRecv {
 }
 
 impl GroRecv {
-    fn new(sock: Arc<Sock>) -> Self {
+    /// Receives on `sock`.
+    pub fn new(sock: Arc<Sock>) -> Self {
         Self {
             sock,
             arena: vec![0; RX_BATCH * RX_BUF],
@@ -244,7 +159,10 @@ impl GroRecv {
     }
 
     /// Reads what the socket holds (up to [`RX_BATCH`] coalesced reads) into `pending`.
-    async fn fill(&mut self) -> io::Result<()> {
+    ///
+    /// # Errors
+    /// When the socket is unusable (gone); other failed reads are one read lost.
+    pub async fn fill(&mut self) -> io::Result<()> {
         let Self {
             sock, arena, meta, ..
         } = self;
@@ -279,7 +197,7 @@ impl GroRecv {
 
 impl GroRecv {
     /// The next datagram read and not handed out yet, copied into a packet buffer of `pool`.
-    fn next_pending(&mut self, pool: &PacketBufPool) -> Option<(Packet, SocketAddr)> {
+    pub fn next_pending(&mut self, pool: &PacketBufPool) -> Option<(Packet, SocketAddr)> {
         while let Some((start, end, from)) = self.pending.pop_front() {
             let datagram = &self.arena[start..end];
             let mut packet = pool.get();
@@ -292,34 +210,6 @@ impl GroRecv {
             return Some((packet, from));
         }
         None
-    }
-}
-
-impl UdpRecv for GroRecv {
-    type RecvManyBuf = ();
-
-    async fn recv_from(&mut self, pool: &mut PacketBufPool) -> io::Result<(Packet, SocketAddr)> {
-        loop {
-            if let Some(next) = self.next_pending(pool) {
-                return Ok(next);
-            }
-            self.fill().await?;
-        }
-    }
-
-    async fn recv_many_from(
-        &mut self,
-        _: &mut (),
-        pool: &mut PacketBufPool,
-        packets: &mut Vec<(Packet, SocketAddr)>,
-    ) -> io::Result<()> {
-        if self.pending.is_empty() {
-            self.fill().await?;
-        }
-        while let Some(next) = self.next_pending(pool) {
-            packets.push(next);
-        }
-        Ok(())
     }
 }
 
@@ -342,24 +232,17 @@ mod tests {
             .set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .unwrap();
         let to = listener.local_addr().unwrap();
-        let send = BatchedSend::new(bind("127.0.0.1:0".parse().unwrap()).unwrap());
+        let sock = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let pool = PacketBufPool::new(8);
         // An IPv4 socket cannot send to an IPv6 address: the kernel refuses that datagram.
         let refused: SocketAddr = "[::1]:9".parse().unwrap();
-        assert!(
-            send.send_to(packet(&pool, b"refused"), refused)
-                .await
-                .is_err()
-        );
-        let mut batch = vec![
+        let batch = vec![
             (packet(&pool, b"refused"), refused),
             (packet(&pool, b"delivered-1"), to),
             (packet(&pool, b"delivered-2"), to),
             (packet(&pool, b"short"), to),
         ];
-        let mut out = Vec::new();
-        send.send_many_to(&mut out, &mut batch).await.unwrap();
-        assert!(batch.is_empty(), "what was handed over is taken");
+        send_runs(&sock, &batch, &mut Vec::new()).await;
         let got = tokio::task::spawn_blocking(move || {
             let mut buf = [0u8; 64];
             (0..3)
@@ -377,40 +260,26 @@ mod tests {
 
     #[tokio::test]
     async fn a_gso_run_is_received_as_the_datagrams_it_was_made_of() {
-        let (send, mut recv) = {
-            let rx = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-            let to = rx.io.local_addr().unwrap();
-            (
-                (
-                    BatchedSend::new(bind("127.0.0.1:0".parse().unwrap()).unwrap()),
-                    to,
-                ),
-                GroRecv::new(rx),
-            )
-        };
+        let rx = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let to = rx.io.local_addr().unwrap();
+        let mut recv = GroRecv::new(rx);
+        let tx = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let pool = PacketBufPool::new(64);
         let sent: Vec<Vec<u8>> = (0..20u8)
             .map(|i| vec![i; if i == 19 { 300 } else { 1200 }])
             .collect();
-        let mut batch: Vec<(Packet, SocketAddr)> =
-            sent.iter().map(|d| (packet(&pool, d), send.1)).collect();
-        send.0
-            .send_many_to(&mut Vec::new(), &mut batch)
-            .await
-            .unwrap();
+        let batch: Vec<(Packet, SocketAddr)> =
+            sent.iter().map(|d| (packet(&pool, d), to)).collect();
+        send_runs(&tx, &batch, &mut Vec::new()).await;
         let mut got = Vec::new();
-        let mut pool = PacketBufPool::new(64);
         while got.len() < sent.len() {
-            let mut many = Vec::new();
-            tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                recv.recv_many_from(&mut (), &mut pool, &mut many),
-            )
-            .await
-            .expect("the datagrams arrive on 127.0.0.1")
-            .unwrap();
-            assert!(!many.is_empty());
-            got.extend(many.into_iter().map(|(p, _)| p.to_vec()));
+            tokio::time::timeout(std::time::Duration::from_secs(10), recv.fill())
+                .await
+                .expect("the datagrams arrive on 127.0.0.1")
+                .unwrap();
+            while let Some((p, _)) = recv.next_pending(&pool) {
+                got.push(p.to_vec());
+            }
         }
         assert_eq!(got, sent);
     }

@@ -1,17 +1,40 @@
-//! A userspace WireGuard device over TUN (gotatun), for kernels without the WireGuard module. The
-//! TUN side is ours ([`crate::tun`]: offloads and batched writes), and so is the UDP side
-//! ([`crate::udp`]: GSO sends, GRO receives); gotatun does the protocol.
+//! A userspace WireGuard device over TUN, for kernels without the WireGuard module: flanneld's own
+//! device loop around gotatun's protocol state machine (`noise::Tunn`: handshakes, sessions,
+//! timers, cookies). One task per device reads a batch from whichever side is ready, runs the whole
+//! batch through the peers' tunnels under one lock, and writes the results as a batch: TUN reads
+//! of up to 64 KiB split into packets ([`crate::tun`]), encrypted datagrams sent as GSO runs and
+//! received as GRO reads ([`crate::udp`]), decrypted packets written with TCP segments merged.
+//!
+//! gotatun's own device does the same work packet by packet through queues and tasks (two per
+//! direction), an async lock on the device and one on the peer per packet; on a 2-core machine that
+//! machinery cost more CPU than the cryptography (see the README's throughput section).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use gotatun::device::{Device, DeviceBuilder, Peer};
+use gotatun::noise::handshake::parse_handshake_anon;
+use gotatun::noise::index_table::IndexTable;
+use gotatun::noise::rate_limiter::RateLimiter;
+use gotatun::noise::{Tunn, TunnResult};
+use gotatun::packet::{Packet, PacketBufPool, WgKind};
+use gotatun::tun::MtuWatcher;
 use gotatun::x25519::{PublicKey, StaticSecret};
-
-use crate::tun::{TunReader, TunWriter};
-use crate::udp::OffloadUdpFactory;
+use ipnet::IpNet;
+use tun_rs::AsyncDevice;
 
 use crate::key::{Key, PrivateKey};
 use crate::peers::{PeerOp, PeerSpec};
+use crate::tun::{TunReader, TunWriter, device_gone};
+use crate::udp::{GroRecv, Sock, send_runs};
+
+/// Handshake messages a peer may send per second before cookies are asked for (gotatun's figure).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// How often the tunnels' timers run (handshake retries, keep-alives, session expiry).
+const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Packet buffers kept for reuse.
+const POOL: usize = 512;
 
 /// The device failed.
 #[derive(Debug, thiserror::Error)]
@@ -23,10 +46,258 @@ pub struct DeviceError {
     pub message: String,
 }
 
-/// A running userspace WireGuard device: a TUN device of that name plus its UDP socket(s).
+/// Which peer an address belongs to: longest prefix first, by exact lookup per prefix length in
+/// use (flannel's peers all have subnets of one or two lengths, so a lookup is one or two hashes).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Routes {
+    /// Prefix lengths in use, longest first.
+    lens: Vec<u8>,
+    nets: HashMap<IpNet, Key>,
+}
+
+impl Routes {
+    /// The routes of `peers`' allowed IPs. A network two peers claim goes to the one whose key
+    /// sorts first (the peer diff refuses such leases before they get here).
+    pub fn new<'a>(peers: impl IntoIterator<Item = &'a PeerSpec>) -> Self {
+        let mut nets = HashMap::new();
+        for p in peers {
+            for n in &p.allowed_ips {
+                nets.entry(n.trunc())
+                    .and_modify(|k: &mut Key| *k = (*k).min(p.public_key))
+                    .or_insert(p.public_key);
+            }
+        }
+        let mut lens: Vec<u8> = nets.keys().map(IpNet::prefix_len).collect();
+        lens.sort_unstable_by(|a, b| b.cmp(a));
+        lens.dedup();
+        Self { lens, nets }
+    }
+
+    /// The peer whose allowed IPs hold `ip` most specifically.
+    pub fn find(&self, ip: IpAddr) -> Option<Key> {
+        self.lens.iter().find_map(|&len| {
+            let net = IpNet::new(ip, len).ok()?.trunc();
+            self.nets.get(&net).copied()
+        })
+    }
+}
+
+struct Peer {
+    tunn: Tunn,
+    /// As configured, with the endpoint the peer was last heard from.
+    spec: PeerSpec,
+}
+
+struct State {
+    private: StaticSecret,
+    public: PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+    index_table: IndexTable,
+    peers: HashMap<Key, Peer>,
+    /// Session indices of our handshakes, to the peer they are with.
+    by_idx: HashMap<u32, Key>,
+    routes: Routes,
+}
+
+/// Datagrams to send after a batch, by address family (one socket each).
+#[derive(Default)]
+struct Outbox {
+    v4: Vec<(Packet, SocketAddr)>,
+    v6: Vec<(Packet, SocketAddr)>,
+}
+
+impl Outbox {
+    fn push(&mut self, packet: Packet, to: SocketAddr) {
+        match to {
+            SocketAddr::V4(_) => self.v4.push((packet, to)),
+            SocketAddr::V6(_) => self.v6.push((packet, to)),
+        }
+    }
+}
+
+fn register(by_idx: &mut HashMap<u32, Key>, packet: &WgKind, peer: Key) {
+    let idx = match packet {
+        WgKind::HandshakeInit(p) => p.sender_idx.get(),
+        WgKind::HandshakeResp(p) => p.sender_idx.get(),
+        _ => return,
+    };
+    by_idx.insert(idx, peer);
+}
+
+impl State {
+    fn new(key: &PrivateKey) -> Self {
+        let private = StaticSecret::from(key.to_bytes());
+        let public = PublicKey::from(&private);
+        Self {
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            private,
+            public,
+            index_table: IndexTable::from_os_rng(),
+            peers: HashMap::new(),
+            by_idx: HashMap::new(),
+            routes: Routes::default(),
+        }
+    }
+
+    fn tunnel_for(&self, spec: &PeerSpec) -> Tunn {
+        Tunn::new(
+            self.private.clone(),
+            PublicKey::from(spec.public_key.0),
+            spec.preshared_key.map(|k| k.0),
+            spec.keepalive.and_then(|d| u16::try_from(d.as_secs()).ok()),
+            self.index_table.clone(),
+            self.rate_limiter.clone(),
+        )
+    }
+
+    fn apply(&mut self, ops: &[PeerOp]) {
+        for op in ops {
+            match op {
+                PeerOp::Remove(k) => {
+                    self.peers.remove(k);
+                    self.by_idx.retain(|_, p| p != k);
+                }
+                PeerOp::Set(spec) => {
+                    let mut spec = spec.clone();
+                    spec.allowed_ips.sort();
+                    match self.peers.get_mut(&spec.public_key) {
+                        // Where it is and what it may send change without a new handshake.
+                        Some(p)
+                            if p.spec.preshared_key == spec.preshared_key
+                                && p.spec.keepalive == spec.keepalive =>
+                        {
+                            p.spec = spec;
+                        }
+                        _ => {
+                            let tunn = self.tunnel_for(&spec);
+                            self.by_idx.retain(|_, p| *p != spec.public_key);
+                            self.peers.insert(spec.public_key, Peer { tunn, spec });
+                        }
+                    }
+                }
+            }
+        }
+        self.routes = Routes::new(self.peers.values().map(|p| &p.spec));
+    }
+
+    /// Encrypts the packets read from the TUN device for their peers.
+    fn outgoing<'a>(
+        &mut self,
+        packets: impl Iterator<Item = &'a [u8]>,
+        pool: &PacketBufPool,
+        mtu: &mut MtuWatcher,
+        out: &mut Outbox,
+    ) {
+        for bytes in packets {
+            let mut packet = pool.get();
+            let Some(dst) = packet.get_mut(..bytes.len()) else {
+                continue;
+            };
+            dst.copy_from_slice(bytes);
+            packet.truncate(bytes.len());
+            let Ok(ip) = packet.try_into_ip() else {
+                continue;
+            };
+            let Some(key) = ip.destination().and_then(|d| self.routes.find(d)) else {
+                continue;
+            };
+            let Some(peer) = self.peers.get_mut(&key) else {
+                continue;
+            };
+            if let Some(wg) = peer.tunn.handle_outgoing_packet(ip.into_bytes(), Some(mtu)) {
+                register(&mut self.by_idx, &wg, key);
+                out.push(wg.into(), peer.spec.endpoint);
+            }
+        }
+    }
+
+    /// Handles the datagrams `rx` read: handshakes answered, data decrypted into `tun`.
+    fn incoming(
+        &mut self,
+        rx: &mut GroRecv,
+        pool: &PacketBufPool,
+        mtu: &mut MtuWatcher,
+        out: &mut Outbox,
+        tun: &mut Vec<Packet>,
+    ) {
+        while let Some((datagram, from)) = rx.next_pending(pool) {
+            let parsed = match self.rate_limiter.verify_packet(from.ip(), datagram) {
+                Ok(p) => p,
+                Err(TunnResult::WriteToNetwork(cookie)) => {
+                    out.push(cookie.into(), from);
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let key = match &parsed {
+                WgKind::HandshakeInit(p) => parse_handshake_anon(&self.private, &self.public, p)
+                    .ok()
+                    .map(|h| Key(h.peer_static_public)),
+                WgKind::HandshakeResp(p) => self.by_idx.get(&p.receiver_idx.get()).copied(),
+                WgKind::CookieReply(p) => self.by_idx.get(&p.receiver_idx.get()).copied(),
+                WgKind::Data(p) => self.by_idx.get(&p.header.receiver_idx.get()).copied(),
+            };
+            let Some((key, peer)) = key.and_then(|k| Some(k).zip(self.peers.get_mut(&k))) else {
+                continue;
+            };
+            match peer.tunn.handle_incoming_packet(parsed) {
+                TunnResult::Done => peer.spec.endpoint = from,
+                TunnResult::Err(_) => {}
+                TunnResult::WriteToNetwork(reply) => {
+                    register(&mut self.by_idx, &reply, key);
+                    out.push(reply.into(), from);
+                    for queued in peer.tunn.get_queued_packets(mtu) {
+                        out.push(queued.into(), from);
+                    }
+                    peer.spec.endpoint = from;
+                }
+                TunnResult::WriteToTunnel(packet) => {
+                    peer.spec.endpoint = from;
+                    // A keep-alive is empty.
+                    if packet.is_empty() {
+                        continue;
+                    }
+                    let Ok(ip) = packet.try_into_ip() else {
+                        continue;
+                    };
+                    // A peer may only send from its allowed IPs.
+                    if ip.source().and_then(|s| self.routes.find(s)) == Some(key) {
+                        tun.push(ip.into_bytes());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the tunnels' timers: handshake retries, keep-alives, expiry.
+    fn timers(&mut self, out: &mut Outbox) {
+        let Self {
+            by_idx,
+            index_table,
+            peers,
+            ..
+        } = self;
+        by_idx.retain(|idx, _| index_table.in_use(*idx));
+        for (key, peer) in peers.iter_mut() {
+            if let Ok(Some(packet)) = peer.tunn.update_timers() {
+                register(by_idx, &packet, *key);
+                out.push(packet.into(), peer.spec.endpoint);
+            }
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // Every change under the lock is complete before anything that could panic.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running userspace WireGuard device: a TUN device of that name plus its UDP sockets.
 pub struct UserspaceDevice {
     name: String,
-    device: Device<(OffloadUdpFactory, TunWriter, TunReader)>,
+    state: Arc<Mutex<State>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for UserspaceDevice {
@@ -35,21 +306,12 @@ impl std::fmt::Debug for UserspaceDevice {
     }
 }
 
-fn peer_of(spec: &PeerSpec) -> Peer {
-    let mut p = Peer::new(PublicKey::from(spec.public_key.0));
-    p.endpoint = Some(spec.endpoint);
-    p.allowed_ips = spec.allowed_ips.iter().filter_map(gotatun_net).collect();
-    p.preshared_key = spec.preshared_key.map(|k| k.0);
-    p.keepalive = spec.keepalive.and_then(|d| u16::try_from(d.as_secs()).ok());
-    p
-}
-
-fn gotatun_net(n: &ipnet::IpNet) -> Option<ipnetwork::IpNetwork> {
-    ipnetwork::IpNetwork::new(n.addr(), n.prefix_len()).ok()
-}
-
 impl UserspaceDevice {
-    /// Creates the TUN device `name` with `mtu` and starts WireGuard on `port` with `key`.
+    /// Creates the TUN device `name` with `mtu` and starts WireGuard on UDP `port` (IPv4 and, where
+    /// the host has IPv6, IPv6) with `key`.
+    ///
+    /// # Errors
+    /// When the TUN device or the IPv4 socket cannot be made.
     pub async fn create(
         name: &str,
         key: &PrivateKey,
@@ -60,83 +322,203 @@ impl UserspaceDevice {
             name: name.into(),
             message,
         };
-        let (writer, reader) =
-            crate::tun::open(name, mtu).map_err(|e| err(format!("TUN device: {e}")))?;
-        let device = DeviceBuilder::new()
-            .with_udp(OffloadUdpFactory)
-            .with_ip_pair(writer, reader)
-            .with_private_key(StaticSecret::from(key.to_bytes()))
-            .build()
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        // The device binds its UDP sockets and starts forwarding on a configuration change (at
-        // build only when it already has peers): setting the port is that change.
-        device
-            .set_listen_port(port)
-            .await
+        let dev = crate::tun::open(name, mtu).map_err(|e| err(format!("TUN device: {e}")))?;
+        let v4 = crate::udp::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
             .map_err(|e| err(format!("listening on UDP port {port}: {e}")))?;
+        let v6 = match crate::udp::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(device = name, port, error = %e, "no IPv6 UDP socket; IPv4 peers only");
+                None
+            }
+        };
+        let state = Arc::new(Mutex::new(State::new(key)));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(run(dev, v4, v6, state.clone(), stopped, mtu));
         Ok(Self {
             name: name.into(),
-            device,
+            state,
+            stop: Some(stop),
+            task: Some(task),
         })
     }
 
-    /// The device's peers, as specs.
+    /// The device's peers, as specs (each with the endpoint it was last heard from).
     pub async fn peers(&self) -> BTreeMap<Key, PeerSpec> {
-        let mut out = BTreeMap::new();
-        for ps in self.device.peers().await {
-            let p = ps.peer;
-            let Some(endpoint) = p.endpoint else { continue };
-            let key = Key(p.public_key.to_bytes());
-            let mut allowed_ips: Vec<ipnet::IpNet> = p
-                .allowed_ips
-                .iter()
-                .filter_map(|n| ipnet::IpNet::new(n.ip(), n.prefix()).ok())
-                .collect();
-            allowed_ips.sort();
-            out.insert(
-                key,
-                PeerSpec {
-                    public_key: key,
-                    endpoint,
-                    allowed_ips,
-                    preshared_key: p.preshared_key.map(Key),
-                    keepalive: p
-                        .keepalive
-                        .map(|s| std::time::Duration::from_secs(u64::from(s))),
-                },
-            );
-        }
-        out
+        lock(&self.state)
+            .peers
+            .iter()
+            .map(|(k, p)| (*k, p.spec.clone()))
+            .collect()
     }
 
     /// Applies peer changes.
+    ///
+    /// # Errors
+    /// None at present (every change is made in memory); the signature matches the kernel
+    /// device's.
     pub async fn apply(&self, ops: &[PeerOp]) -> Result<(), DeviceError> {
-        let err = |message: String| DeviceError {
-            name: self.name.clone(),
-            message,
-        };
-        for op in ops {
-            match op {
-                PeerOp::Remove(k) => {
-                    self.device
-                        .remove_peer(&PublicKey::from(k.0))
-                        .await
-                        .map_err(|e| err(e.to_string()))?;
-                }
-                PeerOp::Set(spec) => {
-                    self.device
-                        .add_or_update_peer(peer_of(spec))
-                        .await
-                        .map_err(|e| err(e.to_string()))?;
-                }
-            }
-        }
+        lock(&self.state).apply(ops);
         Ok(())
     }
 
     /// Stops the device (its TUN device goes away).
-    pub async fn stop(self) {
-        self.device.stop().await;
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for UserspaceDevice {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+async fn recv_on(rx: Option<&mut GroRecv>) -> std::io::Result<()> {
+    match rx {
+        Some(rx) => rx.fill().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The device loop: one batch at a time from whichever side is ready.
+async fn run(
+    dev: AsyncDevice,
+    v4: Arc<Sock>,
+    v6: Option<Arc<Sock>>,
+    state: Arc<Mutex<State>>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+    mtu: u16,
+) {
+    let mut reader = TunReader::new(mtu);
+    let mut writer = TunWriter::default();
+    let mut rx4 = GroRecv::new(v4.clone());
+    let mut rx6 = v6.clone().map(GroRecv::new);
+    let pool = PacketBufPool::new(POOL);
+    let mut mtu_watch = MtuWatcher::new(mtu);
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = Outbox::default();
+    let mut decrypted: Vec<Packet> = Vec::new();
+    let mut gso = Vec::new();
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            r = reader.read(&dev) => match r {
+                Ok(()) => lock(&state).outgoing(reader.packets(), &pool, &mut mtu_watch, &mut out),
+                Err(e) if device_gone(&e) => {
+                    tracing::warn!(error = %e, "the WireGuard TUN device is gone; the device stops");
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %e, "skipping an unreadable read from the TUN device"),
+            },
+            r = rx4.fill() => match r {
+                Ok(()) => lock(&state).incoming(&mut rx4, &pool, &mut mtu_watch, &mut out, &mut decrypted),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the WireGuard IPv4 socket is unusable; the device stops");
+                    break;
+                }
+            },
+            r = recv_on(rx6.as_mut()) => match (r, rx6.as_mut()) {
+                (Ok(()), Some(rx)) => lock(&state).incoming(rx, &pool, &mut mtu_watch, &mut out, &mut decrypted),
+                _ => {
+                    tracing::warn!("the WireGuard IPv6 socket is unusable; IPv4 goes on");
+                    rx6 = None;
+                }
+            },
+            _ = tick.tick() => lock(&state).timers(&mut out),
+        }
+        if !decrypted.is_empty() {
+            writer.write(&dev, &decrypted).await;
+            decrypted.clear();
+        }
+        if !out.v4.is_empty() {
+            send_runs(&v4, &out.v4, &mut gso).await;
+            out.v4.clear();
+        }
+        if !out.v6.is_empty() {
+            if let Some(v6) = &v6 {
+                send_runs(v6, &out.v6, &mut gso).await;
+            }
+            out.v6.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(key: u8, nets: &[&str]) -> PeerSpec {
+        PeerSpec {
+            public_key: Key([key; 32]),
+            endpoint: "192.0.2.1:51820".parse().unwrap(),
+            allowed_ips: nets.iter().map(|n| n.parse().unwrap()).collect(),
+            preshared_key: None,
+            keepalive: None,
+        }
+    }
+
+    #[test]
+    fn routes_find_the_most_specific_peer() {
+        let peers = [
+            spec(1, &["10.5.0.0/16"]),
+            spec(2, &["10.5.3.0/24", "fd00:5:3::/64"]),
+            spec(3, &["10.5.4.7/24"]),
+        ];
+        let r = Routes::new(&peers);
+        let find = |ip: &str| r.find(ip.parse().unwrap()).map(|k| k.0[0]);
+        assert_eq!(find("10.5.3.9"), Some(2));
+        assert_eq!(find("10.5.4.1"), Some(3), "a network is kept by its prefix");
+        assert_eq!(
+            find("10.5.9.1"),
+            Some(1),
+            "the shorter prefix when no longer one holds it"
+        );
+        assert_eq!(find("fd00:5:3::1"), Some(2));
+        assert_eq!(find("fd00:5:4::1"), None);
+        assert_eq!(find("10.6.0.1"), None);
+        assert_eq!(Routes::new(&[]).find("10.5.3.9".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn a_network_two_peers_claim_goes_to_one_of_them_whatever_the_order() {
+        let a = spec(1, &["10.5.3.0/24"]);
+        let b = spec(2, &["10.5.3.0/24"]);
+        let ip = "10.5.3.1".parse().unwrap();
+        assert_eq!(Routes::new([&a, &b]).find(ip), Some(a.public_key));
+        assert_eq!(Routes::new([&b, &a]).find(ip), Some(a.public_key));
+    }
+
+    #[test]
+    fn a_new_endpoint_keeps_the_tunnel_and_a_new_keepalive_replaces_it() {
+        let mut st = State::new(&PrivateKey::generate().unwrap());
+        let mut p = spec(7, &["10.5.3.0/24"]);
+        st.apply(&[PeerOp::Set(p.clone())]);
+        st.by_idx.insert(42, p.public_key);
+        p.endpoint = "192.0.2.9:51820".parse().unwrap();
+        st.apply(&[PeerOp::Set(p.clone())]);
+        assert_eq!(st.peers[&p.public_key].spec.endpoint, p.endpoint);
+        assert_eq!(
+            st.by_idx.get(&42),
+            Some(&p.public_key),
+            "same tunnel, same sessions"
+        );
+        p.keepalive = Some(Duration::from_secs(25));
+        st.apply(&[PeerOp::Set(p.clone())]);
+        assert!(
+            st.by_idx.is_empty(),
+            "a new tunnel: the old sessions' indices are gone"
+        );
+        st.apply(&[PeerOp::Remove(p.public_key)]);
+        assert!(st.peers.is_empty());
+        assert_eq!(st.routes.find("10.5.3.1".parse().unwrap()), None);
     }
 }
