@@ -4,7 +4,7 @@
 //! between hosts goes encrypted through the WireGuard device `flannel-wg` (and `flannel-wg-v6` in
 //! `Mode: separate` with IPv6). The devices are the kernel's WireGuard devices where the kernel has
 //! them ([`kernel`], configured over generic netlink as upstream's are), and userspace WireGuard
-//! over TUN ([`userspace`], on gotatun) where it has not (or with [`USERSPACE_ENV`]`=1`), so the
+//! over TUN ([`userspace`]: our device loop around gotatun's protocol) where it has not (or with [`USERSPACE_ENV`]`=1`), so the
 //! backend works on any kernel with TUN; the wire protocol is the same, so hosts of both kinds and
 //! upstream's nodes share one network.
 //!
@@ -20,8 +20,10 @@
 //!   flanneld's back comes back); a deleted device is recreated with its peers.
 //! - [`kernel`]: the kernel device's netlink messages, built and read as plain functions
 //!   ([`kernel::set_device_messages`], [`kernel::device_of`], which never panics on odd bytes).
-//! - [`userspace`]: gotatun's protocol between our own TUN side ([`tun`]: offloads, batched
-//!   writes with TCP segments merged) and UDP side ([`udp`]: GSO sends, GRO receives).
+//! - [`userspace`]: one task per device running batches through gotatun's protocol state machine
+//!   (`noise::Tunn`), between our TUN side ([`tun`]: offloads, batched writes with TCP segments
+//!   merged) and UDP side ([`udp`]: GSO sends, GRO receives); [`userspace::Routes`] is the
+//!   cryptokey routing.
 //!
 //! ```
 //! use flannel_backend_wireguard::{WireguardOptions, Mode};
