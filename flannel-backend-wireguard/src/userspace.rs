@@ -211,16 +211,15 @@ impl State {
         }
     }
 
-    /// Handles the datagrams `rx` read: handshakes answered, data decrypted into `tun`.
+    /// Handles received datagrams: handshakes answered, data decrypted into `tun`.
     fn incoming(
         &mut self,
-        rx: &mut GroRecv,
-        pool: &PacketBufPool,
+        datagrams: impl Iterator<Item = (Packet, SocketAddr)>,
         mtu: &mut MtuWatcher,
         out: &mut Outbox,
         tun: &mut Vec<Packet>,
     ) {
-        while let Some((datagram, from)) = rx.next_pending(pool) {
+        for (datagram, from) in datagrams {
             let parsed = match self.rate_limiter.verify_packet(from.ip(), datagram) {
                 Ok(p) => p,
                 Err(TunnResult::WriteToNetwork(cookie)) => {
@@ -420,14 +419,24 @@ async fn run(
                 Err(e) => tracing::debug!(error = %e, "skipping an unreadable read from the TUN device"),
             },
             r = rx4.fill() => match r {
-                Ok(()) => lock(&state).incoming(&mut rx4, &pool, &mut mtu_watch, &mut out, &mut decrypted),
+                Ok(()) => lock(&state).incoming(
+                    std::iter::from_fn(|| rx4.next_pending(&pool)),
+                    &mut mtu_watch,
+                    &mut out,
+                    &mut decrypted,
+                ),
                 Err(e) => {
                     tracing::warn!(error = %e, "the WireGuard IPv4 socket is unusable; the device stops");
                     break;
                 }
             },
             r = recv_on(rx6.as_mut()) => match (r, rx6.as_mut()) {
-                (Ok(()), Some(rx)) => lock(&state).incoming(rx, &pool, &mut mtu_watch, &mut out, &mut decrypted),
+                (Ok(()), Some(rx)) => lock(&state).incoming(
+                    std::iter::from_fn(|| rx.next_pending(&pool)),
+                    &mut mtu_watch,
+                    &mut out,
+                    &mut decrypted,
+                ),
                 _ => {
                     tracing::warn!("the WireGuard IPv6 socket is unusable; IPv4 goes on");
                     rx6 = None;
@@ -450,6 +459,68 @@ async fn run(
             out.v6.clear();
         }
     }
+}
+
+/// The private key of the device [`run_untrusted`] runs.
+pub const FUZZ_DEVICE_PRIVATE: [u8; 32] = [7; 32];
+/// The private key of its one peer.
+pub const FUZZ_PEER_PRIVATE: [u8; 32] = [9; 32];
+
+/// Runs untrusted bytes through a device's protocol side, as the fuzz target `wireguard_datagram`
+/// does: `data` is a series of chunks, each a kind byte, a length (2 bytes, little-endian) and that
+/// many bytes (or what is left): by the kind's low bit a datagram received from the UDP socket (0)
+/// or a packet read from the TUN device (1), for a device with one peer, whose key is
+/// [`FUZZ_PEER_PRIVATE`]'s; the device's is [`FUZZ_DEVICE_PRIVATE`]'s.
+/// Returns how many datagrams it would send and how many packets it would write to the TUN device.
+/// Never panics, whatever the bytes.
+pub fn run_untrusted(data: &[u8]) -> (usize, usize) {
+    // Fixed keys: the fuzzer's inputs stay meaningful from run to run.
+    let mut state = State::new(&PrivateKey::from_bytes(FUZZ_DEVICE_PRIVATE));
+    let peer = PeerSpec {
+        public_key: Key(PublicKey::from(&StaticSecret::from(FUZZ_PEER_PRIVATE)).to_bytes()),
+        endpoint: SocketAddr::from((Ipv4Addr::new(192, 0, 2, 1), 51820)),
+        allowed_ips: vec![IpNet::from(ipnet::Ipv4Net::new_assert(
+            Ipv4Addr::new(10, 5, 3, 0),
+            24,
+        ))],
+        preshared_key: None,
+        keepalive: Some(Duration::from_secs(25)),
+    };
+    state.apply(&[PeerOp::Set(peer.clone())]);
+    let pool = PacketBufPool::new(8);
+    let mut mtu = MtuWatcher::new(1420);
+    let mut out = Outbox::default();
+    let mut tun = Vec::new();
+    let (mut sent, mut written) = (0, 0);
+    let mut rest = data;
+    while let [kind, a, b, tail @ ..] = rest {
+        let len = usize::from(u16::from_le_bytes([*a, *b])).min(tail.len());
+        let (bytes, after) = tail.split_at(len);
+        rest = after;
+        if kind & 1 == 0 {
+            let mut packet = pool.get();
+            let Some(dst) = packet.get_mut(..bytes.len()) else {
+                continue;
+            };
+            dst.copy_from_slice(bytes);
+            packet.truncate(bytes.len());
+            state.incoming(
+                std::iter::once((packet, peer.endpoint)),
+                &mut mtu,
+                &mut out,
+                &mut tun,
+            );
+        } else {
+            state.outgoing(std::iter::once(bytes), &pool, &mut mtu, &mut out);
+        }
+        state.timers(&mut out);
+        sent += out.v4.len() + out.v6.len();
+        written += tun.len();
+        out.v4.clear();
+        out.v6.clear();
+        tun.clear();
+    }
+    (sent, written)
 }
 
 #[cfg(test)]
@@ -520,5 +591,48 @@ mod tests {
         st.apply(&[PeerOp::Remove(p.public_key)]);
         assert!(st.peers.is_empty());
         assert_eq!(st.routes.find("10.5.3.1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn a_real_handshake_through_the_untrusted_entry_is_answered() {
+        // The peer's side: a device with our device as its peer, sending a packet to our subnet.
+        let mut peer = State::new(&PrivateKey::from_bytes(FUZZ_PEER_PRIVATE));
+        let ours = PeerSpec {
+            public_key: Key(PublicKey::from(&StaticSecret::from(FUZZ_DEVICE_PRIVATE)).to_bytes()),
+            allowed_ips: vec!["10.5.2.0/24".parse().unwrap()],
+            ..spec(0, &[])
+        };
+        peer.apply(&[PeerOp::Set(ours)]);
+        let mut ping = [0u8; 28];
+        ping[0] = 0x45;
+        ping[2..4].copy_from_slice(&28u16.to_be_bytes());
+        ping[8] = 64;
+        ping[9] = 1;
+        ping[12..16].copy_from_slice(&[10, 5, 3, 1]);
+        ping[16..20].copy_from_slice(&[10, 5, 2, 1]);
+        let pool = PacketBufPool::new(4);
+        let mut out = Outbox::default();
+        peer.outgoing(
+            std::iter::once(&ping[..]),
+            &pool,
+            &mut MtuWatcher::new(1420),
+            &mut out,
+        );
+        let init = out.v4.pop().expect("a handshake initiation").0;
+        assert_eq!(init.len(), 148, "a handshake initiation");
+        let mut data = vec![0u8];
+        data.extend_from_slice(&u16::try_from(init.len()).unwrap().to_le_bytes());
+        data.extend_from_slice(&init);
+        let (sent, written) = run_untrusted(&data);
+        assert_eq!(
+            (sent, written),
+            (1, 0),
+            "answered with a handshake response"
+        );
+        // The same bytes from a stranger's key are not answered.
+        let mut bad = data.clone();
+        bad[3 + 8] ^= 1;
+        assert_eq!(run_untrusted(&bad), (0, 0));
+        assert_eq!(run_untrusted(&[]), (0, 0));
     }
 }
