@@ -158,7 +158,7 @@ impl GroRecv {
         }
     }
 
-    /// Reads what the socket holds (up to [`RX_BATCH`] coalesced reads) into `pending`.
+    /// Reads what the socket holds (up to `RX_BATCH` coalesced reads) into `pending`.
     ///
     /// # Errors
     /// When the socket is unusable (gone); other failed reads are one read lost.
