@@ -26,7 +26,7 @@ use rtnetlink::{
 };
 
 use crate::LinkOps;
-use crate::changes::{Entry, KernelChange, Notifications, notifications};
+use crate::changes::{Entry, KernelChange, NotificationSender, Notifications, notifications};
 use crate::dump::{NETLINK_ROUTE, Socket};
 use crate::nexthop::{self, NextHop, NexthopMessage};
 use crate::{
@@ -164,6 +164,36 @@ impl Nexthops {
             context(),
             std::io::Error::from_raw_os_error(libc::EEXIST),
         ))
+    }
+
+    /// Forwards, as [`KernelChange::Other`], each deletion of an object of flanneld's that a route
+    /// still points at (someone else's doing: flanneld deletes only objects no route uses).
+    fn watch_deletions(self: &std::sync::Arc<Self>, tx: NotificationSender) -> std::io::Result<()> {
+        use netlink_sys::AsyncSocket;
+        let (mut conn, _handle, mut messages) =
+            netlink_proto::new_connection::<NexthopMessage>(netlink_sys::protocols::NETLINK_ROUTE)?;
+        let socket = conn.socket_mut().socket_mut();
+        socket.bind(&netlink_sys::SocketAddr::new(0, 0))?;
+        socket.add_membership(nexthop::RTNLGRP_NEXTHOP)?;
+        tokio::spawn(conn);
+        let nh = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some((msg, _)) = messages.next().await {
+                let Some(nh) = nh.upgrade() else { return };
+                let news = match msg.payload {
+                    NetlinkPayload::InnerMessage(m) => {
+                        m.kind == nexthop::RTM_DELNEXTHOP
+                            && m.id.is_some_and(|id| nh.registry().in_use(id))
+                    }
+                    // An error or overrun report: a deletion may have been lost.
+                    _ => true,
+                };
+                if news && !tx.send(KernelChange::Other) {
+                    return;
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Deletes object `id` (gone already is fine) and forgets it.
@@ -350,7 +380,11 @@ impl Netlink {
 
     /// Subscribes to link, address, route and neighbour notifications, each turned into a
     /// [`KernelChange`] (up to 4096 queued; past that the receiver gets [`KernelChange::Other`]).
-    pub fn subscribe() -> Result<Notifications, DataplaneError> {
+    /// When this connection uses next-hop objects, the deletion of one of flanneld's objects that
+    /// a route still points at comes as [`KernelChange::Other`] too: the kernel takes the object's
+    /// IPv4 routes along without a notification of their own. flanneld's own deletions (of objects
+    /// no route uses) are not news.
+    pub fn subscribe(&self) -> Result<Notifications, DataplaneError> {
         let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
             MulticastGroup::Link,
             MulticastGroup::Ipv4Route,
@@ -362,6 +396,13 @@ impl Netlink {
         .map_err(|e| err("subscribing to netlink notifications", e))?;
         tokio::spawn(conn);
         let (tx, rx) = notifications(4096);
+        if let Some(nh) = &self.nexthops {
+            match nh.watch_deletions(tx.clone()) {
+                Ok(()) => {}
+                // Objects deleted by hand are then repaired at the next resync.
+                Err(e) => tracing::info!(error = %e, "no notifications of next-hop objects"),
+            }
+        }
         tokio::spawn(async move {
             while let Some((msg, _)) = messages.next().await {
                 let change = match msg.payload {

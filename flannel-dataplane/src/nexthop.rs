@@ -28,7 +28,10 @@ pub const FIRST_ID: u32 = 0x464c_0000;
 pub const LAST_ID: u32 = 0x464f_ffff;
 
 const RTM_NEWNEXTHOP: u16 = 104;
-const RTM_DELNEXTHOP: u16 = 105;
+/// `RTM_DELNEXTHOP`.
+pub const RTM_DELNEXTHOP: u16 = 105;
+/// `RTNLGRP_NEXTHOP`, the multicast group of next-hop notifications.
+pub const RTNLGRP_NEXTHOP: u32 = 32;
 const RTM_GETNEXTHOP: u16 = 106;
 const NHA_ID: u16 = 1;
 const NHA_OIF: u16 = 5;

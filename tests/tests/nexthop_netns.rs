@@ -187,3 +187,89 @@ fn routes_through_next_hop_objects() {
         })
     });
 }
+
+/// A next-hop object deleted by hand takes its IPv4 routes along without a route notification: the
+/// subscription reports it (as "read everything"), while flanneld's own deletions are no news.
+#[test]
+fn an_object_deleted_by_hand_is_news() {
+    use flannel_dataplane::changes::KernelChange;
+    if !require_root("an_object_deleted_by_hand_is_news") {
+        return;
+    }
+    let ns = Netns::new("nhn");
+    // No IPv6 (its link-local addresses would come and be announced during the test).
+    for cmd in [
+        "sysctl -qw net.ipv6.conf.all.disable_ipv6=1",
+        "sysctl -qw net.ipv6.conf.default.disable_ipv6=1",
+        "ip link add fltnn0 type veth peer name fltnn1",
+        "ip link set fltnn0 up",
+        "ip link set fltnn1 up",
+        "ip addr add 192.168.61.1/24 dev fltnn0",
+    ] {
+        let args: Vec<&str> = cmd.split_whitespace().collect();
+        ns.exec(&args).unwrap();
+    }
+    ns.run(|| {
+        Box::pin(async {
+            let oif = ip("-o link show fltnn0")
+                .split(':')
+                .next()
+                .unwrap()
+                .trim()
+                .parse::<u32>()
+                .unwrap();
+            let own = Ownership {
+                networks: vec!["10.5.0.0/16".parse().unwrap()],
+                gateway_route_oifs: vec![oif],
+                ..Default::default()
+            };
+            let nl = Netlink::new().unwrap();
+            let mut notes = nl.subscribe().unwrap();
+            let mut desired = KernelState::default();
+            desired
+                .routes
+                .insert(route("10.5.2.0/24", "10.5.2.0", oif, true));
+            let mut known = nl.read(&own).await.unwrap();
+            let report = apply_diff(&nl, &desired, &own, &mut known).await;
+            assert!(report.failed.is_empty(), "{:?}", report.failed);
+            // Time for the kernel's notifications to arrive before looking at what is queued.
+            let settle = || tokio::time::sleep(std::time::Duration::from_millis(300));
+            settle().await;
+            let echoes = notes.drain();
+            assert!(
+                !echoes.contains(&KernelChange::Other),
+                "making an object is no news: {echoes:?}"
+            );
+
+            ip(&format!("nexthop del id {}", object_of("10.5.2.0/24")));
+            assert!(
+                ip("route show 10.5.2.0/24").is_empty(),
+                "the route went too"
+            );
+            let first = tokio::time::timeout(std::time::Duration::from_secs(2), notes.recv())
+                .await
+                .expect("a notification within 2 s");
+            let mut seen = vec![first.unwrap()];
+            settle().await;
+            seen.extend(notes.drain());
+            assert!(seen.contains(&KernelChange::Other), "{seen:?}");
+
+            // Repaired by a read; then flanneld removes the route and its object itself.
+            let mut known = nl.read(&own).await.unwrap();
+            let report = apply_diff(&nl, &desired, &own, &mut known).await;
+            assert!(report.failed.is_empty(), "{:?}", report.failed);
+            assert!(ip("route show 10.5.2.0/24").contains("via 10.5.2.0"));
+            settle().await;
+            notes.drain();
+            let report = apply_diff(&nl, &KernelState::default(), &own, &mut known).await;
+            assert!(report.failed.is_empty(), "{:?}", report.failed);
+            assert!(objects().is_empty(), "{:?}", objects());
+            settle().await;
+            let own_deletes = notes.drain();
+            assert!(
+                !own_deletes.contains(&KernelChange::Other),
+                "flanneld's own deletion is no news: {own_deletes:?}"
+            );
+        })
+    });
+}
