@@ -10,8 +10,10 @@
 //!
 //! The kernel announces what breaks a data plane: a deleted or replaced entry, a device deleted or
 //! set down (its routes go silently, but the link change is announced and makes the loop read
-//! everything again). The resync (every 60 s; every 10 s when notifications are unavailable) is for
-//! what is not announced or was lost.
+//! everything again), and so is a next-hop object deleted by hand (its IPv4 routes go silently). The
+//! resync is for what is not announced or was lost: every 60 s (every 10 s when notifications are
+//! unavailable), and less often on hosts with more than [`RESYNC_ENTRIES`] entries
+//! ([`resync_interval`]), so that the safety net costs no more per minute than at that size.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -52,7 +54,8 @@ pub trait Model: Send + std::fmt::Debug {
 /// Settings of the loop.
 #[derive(Debug, Clone)]
 pub struct DriverOptions {
-    /// Periodic resync interval (a full read of the kernel).
+    /// Periodic resync interval (a full read of the kernel) for up to [`RESYNC_ENTRIES`] entries;
+    /// longer above (see [`resync_interval`]).
     pub resync: Duration,
     /// How long to collect kernel notifications before reacting.
     pub debounce: Duration,
@@ -115,6 +118,24 @@ fn pass_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
 }
 
+/// The number of kernel entries (routes, neighbours, FDB entries) the safety-net resync reads per
+/// [`DriverOptions::resync`]: those of 5000 vxlan peers.
+pub const RESYNC_ENTRIES: usize = 15_000;
+
+/// The longest wait between two safety-net resyncs.
+pub const RESYNC_MAX: Duration = Duration::from_secs(600);
+
+/// The wait until the next safety-net resync after a full read found `entries` entries: `base` for
+/// up to [`RESYNC_ENTRIES`], and `base` for each [`RESYNC_ENTRIES`] begun above that (at most
+/// [`RESYNC_MAX`], never less than `base`). A full read costs in proportion to the entries; this
+/// keeps its cost per idle minute at what it is at 5000 vxlan peers, where repairs of what the
+/// kernel announces (nearly everything) still come within a second.
+pub fn resync_interval(base: Duration, entries: usize) -> Duration {
+    let times = entries.div_ceil(RESYNC_ENTRIES).max(1);
+    base.saturating_mul(u32::try_from(times).unwrap_or(u32::MAX))
+        .min(RESYNC_MAX.max(base))
+}
+
 /// How long after the last pass of a large change the loop compacts what it keeps (so a burst of
 /// joining peers, which comes as many passes, is compacted once, at its end).
 const QUIET: Duration = Duration::from_secs(1);
@@ -140,10 +161,14 @@ struct Loop {
     changed_since_release: usize,
     /// When to compact, once a large change is over.
     compact_at: Option<Instant>,
+    /// The resync interval for a host with up to [`RESYNC_ENTRIES`] entries.
+    resync: Duration,
+    /// When the next safety-net resync is due.
+    resync_at: Instant,
 }
 
 impl Loop {
-    fn new(own: SubnetKey) -> Self {
+    fn new(own: SubnetKey, resync: Duration) -> Self {
         Self {
             tracker: LeaseTracker::new(Some(own)),
             have_snapshot: false,
@@ -155,6 +180,8 @@ impl Loop {
             warned: BTreeSet::new(),
             changed_since_release: 0,
             compact_at: None,
+            resync,
+            resync_at: Instant::now() + resync,
         }
     }
 
@@ -192,6 +219,8 @@ impl Loop {
                 }
             }
             Input::Tick => {
+                // Pushed back until the read; a pass that fails retries on its own schedule.
+                self.resync_at = Instant::now() + self.resync;
                 self.known = None;
                 self.dirty = true;
             }
@@ -290,6 +319,7 @@ impl Loop {
         if self.known.as_ref().is_some_and(|(o, _)| *o != ownership) {
             self.known = None;
         }
+        let read = self.known.is_none();
         let mut known = match self.known.take() {
             Some((_, k)) => k,
             None => match kernel.read(&ownership).await {
@@ -305,6 +335,10 @@ impl Loop {
             },
         };
         let report = apply_diff(kernel, &desired, &ownership, &mut known).await;
+        if read {
+            // A full read: the next safety net is due after the interval for the host's size.
+            self.resync_at = Instant::now() + resync_interval(self.resync, known.len());
+        }
         let entries = desired.len();
         drop(desired);
         self.count_changes(report.applied.values().sum::<usize>(), Instant::now());
@@ -328,7 +362,7 @@ impl Loop {
 async fn next_input(
     leases: &mut mpsc::Receiver<LeaseWatchResult>,
     notifications: &mut Option<Notifications>,
-    tick: &mut tokio::time::Interval,
+    resync_at: Instant,
     retry_at: Option<Instant>,
     compact_at: Option<Instant>,
     shutdown: &CancellationToken,
@@ -363,7 +397,7 @@ async fn next_input(
             all.extend(n.drain());
             Input::Kernel(all)
         }
-        _ = tick.tick() => Input::Tick,
+        () = tokio::time::sleep_until(resync_at) => Input::Tick,
         () = retry => Input::RetryDue,
         () = quiet => Input::Quiet,
     }
@@ -402,9 +436,7 @@ pub async fn run(
     });
     let policy = LeasePolicy::new(own, &model.desired(&[]).1, &host_routes);
     drop(host_routes);
-    let mut state = Loop::new(own);
-    let mut tick = tokio::time::interval(opts.resync);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut state = Loop::new(own, opts.resync);
     loop {
         if state.pass_due() {
             state.pass(model, kernel, &policy).await;
@@ -412,7 +444,7 @@ pub async fn run(
         let mut input = next_input(
             &mut rx,
             &mut notifications,
-            &mut tick,
+            state.resync_at,
             state.retry_at,
             state.compact_at,
             &shutdown,
@@ -456,7 +488,7 @@ pub async fn run_on_netlink(
 ) -> Result<(), BackendError> {
     let kernel = crate::netlink::Netlink::new()?;
     let mut opts = DriverOptions::default();
-    let notifications = match crate::netlink::Netlink::subscribe() {
+    let notifications = match kernel.subscribe() {
         Ok(n) => Some(n),
         Err(e) => {
             warn!(error = %crate::chain(&e), "no netlink notifications; relying on a resync every 10 s");
@@ -649,6 +681,10 @@ mod tests {
     }
 
     fn start(fail_first: usize) -> Harness {
+        start_with(fail_first, Duration::from_secs(600))
+    }
+
+    fn start_with(fail_first: usize, resync: Duration) -> Harness {
         let (leases, rx) = mpsc::channel(16);
         let (notify, nrx) = notifications(64);
         let passes = Arc::new(AtomicUsize::new(0));
@@ -660,7 +696,7 @@ mod tests {
             tokio::spawn(async move {
                 let mut model = CountingModel { passes, fail_first };
                 let opts = DriverOptions {
-                    resync: Duration::from_secs(600),
+                    resync,
                     debounce: Duration::from_millis(50),
                 };
                 let own = "10.5.1.0-24".parse().unwrap_or_else(|_| unreachable!());
@@ -887,6 +923,44 @@ mod tests {
         h.stop().await;
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_host_with_many_entries_resyncs_less_often() {
+        let h = start_with(0, Duration::from_secs(60));
+        // 15,001 peers (one route each): over RESYNC_ENTRIES, so the safety net waits 2 x 60 s.
+        let many: Vec<Lease> = (0..=RESYNC_ENTRIES as u32)
+            .map(|i| {
+                let ip = std::net::Ipv4Addr::from(0x0a05_4000 + 2 * i);
+                lease(&format!("{ip}-31"))
+            })
+            .collect();
+        h.store_says(LeaseWatchResult::Snapshot(many)).await;
+        settle().await;
+        assert_eq!(routes(&h.kernel), RESYNC_ENTRIES + 1);
+        assert_eq!(reads(&h), 1);
+        h.kernel.inner.state.lock().unwrap().routes.clear();
+        tokio::time::sleep(Duration::from_secs(90)).await;
+        assert_eq!(reads(&h), 1, "no resync after 60 s at this size");
+        assert_eq!(routes(&h.kernel), 0);
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        assert_eq!(reads(&h), 2, "the resync after 120 s");
+        assert_eq!(routes(&h.kernel), RESYNC_ENTRIES + 1, "repaired");
+        h.stop().await;
+    }
+
+    #[test]
+    fn the_resync_interval_grows_with_the_entries() {
+        let base = Duration::from_secs(60);
+        let at = |n| resync_interval(base, n).as_secs();
+        assert_eq!(at(0), 60);
+        assert_eq!(at(RESYNC_ENTRIES), 60);
+        assert_eq!(at(RESYNC_ENTRIES + 1), 120);
+        assert_eq!(at(60_000), 240, "20,000 vxlan peers");
+        assert_eq!(at(10_000_000), RESYNC_MAX.as_secs(), "capped");
+        let long = Duration::from_secs(900);
+        assert_eq!(resync_interval(long, 0), long, "never below the base");
+        assert_eq!(resync_interval(long, usize::MAX), long);
+    }
+
     #[test]
     fn pass_backoff_doubles_to_ten_seconds() {
         let mut b = pass_backoff();
@@ -896,7 +970,7 @@ mod tests {
 
     #[test]
     fn a_large_change_is_compacted_once_it_is_over() {
-        let mut l = Loop::new("10.5.1.0-24".parse().unwrap());
+        let mut l = Loop::new("10.5.1.0-24".parse().unwrap(), Duration::from_secs(60));
         let t0 = Instant::now();
         l.count_changes(600, t0);
         assert_eq!(l.compact_at, None, "not a large change yet");
@@ -937,18 +1011,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_quiet_time_wakes_the_loop() {
         let (_tx, mut rx) = mpsc::channel(1);
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
-        tick.tick().await;
         let shutdown = CancellationToken::new();
         let at = Instant::now() + QUIET;
-        let input = next_input(&mut rx, &mut None, &mut tick, None, Some(at), &shutdown).await;
+        let resync_at = Instant::now() + Duration::from_secs(60);
+        let input = next_input(&mut rx, &mut None, resync_at, None, Some(at), &shutdown).await;
         assert!(matches!(input, Input::Quiet), "{input:?}");
         assert!(Instant::now() >= at);
     }
 
     #[test]
     fn a_failed_pass_forgets_what_the_loop_knew() {
-        let mut l = Loop::new("10.5.1.0-24".parse().unwrap());
+        let mut l = Loop::new("10.5.1.0-24".parse().unwrap(), Duration::from_secs(60));
         l.known = Some((Ownership::default(), KernelState::default()));
         assert!(!l.is_news(&[KernelChange::OnDevice(3)]));
         assert_eq!(l.on(Input::Tick), Flow::Continue);
