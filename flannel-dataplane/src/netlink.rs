@@ -41,21 +41,28 @@ fn err(context: impl Into<String>, e: impl Into<KernelCause>) -> DataplaneError 
 }
 
 /// A netlink connection to the kernel of the current network namespace.
+///
+/// The sockets for next-hop objects and for reading tables are opened at their first use, so a
+/// connection that only manages links and addresses (a backend's devices) costs one socket.
 #[derive(Debug, Clone)]
 pub struct Netlink {
     handle: Handle,
     /// Next-hop objects for routes with a gateway (see [`crate::nexthop`]); `None` when turned off.
     nexthops: Option<std::sync::Arc<Nexthops>>,
     /// A socket of its own for reading tables in bounded memory (see [`crate::dump`]).
-    dumper: std::sync::Arc<tokio::sync::Mutex<Socket>>,
+    dumper: std::sync::Arc<tokio::sync::Mutex<Option<Socket>>>,
 }
 
-/// flanneld's next-hop objects: a connection for their messages and what flanneld holds.
+/// flanneld's next-hop objects: a connection for their messages (opened at the first use) and
+/// what flanneld holds.
+#[derive(Default)]
 struct Nexthops {
-    handle: netlink_proto::ConnectionHandle<NexthopMessage>,
+    handle: std::sync::OnceLock<netlink_proto::ConnectionHandle<NexthopMessage>>,
     registry: std::sync::Mutex<nexthop::Registry>,
     /// Whether the kernel has next-hop objects (known after the first dump).
     enabled: tokio::sync::OnceCell<bool>,
+    /// Where deletions of objects still in use are reported (see [`Netlink::subscribe`]).
+    news: std::sync::Mutex<Option<NotificationSender>>,
 }
 
 impl std::fmt::Debug for Nexthops {
@@ -67,15 +74,46 @@ impl std::fmt::Debug for Nexthops {
 }
 
 impl Nexthops {
-    fn open() -> std::io::Result<Self> {
-        let (conn, handle, _) =
+    /// Opens the connection. Its socket also listens to next-hop notifications: the echoes of
+    /// flanneld's own changes arrive as part of their requests' answers, everything else goes to
+    /// [`Nexthops::on_notification`].
+    fn open(self: &std::sync::Arc<Self>) -> std::io::Result<()> {
+        use netlink_sys::AsyncSocket;
+        let (mut conn, handle, mut messages) =
             netlink_proto::new_connection::<NexthopMessage>(netlink_sys::protocols::NETLINK_ROUTE)?;
+        let socket = conn.socket_mut().socket_mut();
+        // Bound first: the kernel delivers notifications only to sockets with an address.
+        socket.bind(&netlink_sys::SocketAddr::new(0, 0))?;
+        if let Err(e) = socket.add_membership(nexthop::RTNLGRP_NEXTHOP) {
+            // Objects deleted by hand are then repaired at the next resync.
+            tracing::info!(error = %e, "no notifications of next-hop objects");
+        }
         tokio::spawn(conn);
-        Ok(Self {
-            handle,
-            registry: std::sync::Mutex::new(nexthop::Registry::default()),
-            enabled: tokio::sync::OnceCell::new(),
-        })
+        let _ = self.handle.set(handle);
+        let nh = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some((msg, _)) = messages.next().await {
+                let Some(nh) = nh.upgrade() else { return };
+                nh.on_notification(msg.payload);
+            }
+        });
+        Ok(())
+    }
+
+    /// Reports, as [`KernelChange::Other`], the deletion of an object of flanneld's that a route
+    /// still points at (someone else's doing: flanneld deletes only objects no route uses).
+    fn on_notification(&self, payload: NetlinkPayload<NexthopMessage>) {
+        let news = match payload {
+            NetlinkPayload::InnerMessage(m) => {
+                m.kind == nexthop::RTM_DELNEXTHOP
+                    && m.id.is_some_and(|id| self.registry().in_use(id))
+            }
+            // An error or overrun report: a deletion may have been lost.
+            _ => true,
+        };
+        if news && let Some(tx) = self.news.lock().ok().as_deref().and_then(Option::as_ref) {
+            tx.send(KernelChange::Other);
+        }
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, nexthop::Registry> {
@@ -86,8 +124,12 @@ impl Nexthops {
 
     /// Sends `m`; the kernel's answers (a dump's objects, none for an acknowledged change).
     async fn send(&self, m: NexthopMessage) -> std::io::Result<Vec<NexthopMessage>> {
-        let mut answers = self
+        let handle = self
             .handle
+            .get()
+            .ok_or_else(|| std::io::Error::other("no netlink socket for next-hop objects"))?;
+        let mut answers = handle
+            .clone()
             .request(nexthop::request(m), netlink_sys::SocketAddr::new(0, 0))
             .map_err(std::io::Error::other)?;
         let mut out = Vec::new();
@@ -101,13 +143,20 @@ impl Nexthops {
         Ok(out)
     }
 
-    /// Whether next-hop objects are in use: on the first call, reads flanneld's objects from the
-    /// kernel (a kernel without them answers the dump with an error: routes then carry their
-    /// gateway, as before).
-    async fn enabled(&self) -> bool {
+    /// Whether next-hop objects are in use: on the first call, opens the connection and reads
+    /// flanneld's objects from the kernel (a kernel without them answers the dump with an error:
+    /// routes then carry their gateway, as before).
+    async fn enabled(self: &std::sync::Arc<Self>) -> bool {
         *self
             .enabled
             .get_or_init(|| async {
+                match self.open() {
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::info!(error = %e, "no netlink socket for next-hop objects: routes carry their gateway");
+                        return false;
+                    }
+                }
                 match self.refresh().await {
                     Ok(()) => true,
                     Err(e) => {
@@ -164,36 +213,6 @@ impl Nexthops {
             context(),
             std::io::Error::from_raw_os_error(libc::EEXIST),
         ))
-    }
-
-    /// Forwards, as [`KernelChange::Other`], each deletion of an object of flanneld's that a route
-    /// still points at (someone else's doing: flanneld deletes only objects no route uses).
-    fn watch_deletions(self: &std::sync::Arc<Self>, tx: NotificationSender) -> std::io::Result<()> {
-        use netlink_sys::AsyncSocket;
-        let (mut conn, _handle, mut messages) =
-            netlink_proto::new_connection::<NexthopMessage>(netlink_sys::protocols::NETLINK_ROUTE)?;
-        let socket = conn.socket_mut().socket_mut();
-        socket.bind(&netlink_sys::SocketAddr::new(0, 0))?;
-        socket.add_membership(nexthop::RTNLGRP_NEXTHOP)?;
-        tokio::spawn(conn);
-        let nh = std::sync::Arc::downgrade(self);
-        tokio::spawn(async move {
-            while let Some((msg, _)) = messages.next().await {
-                let Some(nh) = nh.upgrade() else { return };
-                let news = match msg.payload {
-                    NetlinkPayload::InnerMessage(m) => {
-                        m.kind == nexthop::RTM_DELNEXTHOP
-                            && m.id.is_some_and(|id| nh.registry().in_use(id))
-                    }
-                    // An error or overrun report: a deletion may have been lost.
-                    _ => true,
-                };
-                if news && !tx.send(KernelChange::Other) {
-                    return;
-                }
-            }
-        });
-        Ok(())
     }
 
     /// Deletes object `id` (gone already is fine) and forgets it.
@@ -263,19 +282,27 @@ impl Netlink {
         let (conn, handle, _) =
             rtnetlink::new_connection().map_err(|e| err("opening a netlink socket", e))?;
         tokio::spawn(conn);
-        let nexthops = match Nexthops::open() {
-            Ok(n) => Some(std::sync::Arc::new(n)),
-            Err(e) => {
-                tracing::info!(error = %e, "no netlink socket for next-hop objects: routes carry their gateway");
-                None
-            }
-        };
-        let dumper = Socket::open(NETLINK_ROUTE)
-            .map_err(|e| err("opening a netlink socket for dumps", e))?;
         Ok(Self {
             handle,
-            nexthops,
-            dumper: std::sync::Arc::new(tokio::sync::Mutex::new(dumper)),
+            nexthops: Some(std::sync::Arc::default()),
+            dumper: std::sync::Arc::default(),
+        })
+    }
+
+    /// The socket for reading tables, opened at the first use.
+    async fn dumper(&self) -> Result<tokio::sync::MappedMutexGuard<'_, Socket>, DataplaneError> {
+        let mut slot = self.dumper.lock().await;
+        if slot.is_none() {
+            *slot = Some(
+                Socket::open(NETLINK_ROUTE)
+                    .map_err(|e| err("opening a netlink socket for dumps", e))?,
+            );
+        }
+        tokio::sync::MutexGuard::try_map(slot, Option::as_mut).map_err(|_| {
+            err(
+                "opening a netlink socket for dumps",
+                std::io::Error::other("gone"),
+            )
         })
     }
 
@@ -288,8 +315,8 @@ impl Netlink {
 
     /// The next-hop objects, when they are in use.
     async fn nexthops(&self) -> Option<&Nexthops> {
-        let nh = self.nexthops.as_deref()?;
-        nh.enabled().await.then_some(nh)
+        let nh = self.nexthops.as_ref()?;
+        nh.enabled().await.then_some(nh.as_ref())
     }
 
     /// `ip route replace <dst> nhid <id>`, the object (`via <gateway> dev <oif> [onlink]`) made
@@ -396,12 +423,10 @@ impl Netlink {
         .map_err(|e| err("subscribing to netlink notifications", e))?;
         tokio::spawn(conn);
         let (tx, rx) = notifications(4096);
-        if let Some(nh) = &self.nexthops {
-            match nh.watch_deletions(tx.clone()) {
-                Ok(()) => {}
-                // Objects deleted by hand are then repaired at the next resync.
-                Err(e) => tracing::info!(error = %e, "no notifications of next-hop objects"),
-            }
+        if let Some(nh) = &self.nexthops
+            && let Ok(mut news) = nh.news.lock()
+        {
+            *news = Some(tx.clone());
         }
         tokio::spawn(async move {
             while let Some((msg, _)) = messages.next().await {
@@ -507,7 +532,7 @@ impl Netlink {
         } else {
             AddressFamily::Inet
         };
-        let mut dumper = self.dumper.lock().await;
+        let mut dumper = self.dumper().await?;
         if dumper.strict() {
             request.header.table = RouteHeader::RT_TABLE_MAIN;
         }
@@ -551,7 +576,7 @@ impl Netlink {
     ) -> Result<(), DataplaneError> {
         let mut request = NeighbourMessage::default();
         request.header.family = family;
-        let mut dumper = self.dumper.lock().await;
+        let mut dumper = self.dumper().await?;
         if family == AddressFamily::Bridge {
             // The FDB dump takes the device from the header (strict requests only).
             if dumper.strict() {
