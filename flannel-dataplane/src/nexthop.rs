@@ -15,6 +15,9 @@
 //! and `NHA_GATEWAY` attributes.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+
+use hashbrown::HashTable;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use netlink_packet_core::{
@@ -252,28 +255,53 @@ pub fn request(m: NexthopMessage) -> NetlinkMessage<NexthopMessage> {
     msg
 }
 
+/// One of flanneld's objects and how many routes point at it.
+#[derive(Debug, Clone, Copy)]
+struct Object {
+    hop: NextHop,
+    users: u32,
+}
+
 /// Which objects flanneld holds and which routes use them.
-#[derive(Debug, Default)]
+///
+/// Kept small, as a host has one object per peer: the objects by id (with their users), an
+/// index of their ids by next hop (4 bytes a slot), and the object each route points at.
+#[derive(Default)]
 pub struct Registry {
-    by_hop: HashMap<NextHop, u32>,
-    by_id: HashMap<u32, NextHop>,
+    objects: HashMap<u32, Object>,
+    /// The ids in `objects`, found by their next hop (hashed with `hasher`).
+    by_hop: HashTable<u32>,
+    hasher: RandomState,
     /// The object each route (by destination) points at.
     route_id: HashMap<ipnet::IpNet, u32>,
-    users: HashMap<u32, u32>,
     /// Ids in flanneld's range that another program holds.
     foreign: std::collections::HashSet<u32>,
     cursor: u32,
 }
 
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("objects", &self.objects.len())
+            .field("routes", &self.route_id.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Registry {
     /// The id of the object for `hop`, if flanneld has one.
     pub fn id_of(&self, hop: &NextHop) -> Option<u32> {
-        self.by_hop.get(hop).copied()
+        let objects = &self.objects;
+        self.by_hop
+            .find(self.hasher.hash_one(hop), |id| {
+                objects.get(id).is_some_and(|o| o.hop == *hop)
+            })
+            .copied()
     }
 
     /// The next hop of object `id`, if it is flanneld's.
     pub fn hop_of(&self, id: u32) -> Option<NextHop> {
-        self.by_id.get(&id).copied()
+        self.objects.get(&id).map(|o| o.hop)
     }
 
     /// The object route `dst` points at.
@@ -283,33 +311,52 @@ impl Registry {
 
     /// Whether a route points at object `id`.
     pub fn in_use(&self, id: u32) -> bool {
-        self.users.get(&id).is_some_and(|&n| n > 0)
+        self.objects.get(&id).is_some_and(|o| o.users > 0)
     }
 
-    /// Records an object (created, or found in a dump).
-    pub fn insert(&mut self, id: u32, hop: NextHop) {
-        if let Some(old) = self.by_id.insert(id, hop)
-            && self.by_hop.get(&old) == Some(&id)
+    /// Takes `id` out of the index by next hop (`hop` is its next hop).
+    fn unindex(&mut self, id: u32, hop: &NextHop) {
+        if let Ok(entry) = self
+            .by_hop
+            .find_entry(self.hasher.hash_one(hop), |&x| x == id)
         {
-            self.by_hop.remove(&old);
+            entry.remove();
         }
-        self.by_hop.insert(hop, id);
+    }
+
+    /// Records an object (created, or found in a dump). It is the one found for its next hop from
+    /// now on.
+    pub fn insert(&mut self, id: u32, hop: NextHop) {
+        let users = match self.objects.get(&id) {
+            Some(old) => {
+                let (old_hop, users) = (old.hop, old.users);
+                self.unindex(id, &old_hop);
+                users
+            }
+            None => 0,
+        };
+        if let Some(other) = self.id_of(&hop) {
+            self.unindex(other, &hop);
+        }
+        self.objects.insert(id, Object { hop, users });
+        let (objects, hasher) = (&self.objects, &self.hasher);
+        self.by_hop
+            .insert_unique(hasher.hash_one(hop), id, |other| {
+                objects.get(other).map_or(0, |o| hasher.hash_one(o.hop))
+            });
     }
 
     /// Forgets every object (before recording a fresh dump); what routes point at stays.
     pub fn clear_objects(&mut self) {
+        self.objects.clear();
         self.by_hop.clear();
-        self.by_id.clear();
     }
 
     /// Forgets an object (deleted, or gone).
     pub fn remove(&mut self, id: u32) {
-        if let Some(hop) = self.by_id.remove(&id)
-            && self.by_hop.get(&hop) == Some(&id)
-        {
-            self.by_hop.remove(&hop);
+        if let Some(o) = self.objects.remove(&id) {
+            self.unindex(id, &o.hop);
         }
-        self.users.remove(&id);
     }
 
     /// Marks `id` as another program's (skipped from now on).
@@ -323,7 +370,7 @@ impl Registry {
         for _ in 0..span {
             let id = FIRST_ID + self.cursor % span;
             self.cursor = self.cursor.wrapping_add(1);
-            if !self.by_id.contains_key(&id) && !self.foreign.contains(&id) {
+            if !self.objects.contains_key(&id) && !self.foreign.contains(&id) {
                 return Some(id);
             }
         }
@@ -339,13 +386,13 @@ impl Registry {
         if old == id {
             return None;
         }
-        if let Some(id) = id {
-            *self.users.entry(id).or_default() += 1;
+        if let Some(o) = id.and_then(|id| self.objects.get_mut(&id)) {
+            o.users += 1;
         }
         let old = old?;
-        let n = self.users.entry(old).or_default();
-        *n = n.saturating_sub(1);
-        (*n == 0).then_some(old)
+        let o = self.objects.get_mut(&old)?;
+        o.users = o.users.saturating_sub(1);
+        (o.users == 0).then_some(old)
     }
 
     /// Replaces what routes point at with what a full read of the routing table found, and returns
@@ -358,17 +405,19 @@ impl Registry {
         read: impl Fn(&NextHop) -> bool,
     ) -> Vec<u32> {
         self.route_id.clear();
-        self.users.clear();
+        for o in self.objects.values_mut() {
+            o.users = 0;
+        }
         for (dst, id) in routes {
-            if self.by_id.contains_key(&id) {
+            if let Some(o) = self.objects.get_mut(&id) {
                 self.route_id.insert(dst, id);
-                *self.users.entry(id).or_default() += 1;
+                o.users += 1;
             }
         }
         let mut unused: Vec<u32> = self
-            .by_id
+            .objects
             .iter()
-            .filter(|(id, hop)| !self.users.contains_key(id) && read(hop))
+            .filter(|(_, o)| o.users == 0 && read(&o.hop))
             .map(|(id, _)| *id)
             .collect();
         unused.sort_unstable();
@@ -460,6 +509,51 @@ mod tests {
         r.remove(FIRST_ID + 1);
         assert_eq!(r.hop_of(FIRST_ID + 1), None);
         assert_eq!(r.id_of(&hop("10.5.3.0")), None);
+    }
+
+    /// The registry's index by next hop against the plain two-map model it replaced: the same
+    /// answers after any sequence of inserts, removals and clears.
+    #[test]
+    fn the_index_by_next_hop_agrees_with_two_maps() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let hops: Vec<NextHop> = (0..12).map(|i| hop(&format!("10.5.{i}.0"))).collect();
+        let mut r = Registry::default();
+        let (mut by_id, mut by_hop) = (HashMap::new(), HashMap::new());
+        for step in 0..5000 {
+            let id = FIRST_ID + rng.random_range(0..16u32);
+            let h = hops[rng.random_range(0..hops.len())];
+            match rng.random_range(0..10) {
+                0..=5 => {
+                    r.insert(id, h);
+                    if let Some(old) = by_id.insert(id, h)
+                        && by_hop.get(&old) == Some(&id)
+                    {
+                        by_hop.remove(&old);
+                    }
+                    by_hop.insert(h, id);
+                }
+                6..=8 => {
+                    r.remove(id);
+                    if let Some(old) = by_id.remove(&id)
+                        && by_hop.get(&old) == Some(&id)
+                    {
+                        by_hop.remove(&old);
+                    }
+                }
+                _ => {
+                    r.clear_objects();
+                    by_id.clear();
+                    by_hop.clear();
+                }
+            }
+            for h in &hops {
+                assert_eq!(r.id_of(h), by_hop.get(h).copied(), "step {step}: {h:?}");
+            }
+            for id in FIRST_ID..FIRST_ID + 16 {
+                assert_eq!(r.hop_of(id), by_id.get(&id).copied(), "step {step}: {id}");
+            }
+        }
     }
 
     #[test]
