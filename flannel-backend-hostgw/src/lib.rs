@@ -213,7 +213,7 @@ mod tests {
             enable_ipv4: true,
             attrs: LeaseAttrs {
                 public_ip: ip.parse().unwrap(),
-                backend_type: ty.into(),
+                backend_type: flannel_core::backend_type_of(ty),
                 ..Default::default()
             },
             expiration: None,

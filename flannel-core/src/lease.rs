@@ -17,7 +17,8 @@
 //! );
 //! ```
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
@@ -159,9 +160,10 @@ pub struct LeaseAttrs {
     /// The owner's IPv6 address.
     #[serde(rename = "PublicIPv6")]
     pub public_ipv6: Option<Ipv6Addr>,
-    /// The backend type (`vxlan`, `host-gw`, …; empty for udp and alloc).
-    #[serde(rename = "BackendType", skip_serializing_if = "String::is_empty")]
-    pub backend_type: String,
+    /// The backend type (`vxlan`, `host-gw`, …; empty for udp and alloc). The names of flannel's
+    /// backends are shared, not copied into each lease (see [`backend_type_of`]).
+    #[serde(rename = "BackendType", skip_serializing_if = "str::is_empty")]
+    pub backend_type: Cow<'static, str>,
     /// Backend data for IPv4, e.g. `{"VNI":1,"VtepMAC":"…"}`.
     #[serde(rename = "BackendData", skip_serializing_if = "Option::is_none")]
     pub backend_data: Option<RawJson>,
@@ -175,10 +177,28 @@ impl Default for LeaseAttrs {
         Self {
             public_ip: Ipv4Addr::UNSPECIFIED,
             public_ipv6: None,
-            backend_type: String::new(),
+            backend_type: Cow::Borrowed(""),
             backend_data: None,
             backend_v6_data: None,
         }
+    }
+}
+
+/// `name` as a lease's backend type: one of flannel's backends' names (shared, no copy) or a copy.
+pub fn backend_type_of(name: &str) -> Cow<'static, str> {
+    const KNOWN: [&str; 8] = [
+        "",
+        "vxlan",
+        "host-gw",
+        "wireguard",
+        "udp",
+        "ipip",
+        "alloc",
+        "extension",
+    ];
+    match KNOWN.iter().find(|k| **k == name) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(name.to_string()),
     }
 }
 
@@ -204,7 +224,7 @@ impl LeaseAttrs {
                 .parsed("PublicIP", "an IPv4 address", true, |s| s.parse().ok())?
                 .unwrap_or(Ipv4Addr::UNSPECIFIED),
             public_ipv6: o.parsed("PublicIPv6", "an IPv6 address", false, |s| s.parse().ok())?,
-            backend_type: o.string("BackendType")?.unwrap_or_default().to_string(),
+            backend_type: backend_type_of(o.string("BackendType")?.unwrap_or_default()),
             backend_data: o.value("BackendData").map(RawJson::from_value),
             backend_v6_data: o.value("BackendV6Data").map(RawJson::from_value),
         })
@@ -289,11 +309,41 @@ pub enum LeaseWatchResult {
 #[derive(Debug, Clone)]
 pub struct LeaseTracker {
     own: Option<SubnetKey>,
-    known: BTreeMap<SubnetKey, Lease>,
+    known: BTreeSet<ByKey>,
+}
+
+/// A lease ordered and found by its key (which it holds already: a map would hold the key twice).
+#[derive(Debug, Clone)]
+struct ByKey(Lease);
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for ByKey {}
+
+impl PartialOrd for ByKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.key.cmp(&other.0.key)
+    }
+}
+
+impl std::borrow::Borrow<SubnetKey> for ByKey {
+    fn borrow(&self) -> &SubnetKey {
+        &self.0.key
+    }
 }
 
 impl LeaseTracker {
-    /// Rebuilds the map of known leases in bulk: one that grew a lease at a time is a tree of
+    /// Rebuilds the set of known leases in bulk: one that grew a lease at a time is a tree of
     /// half-full nodes, rebuilt its nodes are full. The leases stay the same.
     pub fn compact(&mut self) {
         self.known = std::mem::take(&mut self.known).into_iter().collect();
@@ -303,7 +353,7 @@ impl LeaseTracker {
     pub fn new(own: Option<SubnetKey>) -> Self {
         Self {
             own,
-            known: BTreeMap::new(),
+            known: BTreeSet::new(),
         }
     }
 
@@ -313,7 +363,7 @@ impl LeaseTracker {
 
     /// The leases known now (own lease excluded).
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
-        self.known.values()
+        self.known.iter().map(|k| &k.0)
     }
 
     /// Applies one watch result and returns the events a backend should act on.
@@ -329,15 +379,16 @@ impl LeaseTracker {
                     match e {
                         LeaseEvent::Added(l) => {
                             let unchanged =
-                                self.known.get(&l.key).is_some_and(|k| k.attrs == l.attrs);
-                            self.known.insert(l.key, l.clone());
+                                self.known.get(&l.key).is_some_and(|k| k.0.attrs == l.attrs);
+                            self.known.replace(ByKey(l.clone()));
                             // The same value re-put (a renewal) is refreshed quietly.
                             if !unchanged {
                                 out.push(LeaseEvent::Added(l));
                             }
                         }
                         LeaseEvent::Removed(l) => {
-                            out.push(LeaseEvent::Removed(self.known.remove(&l.key).unwrap_or(l)));
+                            let stored = self.known.take(&l.key).map(|k| k.0);
+                            out.push(LeaseEvent::Removed(stored.unwrap_or(l)));
                         }
                     }
                 }
@@ -347,21 +398,22 @@ impl LeaseTracker {
     }
 
     fn reset(&mut self, leases: Vec<Lease>) -> Vec<LeaseEvent> {
-        let mut fresh = BTreeMap::new();
-        for l in leases {
-            if !self.is_own(&l.key) {
-                fresh.insert(l.key, l);
-            }
-        }
+        let fresh: BTreeSet<ByKey> = leases
+            .into_iter()
+            .filter(|l| !self.is_own(&l.key))
+            .map(ByKey)
+            .collect();
         let mut events = Vec::new();
-        for (k, old) in &self.known {
-            if !fresh.contains_key(k) {
-                events.push(LeaseEvent::Removed(old.clone()));
-            }
+        for old in self.known.difference(&fresh) {
+            events.push(LeaseEvent::Removed(old.0.clone()));
         }
-        for (k, new) in &fresh {
-            if self.known.get(k).is_none_or(|old| old.attrs != new.attrs) {
-                events.push(LeaseEvent::Added(new.clone()));
+        for new in &fresh {
+            if self
+                .known
+                .get(new)
+                .is_none_or(|old| old.0.attrs != new.0.attrs)
+            {
+                events.push(LeaseEvent::Added(new.0.clone()));
             }
         }
         self.known = fresh;
@@ -404,6 +456,20 @@ mod tests {
         ] {
             assert!(SubnetKey::parse(bad).is_err(), "{bad} should be rejected");
         }
+    }
+
+    #[test]
+    fn backend_names_are_shared_and_others_copied() {
+        let a = LeaseAttrs::from_json(br#"{"PublicIP":"10.0.0.2","BackendType":"vxlan"}"#).unwrap();
+        assert!(matches!(a.backend_type, Cow::Borrowed("vxlan")));
+        let a = LeaseAttrs::from_json(br#"{"PublicIP":"10.0.0.2"}"#).unwrap();
+        assert!(matches!(a.backend_type, Cow::Borrowed("")));
+        let a = LeaseAttrs::from_json(br#"{"PublicIP":"10.0.0.2","BackendType":"x-1"}"#).unwrap();
+        assert!(matches!(&a.backend_type, Cow::Owned(s) if s == "x-1"));
+        assert_eq!(
+            a.to_json(),
+            r#"{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"x-1"}"#
+        );
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub use config::{ConfigError, NetworkConfig, NetworkConfigInput, SubnetPool};
 pub use iface::{ExternalInterface, IfaceError, IfaceSpec};
 pub use lease::{
     Lease, LeaseAttrs, LeaseEvent, LeaseTracker, LeaseWatchResult, RawJson, SubnetKey,
+    backend_type_of,
 };
 pub use manager::{SubnetError, SubnetManager};
 pub use subnet_env::{PreviousSubnets, SubnetEnv};

@@ -235,9 +235,9 @@ pub fn node_to_lease(
         problem: "is missing".into(),
     };
     let mut attrs = LeaseAttrs {
-        backend_type: annotation(node, &keys.backend_type)
-            .unwrap_or_default()
-            .to_string(),
+        backend_type: flannel_core::backend_type_of(
+            annotation(node, &keys.backend_type).unwrap_or_default(),
+        ),
         ..Default::default()
     };
     let mut key = SubnetKey::v4(Ipv4Net::default());
@@ -297,9 +297,9 @@ pub fn published_attrs(keys: &AnnotationKeys, node: &NodeInfo) -> LeaseAttrs {
             .flatten()
             .unwrap_or(Ipv4Addr::UNSPECIFIED),
         public_ipv6: parsed(node, &keys.public_ipv6, "").ok().flatten(),
-        backend_type: annotation(node, &keys.backend_type)
-            .unwrap_or_default()
-            .to_string(),
+        backend_type: flannel_core::backend_type_of(
+            annotation(node, &keys.backend_type).unwrap_or_default(),
+        ),
         backend_data: backend_data(node, &keys.backend_data).ok().flatten(),
         backend_v6_data: backend_data(node, &keys.backend_v6_data).ok().flatten(),
     }
@@ -355,7 +355,7 @@ pub fn desired_annotations(
 ) -> BTreeMap<String, String> {
     let bd = data_text(&attrs.backend_data);
     let v6bd = data_text(&attrs.backend_v6_data);
-    let bt = attrs.backend_type.as_str();
+    let bt: &str = &attrs.backend_type;
     let mut want = BTreeMap::new();
     want.insert(keys.backend_type.clone(), bt.to_string());
     // Upstream's condition, simplified: vxlan publishes only with data; every other backend always.
@@ -686,7 +686,7 @@ mod tests {
     fn attrs(bt: &str, data: Option<&str>) -> LeaseAttrs {
         LeaseAttrs {
             public_ip: "192.168.1.3".parse().unwrap(),
-            backend_type: bt.into(),
+            backend_type: flannel_core::backend_type_of(bt),
             backend_data: data.map(|d| RawJson::from_value(&serde_json::from_str(d).unwrap())),
             ..Default::default()
         }
