@@ -42,6 +42,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("netlink_dump", netlink_dump),
     ("wireguard_dump", wireguard_dump),
     ("wireguard_datagram", wireguard_datagram),
+    ("vxlan_peer_data", vxlan_peer_data),
 ];
 
 fn text(data: &[u8]) -> String {
@@ -374,4 +375,17 @@ pub fn wireguard_dump(data: &[u8]) {
 pub fn wireguard_datagram(data: &[u8]) {
     let (_, written) = flannel_backend_wireguard::userspace::run_untrusted(data);
     assert_eq!(written, 0, "random bytes decrypted");
+}
+
+/// A peer's vxlan backend data (JSON from a lease): where the fast decoding of the canonical text
+/// answers, it answers exactly as the general decoding does.
+pub fn vxlan_peer_data(data: &[u8]) {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    let raw = flannel_core::RawJson::from_value(&value);
+    let (fast, general) = flannel_backend_vxlan::PeerData::decodings(&raw);
+    if let Some(fast) = fast {
+        assert_eq!(fast, general, "{}", raw.as_str());
+    }
 }
