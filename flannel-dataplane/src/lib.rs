@@ -273,9 +273,9 @@ impl KernelState {
     /// loop's record of its own changes) are trees of half-full nodes; rebuilt, their nodes are
     /// full, in about half the memory. The entries stay the same.
     pub fn compact(&mut self) {
-        self.routes = std::mem::take(&mut self.routes).into_iter().collect();
-        self.neighs = std::mem::take(&mut self.neighs).into_iter().collect();
-        self.fdb = std::mem::take(&mut self.fdb).into_iter().collect();
+        flannel_core::compact::compact(&mut self.routes);
+        flannel_core::compact::compact(&mut self.neighs);
+        flannel_core::compact::compact(&mut self.fdb);
     }
 
     /// The number of entries.
@@ -379,58 +379,85 @@ impl fmt::Display for Op {
 /// the kernel never has to ARP). Adds use replace semantics, so a changed entry is one add. Entries
 /// that [`Ownership`] does not cover are never deleted.
 pub fn diff(desired: &KernelState, actual: &KernelState, own: &Ownership) -> Vec<Op> {
+    let mut ops = deletions(desired, actual, own);
+    ops.extend(additions(desired, actual, own).iter().map(Addition::op));
+    ops
+}
+
+/// The deletions of [`diff`], in its order. (Whether an entry's key is wanted is a lookup in the
+/// desired sets, which sort by that key first: no set of wanted keys is built.)
+fn deletions(desired: &KernelState, actual: &KernelState, own: &Ownership) -> Vec<Op> {
     let mut ops = Vec::new();
     // Routes are keyed by destination in the main table: a desired route replaces any route to the
     // same destination, so only destinations nobody wants any more are deleted.
-    let wanted_dsts: BTreeSet<(bool, u128, u8)> =
-        desired.routes.iter().map(|r| net_key(&r.dst)).collect();
     for r in &actual.routes {
-        if own.owns_route(r) && !wanted_dsts.contains(&net_key(&r.dst)) {
+        if own.owns_route(r) && desired.route_to(&r.dst).is_none() {
             ops.push(Op::DelRoute(r.clone()));
         }
     }
-    let wanted_neigh: BTreeSet<(u32, (bool, u128))> = desired
-        .neighs
-        .iter()
-        .map(|n| (n.ifindex, ip_key(&n.ip)))
-        .collect();
     for n in &actual.neighs {
-        if own.neigh_ifindexes.contains(&n.ifindex)
-            && !wanted_neigh.contains(&(n.ifindex, ip_key(&n.ip)))
-        {
+        if own.neigh_ifindexes.contains(&n.ifindex) && desired.neigh_at(n.ifindex, n.ip).is_none() {
             ops.push(Op::DelNeigh(n.clone()));
         }
     }
-    let wanted_fdb: BTreeSet<(u32, u64)> = desired
-        .fdb
-        .iter()
-        .map(|e| (e.ifindex, e.mac.key()))
-        .collect();
     for e in &actual.fdb {
-        if own.fdb_ifindexes.contains(&e.ifindex) && !wanted_fdb.contains(&(e.ifindex, e.mac.key()))
-        {
+        if own.fdb_ifindexes.contains(&e.ifindex) && desired.fdb_of(e.ifindex, e.mac).is_none() {
             ops.push(Op::DelFdb(e.clone()));
         }
     }
-    ops.extend(
+    ops
+}
+
+/// An addition of [`diff`], as a reference into the desired state: a large change's list of
+/// additions then holds 16 bytes an entry, not a copy of each.
+#[derive(Debug, Clone, Copy)]
+enum Addition<'a> {
+    Neigh(&'a Neigh),
+    Fdb(&'a Fdb),
+    Route(&'a Route),
+}
+
+impl Addition<'_> {
+    fn op(&self) -> Op {
+        match *self {
+            Addition::Neigh(n) => Op::AddNeigh(n.clone()),
+            Addition::Fdb(e) => Op::AddFdb(e.clone()),
+            Addition::Route(r) => Op::AddRoute(r.clone()),
+        }
+    }
+}
+
+/// The additions of [`diff`], in its order: neighbours and FDB entries before the routes.
+fn additions<'a>(
+    desired: &'a KernelState,
+    actual: &KernelState,
+    own: &Ownership,
+) -> Vec<Addition<'a>> {
+    // (Lookups rather than `difference`, whose items would borrow `actual` too.)
+    let mut adds: Vec<Addition<'a>> = desired
+        .neighs
+        .iter()
+        .filter(|n| !actual.neighs.contains(*n))
+        .map(Addition::Neigh)
+        .collect();
+    adds.extend(
         desired
-            .neighs
-            .difference(&actual.neighs)
-            .cloned()
-            .map(Op::AddNeigh),
+            .fdb
+            .iter()
+            .filter(|e| !actual.fdb.contains(*e))
+            .map(Addition::Fdb),
     );
-    ops.extend(desired.fdb.difference(&actual.fdb).cloned().map(Op::AddFdb));
     // Only routes into the cluster networks are read back; one outside them would be added again
     // at every pass, so it is never added (the lease policy refuses such leases with a reason).
-    ops.extend(
+    adds.extend(
         desired
             .routes
-            .difference(&actual.routes)
+            .iter()
+            .filter(|r| !actual.routes.contains(*r))
             .filter(|r| own.networks.iter().any(|n| n.contains(&r.dst)))
-            .cloned()
-            .map(Op::AddRoute),
+            .map(Addition::Route),
     );
-    ops
+    adds
 }
 
 /// The kernel's answer to one request.
@@ -756,42 +783,66 @@ pub async fn apply_diff(
     own: &Ownership,
     known: &mut KernelState,
 ) -> ReconcileReport {
-    use futures::StreamExt;
     let mut report = ReconcileReport::default();
     // Deletions first, then additions (a changed entry is one replacing add, never a delete and an
     // add of the same key); within each phase up to APPLY_IN_FLIGHT requests are in flight at
     // once, so a large change costs the kernel's work, not one round trip per entry. Results are
-    // taken as they come: nothing the size of the change is held besides the ops themselves.
-    let mut ops = diff(desired, known, own);
-    let first_add = ops
-        .iter()
-        .position(|op| matches!(op, Op::AddRoute(_) | Op::AddNeigh(_) | Op::AddFdb(_)))
-        .unwrap_or(ops.len());
-    // One list, taken in two phases (no copy of the additions).
-    for phase in [first_add, ops.len() - first_add] {
-        let mut results = futures::stream::iter(ops.drain(..phase))
-            .map(|op| async move {
+    // taken as they come, and the additions are references into `desired` until they are sent:
+    // nothing the size of the change is copied.
+    let deletions = deletions(desired, known, own);
+    let additions = additions(desired, known, own);
+    apply_each(kernel, &mut deletions.into_iter(), known, &mut report).await;
+    let mut next = 0;
+    let mut adds = std::iter::from_fn(|| {
+        let add = additions.get(next)?;
+        next += 1;
+        Some(add.op())
+    });
+    apply_each(kernel, &mut adds, known, &mut report).await;
+    report
+}
+
+/// Applies `ops` with up to [`APPLY_IN_FLIGHT`] in flight, taking the answers in order.
+async fn apply_each(
+    kernel: &dyn KernelOps,
+    ops: &mut (dyn Iterator<Item = Op> + Send),
+    known: &mut KernelState,
+    report: &mut ReconcileReport,
+) {
+    use futures::StreamExt;
+    let mut in_flight = futures::stream::FuturesOrdered::new();
+    loop {
+        while in_flight.len() < APPLY_IN_FLIGHT {
+            let Some(op) = ops.next() else { break };
+            in_flight.push_back(async move {
                 let result = kernel.apply(&op).await;
                 (op, result)
-            })
-            .buffered(APPLY_IN_FLIGHT);
-        while let Some((op, result)) = results.next().await {
-            match result {
-                Ok(()) => {
-                    known.record(&op);
-                    let label = op.label();
-                    match report.applied.get_mut(label) {
-                        Some(n) => *n += 1,
-                        None => {
-                            report.applied.insert(label.to_string(), 1);
-                        }
+            });
+        }
+        let Some((op, result)) = in_flight.next().await else {
+            return;
+        };
+        report.take(known, op, result);
+    }
+}
+
+impl ReconcileReport {
+    /// Takes the kernel's answer to `op`: recorded in `known` and counted, or reported.
+    fn take(&mut self, known: &mut KernelState, op: Op, result: Result<(), DataplaneError>) {
+        match result {
+            Ok(()) => {
+                known.record(&op);
+                let label = op.label();
+                match self.applied.get_mut(label) {
+                    Some(n) => *n += 1,
+                    None => {
+                        self.applied.insert(label.to_string(), 1);
                     }
                 }
-                Err(e) => report.failed.push(chain(&e)),
             }
+            Err(e) => self.failed.push(chain(&e)),
         }
     }
-    report
 }
 
 /// Kernel requests [`apply_diff`] keeps in flight at once.
@@ -857,6 +908,17 @@ impl KernelState {
             .range(&first..)
             .next()
             .filter(|n| (n.ifindex, n.ip) == (ifindex, ip))
+    }
+
+    /// A route to `dst`, if any.
+    pub fn route_to(&self, dst: &IpNet) -> Option<&Route> {
+        let first = Route {
+            dst: *dst,
+            gateway: None,
+            oif: 0,
+            onlink: false,
+        };
+        self.routes.range(&first..).next().filter(|r| r.dst == *dst)
     }
 
     /// The FDB entry for `mac` on device `ifindex`, if any.
