@@ -310,7 +310,31 @@ pub enum LeaseWatchResult {
 pub struct LeaseTracker {
     own: Option<SubnetKey>,
     known: BTreeSet<ByKey>,
+    /// The fewest leases known since the table was last compacted.
+    compacted_len: usize,
 }
+
+/// A change [`LeaseTracker::apply_each`] reports: the lease as added, or as it was stored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LeaseChange<'a> {
+    /// A lease added or changed.
+    Added(&'a Lease),
+    /// A lease removed.
+    Removed(&'a Lease),
+}
+
+impl LeaseChange<'_> {
+    /// The change as an owned event.
+    pub fn to_event(self) -> LeaseEvent {
+        match self {
+            LeaseChange::Added(l) => LeaseEvent::Added(l.clone()),
+            LeaseChange::Removed(l) => LeaseEvent::Removed(l.clone()),
+        }
+    }
+}
+
+/// Leases a table grows by (and at least a quarter of its size) before [`LeaseTracker`] compacts it.
+const COMPACT_AFTER: usize = 1024;
 
 /// A lease ordered and found by its key (which it holds already: a map would hold the key twice).
 #[derive(Debug, Clone)]
@@ -346,7 +370,8 @@ impl LeaseTracker {
     /// Rebuilds the set of known leases in bulk: one that grew a lease at a time is a tree of
     /// half-full nodes, rebuilt its nodes are full. The leases stay the same.
     pub fn compact(&mut self) {
-        self.known = std::mem::take(&mut self.known).into_iter().collect();
+        crate::compact::compact(&mut self.known);
+        self.compacted_len = self.known.len();
     }
 
     /// A tracker that filters out `own` (the node's own lease).
@@ -354,6 +379,7 @@ impl LeaseTracker {
         Self {
             own,
             known: BTreeSet::new(),
+            compacted_len: 0,
         }
     }
 
@@ -368,10 +394,18 @@ impl LeaseTracker {
 
     /// Applies one watch result and returns the events a backend should act on.
     pub fn apply(&mut self, result: LeaseWatchResult) -> Vec<LeaseEvent> {
+        let mut out = Vec::new();
+        self.apply_each(result, |c| out.push(c.to_event()));
+        out
+    }
+
+    /// Applies one watch result and hands each change a backend should act on to `f`, without
+    /// copying the leases (the table keeps them). A table that grew by many leases is compacted
+    /// (see [`crate::compact`]), so an install of thousands of peers does not leave it half empty.
+    pub fn apply_each(&mut self, result: LeaseWatchResult, mut f: impl FnMut(LeaseChange<'_>)) {
         match result {
-            LeaseWatchResult::Snapshot(leases) => self.reset(leases),
+            LeaseWatchResult::Snapshot(leases) => self.reset(leases, &mut f),
             LeaseWatchResult::Events(events) => {
-                let mut out = Vec::new();
                 for e in events {
                     if self.is_own(&e.lease().key) {
                         continue;
@@ -380,32 +414,34 @@ impl LeaseTracker {
                         LeaseEvent::Added(l) => {
                             let unchanged =
                                 self.known.get(&l.key).is_some_and(|k| k.0.attrs == l.attrs);
-                            self.known.replace(ByKey(l.clone()));
                             // The same value re-put (a renewal) is refreshed quietly.
                             if !unchanged {
-                                out.push(LeaseEvent::Added(l));
+                                f(LeaseChange::Added(&l));
                             }
+                            self.known.replace(ByKey(l));
                         }
                         LeaseEvent::Removed(l) => {
                             let stored = self.known.take(&l.key).map(|k| k.0);
-                            out.push(LeaseEvent::Removed(stored.unwrap_or(l)));
+                            f(LeaseChange::Removed(stored.as_ref().unwrap_or(&l)));
                         }
                     }
                 }
-                out
             }
+        }
+        self.compacted_len = self.compacted_len.min(self.known.len());
+        if self.known.len() >= self.compacted_len + COMPACT_AFTER.max(self.compacted_len / 4) {
+            self.compact();
         }
     }
 
-    fn reset(&mut self, leases: Vec<Lease>) -> Vec<LeaseEvent> {
+    fn reset(&mut self, leases: Vec<Lease>, f: &mut impl FnMut(LeaseChange<'_>)) {
         let fresh: BTreeSet<ByKey> = leases
             .into_iter()
             .filter(|l| !self.is_own(&l.key))
             .map(ByKey)
             .collect();
-        let mut events = Vec::new();
         for old in self.known.difference(&fresh) {
-            events.push(LeaseEvent::Removed(old.0.clone()));
+            f(LeaseChange::Removed(&old.0));
         }
         for new in &fresh {
             if self
@@ -413,11 +449,12 @@ impl LeaseTracker {
                 .get(new)
                 .is_none_or(|old| old.0.attrs != new.0.attrs)
             {
-                events.push(LeaseEvent::Added(new.0.clone()));
+                f(LeaseChange::Added(&new.0));
             }
         }
         self.known = fresh;
-        events
+        // Built in bulk: compact already.
+        self.compacted_len = self.known.len();
     }
 }
 
@@ -562,6 +599,36 @@ mod tests {
         )]));
         assert_eq!(ev, vec![LeaseEvent::Removed(all[7].clone())]);
         assert_eq!(t.leases().count(), 199);
+    }
+
+    #[test]
+    fn a_table_grown_by_thousands_of_events_keeps_them_all() {
+        // 5000 leases one event at a time (compacted on the way), with removals in between,
+        // reported to apply_each as apply reports them.
+        let (mut t, mut shadow) = (LeaseTracker::new(None), LeaseTracker::new(None));
+        let all: Vec<Lease> = (0..5000)
+            .map(|i| lease(&format!("10.{}.{}.0-24", 5 + i / 256, i % 256), "1.1.1.2"))
+            .collect();
+        for (i, l) in all.iter().enumerate() {
+            let mut batch = vec![LeaseEvent::Added(l.clone())];
+            if i % 7 == 6 {
+                batch.push(LeaseEvent::Removed(all[i - 3].clone()));
+            }
+            let mut seen = Vec::new();
+            t.apply_each(LeaseWatchResult::Events(batch.clone()), |c| {
+                seen.push(c.to_event())
+            });
+            assert_eq!(seen, shadow.apply(LeaseWatchResult::Events(batch)));
+        }
+        let kept: Vec<&Lease> = t.leases().collect();
+        let want: Vec<&Lease> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !(*i + 3 < all.len() && (*i + 3) % 7 == 6))
+            .map(|(_, l)| l)
+            .collect();
+        assert_eq!(kept.len(), want.len());
+        assert_eq!(kept, want);
     }
 
     #[test]

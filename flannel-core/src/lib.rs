@@ -18,6 +18,7 @@
 //! - [`chain`]: an error with its causes on one line.
 //! - [`Backoff`]: the doubling wait before a retry, shared by the managers and the reconcile loop.
 //! - [`gojson`]: Go `encoding/json` decoding rules (case-insensitive keys) for backend options.
+//! - [`compact`]: rebuilding a large sorted set with full nodes (the lease table, the kernel record).
 //!
 //! ```
 //! use flannel_core::{NetworkConfig, SubnetEnv};
@@ -35,6 +36,7 @@
 
 pub mod backend;
 pub mod backoff;
+pub mod compact;
 pub mod config;
 pub mod gojson;
 pub mod iface;
@@ -50,7 +52,7 @@ pub use backoff::Backoff;
 pub use config::{ConfigError, NetworkConfig, NetworkConfigInput, SubnetPool};
 pub use iface::{ExternalInterface, IfaceError, IfaceSpec};
 pub use lease::{
-    Lease, LeaseAttrs, LeaseEvent, LeaseTracker, LeaseWatchResult, RawJson, SubnetKey,
+    Lease, LeaseAttrs, LeaseChange, LeaseEvent, LeaseTracker, LeaseWatchResult, RawJson, SubnetKey,
     backend_type_of,
 };
 pub use manager::{SubnetError, SubnetManager};

@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn};
 use crate::changes::{KernelChange, Notifications, needs_read};
 use crate::{KernelOps, KernelState, LeasePolicy, Ownership, ReconcileReport, apply_diff};
 use flannel_core::{
-    BackendError, Backoff, Lease, LeaseEvent, LeaseTracker, LeaseWatchResult, SubnetKey,
+    BackendError, Backoff, Lease, LeaseChange, LeaseTracker, LeaseWatchResult, SubnetKey,
     SubnetManager,
 };
 use tokio::time::Instant;
@@ -118,6 +118,10 @@ fn pass_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
 }
 
+/// Sets of this many kernel entries or more (the desired state, what the loop knows once that many
+/// changes are recorded in it) are compacted (see [`flannel_core::compact`]).
+const COMPACT_AFTER: usize = 1024;
+
 /// The number of kernel entries (routes, neighbours, FDB entries) the safety-net resync reads per
 /// [`DriverOptions::resync`]: those of 5000 vxlan peers.
 pub const RESYNC_ENTRIES: usize = 15_000;
@@ -165,6 +169,8 @@ struct Loop {
     resync: Duration,
     /// When the next safety-net resync is due.
     resync_at: Instant,
+    /// Entries recorded in what the loop knows since it was last compacted.
+    known_changes: usize,
 }
 
 impl Loop {
@@ -182,6 +188,7 @@ impl Loop {
             compact_at: None,
             resync,
             resync_at: Instant::now() + resync,
+            known_changes: 0,
         }
     }
 
@@ -201,14 +208,10 @@ impl Loop {
                     if matches!(r, LeaseWatchResult::Snapshot(_)) {
                         self.have_snapshot = true;
                     }
-                    for e in self.tracker.apply(r) {
-                        match e {
-                            LeaseEvent::Added(l) => {
-                                debug!(lease = %l, "peer lease added or changed")
-                            }
-                            LeaseEvent::Removed(l) => debug!(lease = %l, "peer lease removed"),
-                        }
-                    }
+                    self.tracker.apply_each(r, |c| match c {
+                        LeaseChange::Added(l) => debug!(lease = %l, "peer lease added or changed"),
+                        LeaseChange::Removed(l) => debug!(lease = %l, "peer lease removed"),
+                    });
                 }
                 self.dirty = true;
             }
@@ -303,7 +306,13 @@ impl Loop {
     ) -> bool {
         let leases: Vec<&Lease> = self.tracker.leases().collect();
         let (allowed, refused) = policy.filter(&leases);
-        let (desired, ownership, mut warnings) = model.desired(&allowed);
+        let (mut desired, ownership, mut warnings) = model.desired(&allowed);
+        drop(leases);
+        // Backends build it an entry at a time (half-full trees); compact, it takes about half
+        // the memory for the rest of the pass, where the pass's peak is.
+        if desired.len() >= COMPACT_AFTER {
+            desired.compact();
+        }
         let m = crate::metrics::metrics();
         let fresh_refusals = refused.iter().filter(|r| !self.warned.contains(*r)).count();
         m.leases_refused.inc_by(fresh_refusals as u64);
@@ -323,8 +332,10 @@ impl Loop {
         let mut known = match self.known.take() {
             Some((_, k)) => k,
             None => match kernel.read(&ownership).await {
-                Ok(k) => {
+                Ok(mut k) => {
                     m.kernel_reads.inc();
+                    k.compact();
+                    self.known_changes = 0;
                     k
                 }
                 Err(e) => {
@@ -335,6 +346,12 @@ impl Loop {
             },
         };
         let report = apply_diff(kernel, &desired, &ownership, &mut known).await;
+        // What the loop knows grew by the recorded changes, an entry at a time.
+        self.known_changes += report.applied.values().sum::<usize>();
+        if self.known_changes >= COMPACT_AFTER.max(known.len() / 4) {
+            known.compact();
+            self.known_changes = 0;
+        }
         if read {
             // A full read: the next safety net is due after the interval for the host's size.
             self.resync_at = Instant::now() + resync_interval(self.resync, known.len());
@@ -553,7 +570,7 @@ mod tests {
     use super::*;
     use crate::changes::{Entry, NotificationSender, notifications};
     use crate::{DataplaneError, FakeKernel, Op, Route};
-    use flannel_core::{LeaseAttrs, NetworkConfig, SubnetError};
+    use flannel_core::{LeaseAttrs, LeaseEvent, NetworkConfig, SubnetError};
     use ipnet::IpNet;
 
     /// The fake kernel, counting full reads.
