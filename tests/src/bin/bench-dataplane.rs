@@ -5,7 +5,8 @@
 //! entry, and entries still missing after that; (b) a third host joining with 5000 leases present:
 //! time until its entries are installed (from process start); (c) time to remove them all after the
 //! leases are deleted; (d) flanneld's resident memory idle and at 5000 and 20,000 peers; (e) the CPU
-//! flanneld uses per idle minute at 5000 and 20,000 peers.
+//! flanneld uses per idle minute at 5000 and 20,000 peers (over a window holding one safety-net
+//! resync: at least its interval).
 //!
 //! Needs root. `cargo build --release --workspace && ./target/release/bench-dataplane [vxlan|host-gw]
 //! [PEERS...]` (default: both backends, 100 1000 5000 20000 peers). Each row also shows host 0's
@@ -62,10 +63,14 @@ fn wait_for(
     bench::wait_for(lab, hosts, n, backend, 0, timeout)
 }
 
-/// CPU seconds flanneld uses per minute while nothing changes (measured over a minute, so that it
-/// holds one periodic resync).
-fn idle_cpu_per_minute(pid: Option<u32>) -> f64 {
-    let Some(pid) = pid else { return 0.0 };
+/// CPU seconds flanneld (host 0) uses per minute while nothing changes, over a window that holds
+/// one safety-net resync: at least the resync interval for `entries` kernel entries, extended
+/// until a full read of the kernel has happened in it (at most twice the interval). Returns the
+/// figure and the window's length in seconds.
+fn idle_cpu_per_minute(lab: &Lab, entries: usize) -> (f64, f64) {
+    let Some(pid) = lab.flanneld_pid(0) else {
+        return (0.0, 0.0);
+    };
     let ticks = |pid: u32| -> f64 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         // utime and stime are fields 14 and 15; the command name (field 2) may hold spaces.
@@ -74,11 +79,22 @@ fn idle_cpu_per_minute(pid: Option<u32>) -> f64 {
         let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         n(11) + n(12)
     };
+    let reads = || {
+        lab.metric(0, 8081, "flannel_kernel_reads_total")
+            .unwrap_or(0.0)
+    };
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let before = ticks(pid);
-    std::thread::sleep(Duration::from_secs(60));
-    (ticks(pid) - before) / hz
+    let interval = flannel_dataplane::driver::resync_interval(Duration::from_secs(60), entries);
+    let (start, before, reads0) = (Instant::now(), ticks(pid), reads());
+    std::thread::sleep(interval);
+    while reads() <= reads0 && start.elapsed() < 2 * interval {
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    // The pass that follows the read, and the notifications it causes.
+    std::thread::sleep(Duration::from_secs(2));
+    let minutes = start.elapsed().as_secs_f64() / 60.0;
+    ((ticks(pid) - before) / hz / minutes, minutes * 60.0)
 }
 
 /// The kernel's own cost of installing `n` per-peer routes in a fresh namespace, with `ip -batch`
@@ -230,7 +246,9 @@ fn main() {
                 status_mib(lab.flanneld_pid(0), "RssFile:"),
             );
             if n >= 5000 {
-                idle_cpu.push((backend, n, idle_cpu_per_minute(lab.flanneld_pid(0))));
+                let entries = if backend == "vxlan" { 3 * n } else { n };
+                let (cpu, window) = idle_cpu_per_minute(&lab, entries);
+                idle_cpu.push((backend, n, cpu, window));
             }
             if n == 5000 {
                 let start = Instant::now();
@@ -265,11 +283,11 @@ fn main() {
     }
     println!();
     println!(
-        "{:<8} {:>6} {:>22}",
-        "backend", "peers", "idle_cpu_s_per_minute"
+        "{:<8} {:>6} {:>22} {:>9}",
+        "backend", "peers", "idle_cpu_s_per_minute", "window_s"
     );
-    for (backend, n, cpu) in idle_cpu {
-        println!("{backend:<8} {n:>6} {cpu:>22.3}");
+    for (backend, n, cpu, window) in idle_cpu {
+        println!("{backend:<8} {n:>6} {cpu:>22.3} {window:>9.0}");
     }
     // What the kernel alone needs for the same number of routes (the floor under the install times).
     println!();
