@@ -173,6 +173,8 @@ struct Loop {
     resync_at: Instant,
     /// Entries recorded in what the loop knows since it was last compacted.
     known_changes: usize,
+    /// When the last pass that read the kernel did.
+    last_read: Instant,
 }
 
 impl Loop {
@@ -191,6 +193,7 @@ impl Loop {
             resync,
             resync_at: Instant::now() + resync,
             known_changes: 0,
+            last_read: Instant::now(),
         }
     }
 
@@ -355,9 +358,11 @@ impl Loop {
             self.known_changes = 0;
         }
         if read {
-            // A full read: the next safety net is due after the interval for the host's size.
-            self.resync_at = Instant::now() + resync_interval(self.resync, known.len());
+            self.last_read = Instant::now();
         }
+        // The next safety net is due the interval for the host's size now after the last full
+        // read (a host that grew without a read gets the longer interval at once).
+        self.resync_at = self.last_read + resync_interval(self.resync, known.len());
         let entries = desired.len();
         drop(desired);
         self.count_changes(report.applied.values().sum::<usize>(), Instant::now());
@@ -963,6 +968,31 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(40)).await;
         assert_eq!(reads(&h), 2, "the resync after 120 s");
         assert_eq!(routes(&h.kernel), RESYNC_ENTRIES + 1, "repaired");
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_host_that_grows_without_a_read_gets_the_longer_interval() {
+        let h = start_with(0, Duration::from_secs(60));
+        h.store_says(LeaseWatchResult::Snapshot(vec![lease("10.5.2.0-24")]))
+            .await;
+        assert_eq!(reads(&h), 1);
+        // 30 s later, RESYNC_ENTRIES more peers arrive as events: diffed, not read.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let many: Vec<LeaseEvent> = (0..RESYNC_ENTRIES as u32)
+            .map(|i| {
+                let ip = std::net::Ipv4Addr::from(0x0a05_4000 + 2 * i);
+                LeaseEvent::Added(lease(&format!("{ip}-31")))
+            })
+            .collect();
+        h.store_says(LeaseWatchResult::Events(many)).await;
+        settle().await;
+        assert_eq!(routes(&h.kernel), RESYNC_ENTRIES + 1);
+        assert_eq!(reads(&h), 1);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(reads(&h), 1, "not 60 s after the read: the host has grown");
+        tokio::time::sleep(Duration::from_secs(35)).await;
+        assert_eq!(reads(&h), 2, "120 s after the read");
         h.stop().await;
     }
 
