@@ -48,6 +48,42 @@ fn object_of(dst: &str) -> String {
         .to_string()
 }
 
+/// A namespace with a veth pair `<link>0`/`<link>1`, both up, `addr` on `<link>0`, and no IPv6
+/// (its link-local addresses would come, and be announced, during a test).
+fn veth_lab(tag: &str, link: &str, addr: &str) -> Netns {
+    let ns = Netns::new(tag);
+    for cmd in [
+        "sysctl -qw net.ipv6.conf.all.disable_ipv6=1".to_string(),
+        "sysctl -qw net.ipv6.conf.default.disable_ipv6=1".to_string(),
+        format!("ip link add {link}0 type veth peer name {link}1"),
+        format!("ip link set {link}0 up"),
+        format!("ip link set {link}1 up"),
+        format!("ip addr add {addr} dev {link}0"),
+    ] {
+        let args: Vec<&str> = cmd.split_whitespace().collect();
+        ns.exec(&args).unwrap();
+    }
+    ns
+}
+
+/// The index of `dev` (in the current namespace) and flanneld's ownership of routes with a gateway
+/// on it into 10.5.0.0/16.
+fn device_and_ownership(dev: &str) -> (u32, Ownership) {
+    let oif = ip(&format!("-o link show {dev}"))
+        .split(':')
+        .next()
+        .unwrap()
+        .trim()
+        .parse::<u32>()
+        .unwrap();
+    let own = Ownership {
+        networks: vec!["10.5.0.0/16".parse().unwrap()],
+        gateway_route_oifs: vec![oif],
+        ..Default::default()
+    };
+    (oif, own)
+}
+
 fn route(dst: &str, gw: &str, oif: u32, onlink: bool) -> Route {
     Route {
         dst: dst.parse().unwrap(),
@@ -62,30 +98,10 @@ fn routes_through_next_hop_objects() {
     if !require_root("routes_through_next_hop_objects") {
         return;
     }
-    let ns = Netns::new("nh");
-    for cmd in [
-        "ip link add fltnh0 type veth peer name fltnh1",
-        "ip link set fltnh0 up",
-        "ip link set fltnh1 up",
-        "ip addr add 192.168.60.1/24 dev fltnh0",
-    ] {
-        let args: Vec<&str> = cmd.split_whitespace().collect();
-        ns.exec(&args).unwrap();
-    }
+    let ns = veth_lab("nh", "fltnh", "192.168.60.1/24");
     ns.run(|| {
         Box::pin(async {
-            let oif = ip("-o link show fltnh0")
-                .split(':')
-                .next()
-                .unwrap()
-                .trim()
-                .parse::<u32>()
-                .unwrap();
-            let own = Ownership {
-                networks: vec!["10.5.0.0/16".parse().unwrap()],
-                gateway_route_oifs: vec![oif],
-                ..Default::default()
-            };
+            let (oif, own) = device_and_ownership("fltnh0");
             let nl = Netlink::new().unwrap();
             // vxlan's shape (onlink) and host-gw's (a gateway on the device's network).
             let mut desired = KernelState::default();
@@ -196,33 +212,10 @@ fn an_object_deleted_by_hand_is_news() {
     if !require_root("an_object_deleted_by_hand_is_news") {
         return;
     }
-    let ns = Netns::new("nhn");
-    // No IPv6 (its link-local addresses would come and be announced during the test).
-    for cmd in [
-        "sysctl -qw net.ipv6.conf.all.disable_ipv6=1",
-        "sysctl -qw net.ipv6.conf.default.disable_ipv6=1",
-        "ip link add fltnn0 type veth peer name fltnn1",
-        "ip link set fltnn0 up",
-        "ip link set fltnn1 up",
-        "ip addr add 192.168.61.1/24 dev fltnn0",
-    ] {
-        let args: Vec<&str> = cmd.split_whitespace().collect();
-        ns.exec(&args).unwrap();
-    }
+    let ns = veth_lab("nhn", "fltnn", "192.168.61.1/24");
     ns.run(|| {
         Box::pin(async {
-            let oif = ip("-o link show fltnn0")
-                .split(':')
-                .next()
-                .unwrap()
-                .trim()
-                .parse::<u32>()
-                .unwrap();
-            let own = Ownership {
-                networks: vec!["10.5.0.0/16".parse().unwrap()],
-                gateway_route_oifs: vec![oif],
-                ..Default::default()
-            };
+            let (oif, own) = device_and_ownership("fltnn0");
             let nl = Netlink::new().unwrap();
             let mut notes = nl.subscribe().unwrap();
             let mut desired = KernelState::default();
