@@ -220,7 +220,7 @@ impl State {
         tun: &mut Vec<Packet>,
     ) {
         for (datagram, from) in datagrams {
-            let parsed = match self.rate_limiter.verify_packet(from.ip(), datagram) {
+            let parsed = match self.rate_limiter.verify_packet(from, datagram) {
                 Ok(p) => p,
                 Err(TunnResult::WriteToNetwork(cookie)) => {
                     out.push(cookie.into(), from);
@@ -471,8 +471,8 @@ pub const FUZZ_PEER_PRIVATE: [u8; 32] = [9; 32];
 /// many bytes (or what is left): by the kind's low bit a datagram received from the UDP socket (0)
 /// or a packet read from the TUN device (1), for a device with one peer, whose key is
 /// [`FUZZ_PEER_PRIVATE`]'s; the device's is [`FUZZ_DEVICE_PRIVATE`]'s.
-/// Returns how many datagrams it would send and how many packets it would write to the TUN device.
-/// Never panics, whatever the bytes.
+/// Returns how many datagrams it would send in answer to the chunks (not counting what its timers
+/// send) and how many packets it would write to the TUN device. Never panics, whatever the bytes.
 pub fn run_untrusted(data: &[u8]) -> (usize, usize) {
     // Fixed keys: the fuzzer's inputs stay meaningful from run to run.
     let mut state = State::new(&PrivateKey::from_bytes(FUZZ_DEVICE_PRIVATE));
@@ -513,9 +513,10 @@ pub fn run_untrusted(data: &[u8]) -> (usize, usize) {
         } else {
             state.outgoing(std::iter::once(bytes), &pool, &mut mtu, &mut out);
         }
-        state.timers(&mut out);
         sent += out.v4.len() + out.v6.len();
         written += tun.len();
+        // The timers run too (a persistent keep-alive is due at once), uncounted.
+        state.timers(&mut out);
         out.v4.clear();
         out.v6.clear();
         tun.clear();
