@@ -22,8 +22,8 @@
 //!   ([`kernel::set_device_messages`], [`kernel::device_of`], which never panics on odd bytes).
 //! - [`userspace`]: one task per device running batches through gotatun's protocol state machine
 //!   (`noise::Tunn`), between our TUN side ([`tun`]: offloads, batched writes with TCP segments
-//!   merged) and UDP side ([`udp`]: GSO sends, GRO receives); [`userspace::Routes`] is the
-//!   cryptokey routing.
+//!   merged) and UDP side ([`udp`]: GSO sends, GRO receives), in buffers sized by the MTU
+//!   ([`pool`]); [`userspace::Routes`] is the cryptokey routing.
 //!
 //! ```
 //! use flannel_backend_wireguard::{WireguardOptions, Mode};
@@ -37,6 +37,7 @@ pub mod kernel;
 pub mod key;
 pub mod options;
 pub mod peers;
+pub mod pool;
 pub mod tun;
 pub mod udp;
 pub mod userspace;

@@ -7,6 +7,9 @@
 
 use std::io;
 
+use gotatun::packet::Packet;
+
+use crate::pool::Pool;
 use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// Packets written per batch: their buffers grow to 64 KiB where segments merge into them.
@@ -33,13 +36,30 @@ pub fn open(name: &str, mtu: u16) -> io::Result<AsyncDevice> {
     }
 }
 
-/// Reads batches of packets from the TUN device into buffers of its own.
+/// Reads batches of packets from the TUN device straight into packet buffers of a pool (the
+/// buffers encryption starts from: no copy between the read and the cipher).
 pub struct TunReader {
     raw: Vec<u8>,
-    bufs: Vec<Vec<u8>>,
+    pool: Pool,
+    slots: Vec<Slot>,
     sizes: Vec<usize>,
     /// Packets of the last read.
     count: usize,
+}
+
+/// A pool buffer lent to the TUN read (tun-rs writes into `AsMut<[u8]>` buffers).
+struct Slot(Packet);
+
+impl AsRef<[u8]> for Slot {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsMut<[u8]> for Slot {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
 }
 
 impl std::fmt::Debug for TunReader {
@@ -60,11 +80,12 @@ pub fn device_gone(e: &io::Error) -> bool {
 }
 
 impl TunReader {
-    /// Buffers for packets of up to `mtu` bytes.
-    pub fn new(mtu: u16) -> Self {
+    /// Reads into buffers of `pool` (made for the device's MTU).
+    pub fn new(pool: Pool) -> Self {
         Self {
             raw: vec![0; VIRTIO_NET_HDR_LEN + 65_535],
-            bufs: vec![vec![0; usize::from(mtu)]; IDEAL_BATCH_SIZE],
+            slots: (0..IDEAL_BATCH_SIZE).map(|_| Slot(pool.get())).collect(),
+            pool,
             sizes: vec![0; IDEAL_BATCH_SIZE],
             count: 0,
         }
@@ -77,18 +98,30 @@ impl TunReader {
     pub async fn read(&mut self, dev: &AsyncDevice) -> io::Result<()> {
         self.count = 0;
         self.count = dev
-            .recv_multiple(&mut self.raw, &mut self.bufs, &mut self.sizes, 0)
+            .recv_multiple(&mut self.raw, &mut self.slots, &mut self.sizes, 0)
             .await?;
         Ok(())
     }
 
-    /// The packets of the last read.
-    pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
-        self.bufs
-            .iter()
-            .zip(&self.sizes)
-            .take(self.count)
-            .map(|(b, &n)| &b[..n.min(b.len())])
+    /// The packets of the last read, each in its own buffer (its slot gets a fresh one).
+    pub fn packets(&mut self) -> impl Iterator<Item = Packet> + '_ {
+        let Self {
+            pool,
+            slots,
+            sizes,
+            count,
+            ..
+        } = self;
+        let n = std::mem::take(count);
+        slots
+            .iter_mut()
+            .zip(sizes.iter())
+            .take(n)
+            .map(|(slot, &size)| {
+                let mut packet = std::mem::replace(&mut slot.0, pool.get());
+                packet.truncate(size);
+                packet
+            })
     }
 }
 

@@ -14,8 +14,10 @@ use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use gotatun::packet::{Packet, PacketBufPool};
+use gotatun::packet::Packet;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+
+use crate::pool::Pool;
 use tokio::io::Interest;
 
 /// Socket buffers (gotatun's size).
@@ -197,17 +199,12 @@ impl GroRecv {
 
 impl GroRecv {
     /// The next datagram read and not handed out yet, copied into a packet buffer of `pool`.
-    pub fn next_pending(&mut self, pool: &PacketBufPool) -> Option<(Packet, SocketAddr)> {
+    pub fn next_pending(&mut self, pool: &Pool) -> Option<(Packet, SocketAddr)> {
         while let Some((start, end, from)) = self.pending.pop_front() {
-            let datagram = &self.arena[start..end];
-            let mut packet = pool.get();
-            // A datagram larger than a packet buffer is no WireGuard message of ours.
-            let Some(dst) = packet.get_mut(..datagram.len()) else {
-                continue;
-            };
-            dst.copy_from_slice(datagram);
-            packet.truncate(datagram.len());
-            return Some((packet, from));
+            // A datagram larger than a buffer of the device's MTU is no WireGuard message of ours.
+            if let Some(packet) = pool.copy_of(&self.arena[start..end]) {
+                return Some((packet, from));
+            }
         }
         None
     }
@@ -216,13 +213,9 @@ impl GroRecv {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gotatun::packet::PacketBufPool;
 
-    fn packet(pool: &PacketBufPool, bytes: &[u8]) -> Packet {
-        let mut p = pool.get();
-        p[..bytes.len()].copy_from_slice(bytes);
-        p.truncate(bytes.len());
-        p
+    fn packet(pool: &Pool, bytes: &[u8]) -> Packet {
+        pool.copy_of(bytes).expect("fits a buffer")
     }
 
     #[tokio::test]
@@ -233,7 +226,7 @@ mod tests {
             .unwrap();
         let to = listener.local_addr().unwrap();
         let sock = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let pool = PacketBufPool::new(8);
+        let pool = Pool::new(1420, 8);
         // An IPv4 socket cannot send to an IPv6 address: the kernel refuses that datagram.
         let refused: SocketAddr = "[::1]:9".parse().unwrap();
         let batch = vec![
@@ -264,7 +257,7 @@ mod tests {
         let to = rx.io.local_addr().unwrap();
         let mut recv = GroRecv::new(rx);
         let tx = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let pool = PacketBufPool::new(64);
+        let pool = Pool::new(1420, 64);
         let sent: Vec<Vec<u8>> = (0..20u8)
             .map(|i| vec![i; if i == 19 { 300 } else { 1200 }])
             .collect();
@@ -282,6 +275,24 @@ mod tests {
             }
         }
         assert_eq!(got, sent);
+    }
+
+    #[tokio::test]
+    async fn a_jumbo_mtu_datagram_is_received_whole() {
+        // MTU 8920 (a 9000-byte underlay): its largest datagram is 8920 + 8 of padding + 32.
+        let rx = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let to = rx.io.local_addr().unwrap();
+        let mut recv = GroRecv::new(rx);
+        let pool = Pool::new(8920, 4);
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sent: Vec<u8> = (0..8960u32).map(|i| (i % 251) as u8).collect();
+        tx.send_to(&sent, to).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), recv.fill())
+            .await
+            .expect("the datagram arrives on 127.0.0.1")
+            .unwrap();
+        let got = recv.next_pending(&pool).map(|(p, _)| p.to_vec());
+        assert_eq!(got.as_deref(), Some(&sent[..]));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! direction), an async lock on the device and one on the peer per packet; on a 2-core machine that
 //! machinery cost more CPU than the cryptography (see the README's throughput section).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -18,7 +18,7 @@ use gotatun::noise::handshake::parse_handshake_anon;
 use gotatun::noise::index_table::IndexTable;
 use gotatun::noise::rate_limiter::RateLimiter;
 use gotatun::noise::{Tunn, TunnResult};
-use gotatun::packet::{Packet, PacketBufPool, WgKind};
+use gotatun::packet::{Packet, WgKind};
 use gotatun::tun::MtuWatcher;
 use gotatun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
@@ -26,8 +26,12 @@ use tun_rs::AsyncDevice;
 
 use crate::key::{Key, PrivateKey};
 use crate::peers::{PeerOp, PeerSpec};
+use crate::pool::Pool;
 use crate::tun::{TunReader, TunWriter, device_gone};
 use crate::udp::{GroRecv, Sock, send_runs};
+
+/// The data path's maps: looked up for every packet, filled from leases and our own handshakes.
+type HashMap<K, V> = foldhash::HashMap<K, V>;
 
 /// Handshake messages a peer may send per second before cookies are asked for (gotatun's figure).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
@@ -59,7 +63,7 @@ impl Routes {
     /// The routes of `peers`' allowed IPs. A network two peers claim goes to the one whose key
     /// sorts first (the peer diff refuses such leases before they get here).
     pub fn new<'a>(peers: impl IntoIterator<Item = &'a PeerSpec>) -> Self {
-        let mut nets = HashMap::new();
+        let mut nets = HashMap::default();
         for p in peers {
             for n in &p.allowed_ips {
                 nets.entry(n.trunc())
@@ -133,8 +137,8 @@ impl State {
             private,
             public,
             index_table: IndexTable::from_os_rng(),
-            peers: HashMap::new(),
-            by_idx: HashMap::new(),
+            peers: HashMap::default(),
+            by_idx: HashMap::default(),
             routes: Routes::default(),
         }
     }
@@ -181,20 +185,13 @@ impl State {
     }
 
     /// Encrypts the packets read from the TUN device for their peers.
-    fn outgoing<'a>(
+    fn outgoing(
         &mut self,
-        packets: impl Iterator<Item = &'a [u8]>,
-        pool: &PacketBufPool,
+        packets: impl Iterator<Item = Packet>,
         mtu: &mut MtuWatcher,
         out: &mut Outbox,
     ) {
-        for bytes in packets {
-            let mut packet = pool.get();
-            let Some(dst) = packet.get_mut(..bytes.len()) else {
-                continue;
-            };
-            dst.copy_from_slice(bytes);
-            packet.truncate(bytes.len());
+        for packet in packets {
             let Ok(ip) = packet.try_into_ip() else {
                 continue;
             };
@@ -396,11 +393,11 @@ async fn run(
     mut stop: tokio::sync::oneshot::Receiver<()>,
     mtu: u16,
 ) {
-    let mut reader = TunReader::new(mtu);
+    let pool = Pool::new(mtu, POOL);
+    let mut reader = TunReader::new(pool.clone());
     let mut writer = TunWriter::default();
     let mut rx4 = GroRecv::new(v4.clone());
     let mut rx6 = v6.clone().map(GroRecv::new);
-    let pool = PacketBufPool::new(POOL);
     let mut mtu_watch = MtuWatcher::new(mtu);
     let mut tick = tokio::time::interval(TIMER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -411,7 +408,7 @@ async fn run(
         tokio::select! {
             _ = &mut stop => break,
             r = reader.read(&dev) => match r {
-                Ok(()) => lock(&state).outgoing(reader.packets(), &pool, &mut mtu_watch, &mut out),
+                Ok(()) => lock(&state).outgoing(reader.packets(), &mut mtu_watch, &mut out),
                 Err(e) if device_gone(&e) => {
                     tracing::warn!(error = %e, "the WireGuard TUN device is gone; the device stops");
                     break;
@@ -487,7 +484,7 @@ pub fn run_untrusted(data: &[u8]) -> (usize, usize) {
         keepalive: Some(Duration::from_secs(25)),
     };
     state.apply(&[PeerOp::Set(peer.clone())]);
-    let pool = PacketBufPool::new(8);
+    let pool = Pool::new(1420, 8);
     let mut mtu = MtuWatcher::new(1420);
     let mut out = Outbox::default();
     let mut tun = Vec::new();
@@ -497,13 +494,10 @@ pub fn run_untrusted(data: &[u8]) -> (usize, usize) {
         let len = usize::from(u16::from_le_bytes([*a, *b])).min(tail.len());
         let (bytes, after) = tail.split_at(len);
         rest = after;
+        let Some(packet) = pool.copy_of(bytes) else {
+            continue;
+        };
         if kind & 1 == 0 {
-            let mut packet = pool.get();
-            let Some(dst) = packet.get_mut(..bytes.len()) else {
-                continue;
-            };
-            dst.copy_from_slice(bytes);
-            packet.truncate(bytes.len());
             state.incoming(
                 std::iter::once((packet, peer.endpoint)),
                 &mut mtu,
@@ -511,7 +505,7 @@ pub fn run_untrusted(data: &[u8]) -> (usize, usize) {
                 &mut tun,
             );
         } else {
-            state.outgoing(std::iter::once(bytes), &pool, &mut mtu, &mut out);
+            state.outgoing(std::iter::once(packet), &mut mtu, &mut out);
         }
         sent += out.v4.len() + out.v6.len();
         written += tun.len();
@@ -611,11 +605,10 @@ mod tests {
         ping[9] = 1;
         ping[12..16].copy_from_slice(&[10, 5, 3, 1]);
         ping[16..20].copy_from_slice(&[10, 5, 2, 1]);
-        let pool = PacketBufPool::new(4);
+        let pool = Pool::new(1420, 4);
         let mut out = Outbox::default();
         peer.outgoing(
-            std::iter::once(&ping[..]),
-            &pool,
+            pool.copy_of(&ping).into_iter(),
             &mut MtuWatcher::new(1420),
             &mut out,
         );
