@@ -1,7 +1,8 @@
 //! The wireguard backend in the multi-host lab, with the devices this machine's kernel allows
 //! (userspace WireGuard over TUN where the kernel has no WireGuard): pods on different hosts reach
 //! each other through `flannel-wg`, the leases carry upstream's data, the key survives a restart,
-//! and a deleted device is recreated. Kernel devices: tests/vm_wireguard.rs.
+//! a deleted device is recreated, and a jumbo-frame underlay carries full-size packets. Kernel
+//! devices: tests/vm_wireguard.rs.
 
 #![allow(clippy::unwrap_used)]
 
@@ -142,6 +143,42 @@ fn the_underlay_carries_only_wireguard_udp() {
 }
 
 /// Runs `cmd` (a program and its arguments) in host `h`'s namespace; panics with its stderr.
+#[test]
+fn a_jumbo_frame_underlay_carries_full_size_packets() {
+    // Underlay MTU 9000: flannel-wg gets 8920, and its full-size packets (larger than the 4 KiB
+    // buffers the userspace device once had) must cross whole.
+    let test = "a_jumbo_frame_underlay_carries_full_size_packets";
+    let Some(mut lab) = Lab::for_test(test, vec![2], CONFIG, &[]) else {
+        return;
+    };
+    for h in &lab.hosts {
+        lab.sw
+            .exec(&["ip", "link", "set", &format!("h{}", h.n), "mtu", "9000"])
+            .unwrap();
+        h.ns.exec(&["ip", "link", "set", "eth0", "mtu", "9000"])
+            .unwrap();
+    }
+    lab.start_all();
+    for h in 0..2 {
+        lab.add_pods(h, 1);
+        let env = lab.hosts[h].subnet_env().unwrap();
+        assert_eq!(env["FLANNEL_MTU"], "8920", "underlay 9000 - 80");
+    }
+    let to = lab.hosts[1].pods[0].ip.to_string();
+    let from = &lab.hosts[0].pods[0].ns;
+    // 8892 bytes of ICMP payload + 28 of headers = 8920, not to be fragmented.
+    let big_ping = || {
+        from.exec(&["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "8892", &to])
+            .is_ok()
+    };
+    assert!(
+        until(Duration::from_secs(10), big_ping),
+        "a full-size ping does not cross"
+    );
+    let bytes = 20 << 20;
+    assert_eq!(tcp_transfer(&lab, (0, 0), (1, 0), bytes), bytes);
+}
+
 fn run_in(lab: &Lab, h: usize, cmd: &[&str]) -> String {
     lab.hosts[h]
         .ns
