@@ -23,7 +23,8 @@
 //! - [`userspace`]: one task per device running batches through gotatun's protocol state machine
 //!   (`noise::Tunn`), between our TUN side ([`tun`]: offloads, batched writes with TCP segments
 //!   merged) and UDP side ([`udp`]: GSO sends, GRO receives), in buffers sized by the MTU
-//!   ([`pool`]); [`userspace::Routes`] is the cryptokey routing.
+//!   ([`pool`]); [`userspace::Routes`] is the cryptokey routing; [`userspace::measure_datapath`]
+//!   times the device's own side of the data path (the `bench-wireguard-cpu` benchmark).
 //!
 //! ```
 //! use flannel_backend_wireguard::{WireguardOptions, Mode};
