@@ -24,7 +24,8 @@
 //!   (`noise::Tunn`), between our TUN side ([`tun`]: offloads, batched writes with TCP segments
 //!   merged) and UDP side ([`udp`]: GSO sends, GRO receives), in buffers sized by the MTU
 //!   ([`pool`]); [`userspace::Routes`] is the cryptokey routing; [`userspace::measure_datapath`]
-//!   times the device's own side of the data path (the `bench-wireguard-cpu` benchmark).
+//!   times the device's own side of the data path (the `bench-wireguard-cpu` benchmark);
+//!   [`uapi`] answers `wg show` for it on WireGuard's userspace control socket.
 //!
 //! ```
 //! use flannel_backend_wireguard::{WireguardOptions, Mode};
@@ -40,6 +41,7 @@ pub mod options;
 pub mod peers;
 pub mod pool;
 pub mod tun;
+pub mod uapi;
 pub mod udp;
 pub mod userspace;
 

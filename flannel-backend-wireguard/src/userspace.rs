@@ -272,6 +272,34 @@ impl State {
         }
     }
 
+    /// The device as `wg show` reports it (peers in key order).
+    fn describe(&self, port: u16) -> crate::uapi::DeviceInfo {
+        let now = std::time::SystemTime::now();
+        let mut peers: Vec<crate::uapi::PeerInfo> = self
+            .peers
+            .values()
+            .map(|p| {
+                let (since, tx, rx, ..) = p.tunn.stats();
+                crate::uapi::PeerInfo {
+                    public_key: p.spec.public_key.0,
+                    preshared_key: p.spec.preshared_key.map(|k| k.0),
+                    endpoint: p.spec.endpoint,
+                    allowed_ips: p.spec.allowed_ips.clone(),
+                    last_handshake: since.and_then(|d| now.checked_sub(d)),
+                    rx_bytes: u64::try_from(rx).unwrap_or(u64::MAX),
+                    tx_bytes: u64::try_from(tx).unwrap_or(u64::MAX),
+                    keepalive: p.spec.keepalive,
+                }
+            })
+            .collect();
+        peers.sort_by_key(|p| p.public_key);
+        crate::uapi::DeviceInfo {
+            private_key: self.private.to_bytes(),
+            listen_port: port,
+            peers,
+        }
+    }
+
     /// Runs the tunnels' timers: handshake retries, keep-alives, expiry.
     fn timers(&mut self, out: &mut Outbox) {
         let Self {
@@ -301,6 +329,8 @@ pub struct UserspaceDevice {
     state: Arc<Mutex<State>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// The `wg show` socket's server ([`crate::uapi`]), when it could be bound.
+    uapi: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for UserspaceDevice {
@@ -338,11 +368,26 @@ impl UserspaceDevice {
         let state = Arc::new(Mutex::new(State::new(key)));
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(run(dev, v4, v6, state.clone(), stopped, mtu));
+        let dir = crate::uapi::run_dir();
+        let uapi = match crate::uapi::bind(&dir, name).await {
+            Ok(socket) => {
+                let state = state.clone();
+                Some(tokio::spawn(crate::uapi::serve(socket, move || {
+                    lock(&state).describe(port)
+                })))
+            }
+            Err(e) => {
+                tracing::warn!(device = name, dir = %dir.display(), error = %e,
+                    "no WireGuard control socket: `wg show` will not see this device");
+                None
+            }
+        };
         Ok(Self {
             name: name.into(),
             state,
             stop: Some(stop),
             task: Some(task),
+            uapi,
         })
     }
 
@@ -367,6 +412,10 @@ impl UserspaceDevice {
 
     /// Stops the device (its TUN device goes away).
     pub async fn stop(mut self) {
+        if let Some(uapi) = self.uapi.take() {
+            uapi.abort();
+            let _ = uapi.await;
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -380,6 +429,9 @@ impl Drop for UserspaceDevice {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
+        }
+        if let Some(uapi) = self.uapi.take() {
+            uapi.abort();
         }
     }
 }

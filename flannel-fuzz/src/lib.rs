@@ -43,6 +43,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("wireguard_dump", wireguard_dump),
     ("wireguard_datagram", wireguard_datagram),
     ("vxlan_peer_data", vxlan_peer_data),
+    ("wireguard_uapi", wireguard_uapi),
 ];
 
 fn text(data: &[u8]) -> String {
@@ -387,5 +388,20 @@ pub fn vxlan_peer_data(data: &[u8]) {
     let (fast, general) = flannel_backend_vxlan::PeerData::decodings(&raw);
     if let Some(fast) = fast {
         assert_eq!(fast, general, "{}", raw.as_str());
+    }
+}
+
+/// A request on a userspace WireGuard device's control socket (`wg show`'s): never panics; a
+/// request is one only once its empty line has arrived, and what it is does not change with more
+/// bytes after that line.
+pub fn wireguard_uapi(data: &[u8]) {
+    use flannel_backend_wireguard::uapi::{RequestError, parse_request};
+    let parsed = parse_request(data);
+    let ended = data.windows(2).any(|w| w == b"\n\n");
+    assert_eq!(parsed == Err(RequestError::Incomplete), !ended);
+    let mut more = data.to_vec();
+    more.extend_from_slice(b"get=1\n\n");
+    if ended {
+        assert_eq!(parse_request(&more), parsed);
     }
 }

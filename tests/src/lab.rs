@@ -535,6 +535,14 @@ impl Lab {
                 "WIREGUARD_KEY_FILE".to_string(),
                 h.subnet_file.with_file_name("wgkey").display().to_string(),
             ),
+            // ... and its userspace devices' `wg` control sockets ([`Lab::wg`] shows them).
+            (
+                flannel_backend_wireguard::uapi::RUN_DIR_ENV.to_string(),
+                h.subnet_file
+                    .with_file_name("wireguard")
+                    .display()
+                    .to_string(),
+            ),
             ("RUST_LOG".to_string(), "info".to_string()),
         ]
         .into_iter()
@@ -590,6 +598,28 @@ impl Lab {
             ])
             .unwrap_or_else(|e| panic!("wg set on host {h}: {e}"));
         (proc, private)
+    }
+
+    /// Runs Debian's `wg` with `args` in host `h`, where it finds the control sockets of the host's
+    /// userspace WireGuard devices (the host's own socket directory mounted at /run/wireguard in a
+    /// mount namespace of the command's own) and its kernel devices over netlink.
+    ///
+    /// # Errors
+    /// What `wg` printed when it failed.
+    pub fn wg(&self, h: usize, args: &[&str]) -> Result<String, String> {
+        let host = &self.hosts[h];
+        let dir = host.subnet_file.with_file_name("wireguard");
+        let dir = dir.display().to_string();
+        let mut cmd = vec![
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            "mkdir -p /run/wireguard && mount --bind \"$0\" /run/wireguard && exec wg \"$@\"",
+            &dir,
+        ];
+        cmd.extend_from_slice(args);
+        host.ns.exec(&cmd)
     }
 
     /// Host `h`'s lease value (etcd labs) and the WireGuard public key its key file gives.

@@ -55,6 +55,7 @@ fn pods_ping_over_flannel_wg_with_upstreams_lease_data() {
             assert!(log.contains("the kernel has no WireGuard"), "{log}");
             // This kernel's TUN has offloads (the udp backend uses them too).
             assert!(!log.contains("TUN offloads unavailable"), "{log}");
+            wg_show_lists_the_leases(&lab, h, &public_key);
         } else {
             assert!(link.contains("wireguard"), "{link}");
             assert!(log.contains("kind=\"kernel WireGuard\""), "{log}");
@@ -177,6 +178,43 @@ fn a_jumbo_frame_underlay_carries_full_size_packets() {
     );
     let bytes = 20 << 20;
     assert_eq!(tcp_transfer(&lab, (0, 0), (1, 0), bytes), bytes);
+}
+
+/// `wg show` (Debian's wg, over the userspace device's control socket) on host `h` lists what the
+/// leases say: our key and port, the other hosts as peers at their addresses with their subnets,
+/// a handshake and traffic with each (the pods have pinged); `wg set` is refused.
+fn wg_show_lists_the_leases(lab: &Lab, h: usize, public_key: &str) {
+    let dump = lab
+        .wg(h, &["show", "flannel-wg", "dump"])
+        .unwrap_or_else(|e| panic!("wg show on host {h}: {e}"));
+    let mut lines = dump.lines();
+    let me: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    assert_eq!((me[1], me[2]), (public_key, "51820"), "{dump}");
+    let peers: Vec<Vec<&str>> = lines.map(|l| l.split('\t').collect()).collect();
+    assert_eq!(peers.len(), lab.hosts.len() - 1, "{dump}");
+    for (o, other) in lab.hosts.iter().enumerate().filter(|(o, _)| *o != h) {
+        let (_, key) = lab.wireguard_lease(o);
+        let subnet = other.subnet_env().unwrap()["FLANNEL_SUBNET"].clone();
+        let p = peers
+            .iter()
+            .find(|p| p[0] == key)
+            .unwrap_or_else(|| panic!("host {o} is no peer: {dump}"));
+        assert_eq!(p[2], format!("{}:51820", other.addr), "{dump}");
+        let net: ipnet::Ipv4Net = subnet.parse().unwrap();
+        assert_eq!(p[3], net.trunc().to_string(), "{dump}");
+        let numbers: Vec<u64> = p[4..7].iter().map(|n| n.parse().unwrap()).collect();
+        assert!(
+            numbers.iter().all(|&n| n > 0),
+            "handshake, rx, tx with host {o}: {dump}"
+        );
+    }
+    let refused = lab.wg(h, &["set", "flannel-wg", "listen-port", "1"]);
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("Operation not permitted")),
+        "{refused:?}"
+    );
 }
 
 fn run_in(lab: &Lab, h: usize, cmd: &[&str]) -> String {
