@@ -316,6 +316,11 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
         indent(&h.sh("ip -d link show flannel-wg"))?;
         say!("    $ ip addr show flannel-wg");
         indent(&h.sh("ip addr show flannel-wg"))?;
+        say!("    $ wg show flannel-wg   (Debian's wg: the peers the leases say, after the pings)");
+        match lab.wg(0, &["show", "flannel-wg"]) {
+            Ok(text) => indent(&text)?,
+            Err(e) => say!("    (wg show failed: {e})"),
+        }
     }
 
     if args.kube {
