@@ -1,8 +1,9 @@
 //! The wireguard backend in the multi-host lab, with the devices this machine's kernel allows
 //! (userspace WireGuard over TUN where the kernel has no WireGuard): pods on different hosts reach
 //! each other through `flannel-wg`, the leases carry upstream's data, the key survives a restart,
-//! a deleted device is recreated, and a jumbo-frame underlay carries full-size packets. Kernel
-//! devices: tests/vm_wireguard.rs.
+//! a deleted device is recreated, a socket error (`ss -K`) does not stop the device, a jumbo-frame
+//! underlay carries full-size packets, and `wg show` reads the userspace device. Kernel devices:
+//! tests/vm_wireguard.rs.
 
 #![allow(clippy::unwrap_used)]
 
@@ -91,6 +92,32 @@ fn restart_keeps_the_key_and_a_deleted_device_comes_back() {
         failures.is_empty(),
         "after deleting the device: {failures:?}"
     );
+}
+
+#[test]
+fn a_socket_error_does_not_stop_the_device() {
+    // `ss -K` aborts the userspace device's UDP sockets: the kernel keeps a socket bound to its
+    // port but hands its next read ECONNABORTED. The device reads past it (gotatun's own device
+    // stopped receiving at the first error): traffic goes on, and the device is not remade.
+    let Some(lab) = lab("a_socket_error_does_not_stop_the_device") else {
+        return;
+    };
+    assert!(lab.ping_all(Duration::from_secs(10)).is_empty());
+    if !lab.hosts[1]
+        .sh("ip -d link show flannel-wg")
+        .contains(" tun ")
+    {
+        return; // a kernel device has no socket in flanneld
+    }
+    let killed = lab.hosts[1]
+        .ns
+        .exec(&["ss", "-K", "-u", "-a", "sport = :51820"])
+        .unwrap();
+    assert!(killed.contains(":51820"), "nothing aborted: {killed}");
+    let failures = lab.ping_all(Duration::from_secs(10));
+    let log = lab.hosts[1].log_text();
+    assert!(failures.is_empty(), "after ss -K: {failures:?}\n{log}");
+    assert!(!log.contains("recreating"), "the device was remade:\n{log}");
 }
 
 #[test]
