@@ -554,8 +554,8 @@ impl Lab {
     /// Starts Debian's wireguard-go on host `h` as the device `name` (in the foreground: its
     /// daemonised mode dies in a namespace), gives it a new key (in `<host dir>/<name>.key`) and
     /// `port`, and returns the process (stopped when dropped) and the key. The device is down,
-    /// without address or peers. Hosts share `/var/run/wireguard`, where wireguard-go keeps a
-    /// socket per device name: two at once need two names.
+    /// without address or peers. Its control socket is in the host's own directory
+    /// ([`Lab::with_run_dir`]): configure it with [`Lab::wg`].
     ///
     /// # Panics
     /// When wireguard-go or wg fails (Debian packages wireguard-go, wireguard-tools).
@@ -572,7 +572,9 @@ impl Lab {
         let private = flannel_backend_wireguard::PrivateKey::generate().expect("a key");
         std::fs::write(&key_file, private.to_base64()).expect("key file");
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", host.ns.name(), "wireguard-go", name])
+        cmd.args(["netns", "exec", host.ns.name()])
+            .args(self.with_run_dir(h))
+            .args(["wireguard-go", name])
             .env("WG_PROCESS_FOREGROUND", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -586,40 +588,47 @@ impl Lab {
         );
         let port = port.to_string();
         let key_path = key_file.display().to_string();
-        host.ns
-            .exec(&[
-                "wg",
-                "set",
-                name,
-                "listen-port",
-                &port,
-                "private-key",
-                &key_path,
-            ])
-            .unwrap_or_else(|e| panic!("wg set on host {h}: {e}"));
+        self.wg(
+            h,
+            &["set", name, "listen-port", &port, "private-key", &key_path],
+        )
+        .unwrap_or_else(|e| panic!("wg set on host {h}: {e}"));
         (proc, private)
     }
 
     /// Runs Debian's `wg` with `args` in host `h`, where it finds the control sockets of the host's
-    /// userspace WireGuard devices (the host's own socket directory mounted at /run/wireguard in a
-    /// mount namespace of the command's own) and its kernel devices over netlink.
+    /// userspace WireGuard devices (flanneld's and wireguard-go's, see [`Lab::with_run_dir`]) and its
+    /// kernel devices over netlink.
     ///
     /// # Errors
     /// What `wg` printed when it failed.
     pub fn wg(&self, h: usize, args: &[&str]) -> Result<String, String> {
-        let host = &self.hosts[h];
-        let dir = host.subnet_file.with_file_name("wireguard");
-        let dir = dir.display().to_string();
-        let mut cmd = vec![
+        let mut cmd = self.with_run_dir(h);
+        cmd.push("wg".into());
+        cmd.extend(args.iter().map(|a| a.to_string()));
+        let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        self.hosts[h].ns.exec(&cmd)
+    }
+
+    /// The start of a command line that runs the rest in a mount namespace of its own where host
+    /// `h`'s WireGuard socket directory (`<host dir>/wireguard`, flanneld's
+    /// `FLANNEL_WIREGUARD_RUN_DIR` there) is mounted at /run/wireguard, where wireguard-go makes its
+    /// sockets and wg looks for them: lab hosts share one filesystem, and each host's devices need
+    /// sockets of their own.
+    pub fn with_run_dir(&self, h: usize) -> Vec<String> {
+        let dir = self.hosts[h].subnet_file.with_file_name("wireguard");
+        std::fs::create_dir_all(&dir).expect("the host's WireGuard socket directory");
+        [
             "unshare",
             "--mount",
             "sh",
             "-c",
-            "mkdir -p /run/wireguard && mount --bind \"$0\" /run/wireguard && exec wg \"$@\"",
-            &dir,
-        ];
-        cmd.extend_from_slice(args);
-        host.ns.exec(&cmd)
+            "mkdir -p /run/wireguard && mount --bind \"$0\" /run/wireguard && exec \"$@\"",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([dir.display().to_string()])
+        .collect()
     }
 
     /// Host `h`'s lease value (etcd labs) and the WireGuard public key its key file gives.

@@ -294,18 +294,11 @@ fn tcp_transfer(lab: &Lab, from: (usize, usize), to: (usize, usize), bytes: usiz
     server.join().unwrap()
 }
 
-#[test]
-fn a_wireguard_go_node_configured_as_upstream_talks_to_ours() {
-    // Debian's wireguard-go and wg stand in for an upstream node: its device is configured from the
-    // leases the way upstream's backend configures the kernel device.
-    let Some(mut lab) = Lab::for_test(
-        "a_wireguard_go_node_configured_as_upstream_talks_to_ours",
-        vec![3],
-        CONFIG,
-        &[],
-    ) else {
-        return;
-    };
+/// A 3-host lab with `config` where host 2 is an upstream-style node: Debian's wireguard-go and wg,
+/// its device configured from the leases the way upstream's backend configures the kernel device
+/// (no preshared key), a lease of its own, and one pod per host.
+fn lab_with_a_wireguard_go_node(test: &str, config: &str) -> Option<(Lab, flannel_tests::Proc)> {
+    let mut lab = Lab::for_test(test, vec![3], config, &[])?;
     lab.start_flanneld(0);
     lab.start_flanneld(1);
     // Host 2: the upstream-style node, with its device and a lease of its own.
@@ -336,21 +329,17 @@ fn a_wireguard_go_node_configured_as_upstream_talks_to_ours() {
             .trunc()
             .to_string();
         let endpoint = format!("{}:51820", lease["PublicIP"].as_str().unwrap());
-        run_in(
-            &lab,
-            2,
-            &[
-                "wg",
-                "set",
-                "flannel-wg",
-                "peer",
-                &public_key,
-                "endpoint",
-                &endpoint,
-                "allowed-ips",
-                &peer_subnet,
-            ],
-        );
+        let set = [
+            "set",
+            "flannel-wg",
+            "peer",
+            &public_key,
+            "endpoint",
+            &endpoint,
+            "allowed-ips",
+            &peer_subnet,
+        ];
+        lab.wg(2, &set).unwrap_or_else(|e| panic!("{e}"));
     }
     let own = format!("{subnet}/32");
     run_in(&lab, 2, &["ip", "addr", "add", &own, "dev", "flannel-wg"]);
@@ -373,15 +362,59 @@ fn a_wireguard_go_node_configured_as_upstream_talks_to_ours() {
     for h in 0..3 {
         lab.add_pods(h, 1);
     }
+    Some((lab, wg_go))
+}
+
+#[test]
+fn a_wireguard_go_node_configured_as_upstream_talks_to_ours() {
+    let test = "a_wireguard_go_node_configured_as_upstream_talks_to_ours";
+    let Some((lab, wg_go)) = lab_with_a_wireguard_go_node(test, CONFIG) else {
+        return;
+    };
     let failures = lab.ping_all(Duration::from_secs(20));
     // 20 MB of TCP each way between one of our pods and the wireguard-go node's pod.
     let to_go = tcp_transfer(&lab, (0, 0), (2, 0), 20 << 20);
     let from_go = tcp_transfer(&lab, (2, 0), (1, 0), 20 << 20);
-    let shown = run_in(&lab, 2, &["wg", "show", "flannel-wg"]);
+    let shown = lab.wg(2, &["show", "flannel-wg"]).unwrap_or_else(|e| e);
     let _ = wg_go.stop();
     assert!(failures.is_empty(), "unreachable: {failures:?}\n{shown}");
     assert_eq!((to_go, from_go), (20 << 20, 20 << 20), "{shown}");
     assert!(shown.contains("latest handshake"), "{shown}");
+}
+
+#[test]
+fn the_psk_option_is_the_preshared_key_upstreams_nodes_use() {
+    // The network's `PSK`: every handshake mixes it in, so a node without it cannot talk to ours
+    // and one with it (wireguard-go given it per peer, as upstream's backend gives it) can.
+    let psk = "m7W4uR4Lk5Qn4mB9zK9k6bQm3vFh3p8cWl0x9jQe7Hs=";
+    let config =
+        format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"wireguard","PSK":"{psk}"}}}}"#);
+    let test = "the_psk_option_is_the_preshared_key_upstreams_nodes_use";
+    let Some((lab, wg_go)) = lab_with_a_wireguard_go_node(test, &config) else {
+        return;
+    };
+    let to_go = lab.hosts[2].pods[0].ip;
+    assert!(
+        lab.ping((0, 0), lab.hosts[1].pods[0].ip, Duration::from_secs(10)),
+        "our two hosts share the PSK"
+    );
+    assert!(
+        !lab.ping((0, 0), to_go, Duration::from_secs(3)),
+        "a node without the PSK is reached"
+    );
+    let file = lab.hosts[2].subnet_file.with_file_name("psk");
+    std::fs::write(&file, psk).unwrap();
+    let path = file.display().to_string();
+    for h in 0..2 {
+        let (_, key) = lab.wireguard_lease(h);
+        let set = ["set", "flannel-wg", "peer", &key, "preshared-key", &path];
+        lab.wg(2, &set).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let failures = lab.ping_all(Duration::from_secs(20));
+    let shown = lab.wg(2, &["show", "flannel-wg"]).unwrap_or_else(|e| e);
+    let _ = wg_go.stop();
+    assert!(failures.is_empty(), "with the PSK: {failures:?}\n{shown}");
+    assert!(shown.contains("preshared key: (hidden)"), "{shown}");
 }
 
 #[test]

@@ -94,8 +94,8 @@ fn cpu_seconds(pid: Option<u32>) -> f64 {
     ticks / hz
 }
 
-/// Two lab hosts whose only tunnel is Debian's wireguard-go (`fltwg0` and `fltwg1`: one name per
-/// process, as their sockets share /var/run/wireguard; 10.99.0.1 and .2, MTU 1420 as flannel's): host-to-host Gbit/s through it, the CPU seconds both wireguard-go
+/// Two lab hosts whose only tunnel is Debian's wireguard-go (`fltwg0` and `fltwg1`; 10.99.0.1 and
+/// .2, MTU 1420 as flannel's): host-to-host Gbit/s through it, the CPU seconds both wireguard-go
 /// processes used per Gbit, and the larger one's resident MiB.
 fn wireguard_go_anchor() -> Option<(f64, f64, f64)> {
     let spec = LabSpec {
@@ -110,12 +110,14 @@ fn wireguard_go_anchor() -> Option<(f64, f64, f64)> {
     for h in 0..2 {
         let other = 1 - h;
         let host = &lab.hosts[h];
-        host.sh(&format!(
-            "wg set fltwg{h} peer {} endpoint {}:51820 allowed-ips 10.99.0.{}/32",
+        let set = format!(
+            "set fltwg{h} peer {} endpoint {}:51820 allowed-ips 10.99.0.{}/32",
             keys[other],
             lab.hosts[other].addr,
             other + 1
-        ));
+        );
+        let args: Vec<&str> = set.split_whitespace().collect();
+        lab.wg(h, &args).unwrap_or_else(|e| panic!("{e}"));
         host.sh(&format!("ip addr add 10.99.0.{}/24 dev fltwg{h}", h + 1));
         host.sh(&format!("ip link set fltwg{h} mtu 1420 up"));
     }
