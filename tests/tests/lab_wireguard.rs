@@ -1,7 +1,8 @@
 //! The wireguard backend in the multi-host lab, with the devices this machine's kernel allows
 //! (userspace WireGuard over TUN where the kernel has no WireGuard): pods on different hosts reach
 //! each other through `flannel-wg`, the leases carry upstream's data, the key survives a restart,
-//! a deleted device is recreated, a socket error (`ss -K`) does not stop the device, a jumbo-frame
+//! a deleted device is recreated, a socket error (`ss -K`) does not stop the device, the PSK and
+//! keep-alive options work, a jumbo-frame
 //! underlay carries full-size packets, and `wg show` reads the userspace device. Kernel devices:
 //! tests/vm_wireguard.rs.
 
@@ -118,6 +119,42 @@ fn a_socket_error_does_not_stop_the_device() {
     let log = lab.hosts[1].log_text();
     assert!(failures.is_empty(), "after ss -K: {failures:?}\n{log}");
     assert!(!log.contains("recreating"), "the device was remade:\n{log}");
+}
+
+#[test]
+fn persistent_keepalives_flow_on_an_idle_tunnel() {
+    // `PersistentKeepaliveInterval: 1`: with no traffic at all (no pods), each host still sends
+    // each peer a keep-alive a second (32 bytes on the wire each), as a node behind NAT needs.
+    let config = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard","PersistentKeepaliveInterval":1}}"#;
+    let test = "persistent_keepalives_flow_on_an_idle_tunnel";
+    let Some(mut lab) = Lab::for_test(test, vec![2], config, &[]) else {
+        return;
+    };
+    lab.start_all();
+    // (public key, tx bytes, keep-alive) of host 0's one peer, from `wg show dump`.
+    let peer = || {
+        let dump = lab.wg(0, &["show", "flannel-wg", "dump"]).ok()?;
+        let line = dump.lines().nth(1)?.to_string();
+        let f: Vec<&str> = line.split('\t').collect();
+        Some((
+            f[0].to_string(),
+            f[6].parse::<u64>().ok()?,
+            f[7].to_string(),
+        ))
+    };
+    assert!(
+        until(Duration::from_secs(10), || peer().is_some()),
+        "host 0 has no peer"
+    );
+    let (key, tx0, keepalive) = peer().unwrap();
+    assert_eq!(key, lab.wireguard_lease(1).1);
+    assert_eq!(keepalive, "1", "the interval as configured");
+    assert!(
+        until(Duration::from_secs(15), || peer()
+            .is_some_and(|(_, tx, _)| tx >= tx0 + 3 * 32)),
+        "no keep-alives on the idle tunnel: {:?}",
+        peer()
+    );
 }
 
 #[test]
