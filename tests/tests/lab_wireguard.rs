@@ -2,9 +2,8 @@
 //! (userspace WireGuard over TUN where the kernel has no WireGuard): pods on different hosts reach
 //! each other through `flannel-wg`, the leases carry upstream's data, the key survives a restart,
 //! a deleted device is recreated, a socket error (`ss -K`) does not stop the device, the PSK and
-//! keep-alive options work, a jumbo-frame
-//! underlay carries full-size packets, and `wg show` reads the userspace device. Kernel devices:
-//! tests/vm_wireguard.rs.
+//! keep-alive options work, a jumbo-frame underlay carries full-size packets, and `wg show` reads
+//! the userspace device. Kernel devices: tests/vm_wireguard.rs.
 
 #![allow(clippy::unwrap_used)]
 
