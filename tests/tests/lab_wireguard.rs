@@ -2,7 +2,7 @@
 //! (userspace WireGuard over TUN where the kernel has no WireGuard): pods on different hosts reach
 //! each other through `flannel-wg`, the leases carry upstream's data, the key survives a restart,
 //! a deleted device is recreated, a socket error (`ss -K`) does not stop the device, the PSK and
-//! keep-alive options work, a jumbo-frame underlay carries full-size packets, and `wg show` reads
+//! keep-alive and listen-port options work, a jumbo-frame underlay carries full-size packets, and `wg show` reads
 //! the userspace device. Kernel devices: tests/vm_wireguard.rs.
 
 #![allow(clippy::unwrap_used)]
@@ -154,6 +154,32 @@ fn persistent_keepalives_flow_on_an_idle_tunnel() {
         "no keep-alives on the idle tunnel: {:?}",
         peer()
     );
+}
+
+#[test]
+fn a_listen_port_of_our_choosing_is_advertised_and_used() {
+    // `ListenPort: 51900`: the leases advertise it, the devices listen on it, and each peer is
+    // reached at its advertised port.
+    let config = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard","ListenPort":51900}}"#;
+    let test = "a_listen_port_of_our_choosing_is_advertised_and_used";
+    let Some(mut lab) = Lab::for_test(test, vec![2], config, &[]) else {
+        return;
+    };
+    lab.start_all();
+    for h in 0..2 {
+        lab.add_pods(h, 1);
+    }
+    let failures = lab.ping_all(Duration::from_secs(10));
+    assert!(failures.is_empty(), "unreachable: {failures:?}");
+    for h in 0..2 {
+        let (lease, _) = lab.wireguard_lease(h);
+        assert_eq!(lease["BackendData"]["Port"], 51900, "{lease}");
+        let dump = lab.wg(h, &["show", "flannel-wg", "dump"]).unwrap();
+        let lines: Vec<Vec<&str>> = dump.lines().map(|l| l.split('\t').collect()).collect();
+        assert_eq!(lines[0][2], "51900", "{dump}");
+        let other = &lab.hosts[1 - h];
+        assert_eq!(lines[1][2], format!("{}:51900", other.addr), "{dump}");
+    }
 }
 
 #[test]
