@@ -16,10 +16,15 @@ const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}
 
 /// A 3-host wireguard lab with flanneld running and two pods per host.
 fn lab(test: &str) -> Option<Lab> {
-    let mut lab = Lab::for_test(test, vec![3], CONFIG, &[])?;
+    lab_with(test, CONFIG, 3, 2)
+}
+
+/// A lab of `hosts` hosts with the network `config`, flanneld running, and `pods` pods per host.
+fn lab_with(test: &str, config: &str, hosts: usize, pods: usize) -> Option<Lab> {
+    let mut lab = Lab::for_test(test, vec![hosts], config, &[])?;
     lab.start_all();
-    for i in 0..3 {
-        lab.add_pods(i, 2);
+    for i in (0..hosts).filter(|_| pods > 0) {
+        lab.add_pods(i, pods);
     }
     Some(lab)
 }
@@ -126,10 +131,9 @@ fn persistent_keepalives_flow_on_an_idle_tunnel() {
     // each peer a keep-alive a second (32 bytes on the wire each), as a node behind NAT needs.
     let config = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard","PersistentKeepaliveInterval":1}}"#;
     let test = "persistent_keepalives_flow_on_an_idle_tunnel";
-    let Some(mut lab) = Lab::for_test(test, vec![2], config, &[]) else {
+    let Some(lab) = lab_with(test, config, 2, 0) else {
         return;
     };
-    lab.start_all();
     // (public key, tx bytes, keep-alive) of host 0's one peer, from `wg show dump`.
     let peer = || {
         let dump = lab.wg(0, &["show", "flannel-wg", "dump"]).ok()?;
@@ -162,13 +166,9 @@ fn a_listen_port_of_our_choosing_is_advertised_and_used() {
     // reached at its advertised port.
     let config = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard","ListenPort":51900}}"#;
     let test = "a_listen_port_of_our_choosing_is_advertised_and_used";
-    let Some(mut lab) = Lab::for_test(test, vec![2], config, &[]) else {
+    let Some(lab) = lab_with(test, config, 2, 1) else {
         return;
     };
-    lab.start_all();
-    for h in 0..2 {
-        lab.add_pods(h, 1);
-    }
     let failures = lab.ping_all(Duration::from_secs(10));
     assert!(failures.is_empty(), "unreachable: {failures:?}");
     for h in 0..2 {
