@@ -8,9 +8,9 @@
 use std::io;
 
 use gotatun::packet::Packet;
+use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::pool::Pool;
-use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// Packets written per batch: their buffers grow to 64 KiB where segments merge into them.
 pub const WRITE_BATCH: usize = 64;

@@ -16,9 +16,9 @@ use std::sync::Arc;
 
 use gotatun::packet::Packet;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tokio::io::Interest;
 
 use crate::pool::Pool;
-use tokio::io::Interest;
 
 /// Socket buffers (gotatun's size).
 const SOCKET_BUFFER: usize = 7 << 20;
@@ -195,9 +195,7 @@ impl GroRecv {
         }
         Ok(())
     }
-}
 
-impl GroRecv {
     /// The next datagram read and not handed out yet, copied into a packet buffer of `pool`.
     pub fn next_pending(&mut self, pool: &Pool) -> Option<(Packet, SocketAddr)> {
         while let Some((start, end, from)) = self.pending.pop_front() {
