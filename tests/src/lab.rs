@@ -643,12 +643,20 @@ impl Lab {
             .filter_map(|(_, v)| serde_json::from_str::<serde_json::Value>(&v).ok())
             .find(|v| v["PublicIP"] == me)
             .unwrap_or_else(|| panic!("no lease of host {h}"));
+        (value, self.wireguard_public_key(h))
+    }
+
+    /// The WireGuard public key host `h`'s key file gives (base64).
+    ///
+    /// # Panics
+    /// When the key file is missing or holds no key.
+    pub fn wireguard_public_key(&self, h: usize) -> String {
         let key_file = self.hosts[h].subnet_file.with_file_name("wgkey");
         let key: flannel_backend_wireguard::PrivateKey = std::fs::read_to_string(&key_file)
             .unwrap_or_else(|e| panic!("{}: {e}", key_file.display()))
             .parse()
             .unwrap_or_else(|e| panic!("{}: {e}", key_file.display()));
-        (value, key.public_key().to_string())
+        key.public_key().to_string()
     }
 
     /// Starts flanneld on host `i` (0-based) and waits until it wrote subnet.env.

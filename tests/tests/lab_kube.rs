@@ -1,6 +1,6 @@
 //! Kubernetes mode in the netns lab: three hosts whose `flanneld --kube-subnet-mgr` talk to the
 //! stand-in API server over the underlay, each with a Node carrying its pod CIDR. Pods ping across
-//! hosts for vxlan, host-gw and udp; the annotations and the NetworkUnavailable condition read back
+//! hosts for vxlan, host-gw, udp and wireguard; the annotations and the NetworkUnavailable condition read back
 //! in upstream's formats; a deleted Node's routes go away; a restart keeps the subnet and the VTEP
 //! MAC (also when the device is gone, as after a reboot); a watch that expires with 410 misses no
 //! node added, and keeps no node deleted, during the gap.
@@ -51,6 +51,7 @@ fn pods_ping_across_hosts_for_every_backend_with_upstream_annotations() {
         (r#"{"Type":"vxlan"}"#, "vxlan"),
         (r#"{"Type":"host-gw"}"#, "host-gw"),
         (r#"{"Type":"udp"}"#, ""),
+        (r#"{"Type":"wireguard"}"#, "wireguard"),
     ] {
         let mut lab = lab(backend);
         lab.start_all();
@@ -81,6 +82,14 @@ fn pods_ping_across_hosts_for_every_backend_with_upstream_annotations() {
                 assert_eq!(mac.len(), 17, "{data}");
                 let dev = h.sh("ip -br link show flannel.1");
                 assert!(dev.contains(mac), "{dev} vs {data}");
+            } else if ty == "wireguard" {
+                // The key and port, as upstream's wireguard backend writes them.
+                let data: Value = serde_json::from_str(&data).unwrap();
+                let key = lab.wireguard_public_key(i);
+                assert_eq!(data, serde_json::json!({"PublicKey": key, "Port": 51820}));
+                // Each host's device has the other two as peers, with their pod CIDRs.
+                let dump = lab.wg(i, &["show", "flannel-wg", "dump"]).unwrap();
+                assert_eq!(dump.lines().count(), 3, "{dump}");
             } else {
                 assert_eq!(data, "null", "{backend}: host-gw and udp write null");
             }
