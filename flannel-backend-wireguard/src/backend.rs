@@ -148,7 +148,7 @@ impl Backend for WireguardBackend {
             ext.ext_v6_addr,
             (v4net.is_some(), v6net.is_some()),
             key.public_key(),
-            (opts.listen_port, opts.listen_port_v6),
+            opts.advertised_ports(),
         );
         let lease = self.ctx.subnet_manager.acquire_lease(&attrs).await?;
         let own_v4 = lease.subnet().map(|s| host_prefix(IpAddr::V4(s.network())));

@@ -120,6 +120,19 @@ impl WireguardOptions {
         })
     }
 
+    /// The ports this node advertises in its lease's `BackendData` and `BackendV6Data`: the ports
+    /// its devices listen on. In `Mode: separate` the IPv6 device has `ListenPortV6`; in the
+    /// one-device modes the one device listens on `ListenPort` for both families, so both say that.
+    /// (Upstream writes `ListenPortV6` in both modes and, since it dials a peer's advertised port,
+    /// its one-device nodes miss each other over IPv6 unless the two ports are equal; a deliberate
+    /// deviation, see the README.)
+    pub fn advertised_ports(&self) -> (u16, u16) {
+        match self.mode {
+            Mode::Separate => (self.listen_port, self.listen_port_v6),
+            Mode::Auto | Mode::Ipv4 | Mode::Ipv6 => (self.listen_port, self.listen_port),
+        }
+    }
+
     /// The MTU of the WireGuard device(s) and of the pods: the underlay MTU (the `MTU` option, else
     /// the external interface's) minus [`OVERHEAD`]. An underlay too small for that is an error.
     pub fn device_mtu(&self, ext_mtu: u32) -> Result<u32, BackendError> {
@@ -142,6 +155,20 @@ mod tests {
 
     fn parse(v: serde_json::Value) -> Result<WireguardOptions, String> {
         WireguardOptions::parse(&v).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn one_device_modes_advertise_the_port_their_device_listens_on() {
+        let parse = |mode: &str| {
+            WireguardOptions::parse(&serde_json::json!({
+                "Type": "wireguard", "ListenPort": 5000, "ListenPortV6": 5001, "Mode": mode
+            }))
+            .unwrap()
+        };
+        assert_eq!(parse("separate").advertised_ports(), (5000, 5001));
+        for mode in ["auto", "ipv4", "ipv6"] {
+            assert_eq!(parse(mode).advertised_ports(), (5000, 5000), "{mode}");
+        }
     }
 
     #[test]

@@ -213,17 +213,14 @@ impl PeerContext {
             Mode::Auto => self.auto_uses_ipv6(a.public_ip, a.public_ipv6),
             _ => false,
         };
-        let port_of = |family_data: Option<PeerData>| family_data.map_or(0, |x| x.port);
+        // The peer's one device listens on one port, whichever family reaches it: the port of its
+        // IPv4 data where it has some (upstream's one-device nodes advertise ListenPortV6 in their
+        // IPv6 data, a port their device does not listen on), else of its IPv6 data.
+        let port = v4.or(v6).map_or(0, |x| x.port);
         let endpoint = if use_v6 {
-            v6_endpoint(&PeerData {
-                port: port_of(v6),
-                ..d
-            })?
+            v6_endpoint(&PeerData { port, ..d })?
         } else {
-            v4_endpoint(&PeerData {
-                port: port_of(v4),
-                ..d
-            })?
+            v4_endpoint(&PeerData { port, ..d })?
         };
         let allowed: Vec<IpNet> = [
             subnet_v4.filter(|_| v4.is_some()),
@@ -473,7 +470,8 @@ mod tests {
         c.mode = Mode::Ipv6;
         assert_eq!(
             desired_peers(&[&l], &c).0.main[&key(2)].endpoint,
-            "[2001:db8::2]:5001".parse().unwrap()
+            "[2001:db8::2]:5000".parse().unwrap(),
+            "the port its one device listens on (its IPv4 data's), over IPv6"
         );
         // Auto: the peer's IPv4 address is private and both ends have public IPv6: IPv6.
         c.mode = Mode::Auto;

@@ -505,10 +505,11 @@ fn a_peer_whose_key_changes_is_updated() {
 #[test]
 fn dual_stack_in_both_kinds_of_mode() {
     // separate: flannel-wg for IPv4 on 51820, flannel-wg-v6 for IPv6 on 51821; auto: one device for
-    // both families.
+    // both families on 51820; ipv6: the same, its peers reached over the IPv6 underlay.
     for (mode, devices) in [
         ("separate", &["flannel-wg", "flannel-wg-v6"][..]),
         ("auto", &["flannel-wg"][..]),
+        ("ipv6", &["flannel-wg"][..]),
     ] {
         let config = format!(
             r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{{"Type":"wireguard","Mode":"{mode}"}}}}"#
@@ -533,11 +534,27 @@ fn dual_stack_in_both_kinds_of_mode() {
             mode == "separate",
             "{mode}: {links}"
         );
+        // The IPv6 data names the port the IPv6 traffic is received on: flannel-wg-v6's, or the
+        // one device's.
         let (lease, key) = lab.wireguard_lease(0);
+        let port = if mode == "separate" { 51821 } else { 51820 };
         assert_eq!(
             lease["BackendV6Data"],
-            serde_json::json!({"PublicKey": key, "Port": 51821}),
+            serde_json::json!({"PublicKey": key, "Port": port}),
             "{mode}: {lease}"
         );
+        if mode == "ipv6" {
+            let dump = lab.wg(0, &["show", "flannel-wg", "dump"]).unwrap();
+            let endpoints: Vec<&str> = dump
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split('\t').nth(2))
+                .collect();
+            assert_eq!(endpoints.len(), 2, "{dump}");
+            assert!(
+                endpoints.iter().all(|e| e.starts_with('[')),
+                "IPv6 endpoints: {dump}"
+            );
+        }
     }
 }
