@@ -7,8 +7,10 @@
 //! (negated, as wireguard-go answers):
 //! `wg set` reports "Operation not permitted".
 //!
-//! Requests are untrusted bytes: [`parse_request`] reads them (fuzz target `wireguard_uapi`), and
-//! the server bounds what it reads and how long it waits.
+//! Requests are untrusted bytes: [`RequestReader`] reads them as they arrive, keeping only the
+//! first line (fuzz target `wireguard_uapi`), and the server bounds how long it waits. [`serve`]
+//! keeps the socket there: it binds it again if its file is removed, and waits for a name another
+//! process serves.
 
 use std::fmt::Write as _;
 use std::io;
@@ -25,10 +27,13 @@ pub const RUN_DIR: &str = "/var/run/wireguard";
 /// The environment variable naming another directory for the sockets (lab hosts share one
 /// filesystem; `wg` then needs that directory mounted at [`RUN_DIR`]).
 pub const RUN_DIR_ENV: &str = "FLANNEL_WIREGUARD_RUN_DIR";
-/// The longest request read; `get=1` is 7 bytes.
-const MAX_REQUEST: usize = 4096;
+/// The longest first line read (`get=1` and `set=1` are 5 bytes); a `set`'s body is read to its
+/// end but not kept.
+const MAX_LINE: usize = 4096;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the server checks that its socket file is still there (and still its own).
+const CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// A request on the socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,27 +50,69 @@ pub enum RequestError {
     /// The connection ended before the empty line that ends a request.
     #[error("the request ended before its empty line")]
     Incomplete,
-    /// The first line is not `get=1` or `set=1`.
+    /// The first line is not `get=1` or `set=1` (or `get=1` has a body).
     #[error("unknown operation (expected get=1 or set=1)")]
     Unknown,
 }
 
-/// Reads a request: its first line names the operation; the rest (a `set`'s body) is not read.
-/// `Incomplete` until the request's empty line (`\n\n`) is in `bytes`.
+/// Reads a request as its bytes arrive, keeping no more than its first line: the first line names
+/// the operation (an unknown one is known as soon as its line ends), `get=1` is followed by the
+/// empty line at once, and a `set=1`'s body is passed over to its empty line. A verdict, once
+/// given, does not change with more bytes.
+#[derive(Debug, Default)]
+pub struct RequestReader {
+    first: Vec<u8>,
+    op: Option<Request>,
+    after_newline: bool,
+    verdict: Option<Result<Request, RequestError>>,
+}
+
+impl RequestReader {
+    /// Takes the next bytes; the verdict once the request is whole (or cannot be one).
+    pub fn feed(&mut self, bytes: &[u8]) -> Option<Result<Request, RequestError>> {
+        for &b in bytes {
+            if self.verdict.is_some() {
+                break;
+            }
+            self.verdict = self.step(b);
+        }
+        self.verdict.clone()
+    }
+
+    fn step(&mut self, b: u8) -> Option<Result<Request, RequestError>> {
+        let newline = b == b'\n';
+        let ended = newline && self.after_newline;
+        self.after_newline = newline;
+        match self.op {
+            None if newline => {
+                self.op = Some(match self.first.as_slice() {
+                    b"get=1" => Request::Get,
+                    b"set=1" => Request::Set,
+                    _ => return Some(Err(RequestError::Unknown)),
+                });
+                None
+            }
+            None if self.first.len() >= MAX_LINE => Some(Err(RequestError::Unknown)),
+            None => {
+                self.first.push(b);
+                None
+            }
+            Some(op) if ended => Some(Ok(op)),
+            Some(Request::Get) => Some(Err(RequestError::Unknown)),
+            Some(Request::Set) => None,
+        }
+    }
+}
+
+/// Reads a whole request (see [`RequestReader`]).
 ///
 /// # Errors
-/// [`RequestError`] for an unknown operation or an unfinished request.
+/// [`RequestError::Unknown`] for an unknown operation, [`RequestError::Incomplete`] while the
+/// request has not ended.
 pub fn parse_request(bytes: &[u8]) -> Result<Request, RequestError> {
-    let end = bytes
-        .windows(2)
-        .position(|w| w == b"\n\n")
-        .ok_or(RequestError::Incomplete)?;
-    let first = bytes[..=end].split(|&b| b == b'\n').next().unwrap_or(&[]);
-    match first {
-        b"get=1" => Ok(Request::Get),
-        b"set=1" => Ok(Request::Set),
-        _ => Err(RequestError::Unknown),
-    }
+    RequestReader::default()
+        .feed(bytes)
+        .unwrap_or(Err(RequestError::Incomplete))
 }
 
 /// One peer as `get=1` reports it.
@@ -149,17 +196,35 @@ pub fn run_dir() -> PathBuf {
         .map_or_else(|| PathBuf::from(RUN_DIR), PathBuf::from)
 }
 
-/// A bound socket; removed when dropped.
+/// A bound socket; its file is removed when dropped (if it is still this socket's).
 #[derive(Debug)]
 pub struct Socket {
     listener: UnixListener,
     path: PathBuf,
+    /// The socket file's device and inode, to tell it from a file someone put in its place.
+    file: (u64, u64),
+}
+
+impl Socket {
+    /// Whether the socket's file is still there and still this socket's: `wg` finds the device
+    /// only by that name.
+    pub fn is_current(&self) -> bool {
+        file_id(&self.path).is_ok_and(|id| id == self.file)
+    }
 }
 
 impl Drop for Socket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.is_current() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
+}
+
+fn file_id(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path)?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// Binds `device`'s socket in `dir` (made 0700 if missing), replacing a stale socket file but never
@@ -186,13 +251,71 @@ pub async fn bind(dir: &Path, device: &str) -> io::Result<Socket> {
     }
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(Socket { listener, path })
+    let file = file_id(&path)?;
+    Ok(Socket {
+        listener,
+        path,
+        file,
+    })
 }
 
-/// Answers requests on `socket`, one connection at a time, with `describe()` for `get=1`.
-pub async fn serve(socket: Socket, describe: impl Fn() -> DeviceInfo) {
+/// Keeps `device`'s socket in `dir` answering, with `describe()` for `get=1`: binds it (and
+/// tries again every few seconds while it cannot: the directory cannot be made, or another
+/// process serves that name), answers one connection at a time, and binds it anew when its file
+/// is removed or replaced (`wg` finds devices only by their socket files). Runs until dropped.
+pub async fn serve(dir: PathBuf, device: String, describe: impl Fn() -> DeviceInfo) {
+    serve_checking(dir, device, describe, CHECK_EVERY).await;
+}
+
+async fn serve_checking(
+    dir: PathBuf,
+    device: String,
+    describe: impl Fn() -> DeviceInfo,
+    check_every: Duration,
+) {
+    let mut failing = false;
     loop {
-        let Ok((mut conn, _)) = socket.listener.accept().await else {
+        match bind(&dir, &device).await {
+            Ok(socket) => {
+                if failing {
+                    tracing::info!(device, path = %socket.path.display(), "WireGuard control socket bound");
+                }
+                failing = false;
+                answer_while_current(&socket, &describe, check_every).await;
+                tracing::warn!(device, path = %socket.path.display(),
+                    "the WireGuard control socket's file was removed or replaced; binding it again");
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(device, dir = %dir.display(), error = %e,
+                        "no WireGuard control socket (`wg show` does not see this device); trying again every {}s",
+                        check_every.as_secs());
+                }
+                failing = true;
+                tokio::time::sleep(check_every).await;
+            }
+        }
+    }
+}
+
+async fn answer_while_current(
+    socket: &Socket,
+    describe: &impl Fn() -> DeviceInfo,
+    check_every: Duration,
+) {
+    let mut check = tokio::time::interval(check_every);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let accepted = tokio::select! {
+            accepted = socket.listener.accept() => accepted,
+            _ = check.tick() => {
+                if !socket.is_current() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let Ok((mut conn, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
@@ -210,16 +333,16 @@ pub async fn serve(socket: Socket, describe: impl Fn() -> DeviceInfo) {
 }
 
 async fn read_request(conn: &mut UnixStream) -> Result<Request, RequestError> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 512];
+    let mut reader = RequestReader::default();
+    let mut chunk = [0u8; 4096];
     loop {
-        match parse_request(&buf) {
-            Err(RequestError::Incomplete) if buf.len() < MAX_REQUEST => {}
-            other => return other,
-        }
         match conn.read(&mut chunk).await {
             Ok(0) | Err(_) => return Err(RequestError::Incomplete),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(n) => {
+                if let Some(verdict) = reader.feed(&chunk[..n]) {
+                    return verdict;
+                }
+            }
         }
     }
 }
@@ -236,10 +359,51 @@ mod tests {
             Ok(Request::Set)
         );
         assert_eq!(parse_request(b"get=1\n"), Err(RequestError::Incomplete));
+        assert_eq!(
+            parse_request(b"set=1\nport=1\n"),
+            Err(RequestError::Incomplete)
+        );
         assert_eq!(parse_request(b""), Err(RequestError::Incomplete));
         assert_eq!(parse_request(b"get=2\n\n"), Err(RequestError::Unknown));
         assert_eq!(parse_request(b"\n\n"), Err(RequestError::Unknown));
         assert_eq!(parse_request(b"get=1 \n\n"), Err(RequestError::Unknown));
+        // An unknown operation is known when its line ends; get=1 has no body.
+        assert_eq!(parse_request(b"nonsense\n"), Err(RequestError::Unknown));
+        assert_eq!(parse_request(b"get=1\nx=1\n\n"), Err(RequestError::Unknown));
+        // A first line longer than any operation is not waited on.
+        assert_eq!(
+            parse_request(&[b'a'; MAX_LINE + 1]),
+            Err(RequestError::Unknown)
+        );
+    }
+
+    #[test]
+    fn a_request_read_in_pieces_is_read_as_whole_and_a_long_set_is_not_kept() {
+        for whole in [
+            &b"get=1\n\n"[..],
+            b"set=1\na=1\nb=2\n\n",
+            b"bad\n",
+            b"get=1\n",
+        ] {
+            let mut r = RequestReader::default();
+            let mut verdict = None;
+            for b in whole {
+                verdict = r.feed(std::slice::from_ref(b));
+            }
+            assert_eq!(
+                verdict.unwrap_or(Err(RequestError::Incomplete)),
+                parse_request(whole)
+            );
+        }
+        // wg set with many peers: a body far longer than any first line, in chunks.
+        let mut r = RequestReader::default();
+        assert_eq!(r.feed(b"set=1\n"), None);
+        for _ in 0..1000 {
+            assert_eq!(r.feed(&[b'x'; 1000]), None);
+            assert_eq!(r.feed(b"\n"), None);
+        }
+        assert!(r.first.len() <= MAX_LINE);
+        assert_eq!(r.feed(b"\nget=1\n\n"), Some(Ok(Request::Set)));
     }
 
     #[test]
@@ -284,33 +448,59 @@ mod tests {
         assert!(text.contains(&format!("preshared_key={}\n", "02".repeat(32))));
     }
 
-    #[tokio::test]
-    async fn the_socket_answers_and_refuses_changes_and_a_live_one_is_not_taken() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = bind(dir.path(), "wgtest0").await.unwrap();
-        let path = sock.path.clone();
-        let info = DeviceInfo {
+    async fn ask(path: &Path, req: &[u8]) -> String {
+        let mut c = UnixStream::connect(path).await.unwrap();
+        c.write_all(req).await.unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    fn info() -> DeviceInfo {
+        DeviceInfo {
             private_key: [3; 32],
             listen_port: 4242,
             peers: vec![],
-        };
-        let task = tokio::spawn({
-            let info = info.clone();
-            async move { serve(sock, move || info.clone()).await }
-        });
-        let ask = |req: &'static [u8]| {
-            let path = path.clone();
-            async move {
-                let mut c = UnixStream::connect(&path).await.unwrap();
-                c.write_all(req).await.unwrap();
+        }
+    }
+
+    /// Waits (boundedly) until `path` answers `get=1` as `info()`.
+    async fn answers(path: &Path) -> bool {
+        for _ in 0..200 {
+            if let Ok(mut c) = UnixStream::connect(path).await {
                 let mut out = String::new();
-                c.read_to_string(&mut out).await.unwrap();
-                out
+                if c.write_all(b"get=1\n\n").await.is_ok()
+                    && c.read_to_string(&mut out).await.is_ok()
+                    && out == format_get(&info())
+                {
+                    return true;
+                }
             }
-        };
-        assert_eq!(ask(b"get=1\n\n").await, format_get(&info));
-        assert_eq!(ask(b"set=1\nlisten_port=1\n\n").await, "errno=-1\n\n");
-        assert_eq!(ask(b"nonsense\n\n").await, "errno=-22\n\n");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn the_socket_answers_and_refuses_changes_and_a_live_one_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path(), "wgtest0");
+        let task = tokio::spawn(serve(dir.path().into(), "wgtest0".into(), info));
+        assert!(answers(&path).await);
+        assert_eq!(
+            ask(&path, b"set=1\nlisten_port=1\n\n").await,
+            "errno=-1\n\n"
+        );
+        assert_eq!(ask(&path, b"nonsense\n").await, "errno=-22\n\n");
+        // `wg set` with a long body is read to its end and refused, not left hanging.
+        let mut long = b"set=1\n".to_vec();
+        for i in 0..5000 {
+            long.extend_from_slice(
+                format!("public_key={i:064x}\nallowed_ip=10.0.0.0/8\n").as_bytes(),
+            );
+        }
+        long.push(b'\n');
+        assert_eq!(ask(&path, &long).await, "errno=-1\n\n");
         let e = bind(dir.path(), "wgtest0").await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
         task.abort();
@@ -323,5 +513,30 @@ mod tests {
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         assert!(path.exists());
         bind(dir.path(), "wgtest0").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_removed_socket_file_is_bound_again_and_a_taken_name_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path(), "wgtest1");
+        // Someone else answers on the name first: the server waits for it.
+        let other = bind(dir.path(), "wgtest1").await.unwrap();
+        let check = Duration::from_millis(20);
+        let task = tokio::spawn(serve_checking(
+            dir.path().into(),
+            "wgtest1".into(),
+            info,
+            check,
+        ));
+        tokio::time::sleep(check * 5).await;
+        assert!(other.is_current(), "a live socket was taken");
+        drop(other);
+        assert!(answers(&path).await, "not bound once the name was free");
+        // Removed behind its back (as `rm -rf /run/wireguard` would): bound again.
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        assert!(answers(&path).await, "not bound again after its file went");
+        task.abort();
+        let _ = task.await;
+        assert!(!path.exists());
     }
 }

@@ -368,20 +368,14 @@ impl UserspaceDevice {
         let state = Arc::new(Mutex::new(State::new(key)));
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(run(dev, v4, v6, state.clone(), stopped, mtu));
-        let dir = crate::uapi::run_dir();
-        let uapi = match crate::uapi::bind(&dir, name).await {
-            Ok(socket) => {
+        let uapi = Some(tokio::spawn(crate::uapi::serve(
+            crate::uapi::run_dir(),
+            name.into(),
+            {
                 let state = state.clone();
-                Some(tokio::spawn(crate::uapi::serve(socket, move || {
-                    lock(&state).describe(port)
-                })))
-            }
-            Err(e) => {
-                tracing::warn!(device = name, dir = %dir.display(), error = %e,
-                    "no WireGuard control socket: `wg show` will not see this device");
-                None
-            }
-        };
+                move || lock(&state).describe(port)
+            },
+        )));
         Ok(Self {
             name: name.into(),
             state,

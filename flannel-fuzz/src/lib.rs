@@ -391,17 +391,33 @@ pub fn vxlan_peer_data(data: &[u8]) {
     }
 }
 
-/// A request on a userspace WireGuard device's control socket (`wg show`'s): never panics; a
-/// request is one only once its empty line has arrived, and what it is does not change with more
-/// bytes after that line.
+/// A request on a userspace WireGuard device's control socket (`wg show`'s): never panics; read in
+/// two pieces (split where the first byte says) it gets the verdict it gets whole; a request is
+/// one only once its empty line has arrived; and a verdict does not change with more bytes.
 pub fn wireguard_uapi(data: &[u8]) {
-    use flannel_backend_wireguard::uapi::{RequestError, parse_request};
+    use flannel_backend_wireguard::uapi::{RequestError, RequestReader, parse_request};
     let parsed = parse_request(data);
-    let ended = data.windows(2).any(|w| w == b"\n\n");
-    assert_eq!(parsed == Err(RequestError::Incomplete), !ended);
-    let mut more = data.to_vec();
-    more.extend_from_slice(b"get=1\n\n");
-    if ended {
+    let split = data
+        .first()
+        .map_or(0, |&b| usize::from(b) % (data.len() + 1));
+    let mut reader = RequestReader::default();
+    let first = reader.feed(&data[..split]);
+    let pieces = reader
+        .feed(&data[split..])
+        .unwrap_or(Err(RequestError::Incomplete));
+    assert_eq!(pieces, parsed);
+    if let Some(early) = first {
+        assert_eq!(early, parsed, "a verdict changed with more bytes");
+    }
+    if parsed.is_ok() {
+        assert!(
+            data.windows(2).any(|w| w == b"\n\n"),
+            "a request without its empty line"
+        );
+    }
+    if parsed != Err(RequestError::Incomplete) {
+        let mut more = data.to_vec();
+        more.extend_from_slice(b"get=1\n\n");
         assert_eq!(parse_request(&more), parsed);
     }
 }
