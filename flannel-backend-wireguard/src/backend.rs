@@ -70,8 +70,8 @@ impl Device {
         }
     }
 
-    /// Lets the device go: a userspace device stops (its TUN device goes away), a kernel device
-    /// stays as it is.
+    /// Lets the device go: a userspace device stops (its persistent TUN device stays for the next
+    /// one to take over), a kernel device stays as it is.
     async fn stop(self) {
         if let Device::Userspace(d) = self {
             d.stop().await;
@@ -223,6 +223,7 @@ impl Backend for WireguardBackend {
             key,
             wanted: Mutex::new(DesiredPeers::default()),
         };
+        model.remove_unused_v6_device().await?;
         model.prepare().await?;
         info!(
             devices = ?model.slots.iter().map(|s| s.name).collect::<Vec<_>>(),
@@ -266,6 +267,22 @@ fn greet<'a>(peers: impl Iterator<Item = &'a crate::peers::PeerSpec>) {
 }
 
 impl WgModel {
+    /// Deletes a `flannel-wg-v6` that this configuration does not use (left by a run in
+    /// `Mode: separate` with IPv6; devices outlive flanneld), with the routes through it.
+    async fn remove_unused_v6_device(&self) -> Result<(), BackendError> {
+        if self.slots.iter().any(|s| s.name == DEVICE_V6) {
+            return Ok(());
+        }
+        if let Some(l) = self.nl.link_by_name(DEVICE_V6).await? {
+            info!(
+                device = DEVICE_V6,
+                "deleting a WireGuard device this configuration does not use"
+            );
+            self.nl.delete_link(l.index).await?;
+        }
+        Ok(())
+    }
+
     /// A new device for slot `i`, where the link `found` (if any) has its name; whether it is fresh
     /// (its peers hold sessions with an older device and should be greeted). A kernel that refuses
     /// a `wireguard` link (`EOPNOTSUPP`: no module) makes this and every later device a userspace
@@ -276,10 +293,22 @@ impl WgModel {
         found: Option<LinkState>,
     ) -> Result<(Device, bool), BackendError> {
         let (name, port) = (self.slots[i].name, self.slots[i].port);
-        let is_wireguard = found
-            .as_ref()
-            .is_some_and(|l| l.kind.as_deref() == Some("wireguard"));
+        let kind = found.as_ref().and_then(|l| l.kind.clone());
+        let is_wireguard = kind.as_deref() == Some("wireguard");
         let mut found = found;
+        // A TUN device of that name is the userspace device the last flanneld left (persistent,
+        // so the pods' traffic had nowhere to go in clear meanwhile): taken over where the kernel
+        // still has no WireGuard.
+        if !self.userspace
+            && kind.as_deref() == Some("tun")
+            && !crate::kernel::kernel_has_wireguard().await
+        {
+            info!(
+                device = name,
+                "the kernel has no WireGuard; taking over the userspace device left by the last run"
+            );
+            self.userspace = true;
+        }
         if !self.userspace {
             match self.make_kernel_device(name, port, found.take()).await? {
                 Some(made) => return Ok(made),
@@ -292,7 +321,7 @@ impl WgModel {
                 }
             }
         }
-        if let Some(l) = found.filter(|_| is_wireguard) {
+        if let Some(l) = found.take_if(|_| is_wireguard) {
             info!(
                 device = name,
                 "replacing a kernel WireGuard device with a userspace one"
@@ -300,9 +329,22 @@ impl WgModel {
             self.nl.delete_link(l.index).await?;
         }
         let mtu = u16::try_from(self.mtu).unwrap_or(u16::MAX);
-        let dev = UserspaceDevice::create(name, &self.key, port, mtu)
-            .await
-            .map_err(|e| BackendError::Other(e.to_string()))?;
+        let dev = match (
+            UserspaceDevice::create(name, &self.key, port, mtu).await,
+            found,
+        ) {
+            (Ok(dev), _) => dev,
+            // A link of that name that cannot be taken over as a TUN device (another kind, or a
+            // TUN device with flags of its own): replaced.
+            (Err(e), Some(l)) => {
+                info!(device = name, kind = ?l.kind, error = %e, "replacing a link that cannot be taken over");
+                self.nl.delete_link(l.index).await?;
+                UserspaceDevice::create(name, &self.key, port, mtu)
+                    .await
+                    .map_err(|e| BackendError::Other(e.to_string()))?
+            }
+            (Err(e), None) => return Err(BackendError::Other(e.to_string())),
+        };
         Ok((Device::Userspace(dev), true))
     }
 
@@ -348,7 +390,7 @@ impl Model for WgModel {
             let found = self.nl.link_by_name(name).await?;
             let keep = match (&self.slots[i].dev, &found) {
                 (Some(Device::Kernel(d)), Some(l)) => l.index == d.index(),
-                (Some(Device::Userspace(_)), Some(_)) => true,
+                (Some(Device::Userspace(d)), Some(_)) => d.is_running(),
                 _ => false,
             };
             let link = match found {

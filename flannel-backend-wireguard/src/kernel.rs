@@ -136,6 +136,16 @@ impl KernelDevice {
     }
 }
 
+/// Whether the kernel has WireGuard, asked without making a device: it knows the `wireguard`
+/// generic netlink family (the question loads the module where there is one, as making a device
+/// does).
+pub async fn kernel_has_wireguard() -> bool {
+    match Socket::open(NETLINK_GENERIC) {
+        Ok(mut socket) => resolve_family(&mut socket).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
 /// The id the kernel gave the `wireguard` generic netlink family (it exists once the module is
 /// loaded, which making a device does).
 async fn resolve_family(socket: &mut Socket) -> std::io::Result<u16> {

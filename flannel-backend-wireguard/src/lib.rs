@@ -21,7 +21,8 @@
 //! - [`kernel`]: the kernel device's netlink messages, built and read as plain functions
 //!   ([`kernel::set_device_messages`], [`kernel::device_of`], which never panics on odd bytes).
 //! - [`userspace`]: one task per device running batches through gotatun's protocol state machine
-//!   (`noise::Tunn`), between our TUN side ([`tun`]: offloads, batched writes with TCP segments
+//!   (`noise::Tunn`), between our TUN side ([`tun`]: a persistent device, so while flanneld is
+//!   down pods' packets are dropped there, not sent in clear; offloads, batched writes with TCP segments
 //!   merged) and UDP side ([`udp`]: GSO sends, GRO receives), in buffers sized by the MTU
 //!   ([`pool`]); [`userspace::Routes`] is the cryptokey routing; [`userspace::measure_datapath`]
 //!   times the device's own side of the data path (the `bench-wireguard-cpu` benchmark);

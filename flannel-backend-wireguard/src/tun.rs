@@ -4,6 +4,12 @@
 //! decrypted packets are written in batches, the TCP segments of one flow merged into one write (so
 //! the receiving pod's stack handles a few large segments instead of many small ones). A kernel
 //! without TUN offloads gets a plain device: one packet per read and write.
+//!
+//! The device is persistent, as the udp backend's `flannel0`: it and the route into the network
+//! stay while flanneld is down (a restart, an upgrade), so the pods' packets for other hosts are
+//! dropped there instead of leaving by the host's default route unencrypted, and the next
+//! flanneld re-attaches to it. A device loop that ends for another reason than a stop lets its
+//! device go ([`release`]), so that the link's deletion tells the backend to make a new one.
 
 use std::io;
 
@@ -15,10 +21,12 @@ use crate::pool::Pool;
 /// Packets written per batch: their buffers grow to 64 KiB where segments merge into them.
 pub const WRITE_BATCH: usize = 64;
 
-/// Opens the TUN device `name` (offloads where the kernel has them) with `mtu`.
+/// Opens the TUN device `name` (offloads where the kernel has them) with `mtu`, making it, or
+/// re-attaching to the one the last flanneld left, and marks it persistent.
 ///
 /// # Errors
-/// When the device cannot be made (no `/dev/net/tun`, no `CAP_NET_ADMIN`).
+/// When the device cannot be made (no `/dev/net/tun`, no `CAP_NET_ADMIN`, a link of that name
+/// that is not a TUN device).
 pub fn open(name: &str, mtu: u16) -> io::Result<AsyncDevice> {
     let build = |offload: bool| {
         DeviceBuilder::new()
@@ -27,13 +35,25 @@ pub fn open(name: &str, mtu: u16) -> io::Result<AsyncDevice> {
             .offload(offload)
             .build_async()
     };
-    match build(true) {
-        Ok(d) => Ok(d),
+    let dev = match build(true) {
+        Ok(d) => d,
         Err(e) => {
             tracing::warn!(device = name, error = %e, "TUN offloads unavailable; one packet per read");
-            build(false)
+            build(false)?
         }
-    }
+    };
+    dev.persist()
+        .map_err(|e| io::Error::new(e.kind(), format!("making {name} persistent: {e}")))?;
+    Ok(dev)
+}
+
+/// Lets the device go with its last descriptor (clears the persistence [`open`] set), for a
+/// device loop that ends without being stopped: the link's deletion then tells the backend.
+pub fn release(dev: &AsyncDevice) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: TUNSETPERSIST takes its argument by value (0 clears the flag) and touches no memory
+    // of ours; on a descriptor whose device is already gone it fails, which is fine.
+    let _ = unsafe { libc::ioctl(dev.as_raw_fd(), libc::TUNSETPERSIST, 0) };
 }
 
 /// Reads batches of packets from the TUN device straight into packet buffers of a pool (the

@@ -340,7 +340,7 @@ impl std::fmt::Debug for UserspaceDevice {
 }
 
 impl UserspaceDevice {
-    /// Creates the TUN device `name` with `mtu` and starts WireGuard on UDP `port` (IPv4 and, where
+    /// Creates the TUN device `name` (or takes over the one a previous device of that name left) with `mtu` and starts WireGuard on UDP `port` (IPv4 and, where
     /// the host has IPv6, IPv6) with `key`.
     ///
     /// # Errors
@@ -404,7 +404,14 @@ impl UserspaceDevice {
         Ok(())
     }
 
-    /// Stops the device (its TUN device goes away).
+    /// Whether its device loop still runs (it ends by itself when the TUN device is deleted or
+    /// the IPv4 socket becomes unusable, and then lets the TUN device go).
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops the device. Its TUN device stays (persistent), with the routes through it, until
+    /// the next device of that name takes it over.
     pub async fn stop(mut self) {
         if let Some(uapi) = self.uapi.take() {
             uapi.abort();
@@ -457,14 +464,14 @@ async fn run(
     let mut out = Outbox::default();
     let mut decrypted: Vec<Packet> = Vec::new();
     let mut gso = Vec::new();
-    loop {
+    let stopped = loop {
         tokio::select! {
-            _ = &mut stop => break,
+            _ = &mut stop => break true,
             r = reader.read(&dev) => match r {
                 Ok(()) => lock(&state).outgoing(reader.packets(), &mut mtu_watch, &mut out),
                 Err(e) if device_gone(&e) => {
                     tracing::warn!(error = %e, "the WireGuard TUN device is gone; the device stops");
-                    break;
+                    break false;
                 }
                 Err(e) => tracing::debug!(error = %e, "skipping an unreadable read from the TUN device"),
             },
@@ -477,7 +484,7 @@ async fn run(
                 ),
                 Err(e) => {
                     tracing::warn!(error = %e, "the WireGuard IPv4 socket is unusable; the device stops");
-                    break;
+                    break false;
                 }
             },
             r = recv_on(rx6.as_mut()) => match (r, rx6.as_mut()) {
@@ -508,6 +515,10 @@ async fn run(
             }
             out.v6.clear();
         }
+    };
+    if !stopped {
+        // The link goes with this loop's descriptor: its deletion makes the backend recreate it.
+        crate::tun::release(&dev);
     }
 }
 

@@ -1,7 +1,8 @@
 //! The wireguard backend in the multi-host lab, with the devices this machine's kernel allows
 //! (userspace WireGuard over TUN where the kernel has no WireGuard): pods on different hosts reach
 //! each other through `flannel-wg`, the leases carry upstream's data, the key survives a restart,
-//! a deleted device is recreated, a socket error (`ss -K`) does not stop the device, the PSK and
+//! the device holds pods' packets back (none in clear) while flanneld is down and is taken over
+//! at the restart, a deleted device is recreated, a socket error (`ss -K`) does not stop the device, the PSK and
 //! keep-alive and listen-port options work, a jumbo-frame underlay carries full-size packets, and `wg show` reads
 //! the userspace device. Kernel devices: tests/vm_wireguard.rs.
 
@@ -188,11 +189,28 @@ fn the_underlay_carries_only_wireguard_udp() {
         return;
     };
     assert!(lab.ping_all(Duration::from_secs(10)).is_empty());
-    // Capture host 0's IPv4 underlay (etcd's TCP aside) while every pod pings every other pod
-    // (`--immediate-mode`: packets reach the file at once, not when a ring block is full).
-    let file = lab.dir().join("underlay.pcap");
+    let mut failures = Vec::new();
+    let lines = capture_underlay(&lab, 0, || failures = lab.ping_all(Duration::from_secs(10)));
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(
+        lines.len() >= 8,
+        "the pings crossed host 0's underlay: {lines:#?}"
+    );
+    for line in &lines {
+        assert!(
+            line.contains(".51820 > ") && line.contains(".51820: UDP"),
+            "not WireGuard between the hosts' ports: {line}"
+        );
+        assert!(!line.contains("10.5."), "pod addresses in clear: {line}");
+    }
+}
+
+/// What crossed host `h`'s IPv4 underlay (etcd's TCP aside) while `during` ran, as tcpdump prints
+/// it (`--immediate-mode`: packets reach the file at once, not when a ring block is full).
+fn capture_underlay(lab: &Lab, h: usize, during: impl FnOnce()) -> Vec<String> {
+    let file = lab.dir().join(format!("underlay-{h}.pcap"));
     let mut cmd = std::process::Command::new("ip");
-    cmd.args(["netns", "exec", lab.hosts[0].ns.name()])
+    cmd.args(["netns", "exec", lab.hosts[h].ns.name()])
         .args([
             "tcpdump",
             "--immediate-mode",
@@ -208,28 +226,58 @@ fn the_underlay_carries_only_wireguard_udp() {
         .stderr(std::process::Stdio::null());
     let mut tcpdump = flannel_tests::cleanup::spawn(&mut cmd).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let failures = lab.ping_all(Duration::from_secs(10));
+    during();
     std::thread::sleep(Duration::from_millis(300));
     flannel_tests::cleanup::stop_child(&mut tcpdump, Duration::from_secs(5));
-    assert!(failures.is_empty(), "{failures:?}");
     let out = std::process::Command::new("tcpdump")
         .args(["-nn", "-r"])
         .arg(&file)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text.lines().collect();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn while_flanneld_is_down_pod_traffic_is_held_back_not_sent_in_clear() {
+    // A restart or an upgrade: flanneld stops. The device and the route into the network stay, so
+    // the pods' packets for other hosts are dropped there instead of taking the host's default
+    // route unencrypted; the next flanneld takes the device over (same link) and traffic resumes.
+    let test = "while_flanneld_is_down_pod_traffic_is_held_back_not_sent_in_clear";
+    let Some(mut lab) = lab_with(test, CONFIG, 2, 1) else {
+        return;
+    };
+    assert!(lab.ping_all(Duration::from_secs(10)).is_empty());
+    let link_before = lab.hosts[0].sh("ip -o link show flannel-wg");
+    let _ = lab.stop_flanneld(0);
+    let routes = lab.hosts[0].routes("");
     assert!(
-        lines.len() >= 8,
-        "the pings crossed host 0's underlay: {text}"
+        routes.contains("10.5.0.0/16 dev flannel-wg"),
+        "the route into the network went with flanneld:\n{routes}"
     );
+    let peer = lab.hosts[1].pods[0].ip;
+    let mut answered = true;
+    let lines = capture_underlay(&lab, 0, || {
+        answered = lab.ping((0, 0), peer, Duration::from_secs(3));
+    });
+    assert!(!answered, "a ping crossed with flanneld down");
     for line in &lines {
         assert!(
-            line.contains(".51820 > ") && line.contains(".51820: UDP"),
-            "not WireGuard between the hosts' ports: {line}"
+            !line.contains("10.5."),
+            "pod traffic in clear on the underlay while flanneld was down: {line}"
         );
-        assert!(!line.contains("10.5."), "pod addresses in clear: {line}");
     }
+    lab.start_flanneld(0);
+    let failures = lab.ping_all(Duration::from_secs(10));
+    assert!(failures.is_empty(), "after the restart: {failures:?}");
+    let index = |l: &str| l.split(':').next().unwrap_or_default().to_string();
+    assert_eq!(
+        index(&lab.hosts[0].sh("ip -o link show flannel-wg")),
+        index(&link_before),
+        "the device was made anew, not taken over"
+    );
 }
 
 /// Runs `cmd` (a program and its arguments) in host `h`'s namespace; panics with its stderr.
@@ -559,6 +607,25 @@ fn dual_stack_in_both_kinds_of_mode() {
                     .iter()
                     .all(|e| e.starts_with('[') == (mode == "ipv6")),
                 "{mode} endpoints: {dump}"
+            );
+        } else {
+            // Devices outlive flanneld: switched to one device, host 0 deletes the now unused
+            // flannel-wg-v6 (and the route through it) and routes IPv6 into flannel-wg.
+            let _ = lab.stop_flanneld(0);
+            assert!(lab.hosts[0].sh("ip link").contains(" flannel-wg-v6:"));
+            lab.etcd_put(
+                "/coreos.com/network/config",
+                &config.replace("separate", "auto"),
+            );
+            lab.start_flanneld(0);
+            let links = lab.hosts[0].sh("ip link");
+            assert!(!links.contains(" flannel-wg-v6:"), "{links}");
+            assert!(
+                until(Duration::from_secs(10), || lab.hosts[0]
+                    .sh("ip -6 route")
+                    .contains("fd00:5::/48 dev flannel-wg ")),
+                "{}",
+                lab.hosts[0].sh("ip -6 route")
             );
         }
     }
