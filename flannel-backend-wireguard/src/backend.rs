@@ -321,30 +321,31 @@ impl WgModel {
                 }
             }
         }
-        if let Some(l) = found.take_if(|_| is_wireguard) {
-            info!(
-                device = name,
-                "replacing a kernel WireGuard device with a userspace one"
-            );
+        // A TUN device of that name is taken over; any other link of that name is replaced.
+        if let Some(l) = found.take_if(|l| l.kind.as_deref() != Some("tun")) {
+            if is_wireguard {
+                info!(
+                    device = name,
+                    "replacing a kernel WireGuard device with a userspace one"
+                );
+            } else {
+                info!(device = name, kind = ?l.kind, "replacing a link that is not a TUN device");
+            }
             self.nl.delete_link(l.index).await?;
         }
         let mtu = u16::try_from(self.mtu).unwrap_or(u16::MAX);
-        let dev = match (
-            UserspaceDevice::create(name, &self.key, port, mtu).await,
-            found,
-        ) {
-            (Ok(dev), _) => dev,
-            // A link of that name that cannot be taken over as a TUN device (another kind, or a
-            // TUN device with flags of its own): replaced.
-            (Err(e), Some(l)) => {
-                info!(device = name, kind = ?l.kind, error = %e, "replacing a link that cannot be taken over");
-                self.nl.delete_link(l.index).await?;
-                UserspaceDevice::create(name, &self.key, port, mtu)
-                    .await
-                    .map_err(|e| BackendError::Other(e.to_string()))?
-            }
-            (Err(e), None) => return Err(BackendError::Other(e.to_string())),
-        };
+        let dev = UserspaceDevice::create(name, &self.key, port, mtu)
+            .await
+            .map_err(|e| {
+                // Not replaced: it may be another flanneld's (attached, so busy).
+                let hint = if found.is_some() {
+                    " (a TUN device of that name exists and could not be taken over: if no \
+                     other flanneld runs on this host, delete it with `ip link del`)"
+                } else {
+                    ""
+                };
+                BackendError::Other(format!("{e}{hint}"))
+            })?;
         Ok((Device::Userspace(dev), true))
     }
 

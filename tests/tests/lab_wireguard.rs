@@ -101,6 +101,41 @@ fn restart_keeps_the_key_and_a_deleted_device_comes_back() {
 }
 
 #[test]
+fn a_plain_tun_device_of_the_name_is_taken_over_and_another_link_replaced() {
+    // Before flanneld first starts: host 0 has a TUN device flannel-wg made by `ip tuntap`
+    // (another program's, or a flanneld's left while the host was down), host 1 a veth of that
+    // name. The TUN device is taken over (same link), the veth replaced; pods ping.
+    let test = "a_plain_tun_device_of_the_name_is_taken_over_and_another_link_replaced";
+    let Some(mut lab) = Lab::for_test(test, vec![2], CONFIG, &[]) else {
+        return;
+    };
+    lab.hosts[0].sh("ip tuntap add flannel-wg mode tun");
+    lab.hosts[1].sh("ip link add flannel-wg type veth peer name fltwg-other");
+    let index = |lab: &Lab, h: usize| {
+        let l = lab.hosts[h].sh("ip -o link show flannel-wg");
+        l.split(':').next().unwrap_or_default().to_string()
+    };
+    let tun_before = index(&lab, 0);
+    lab.start_all();
+    for h in 0..2 {
+        lab.add_pods(h, 1);
+    }
+    let failures = lab.ping_all(Duration::from_secs(10));
+    assert!(failures.is_empty(), "{failures:?}");
+    let link = lab.hosts[0].sh("ip -d link show flannel-wg");
+    if !link.contains(" tun ") {
+        return; // a kernel with WireGuard replaces both
+    }
+    assert_eq!(
+        index(&lab, 0),
+        tun_before,
+        "the TUN device was not taken over"
+    );
+    let link = lab.hosts[1].sh("ip -d link show flannel-wg");
+    assert!(link.contains(" tun "), "the veth is still there: {link}");
+}
+
+#[test]
 fn a_socket_error_does_not_stop_the_device() {
     // `ss -K` aborts the userspace device's UDP sockets: the kernel keeps a socket bound to its
     // port but hands its next read ECONNABORTED. The device reads past it (gotatun's own device
