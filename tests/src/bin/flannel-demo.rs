@@ -282,9 +282,13 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
         say!("    FAILED {f}");
     }
 
-    section(
-        "Each host's routes (flannel's are the ones into 10.5.0.0/16 via flannel.1 or eth0, or the one via flannel0)",
-    )?;
+    let flannels = match backend {
+        "udp" => "the one into 10.5.0.0/16 via flannel0",
+        "wireguard" => "the one into 10.5.0.0/16 via flannel-wg",
+        "host-gw" => "the ones into 10.5.0.0/16 via eth0",
+        _ => "the ones into 10.5.0.0/16 via flannel.1 (or eth0 with DirectRouting)",
+    };
+    section(&format!("Each host's routes (flannel's are {flannels})"))?;
     for h in &lab.hosts {
         say!("    host{} $ ip route", h.n);
         indent(&h.sh("ip route"))?;
