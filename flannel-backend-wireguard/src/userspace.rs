@@ -329,7 +329,7 @@ pub struct UserspaceDevice {
     state: Arc<Mutex<State>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
-    /// The `wg show` socket's server ([`crate::uapi`]), when it could be bound.
+    /// The `wg show` socket's server ([`crate::uapi::serve`]); `None` once stopped.
     uapi: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -340,8 +340,9 @@ impl std::fmt::Debug for UserspaceDevice {
 }
 
 impl UserspaceDevice {
-    /// Creates the TUN device `name` (or takes over the one a previous device of that name left) with `mtu` and starts WireGuard on UDP `port` (IPv4 and, where
-    /// the host has IPv6, IPv6) with `key`.
+    /// Creates the TUN device `name` (or takes over the one a previous device of that name left)
+    /// with `mtu` and starts WireGuard on UDP `port` (IPv4 and, where the host has IPv6, IPv6)
+    /// with `key`, and the `wg show` socket ([`crate::uapi::serve`]).
     ///
     /// # Errors
     /// When the TUN device or the IPv4 socket cannot be made.
