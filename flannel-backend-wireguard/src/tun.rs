@@ -37,10 +37,21 @@ pub fn open(name: &str, mtu: u16) -> io::Result<AsyncDevice> {
     };
     let dev = match build(true) {
         Ok(d) => d,
-        Err(e) => {
-            tracing::warn!(device = name, error = %e, "TUN offloads unavailable; one packet per read");
-            build(false)?
-        }
+        Err(first) => match build(false) {
+            Ok(d) => {
+                tracing::warn!(device = name, error = %first, "TUN offloads unavailable; one packet per read");
+                d
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "opening TUN device {name}: {e} (is /dev/net/tun there and the tun module \
+                         loaded? does flanneld have CAP_NET_ADMIN?)"
+                    ),
+                ));
+            }
+        },
     };
     dev.persist()
         .map_err(|e| io::Error::new(e.kind(), format!("making {name} persistent: {e}")))?;
@@ -193,5 +204,25 @@ impl TunWriter {
                 tracing::debug!(error = %e, "writing decrypted packets to the TUN device");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_that_cannot_be_opened_is_named_with_what_to_check() {
+        // Longer than a link name may be (15 bytes): refused with or without root, and nothing
+        // is made anywhere.
+        let Err(e) = open("fltwg-name-too-long-for-a-link", 1420) else {
+            panic!("a link name of 30 bytes was taken");
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("opening TUN device fltwg-name-too-long-for-a-link")
+                && text.contains("/dev/net/tun"),
+            "{text}"
+        );
     }
 }
