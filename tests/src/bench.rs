@@ -36,25 +36,66 @@ impl FakePeer {
     pub fn vxlan_data(&self) -> String {
         format!(r#"{{"VNI":1,"VtepMAC":"{}"}}"#, self.mac)
     }
+
+    /// The wireguard backend data upstream writes, `{"PublicKey":"…","Port":51820}`, with a key
+    /// of its own (its MAC's bytes in an otherwise fixed key).
+    pub fn wireguard_data(&self) -> String {
+        let mut key = [0x5au8; 32];
+        for (k, part) in key.iter_mut().zip(self.mac.split(':')) {
+            *k = u8::from_str_radix(part, 16).unwrap_or(0);
+        }
+        let key = flannel_backend_wireguard::Key(key);
+        format!(r#"{{"PublicKey":"{key}","Port":51820}}"#)
+    }
+}
+
+/// The lease value a fake peer's host writes for `backend` (`vxlan`, `host-gw` or `wireguard`).
+pub fn lease_value(p: &FakePeer, backend: &str) -> String {
+    let data = match backend {
+        "vxlan" => format!(r#","BackendData":{}"#, p.vxlan_data()),
+        "wireguard" => format!(r#","BackendData":{}"#, p.wireguard_data()),
+        _ => String::new(),
+    };
+    format!(
+        r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"{backend}"{data}}}"#,
+        p.public_ip
+    )
 }
 
 /// Entries of fake peers of generation `g` on host `h`: (routes, neighbours, FDB entries). A route
-/// counts when it goes into `10.1xx` (and, for host-gw, via a generation-`g` address).
+/// counts when it goes into `10.1xx` (and, for host-gw, via a generation-`g` address). For
+/// wireguard: (the device's peers with a `10.1xx` subnet at a generation-`g` endpoint, 0, 0), as
+/// `wg show` reads them.
 pub fn counts(lab: &Lab, h: usize, backend: &str, g: u8) -> (usize, usize, usize) {
     let host = &lab.hosts[h];
-    let routes = host
-        .ns
-        .exec(&["ip", "-4", "route", "show"])
-        .unwrap_or_default();
-    // host-gw: the gateway's third octet tells the generation (1..=100 or 101..=200).
+    // The public IP's third octet tells the generation (1..=100 or 101..=200).
     let lo = 1 + usize::from(g) * 100;
-    let via_generation = |l: &str| {
-        l.split(" via 172.20.")
+    let generation_after = |l: &str, marker: &str| {
+        l.split(marker)
             .nth(1)
             .and_then(|rest| rest.split('.').next())
             .and_then(|o| o.parse::<usize>().ok())
             .is_some_and(|o| (lo..lo + 100).contains(&o))
     };
+    if backend == "wireguard" {
+        let dump = lab
+            .wg(h, &["show", "flannel-wg", "dump"])
+            .unwrap_or_default();
+        let peers = dump
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                f.len() > 3 && f[3].starts_with("10.1") && generation_after(f[2], "172.20.")
+            })
+            .count();
+        return (peers, 0, 0);
+    }
+    let routes = host
+        .ns
+        .exec(&["ip", "-4", "route", "show"])
+        .unwrap_or_default();
+    let via_generation = |l: &str| generation_after(l, " via 172.20.");
     let r = routes
         .lines()
         .filter(|l| l.starts_with("10.1") && (backend == "vxlan" || via_generation(l)))

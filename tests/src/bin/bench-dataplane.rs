@@ -1,6 +1,7 @@
 //! Benchmark: how fast flanneld's kernel backends follow the lease set, in the netns lab.
 //!
-//! For vxlan and host-gw: (a) N = 100, 1000, 5000 fake peer leases written to etcd as fast as it takes
+//! For vxlan, host-gw and wireguard (its peers counted as `wg show` reads them: userspace devices
+//! on a kernel without WireGuard): (a) N = 100, 1000, 5000 fake peer leases written to etcd as fast as it takes
 //! them while flanneld runs on two hosts: time from the last write until both hosts hold every kernel
 //! entry, and entries still missing after that; (b) a third host joining with 5000 leases present:
 //! time until its entries are installed (from process start); (c) time to remove them all after the
@@ -8,8 +9,8 @@
 //! flanneld uses per idle minute at 5000 and 20,000 peers (over a window holding one safety-net
 //! resync: at least its interval).
 //!
-//! Needs root. `cargo build --release --workspace && ./target/release/bench-dataplane [vxlan|host-gw]
-//! [PEERS...]` (default: both backends, 100 1000 5000 20000 peers). Each row also shows host 0's
+//! Needs root. `cargo build --release --workspace && ./target/release/bench-dataplane
+//! [vxlan|host-gw|wireguard] [PEERS...]` (default: all three, 100 1000 5000 20000 peers). Each row also shows host 0's
 //! flanneld counters for that step: reconcile passes and full reads of the kernel. `install_ms` is
 //! what polling `ip` sees (one look at 20,000 vxlan peers dumps 120,000 entries, so it can be up to
 //! two looks late); `applied_ms` is flanneld's own clock, from the last write until the later host's
@@ -30,24 +31,9 @@ fn fakes(n: usize, backend: &str) -> Vec<Fake> {
     (0..n)
         .map(|i| {
             let p = FakePeer::new(i, 0);
-            let value = if backend == "vxlan" {
-                format!(
-                    r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{}}}"#,
-                    p.public_ip,
-                    p.vxlan_data()
-                )
-            } else {
-                format!(
-                    r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"host-gw"}}"#,
-                    p.public_ip
-                )
-            };
             Fake {
-                key: format!(
-                    "/coreos.com/network/subnets/{}",
-                    p.subnet.replace('/', "-")
-                ),
-                value,
+                key: format!("/coreos.com/network/subnets/{}", p.subnet.replace('/', "-")),
+                value: bench::lease_value(&p, backend),
             }
         })
         .collect()
@@ -159,11 +145,11 @@ fn main() {
     }
     let flanneld = bin_path("flanneld");
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let backends: Vec<&str> = ["vxlan", "host-gw"]
+    const BACKENDS: [&str; 3] = ["vxlan", "host-gw", "wireguard"];
+    let named = |a: &String| BACKENDS.contains(&a.as_str());
+    let backends: Vec<&str> = BACKENDS
         .into_iter()
-        .filter(|b| {
-            !args.iter().any(|a| a == "vxlan" || a == "host-gw") || args.iter().any(|a| a == b)
-        })
+        .filter(|b| !args.iter().any(named) || args.iter().any(|a| a == b))
         .collect();
     let mut sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     if sizes.is_empty() {
@@ -248,7 +234,12 @@ fn main() {
             if n >= 5000 {
                 // Host 0's peers: the fake ones and the lab's two other hosts.
                 let peers = n + 2;
-                let entries = if backend == "vxlan" { 3 * peers } else { peers };
+                // wireguard's kernel record is the one route into the network.
+                let entries = match backend {
+                    "vxlan" => 3 * peers,
+                    "wireguard" => 1,
+                    _ => peers,
+                };
                 let (cpu, window) = idle_cpu_per_minute(&lab, entries);
                 idle_cpu.push((backend, n, cpu, window));
             }
