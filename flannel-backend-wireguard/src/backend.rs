@@ -245,10 +245,11 @@ impl Backend for WireguardBackend {
     }
 }
 
-/// Makes a new device shake hands with its peers at once. They still hold sessions with the device
-/// it replaced (after a restart, or after someone deleted it) and would keep sending into them,
-/// unheard, until WireGuard's own timeout starts a new handshake about 15 s later. One datagram to
-/// each peer's device address (the discard port) through the tunnel starts the handshake now.
+/// Makes a new kernel device shake hands with its peers at once. They still hold sessions with the
+/// device it replaced (after someone deleted it) and would keep sending into them, unheard, until
+/// WireGuard's own timeout starts a new handshake about 15 s later. One datagram to each peer's
+/// device address (the discard port) through the tunnel starts the handshake now. (A userspace
+/// device greets lazily, only the peers that send to it: see [`crate::userspace`].)
 fn greet<'a>(peers: impl Iterator<Item = &'a crate::peers::PeerSpec>) {
     let targets: Vec<IpAddr> = peers
         .flat_map(|p| p.allowed_ips.iter().map(|n| n.network()))
@@ -346,7 +347,8 @@ impl WgModel {
                 };
                 BackendError::Other(format!("{e}{hint}"))
             })?;
-        Ok((Device::Userspace(dev), true))
+        // Not fresh: it greets the peers that still use old sessions itself, as their data arrives.
+        Ok((Device::Userspace(dev), false))
     }
 
     /// A kernel device `name`: a kernel WireGuard device of that name is taken over as it is

@@ -5,6 +5,14 @@
 //! of up to 64 KiB split into packets ([`crate::tun`]), encrypted datagrams sent as GSO runs and
 //! received as GRO reads ([`crate::udp`]), decrypted packets written with TCP segments merged.
 //!
+//! A peer's tunnel (gotatun's `Tunn`, about 19 KB: eight sessions with their replay windows) is
+//! made when the peer is first used (a packet for it, its handshake) and dropped once it has
+//! expired (no session keys left, no handshake going on), so the peers a host does not talk to
+//! cost neither memory nor timer work; a peer with a persistent keep-alive always has one. A new
+//! device greets lazily: a data message for a session it does not know (a peer still using a
+//! session with the device this one replaced, after a restart) makes it start a handshake with
+//! the peer at that address, at most one at a time.
+//!
 //! gotatun's own device does the same work packet by packet through queues and tasks (two per
 //! direction), an async lock on the device and one on the peer per packet; on a 2-core machine that
 //! machinery cost more CPU than the cryptography (see the README's throughput section).
@@ -12,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use gotatun::noise::handshake::parse_handshake_anon;
 use gotatun::noise::index_table::IndexTable;
@@ -37,6 +45,9 @@ type HashMap<K, V> = foldhash::HashMap<K, V>;
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// How often the tunnels' timers run (handshake retries, keep-alives, session expiry).
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// A data message for an unknown session from a peer that completed a handshake more recently
+/// than this is a straggler from before it (not a reason for another handshake).
+const GREETED: Duration = Duration::from_secs(5);
 /// Packet buffers kept for reuse.
 const POOL: usize = 512;
 
@@ -87,19 +98,100 @@ impl Routes {
 }
 
 struct Peer {
-    tunn: Tunn,
+    /// Its tunnel, while it has one (see the module's documentation).
+    tunn: Option<Box<Tunn>>,
     /// As configured, with the endpoint the peer was last heard from.
     spec: PeerSpec,
+    /// Bytes sent and received by its dropped tunnels, and when its last handshake completed as
+    /// of the last one dropped (for `wg show`).
+    tx: u64,
+    rx: u64,
+    last_handshake: Option<SystemTime>,
 }
 
-struct State {
+impl Peer {
+    fn new(spec: PeerSpec, keys: &Keys) -> Self {
+        let mut peer = Self {
+            tunn: None,
+            spec,
+            tx: 0,
+            rx: 0,
+            last_handshake: None,
+        };
+        peer.renew(keys);
+        peer
+    }
+
+    /// Its tunnel, made if it has none.
+    fn tunn(&mut self, keys: &Keys) -> &mut Tunn {
+        self.tunn.get_or_insert_with(|| keys.tunnel_for(&self.spec))
+    }
+
+    /// Drops its tunnel (keeping its counters), and makes a fresh one if it has a persistent
+    /// keep-alive (which then starts a handshake at once, as the kernel's device keeps trying).
+    fn renew(&mut self, keys: &Keys) {
+        if let Some(t) = self.tunn.take() {
+            let (since, tx, rx, ..) = t.stats();
+            self.tx = self
+                .tx
+                .saturating_add(u64::try_from(tx).unwrap_or(u64::MAX));
+            self.rx = self
+                .rx
+                .saturating_add(u64::try_from(rx).unwrap_or(u64::MAX));
+            if let Some(since) = since {
+                self.last_handshake = SystemTime::now().checked_sub(since);
+            }
+        }
+        if self.spec.keepalive.is_some() {
+            self.tunn = Some(keys.tunnel_for(&self.spec));
+        }
+    }
+
+    /// (last handshake, bytes sent, bytes received), its tunnel's and the dropped ones'.
+    fn stats(&self, now: SystemTime) -> (Option<SystemTime>, u64, u64) {
+        let Some(t) = &self.tunn else {
+            return (self.last_handshake, self.tx, self.rx);
+        };
+        let (since, tx, rx, ..) = t.stats();
+        let total = |a: u64, b: usize| a.saturating_add(u64::try_from(b).unwrap_or(u64::MAX));
+        (
+            since
+                .and_then(|d| now.checked_sub(d))
+                .or(self.last_handshake),
+            total(self.tx, tx),
+            total(self.rx, rx),
+        )
+    }
+}
+
+/// What every tunnel of a device is made with.
+struct Keys {
     private: StaticSecret,
     public: PublicKey,
     rate_limiter: Arc<RateLimiter>,
     index_table: IndexTable,
+}
+
+impl Keys {
+    fn tunnel_for(&self, spec: &PeerSpec) -> Box<Tunn> {
+        Box::new(Tunn::new(
+            self.private.clone(),
+            PublicKey::from(spec.public_key.0),
+            spec.preshared_key.map(|k| k.0),
+            spec.keepalive.and_then(|d| u16::try_from(d.as_secs()).ok()),
+            self.index_table.clone(),
+            self.rate_limiter.clone(),
+        ))
+    }
+}
+
+struct State {
+    keys: Keys,
     peers: HashMap<Key, Peer>,
     /// Session indices of our handshakes, to the peer they are with.
     by_idx: HashMap<u32, Key>,
+    /// Where each peer is (configured, or last heard from), for the lazy greeting.
+    by_endpoint: HashMap<SocketAddr, Key>,
     routes: Routes,
 }
 
@@ -133,25 +225,17 @@ impl State {
         let private = StaticSecret::from(key.to_bytes());
         let public = PublicKey::from(&private);
         Self {
-            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
-            private,
-            public,
-            index_table: IndexTable::from_os_rng(),
+            keys: Keys {
+                rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+                private,
+                public,
+                index_table: IndexTable::from_os_rng(),
+            },
             peers: HashMap::default(),
             by_idx: HashMap::default(),
+            by_endpoint: HashMap::default(),
             routes: Routes::default(),
         }
-    }
-
-    fn tunnel_for(&self, spec: &PeerSpec) -> Tunn {
-        Tunn::new(
-            self.private.clone(),
-            PublicKey::from(spec.public_key.0),
-            spec.preshared_key.map(|k| k.0),
-            spec.keepalive.and_then(|d| u16::try_from(d.as_secs()).ok()),
-            self.index_table.clone(),
-            self.rate_limiter.clone(),
-        )
     }
 
     fn apply(&mut self, ops: &[PeerOp]) {
@@ -164,7 +248,8 @@ impl State {
                 PeerOp::Set(spec) => {
                     let mut spec = spec.clone();
                     spec.allowed_ips.sort();
-                    match self.peers.get_mut(&spec.public_key) {
+                    let key = spec.public_key;
+                    match self.peers.get_mut(&key) {
                         // Where it is and what it may send change without a new handshake.
                         Some(p)
                             if p.spec.preshared_key == spec.preshared_key
@@ -172,16 +257,25 @@ impl State {
                         {
                             p.spec = spec;
                         }
-                        _ => {
-                            let tunn = self.tunnel_for(&spec);
-                            self.by_idx.retain(|_, p| *p != spec.public_key);
-                            self.peers.insert(spec.public_key, Peer { tunn, spec });
+                        // A new pre-shared key or keep-alive: a new tunnel, the counters kept.
+                        Some(p) => {
+                            p.spec = spec;
+                            p.renew(&self.keys);
+                            self.by_idx.retain(|_, p| *p != key);
+                        }
+                        None => {
+                            self.peers.insert(key, Peer::new(spec, &self.keys));
                         }
                     }
                 }
             }
         }
         self.routes = Routes::new(self.peers.values().map(|p| &p.spec));
+        self.by_endpoint = self
+            .peers
+            .iter()
+            .map(|(k, p)| (p.spec.endpoint, *k))
+            .collect();
     }
 
     /// Encrypts the packets read from the TUN device for their peers.
@@ -201,7 +295,8 @@ impl State {
             let Some(peer) = self.peers.get_mut(&key) else {
                 continue;
             };
-            if let Some(wg) = peer.tunn.handle_outgoing_packet(ip.into_bytes(), Some(mtu)) {
+            let tunn = peer.tunn(&self.keys);
+            if let Some(wg) = tunn.handle_outgoing_packet(ip.into_bytes(), Some(mtu)) {
                 register(&mut self.by_idx, &wg, key);
                 out.push(wg.into(), peer.spec.endpoint);
             }
@@ -217,7 +312,7 @@ impl State {
         tun: &mut Vec<Packet>,
     ) {
         for (datagram, from) in datagrams {
-            let parsed = match self.rate_limiter.verify_packet(from, datagram) {
+            let parsed = match self.keys.rate_limiter.verify_packet(from, datagram) {
                 Ok(p) => p,
                 Err(TunnResult::WriteToNetwork(cookie)) => {
                     out.push(cookie.into(), from);
@@ -225,30 +320,47 @@ impl State {
                 }
                 Err(_) => continue,
             };
+            let keys = &self.keys;
             let key = match &parsed {
-                WgKind::HandshakeInit(p) => parse_handshake_anon(&self.private, &self.public, p)
+                WgKind::HandshakeInit(p) => parse_handshake_anon(&keys.private, &keys.public, p)
                     .ok()
                     .map(|h| Key(h.peer_static_public)),
                 WgKind::HandshakeResp(p) => self.by_idx.get(&p.receiver_idx.get()).copied(),
                 WgKind::CookieReply(p) => self.by_idx.get(&p.receiver_idx.get()).copied(),
-                WgKind::Data(p) => self.by_idx.get(&p.header.receiver_idx.get()).copied(),
+                WgKind::Data(p) => {
+                    let known = self.by_idx.get(&p.header.receiver_idx.get()).copied();
+                    if known.is_none() {
+                        self.greet(from, out);
+                        continue;
+                    }
+                    known
+                }
             };
             let Some((key, peer)) = key.and_then(|k| Some(k).zip(self.peers.get_mut(&k))) else {
                 continue;
             };
-            match peer.tunn.handle_incoming_packet(parsed) {
-                TunnResult::Done => peer.spec.endpoint = from,
-                TunnResult::Err(_) => {}
+            // A handshake may start a tunnel; anything else is for one that exists.
+            let tunn = match (&parsed, &mut peer.tunn) {
+                (_, Some(t)) => t,
+                (WgKind::HandshakeInit(_), t @ None) => t.insert(keys.tunnel_for(&peer.spec)),
+                _ => continue,
+            };
+            let result = tunn.handle_incoming_packet(parsed);
+            // Authentic: the peer is where it sent from (it may have moved).
+            if !matches!(result, TunnResult::Err(_)) && peer.spec.endpoint != from {
+                peer.spec.endpoint = from;
+                self.by_endpoint.insert(from, key);
+            }
+            match result {
+                TunnResult::Done | TunnResult::Err(_) => {}
                 TunnResult::WriteToNetwork(reply) => {
                     register(&mut self.by_idx, &reply, key);
                     out.push(reply.into(), from);
-                    for queued in peer.tunn.get_queued_packets(mtu) {
+                    for queued in tunn.get_queued_packets(mtu) {
                         out.push(queued.into(), from);
                     }
-                    peer.spec.endpoint = from;
                 }
                 TunnResult::WriteToTunnel(packet) => {
-                    peer.spec.endpoint = from;
                     // A keep-alive is empty.
                     if packet.is_empty() {
                         continue;
@@ -272,49 +384,77 @@ impl State {
         }
     }
 
+    /// Answers a data message for a session this device does not know, from `from`: the peer
+    /// there (if one is) still uses a session with the device this one replaced, so a handshake
+    /// with it starts, unless one is going on or has just completed.
+    fn greet(&mut self, from: SocketAddr, out: &mut Outbox) {
+        let Some(&key) = self.by_endpoint.get(&from) else {
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let tunn = peer.tunn(&self.keys);
+        if tunn.stats().0.is_some_and(|since| since < GREETED) {
+            return;
+        }
+        if let Some(init) = tunn.format_handshake_initiation(false) {
+            let init = WgKind::from(init);
+            register(&mut self.by_idx, &init, key);
+            out.push(init.into(), peer.spec.endpoint);
+        }
+    }
+
     /// The device as `wg show` reports it (peers in key order).
     fn describe(&self, port: u16) -> crate::uapi::DeviceInfo {
-        let now = std::time::SystemTime::now();
+        let now = SystemTime::now();
         let mut peers: Vec<crate::uapi::PeerInfo> = self
             .peers
             .values()
             .map(|p| {
-                let (since, tx, rx, ..) = p.tunn.stats();
+                let (last_handshake, tx_bytes, rx_bytes) = p.stats(now);
                 crate::uapi::PeerInfo {
                     public_key: p.spec.public_key.0,
                     preshared_key: p.spec.preshared_key.map(|k| k.0),
                     endpoint: p.spec.endpoint,
                     allowed_ips: p.spec.allowed_ips.clone(),
-                    last_handshake: since.and_then(|d| now.checked_sub(d)),
-                    rx_bytes: u64::try_from(rx).unwrap_or(u64::MAX),
-                    tx_bytes: u64::try_from(tx).unwrap_or(u64::MAX),
+                    last_handshake,
+                    rx_bytes,
+                    tx_bytes,
                     keepalive: p.spec.keepalive,
                 }
             })
             .collect();
         peers.sort_by_key(|p| p.public_key);
         crate::uapi::DeviceInfo {
-            private_key: self.private.to_bytes(),
+            private_key: self.keys.private.to_bytes(),
             listen_port: port,
             peers,
         }
     }
 
-    /// Runs the tunnels' timers: handshake retries, keep-alives, expiry.
+    /// Runs the tunnels' timers (handshake retries, keep-alives, expiry) and drops the tunnels
+    /// that have expired.
     fn timers(&mut self, out: &mut Outbox) {
         let Self {
+            keys,
             by_idx,
-            index_table,
             peers,
             ..
         } = self;
-        by_idx.retain(|idx, _| index_table.in_use(*idx));
         for (key, peer) in peers.iter_mut() {
-            if let Ok(Some(packet)) = peer.tunn.update_timers() {
+            let Some(tunn) = peer.tunn.as_mut() else {
+                continue;
+            };
+            if let Ok(Some(packet)) = tunn.update_timers() {
                 register(by_idx, &packet, *key);
                 out.push(packet.into(), peer.spec.endpoint);
             }
+            if tunn.is_expired() {
+                peer.renew(keys);
+            }
         }
+        by_idx.retain(|idx, _| keys.index_table.in_use(*idx));
     }
 }
 
@@ -605,71 +745,33 @@ pub struct DatapathFigures {
 pub fn measure_datapath(packet_len: u16, batch: usize, batches: usize) -> Option<DatapathFigures> {
     use std::time::Instant;
     let len = usize::from(packet_len.clamp(20, 1420));
-    let (a_key, b_key) = (
-        PrivateKey::from_bytes(FUZZ_PEER_PRIVATE),
-        PrivateKey::from_bytes(FUZZ_DEVICE_PRIVATE),
-    );
-    let (a_ep, b_ep) = (
-        SocketAddr::from((Ipv4Addr::new(192, 0, 2, 1), 51820)),
-        SocketAddr::from((Ipv4Addr::new(192, 0, 2, 2), 51820)),
-    );
-    let spec = |key: &PrivateKey, net: &str, endpoint: SocketAddr| -> Option<PeerSpec> {
-        Some(PeerSpec {
-            public_key: Key(PublicKey::from(&StaticSecret::from(key.to_bytes())).to_bytes()),
-            endpoint,
-            allowed_ips: vec![net.parse().ok()?],
-            preshared_key: None,
-            keepalive: None,
-        })
-    };
-    let mut a = State::new(&a_key);
-    let mut b = State::new(&b_key);
-    a.apply(&[PeerOp::Set(spec(&b_key, "10.5.3.0/24", b_ep)?)]);
-    b.apply(&[PeerOp::Set(spec(&a_key, "10.5.2.0/24", a_ep)?)]);
+    let mut pair = Pair::new()?;
     let pool = Pool::new(1420, 2 * batch + 8);
-    let mut mtu = MtuWatcher::new(1420);
-    let mut template = vec![0u8; len];
-    template[0] = 0x45;
-    template[2..4].copy_from_slice(&u16::try_from(len).ok()?.to_be_bytes());
-    template[8] = 64;
-    template[9] = 17;
-    template[12..16].copy_from_slice(&[10, 5, 2, 1]);
-    template[16..20].copy_from_slice(&[10, 5, 3, 1]);
-    let (mut out_a, mut out_b, mut tun) = (Outbox::default(), Outbox::default(), Vec::new());
+    let template = ipv4_packet(len, [10, 5, 2, 1], [10, 5, 3, 1])?;
+    let (mut out_a, mut tun) = (Outbox::default(), Vec::new());
     // The handshake: A's first packet waits in A's queue for it.
-    a.outgoing(pool.copy_of(&template).into_iter(), &mut mtu, &mut out_a);
-    b.incoming(
-        out_a.v4.drain(..).map(|(p, _)| (p, a_ep)),
-        &mut mtu,
-        &mut out_b,
-        &mut tun,
-    );
-    a.incoming(
-        out_b.v4.drain(..).map(|(p, _)| (p, b_ep)),
-        &mut mtu,
+    pair.a.outgoing(
+        pool.copy_of(&template).into_iter(),
+        &mut pair.mtu,
         &mut out_a,
-        &mut tun,
     );
-    b.incoming(
-        out_a.v4.drain(..).map(|(p, _)| (p, a_ep)),
-        &mut mtu,
-        &mut out_b,
-        &mut tun,
-    );
+    pair.settle(&mut out_a, &mut tun);
     if tun.len() != 1 {
         return None;
     }
     tun.clear();
     let (mut enc, mut dec) = (Duration::ZERO, Duration::ZERO);
+    let mut out_b = Outbox::default();
     for _ in 0..batches {
         let packets: Vec<Packet> = (0..batch).filter_map(|_| pool.copy_of(&template)).collect();
         let t = Instant::now();
-        a.outgoing(packets.into_iter(), &mut mtu, &mut out_a);
+        pair.a
+            .outgoing(packets.into_iter(), &mut pair.mtu, &mut out_a);
         enc += t.elapsed();
         let t = Instant::now();
-        b.incoming(
-            out_a.v4.drain(..).map(|(p, _)| (p, a_ep)),
-            &mut mtu,
+        pair.b.incoming(
+            out_a.v4.drain(..).map(|(p, _)| (p, pair.a_ep)),
+            &mut pair.mtu,
             &mut out_b,
             &mut tun,
         );
@@ -686,6 +788,90 @@ pub fn measure_datapath(packet_len: u16, batch: usize, batches: usize) -> Option
         encrypt_ns: per(enc),
         decrypt_ns: per(dec),
     })
+}
+
+/// An IPv4 packet of `len` (20..) bytes from `src` to `dst` (UDP, no body to speak of).
+fn ipv4_packet(len: usize, src: [u8; 4], dst: [u8; 4]) -> Option<Vec<u8>> {
+    let len = len.max(20);
+    let mut p = vec![0u8; len];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&u16::try_from(len).ok()?.to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    Some(p)
+}
+
+/// Two in-memory devices, each the other's peer: A (keys of [`FUZZ_PEER_PRIVATE`], 10.5.2.0/24
+/// behind it) and B ([`FUZZ_DEVICE_PRIVATE`], 10.5.3.0/24).
+struct Pair {
+    a: State,
+    b: State,
+    /// A's key and B as A's peer, for a test that restarts A.
+    #[cfg_attr(not(test), expect(dead_code))]
+    a_key: PrivateKey,
+    #[cfg_attr(not(test), expect(dead_code))]
+    b_spec: PeerSpec,
+    a_ep: SocketAddr,
+    b_ep: SocketAddr,
+    mtu: MtuWatcher,
+}
+
+impl Pair {
+    fn new() -> Option<Self> {
+        let (a_key, b_key) = (
+            PrivateKey::from_bytes(FUZZ_PEER_PRIVATE),
+            PrivateKey::from_bytes(FUZZ_DEVICE_PRIVATE),
+        );
+        let (a_ep, b_ep) = (
+            SocketAddr::from((Ipv4Addr::new(192, 0, 2, 1), 51820)),
+            SocketAddr::from((Ipv4Addr::new(192, 0, 2, 2), 51820)),
+        );
+        let spec = |key: &PrivateKey, net: &str, endpoint: SocketAddr| -> Option<PeerSpec> {
+            Some(PeerSpec {
+                public_key: key.public_key(),
+                endpoint,
+                allowed_ips: vec![net.parse().ok()?],
+                preshared_key: None,
+                keepalive: None,
+            })
+        };
+        let b_spec = spec(&b_key, "10.5.3.0/24", b_ep)?;
+        let mut a = State::new(&a_key);
+        let mut b = State::new(&b_key);
+        a.apply(&[PeerOp::Set(b_spec.clone())]);
+        b.apply(&[PeerOp::Set(spec(&a_key, "10.5.2.0/24", a_ep)?)]);
+        Some(Self {
+            a,
+            b,
+            a_key,
+            b_spec,
+            a_ep,
+            b_ep,
+            mtu: MtuWatcher::new(1420),
+        })
+    }
+
+    /// Passes A's datagrams to B and B's answers back, until neither has more to say (a few
+    /// rounds at most); what either decrypts goes to `tun`.
+    fn settle(&mut self, out_a: &mut Outbox, tun: &mut Vec<Packet>) {
+        let mut out_b = Outbox::default();
+        for _ in 0..4 {
+            self.b.incoming(
+                out_a.v4.drain(..).map(|(p, _)| (p, self.a_ep)),
+                &mut self.mtu,
+                &mut out_b,
+                tun,
+            );
+            self.a.incoming(
+                out_b.v4.drain(..).map(|(p, _)| (p, self.b_ep)),
+                &mut self.mtu,
+                out_a,
+                tun,
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -767,6 +953,119 @@ mod tests {
         st.apply(&[PeerOp::Remove(p.public_key)]);
         assert!(st.peers.is_empty());
         assert_eq!(st.routes.find("10.5.3.1".parse().unwrap()), None);
+    }
+
+    fn tunnels(st: &State) -> usize {
+        st.peers.values().filter(|p| p.tunn.is_some()).count()
+    }
+
+    #[test]
+    fn peers_get_a_tunnel_when_used_and_with_a_keepalive_at_once() {
+        let mut st = State::new(&PrivateKey::generate().unwrap());
+        let idle: Vec<PeerOp> = (1..=50)
+            .map(|i| PeerOp::Set(spec(i, &[&format!("10.5.{i}.0/24")])))
+            .collect();
+        st.apply(&idle);
+        assert_eq!(tunnels(&st), 0, "idle peers cost no tunnel");
+        let pool = Pool::new(1420, 4);
+        let packet = ipv4_packet(28, [10, 5, 0, 1], [10, 5, 7, 1]).unwrap();
+        let mut out = Outbox::default();
+        st.outgoing(
+            pool.copy_of(&packet).into_iter(),
+            &mut MtuWatcher::new(1420),
+            &mut out,
+        );
+        assert_eq!(tunnels(&st), 1);
+        assert!(st.peers[&Key([7; 32])].tunn.is_some());
+        assert_eq!(out.v4.len(), 1, "its handshake initiation");
+        // What the timers do with a tunnel once it has expired: dropped, its counters kept.
+        let State { peers, keys, .. } = &mut st;
+        let peer = peers.get_mut(&Key([7; 32])).unwrap();
+        peer.renew(keys);
+        assert!(peer.tunn.is_none());
+        let (_, tx, rx) = peer.stats(SystemTime::now());
+        assert_eq!(
+            (tx, rx),
+            (148, 0),
+            "the initiation's bytes are still counted"
+        );
+        st.outgoing(
+            pool.copy_of(&packet).into_iter(),
+            &mut MtuWatcher::new(1420),
+            &mut out,
+        );
+        let mut kept = spec(60, &["10.5.60.0/24"]);
+        kept.keepalive = Some(Duration::from_secs(25));
+        st.apply(&[PeerOp::Set(kept)]);
+        assert_eq!(tunnels(&st), 2, "a keep-alive needs its tunnel");
+        st.timers(&mut out);
+        assert_eq!(tunnels(&st), 2, "live tunnels are not dropped");
+    }
+
+    #[test]
+    fn a_restarted_device_greets_a_peer_that_sends_on_an_old_session() {
+        let mut pair = Pair::new().unwrap();
+        let pool = Pool::new(1420, 8);
+        let (mut out_a, mut out_b, mut tun) = (Outbox::default(), Outbox::default(), Vec::new());
+        let a_to_b = ipv4_packet(60, [10, 5, 2, 1], [10, 5, 3, 1]).unwrap();
+        let b_to_a = ipv4_packet(60, [10, 5, 3, 1], [10, 5, 2, 1]).unwrap();
+        pair.a
+            .outgoing(pool.copy_of(&a_to_b).into_iter(), &mut pair.mtu, &mut out_a);
+        pair.settle(&mut out_a, &mut tun);
+        assert_eq!(tun.len(), 1, "the first session carries");
+        tun.clear();
+        // A restarts: same key, same peer, no sessions. B sends on its old session.
+        pair.a = State::new(&pair.a_key);
+        pair.a.apply(&[PeerOp::Set(pair.b_spec.clone())]);
+        let b_sends = |pair: &mut Pair, out_b: &mut Outbox| {
+            pair.b
+                .outgoing(pool.copy_of(&b_to_a).into_iter(), &mut pair.mtu, out_b);
+            assert_eq!(out_b.v4.len(), 1);
+        };
+        b_sends(&mut pair, &mut out_b);
+        pair.a.incoming(
+            out_b.v4.drain(..).map(|(p, _)| (p, pair.b_ep)),
+            &mut pair.mtu,
+            &mut out_a,
+            &mut tun,
+        );
+        assert!(tun.is_empty(), "an old session's data cannot be read");
+        assert_eq!(out_a.v4.len(), 1, "a handshake initiation for B");
+        assert_eq!((out_a.v4[0].0.len(), out_a.v4[0].1), (148, pair.b_ep));
+        // More stale data while that handshake goes on: no second one.
+        b_sends(&mut pair, &mut out_b);
+        let mut more = Outbox::default();
+        pair.a.incoming(
+            out_b.v4.drain(..).map(|(p, _)| (p, pair.b_ep)),
+            &mut pair.mtu,
+            &mut more,
+            &mut tun,
+        );
+        assert!(more.v4.is_empty(), "one handshake at a time");
+        // From an address no peer has: nothing.
+        b_sends(&mut pair, &mut out_b);
+        pair.a.incoming(
+            out_b
+                .v4
+                .drain(..)
+                .map(|(p, _)| (p, "192.0.2.99:51820".parse().unwrap())),
+            &mut pair.mtu,
+            &mut more,
+            &mut tun,
+        );
+        assert!(more.v4.is_empty(), "a stranger is not greeted");
+        // The handshake completes; B's next packet is read.
+        pair.settle(&mut out_a, &mut tun);
+        tun.clear();
+        b_sends(&mut pair, &mut out_b);
+        pair.a.incoming(
+            out_b.v4.drain(..).map(|(p, _)| (p, pair.b_ep)),
+            &mut pair.mtu,
+            &mut out_a,
+            &mut tun,
+        );
+        assert_eq!(tun.len(), 1, "the new session carries B's packets");
+        assert_eq!(&tun[0][..], &b_to_a[..]);
     }
 
     #[test]
