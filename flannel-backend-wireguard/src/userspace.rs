@@ -40,6 +40,7 @@ use crate::udp::{GroRecv, Sock, send_runs};
 
 /// The data path's maps: looked up for every packet, filled from leases and our own handshakes.
 type HashMap<K, V> = foldhash::HashMap<K, V>;
+type HashSet<K> = foldhash::HashSet<K>;
 
 /// Handshake messages a peer may send per second before cookies are asked for (gotatun's figure).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
@@ -122,8 +123,11 @@ impl Peer {
         peer
     }
 
-    /// Its tunnel, made if it has none.
-    fn tunn(&mut self, keys: &Keys) -> &mut Tunn {
+    /// Its tunnel (`key` is its key), made if it has none and then counted in `live`.
+    fn tunn(&mut self, key: Key, keys: &Keys, live: &mut HashSet<Key>) -> &mut Tunn {
+        if self.tunn.is_none() {
+            live.insert(key);
+        }
         self.tunn.get_or_insert_with(|| keys.tunnel_for(&self.spec))
     }
 
@@ -192,6 +196,8 @@ struct State {
     by_idx: HashMap<u32, Key>,
     /// Where each peer is (configured, or last heard from), for the lazy greeting.
     by_endpoint: HashMap<SocketAddr, Key>,
+    /// The peers that have a tunnel: the timers run theirs only.
+    live: HashSet<Key>,
     routes: Routes,
 }
 
@@ -234,6 +240,7 @@ impl State {
             peers: HashMap::default(),
             by_idx: HashMap::default(),
             by_endpoint: HashMap::default(),
+            live: HashSet::default(),
             routes: Routes::default(),
         }
     }
@@ -276,6 +283,12 @@ impl State {
             .iter()
             .map(|(k, p)| (p.spec.endpoint, *k))
             .collect();
+        self.live = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.tunn.is_some())
+            .map(|(k, _)| *k)
+            .collect();
     }
 
     /// Encrypts the packets read from the TUN device for their peers.
@@ -295,7 +308,7 @@ impl State {
             let Some(peer) = self.peers.get_mut(&key) else {
                 continue;
             };
-            let tunn = peer.tunn(&self.keys);
+            let tunn = peer.tunn(key, &self.keys, &mut self.live);
             if let Some(wg) = tunn.handle_outgoing_packet(ip.into_bytes(), Some(mtu)) {
                 register(&mut self.by_idx, &wg, key);
                 out.push(wg.into(), peer.spec.endpoint);
@@ -342,7 +355,10 @@ impl State {
             // A handshake may start a tunnel; anything else is for one that exists.
             let tunn = match (&parsed, &mut peer.tunn) {
                 (_, Some(t)) => t,
-                (WgKind::HandshakeInit(_), t @ None) => t.insert(keys.tunnel_for(&peer.spec)),
+                (WgKind::HandshakeInit(_), t @ None) => {
+                    self.live.insert(key);
+                    t.insert(keys.tunnel_for(&peer.spec))
+                }
                 _ => continue,
             };
             let result = tunn.handle_incoming_packet(parsed);
@@ -394,7 +410,7 @@ impl State {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
-        let tunn = peer.tunn(&self.keys);
+        let tunn = peer.tunn(key, &self.keys, &mut self.live);
         if tunn.stats().0.is_some_and(|since| since < GREETED) {
             return;
         }
@@ -440,11 +456,15 @@ impl State {
             keys,
             by_idx,
             peers,
+            live,
             ..
         } = self;
-        for (key, peer) in peers.iter_mut() {
+        live.retain(|key| {
+            let Some(peer) = peers.get_mut(key) else {
+                return false;
+            };
             let Some(tunn) = peer.tunn.as_mut() else {
-                continue;
+                return false;
             };
             if let Ok(Some(packet)) = tunn.update_timers() {
                 register(by_idx, &packet, *key);
@@ -453,7 +473,8 @@ impl State {
             if tunn.is_expired() {
                 peer.renew(keys);
             }
-        }
+            peer.tunn.is_some()
+        });
         by_idx.retain(|idx, _| keys.index_table.in_use(*idx));
     }
 }
@@ -1000,6 +1021,7 @@ mod tests {
         assert_eq!(tunnels(&st), 2, "a keep-alive needs its tunnel");
         st.timers(&mut out);
         assert_eq!(tunnels(&st), 2, "live tunnels are not dropped");
+        assert_eq!(st.live.len(), 2, "the timers run the two tunnels only");
     }
 
     #[test]
