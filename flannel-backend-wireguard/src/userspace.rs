@@ -46,9 +46,10 @@ type HashSet<K> = foldhash::HashSet<K>;
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// How often the tunnels' timers run (handshake retries, keep-alives, session expiry).
 const TIMER_TICK: Duration = Duration::from_millis(250);
-/// A data message for an unknown session from a peer that completed a handshake more recently
-/// than this is a straggler from before it (not a reason for another handshake).
-const GREETED: Duration = Duration::from_secs(5);
+/// WireGuard's `Reject-After-Time`: a session's keys are not used after this. A data message for
+/// an unknown session from a peer we hold a younger session with is a straggler from before it,
+/// or forged (the source address is all it takes), so it is no reason for another handshake.
+const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
 /// Packet buffers kept for reuse.
 const POOL: usize = 512;
 
@@ -402,7 +403,7 @@ impl State {
 
     /// Answers a data message for a session this device does not know, from `from`: the peer
     /// there (if one is) still uses a session with the device this one replaced, so a handshake
-    /// with it starts, unless one is going on or has just completed.
+    /// with it starts, unless one is going on or this device holds a live session with it.
     fn greet(&mut self, from: SocketAddr, out: &mut Outbox) {
         let Some(&key) = self.by_endpoint.get(&from) else {
             return;
@@ -411,7 +412,11 @@ impl State {
             return;
         };
         let tunn = peer.tunn(key, &self.keys, &mut self.live);
-        if tunn.stats().0.is_some_and(|since| since < GREETED) {
+        if tunn
+            .stats()
+            .0
+            .is_some_and(|since| since < REJECT_AFTER_TIME)
+        {
             return;
         }
         if let Some(init) = tunn.format_handshake_initiation(false) {
@@ -1088,6 +1093,19 @@ mod tests {
         );
         assert_eq!(tun.len(), 1, "the new session carries B's packets");
         assert_eq!(&tun[0][..], &b_to_a[..]);
+        // Data for an unknown session (forged: the receiver index changed) from B's address, now
+        // that A holds a live session with B: no new handshake.
+        b_sends(&mut pair, &mut out_b);
+        let (mut forged, _) = out_b.v4.pop().unwrap();
+        forged[4] ^= 0xff;
+        let mut after = Outbox::default();
+        pair.a.incoming(
+            std::iter::once((forged, pair.b_ep)),
+            &mut pair.mtu,
+            &mut after,
+            &mut tun,
+        );
+        assert!(after.v4.is_empty(), "no handshake over a live session");
     }
 
     #[test]
