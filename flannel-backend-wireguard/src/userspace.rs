@@ -1029,11 +1029,31 @@ mod tests {
         assert_eq!(st.live.len(), 2, "the timers run the two tunnels only");
     }
 
+    impl Pair {
+        /// A receives `datagram` from `from`: what it sends in answer (what it decrypts goes to
+        /// `tun`).
+        fn a_receives(
+            &mut self,
+            datagram: Packet,
+            from: SocketAddr,
+            tun: &mut Vec<Packet>,
+        ) -> Outbox {
+            let mut answer = Outbox::default();
+            self.a.incoming(
+                std::iter::once((datagram, from)),
+                &mut self.mtu,
+                &mut answer,
+                tun,
+            );
+            answer
+        }
+    }
+
     #[test]
     fn a_restarted_device_greets_a_peer_that_sends_on_an_old_session() {
         let mut pair = Pair::new().unwrap();
         let pool = Pool::new(1420, 8);
-        let (mut out_a, mut out_b, mut tun) = (Outbox::default(), Outbox::default(), Vec::new());
+        let (mut out_a, mut tun) = (Outbox::default(), Vec::new());
         let a_to_b = ipv4_packet(60, [10, 5, 2, 1], [10, 5, 3, 1]).unwrap();
         let b_to_a = ipv4_packet(60, [10, 5, 3, 1], [10, 5, 2, 1]).unwrap();
         pair.a
@@ -1044,67 +1064,40 @@ mod tests {
         // A restarts: same key, same peer, no sessions. B sends on its old session.
         pair.a = State::new(&pair.a_key);
         pair.a.apply(&[PeerOp::Set(pair.b_spec.clone())]);
-        let b_sends = |pair: &mut Pair, out_b: &mut Outbox| {
+        // B sends one packet to A: the datagram it becomes.
+        let b_sends = |pair: &mut Pair| -> Packet {
+            let mut out = Outbox::default();
             pair.b
-                .outgoing(pool.copy_of(&b_to_a).into_iter(), &mut pair.mtu, out_b);
-            assert_eq!(out_b.v4.len(), 1);
+                .outgoing(pool.copy_of(&b_to_a).into_iter(), &mut pair.mtu, &mut out);
+            assert_eq!(out.v4.len(), 1);
+            out.v4.remove(0).0
         };
-        b_sends(&mut pair, &mut out_b);
-        pair.a.incoming(
-            out_b.v4.drain(..).map(|(p, _)| (p, pair.b_ep)),
-            &mut pair.mtu,
-            &mut out_a,
-            &mut tun,
-        );
+        let b_ep = pair.b_ep;
+        let stale = b_sends(&mut pair);
+        let mut out_a = pair.a_receives(stale, b_ep, &mut tun);
         assert!(tun.is_empty(), "an old session's data cannot be read");
         assert_eq!(out_a.v4.len(), 1, "a handshake initiation for B");
-        assert_eq!((out_a.v4[0].0.len(), out_a.v4[0].1), (148, pair.b_ep));
+        assert_eq!((out_a.v4[0].0.len(), out_a.v4[0].1), (148, b_ep));
         // More stale data while that handshake goes on: no second one.
-        b_sends(&mut pair, &mut out_b);
-        let mut more = Outbox::default();
-        pair.a.incoming(
-            out_b.v4.drain(..).map(|(p, _)| (p, pair.b_ep)),
-            &mut pair.mtu,
-            &mut more,
-            &mut tun,
-        );
+        let stale = b_sends(&mut pair);
+        let more = pair.a_receives(stale, b_ep, &mut tun);
         assert!(more.v4.is_empty(), "one handshake at a time");
         // From an address no peer has: nothing.
-        b_sends(&mut pair, &mut out_b);
-        pair.a.incoming(
-            out_b
-                .v4
-                .drain(..)
-                .map(|(p, _)| (p, "192.0.2.99:51820".parse().unwrap())),
-            &mut pair.mtu,
-            &mut more,
-            &mut tun,
-        );
+        let stale = b_sends(&mut pair);
+        let more = pair.a_receives(stale, "192.0.2.99:51820".parse().unwrap(), &mut tun);
         assert!(more.v4.is_empty(), "a stranger is not greeted");
         // The handshake completes; B's next packet is read.
         pair.settle(&mut out_a, &mut tun);
         tun.clear();
-        b_sends(&mut pair, &mut out_b);
-        pair.a.incoming(
-            out_b.v4.drain(..).map(|(p, _)| (p, pair.b_ep)),
-            &mut pair.mtu,
-            &mut out_a,
-            &mut tun,
-        );
+        let fresh = b_sends(&mut pair);
+        pair.a_receives(fresh, b_ep, &mut tun);
         assert_eq!(tun.len(), 1, "the new session carries B's packets");
         assert_eq!(&tun[0][..], &b_to_a[..]);
         // Data for an unknown session (forged: the receiver index changed) from B's address, now
         // that A holds a live session with B: no new handshake.
-        b_sends(&mut pair, &mut out_b);
-        let (mut forged, _) = out_b.v4.pop().unwrap();
+        let mut forged = b_sends(&mut pair);
         forged[4] ^= 0xff;
-        let mut after = Outbox::default();
-        pair.a.incoming(
-            std::iter::once((forged, pair.b_ep)),
-            &mut pair.mtu,
-            &mut after,
-            &mut tun,
-        );
+        let after = pair.a_receives(forged, b_ep, &mut tun);
         assert!(after.v4.is_empty(), "no handshake over a live session");
     }
 
