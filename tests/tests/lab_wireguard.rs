@@ -111,11 +111,7 @@ fn a_plain_tun_device_of_the_name_is_taken_over_and_another_link_replaced() {
     };
     lab.hosts[0].sh("ip tuntap add flannel-wg mode tun");
     lab.hosts[1].sh("ip link add flannel-wg type veth peer name fltwg-other");
-    let index = |lab: &Lab, h: usize| {
-        let l = lab.hosts[h].sh("ip -o link show flannel-wg");
-        l.split(':').next().unwrap_or_default().to_string()
-    };
-    let tun_before = index(&lab, 0);
+    let tun_before = wg_link_index(&lab, 0);
     lab.start_all();
     for h in 0..2 {
         lab.add_pods(h, 1);
@@ -127,7 +123,7 @@ fn a_plain_tun_device_of_the_name_is_taken_over_and_another_link_replaced() {
         return; // a kernel with WireGuard replaces both
     }
     assert_eq!(
-        index(&lab, 0),
+        wg_link_index(&lab, 0),
         tun_before,
         "the TUN device was not taken over"
     );
@@ -285,7 +281,7 @@ fn while_flanneld_is_down_pod_traffic_is_held_back_not_sent_in_clear() {
         return;
     };
     assert!(lab.ping_all(Duration::from_secs(10)).is_empty());
-    let link_before = lab.hosts[0].sh("ip -o link show flannel-wg");
+    let link_before = wg_link_index(&lab, 0);
     let _ = lab.stop_flanneld(0);
     let routes = lab.hosts[0].routes("");
     assert!(
@@ -307,15 +303,13 @@ fn while_flanneld_is_down_pod_traffic_is_held_back_not_sent_in_clear() {
     lab.start_flanneld(0);
     let failures = lab.ping_all(Duration::from_secs(10));
     assert!(failures.is_empty(), "after the restart: {failures:?}");
-    let index = |l: &str| l.split(':').next().unwrap_or_default().to_string();
     assert_eq!(
-        index(&lab.hosts[0].sh("ip -o link show flannel-wg")),
-        index(&link_before),
+        wg_link_index(&lab, 0),
+        link_before,
         "the device was made anew, not taken over"
     );
 }
 
-/// Runs `cmd` (a program and its arguments) in host `h`'s namespace; panics with its stderr.
 #[test]
 fn a_jumbo_frame_underlay_carries_full_size_packets() {
     // Underlay MTU 9000: flannel-wg gets 8920, and its full-size packets (larger than the 4 KiB
@@ -389,6 +383,13 @@ fn wg_show_lists_the_leases(lab: &Lab, h: usize, public_key: &str) {
     );
 }
 
+/// Host `h`'s flannel-wg link index (same index: the same link, taken over, not made anew).
+fn wg_link_index(lab: &Lab, h: usize) -> String {
+    let l = lab.hosts[h].sh("ip -o link show flannel-wg");
+    l.split(':').next().unwrap_or_default().to_string()
+}
+
+/// Runs `cmd` (a program and its arguments) in host `h`'s namespace; panics with its stderr.
 fn run_in(lab: &Lab, h: usize, cmd: &[&str]) -> String {
     lab.hosts[h]
         .ns
