@@ -209,15 +209,24 @@ impl Loop {
     fn on(&mut self, input: Input) -> Flow {
         match input {
             Input::Leases(results) => {
+                let mut changed = 0;
                 for r in results {
                     if matches!(r, LeaseWatchResult::Snapshot(_)) {
                         self.have_snapshot = true;
                     }
-                    self.tracker.apply_each(r, |c| match c {
-                        LeaseChange::Added(l) => debug!(lease = %l, "peer lease added or changed"),
-                        LeaseChange::Removed(l) => debug!(lease = %l, "peer lease removed"),
+                    self.tracker.apply_each(r, |c| {
+                        changed += 1;
+                        match c {
+                            LeaseChange::Added(l) => {
+                                debug!(lease = %l, "peer lease added or changed")
+                            }
+                            LeaseChange::Removed(l) => debug!(lease = %l, "peer lease removed"),
+                        }
                     });
                 }
+                // The lease table grows a lease at a time too, and a backend may keep state of
+                // its own per lease (wireguard's peers) with no kernel entry changing.
+                self.count_changes(changed, Instant::now());
                 self.dirty = true;
             }
             Input::Kernel(changes) => {
@@ -255,8 +264,8 @@ impl Loop {
         crate::memory::release_freed();
     }
 
-    /// Counts `changed` kernel entries; once they add up to a large change, the loop compacts
-    /// [`QUIET`] after the last pass that changed anything.
+    /// Counts `changed` kernel entries or leases; once they add up to a large change, the loop
+    /// compacts [`QUIET`] after the last pass or lease change that changed anything.
     fn count_changes(&mut self, changed: usize, now: Instant) {
         self.changed_since_release += changed;
         if changed > 0 && self.changed_since_release >= crate::memory::LARGE_CHANGE {
@@ -1037,6 +1046,16 @@ mod tests {
             l.compact_at,
             Some(t1 + QUIET),
             "a pass that changes nothing does not"
+        );
+        // Leases count too: a backend may keep state per lease with no kernel entry changing.
+        let mut by_leases = Loop::new("10.5.1.0-24".parse().unwrap(), Duration::from_secs(60));
+        let many: Vec<Lease> = (0..1200u32)
+            .map(|i| lease(&format!("10.{}.{}.0-24", 100 + i / 256, i % 256)))
+            .collect();
+        let _ = by_leases.on(Input::Leases(vec![LeaseWatchResult::Snapshot(many)]));
+        assert!(
+            by_leases.compact_at.is_some(),
+            "1200 new leases are a large change"
         );
         let mut known = KernelState::default();
         for i in 0..100u32 {
