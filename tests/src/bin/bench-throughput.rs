@@ -4,6 +4,8 @@
 //! wireguard-go (row `wireguard-go`: its CPU and memory in the flanneld columns).
 //!
 //! Needs root. `cargo build --release --workspace && ./target/release/bench-throughput`
+//! `bench-throughput --rounds 5` lets the paths take turns five times and summarises them (median
+//! and range; each ratio to vxlan within its round).
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -141,90 +143,269 @@ fn wireguard_go_anchor() -> Option<(f64, f64, f64)> {
     result
 }
 
+/// One path's figures in one run.
+#[derive(Clone, Copy)]
+struct Row {
+    gbps: f64,
+    cpu_per_gbit: f64,
+    rss: f64,
+}
+
+/// Pod-to-pod over `backend` in a fresh two-host lab (and host to host on the underlay when
+/// `underlay` is set): its row, the receiving host's UDP receive-buffer drops and the underlay's
+/// Gbit/s. `None` when the pods cannot reach each other.
+fn measure(backend: &str, underlay: bool) -> Option<(Row, u64, f64)> {
+    let spec = LabSpec {
+        segments: vec![2],
+        config: format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"{backend}"}}}}"#),
+        flanneld_args: vec![],
+    };
+    let mut lab = Lab::new(&spec, bin_path("flanneld"));
+    lab.start_all();
+    lab.add_pods(0, 1);
+    lab.add_pods(1, 1);
+    if !lab.ping((0, 0), lab.hosts[1].pods[0].ip, Duration::from_secs(3)) {
+        eprintln!("{backend}: pods cannot reach each other; skipping");
+        return None;
+    }
+    let underlay = if underlay {
+        iperf(
+            lab.hosts[0].ns.name(),
+            lab.hosts[1].ns.name(),
+            &lab.hosts[1].addr.to_string(),
+        )
+    } else {
+        0.0
+    };
+    let cpu_before = cpu_seconds(lab.flanneld_pid(0)) + cpu_seconds(lab.flanneld_pid(1));
+    let gbps = iperf(
+        lab.hosts[0].pods[0].ns.name(),
+        lab.hosts[1].pods[0].ns.name(),
+        &lab.hosts[1].pods[0].ip.to_string(),
+    );
+    let cpu = cpu_seconds(lab.flanneld_pid(0)) + cpu_seconds(lab.flanneld_pid(1)) - cpu_before;
+    let drops = udp_rcvbuf_errors(&lab.hosts[1]);
+    let rss = rss_mib(lab.flanneld_pid(0)).max(rss_mib(lab.flanneld_pid(1)));
+    let gbits = gbps * f64::from(SECONDS);
+    let row = Row {
+        gbps,
+        cpu_per_gbit: if gbits > 0.0 { cpu / gbits } else { 0.0 },
+        rss,
+    };
+    Some((row, drops, underlay))
+}
+
+/// `a / b` with two decimals, or `-` without a `b`.
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+/// The median of `v` (sorted in place); 0 for none.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// One round's figures.
+struct Run {
+    /// The underlay's Gbit/s (0 without vxlan, in whose lab it is measured).
+    underlay: f64,
+    /// Each path's row.
+    rows: Vec<(String, Row)>,
+    /// Each backend's UDP receive-buffer drops on the receiving host.
+    drops: Vec<(String, u64)>,
+}
+
+/// One round: every backend in turn, then wireguard-go when wireguard is among them.
+fn round(backends: &[String]) -> Run {
+    let mut rows = Vec::new();
+    let mut drops = Vec::new();
+    let mut underlay = 0.0;
+    for backend in backends {
+        if let Some((row, d, u)) = measure(backend, backend == "vxlan") {
+            if backend == "vxlan" {
+                underlay = u;
+            }
+            rows.push((backend.clone(), row));
+            drops.push((backend.clone(), d));
+        }
+    }
+    if backends.iter().any(|b| b == "wireguard") {
+        match wireguard_go_anchor() {
+            Some((gbps, cpu_per_gbit, rss)) => rows.push((
+                "wireguard-go".into(),
+                Row {
+                    gbps,
+                    cpu_per_gbit,
+                    rss,
+                },
+            )),
+            None => eprintln!("wireguard-go: the two hosts cannot reach each other; skipping"),
+        }
+    }
+    Run {
+        underlay,
+        rows,
+        drops,
+    }
+}
+
 fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("bench-throughput needs root (network namespaces)");
         std::process::exit(1);
     }
-    // `bench-throughput [BACKEND...]`: vxlan, udp and wireguard unless named (the underlay runs
-    // with vxlan).
-    let mut backends: Vec<String> = std::env::args().skip(1).collect();
-    if backends.is_empty() {
-        backends = vec!["vxlan".into(), "udp".into(), "wireguard".into()];
-    }
-    let mut rows = Vec::new();
-    let mut drops = Vec::new();
-    let mut underlay = 0.0;
-    for backend in backends.iter().map(String::as_str) {
-        let spec = LabSpec {
-            segments: vec![2],
-            config: format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"{backend}"}}}}"#),
-            flanneld_args: vec![],
-        };
-        let mut lab = Lab::new(&spec, bin_path("flanneld"));
-        lab.start_all();
-        lab.add_pods(0, 1);
-        lab.add_pods(1, 1);
-        if !lab.ping((0, 0), lab.hosts[1].pods[0].ip, Duration::from_secs(3)) {
-            eprintln!("{backend}: pods cannot reach each other; skipping");
-            continue;
+    // `bench-throughput [--rounds N] [BACKEND...]`: vxlan, udp and wireguard unless named (the
+    // underlay runs with vxlan). With rounds, the backends take turns N times (a fresh lab each
+    // time) and each path's figures are summarised over the rounds, its ratio to vxlan taken
+    // within each round: this shared machine moves single runs by a fifth.
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut rounds = 1usize;
+    if let Some(i) = args.iter().position(|a| a == "--rounds") {
+        let n = args.get(i + 1).and_then(|n| n.parse::<usize>().ok());
+        match n {
+            Some(n) if (1..=20).contains(&n) => rounds = n,
+            _ => {
+                eprintln!("bench-throughput: --rounds takes a number from 1 to 20");
+                std::process::exit(2);
+            }
         }
-        if backend == "vxlan" {
-            underlay = iperf(
-                lab.hosts[0].ns.name(),
-                lab.hosts[1].ns.name(),
-                &lab.hosts[1].addr.to_string(),
-            );
-        }
-        let cpu_before = cpu_seconds(lab.flanneld_pid(0)) + cpu_seconds(lab.flanneld_pid(1));
-        let gbps = iperf(
-            lab.hosts[0].pods[0].ns.name(),
-            lab.hosts[1].pods[0].ns.name(),
-            &lab.hosts[1].pods[0].ip.to_string(),
-        );
-        let cpu = cpu_seconds(lab.flanneld_pid(0)) + cpu_seconds(lab.flanneld_pid(1)) - cpu_before;
-        drops.push((backend, udp_rcvbuf_errors(&lab.hosts[1])));
-        let rss = rss_mib(lab.flanneld_pid(0)).max(rss_mib(lab.flanneld_pid(1)));
-        let gbits = gbps * f64::from(SECONDS);
-        rows.push((
-            backend,
-            gbps,
-            if gbits > 0.0 { cpu / gbits } else { 0.0 },
-            rss,
-        ));
+        args.drain(i..i + 2);
     }
-    if backends.iter().any(|b| b == "wireguard") {
-        match wireguard_go_anchor() {
-            Some((gbps, cpu, rss)) => rows.push(("wireguard-go", gbps, cpu, rss)),
-            None => eprintln!("wireguard-go: the two hosts cannot reach each other; skipping"),
+    let backends = if args.is_empty() {
+        vec!["vxlan".into(), "udp".into(), "wireguard".into()]
+    } else {
+        args
+    };
+    if rounds == 1 {
+        let run = round(&backends);
+        print_run(&run);
+        for (b, n) in run.drops {
+            println!("{b}: UDP receive-buffer drops on the receiving host: {n}");
         }
+        return;
     }
-    let vxlan = rows.iter().find(|r| r.0 == "vxlan").map_or(0.0, |r| r.1);
+    let mut runs = Vec::new();
+    for r in 1..=rounds {
+        let run = round(&backends);
+        println!("round {r} of {rounds}:");
+        print_run(&run);
+        for (b, n) in run.drops.iter().filter(|(_, n)| *n > 0) {
+            println!("{b}: UDP receive-buffer drops on the receiving host: {n}");
+        }
+        runs.push(run);
+    }
+    print_summary(&runs);
+}
+
+/// One run's table: each path's Gbit/s, its ratio to vxlan and to the underlay, flanneld's CPU per
+/// Gbit and resident memory.
+fn print_run(run: &Run) {
+    let Run { underlay, rows, .. } = run;
+    let underlay = *underlay;
+    let vxlan = rows
+        .iter()
+        .find(|(b, _)| b == "vxlan")
+        .map_or(0.0, |(_, r)| r.gbps);
     println!(
         "{:<12} {:>8} {:>10} {:>13} {:>24} {:>18}",
         "path", "Gbit/s", "vs_vxlan", "vs_underlay", "flanneld_cpu_s_per_Gbit", "flanneld_rss_MiB"
     );
-    // The underlay is measured in vxlan's lab: without vxlan there is no underlay row, and no
-    // ratio to it.
+    // Without vxlan there is no underlay row, and no ratio to it.
     if underlay > 0.0 {
         println!(
             "{:<12} {:>8.2} {:>10} {:>13.2} {:>24} {:>18}",
             "underlay", underlay, "-", 1.0, "-", "-"
         );
     }
-    let ratio = |g: f64, to: f64| {
-        if to > 0.0 {
-            format!("{:.2}", g / to)
-        } else {
-            "-".into()
-        }
-    };
-    for (b, g, c, rss) in rows {
-        let (rv, ru) = (ratio(g, vxlan), ratio(g, underlay));
-        println!("{b:<12} {g:>8.2} {rv:>10} {ru:>13} {c:>24.3} {rss:>18.1}");
+    for (b, r) in rows {
+        let (rv, ru) = (ratio(r.gbps, vxlan), ratio(r.gbps, underlay));
+        println!(
+            "{b:<12} {:>8.2} {rv:>10} {ru:>13} {:>24.3} {:>18.1}",
+            r.gbps, r.cpu_per_gbit, r.rss
+        );
     }
-    for (b, n) in drops {
-        println!("{b}: UDP receive-buffer drops on the receiving host: {n}");
+}
+
+/// Each path over all rounds: median and range of its Gbit/s and of its ratio to vxlan in the
+/// same round, its median CPU per Gbit and its largest resident memory.
+fn print_summary(runs: &[Run]) {
+    println!("summary of {} rounds (median, min-max):", runs.len());
+    println!(
+        "{:<12} {:>8} {:>13} {:>9} {:>11} {:>24} {:>18}",
+        "path",
+        "Gbit/s",
+        "range",
+        "vs_vxlan",
+        "range",
+        "flanneld_cpu_s_per_Gbit",
+        "flanneld_rss_MiB"
+    );
+    let mut paths: Vec<&str> = Vec::new();
+    for run in runs {
+        for (b, _) in &run.rows {
+            if !paths.contains(&b.as_str()) {
+                paths.push(b);
+            }
+        }
+    }
+    let range = |v: &[f64], digits: usize| match (v.first(), v.last()) {
+        (Some(lo), Some(hi)) => format!("{lo:.digits$}-{hi:.digits$}"),
+        _ => "-".into(),
+    };
+    let mut underlay: Vec<f64> = runs
+        .iter()
+        .map(|r| r.underlay)
+        .filter(|u| *u > 0.0)
+        .collect();
+    if !underlay.is_empty() {
+        let m = median(&mut underlay);
+        println!(
+            "{:<12} {m:>8.2} {:>13} {:>9} {:>11} {:>24} {:>18}",
+            "underlay",
+            range(&underlay, 2),
+            "-",
+            "-",
+            "-",
+            "-"
+        );
+    }
+    for path in paths {
+        let mut gbps = Vec::new();
+        let mut vs_vxlan = Vec::new();
+        let mut cpu = Vec::new();
+        let mut rss: f64 = 0.0;
+        for run in runs {
+            let rows = &run.rows;
+            let vxlan = rows.iter().find(|(b, _)| b == "vxlan").map(|(_, r)| r.gbps);
+            if let Some((_, r)) = rows.iter().find(|(b, _)| b == path) {
+                gbps.push(r.gbps);
+                cpu.push(r.cpu_per_gbit);
+                rss = rss.max(r.rss);
+                if let Some(v) = vxlan.filter(|v| *v > 0.0) {
+                    vs_vxlan.push(r.gbps / v);
+                }
+            }
+        }
+        let g = median(&mut gbps);
+        let c = median(&mut cpu);
+        let (v, vr) = if vs_vxlan.is_empty() {
+            ("-".to_string(), "-".to_string())
+        } else {
+            (format!("{:.2}", median(&mut vs_vxlan)), range(&vs_vxlan, 2))
+        };
+        println!(
+            "{path:<12} {g:>8.2} {:>13} {v:>9} {vr:>11} {c:>24.3} {rss:>18.1}",
+            range(&gbps, 2)
+        );
     }
 }
