@@ -146,19 +146,12 @@ impl PeerData {
     /// other text, which is decoded the general way; where this answers, it answers as that does
     /// (the `vxlan_peer_data` fuzz target checks it).
     fn from_canonical(text: &str) -> Option<Result<Self, String>> {
-        let rest = text.strip_prefix(r#"{"VNI":"#)?;
-        let (digits, rest) = rest.split_once(',')?;
-        let plain = !digits.is_empty()
-            && digits.bytes().all(|b| b.is_ascii_digit())
-            && (digits == "0" || !digits.starts_with('0'));
-        if !plain {
-            return None;
-        }
-        let vni: u64 = digits.parse().ok()?;
-        let mac = rest.strip_prefix(r#""VtepMAC":""#)?.strip_suffix(r#""}"#)?;
-        if mac.contains(['"', '\\']) {
-            return None;
-        }
+        use flannel_core::gojson::{Canonical, canonical_fields};
+        let [vni, mac] = canonical_fields(
+            text,
+            [("VNI", Canonical::Uint), ("VtepMAC", Canonical::Str)],
+        )?;
+        let vni: u64 = vni.parse().ok()?;
         Some(
             mac.parse()
                 .map(|vtep_mac| Self { vni, vtep_mac })

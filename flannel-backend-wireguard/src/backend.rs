@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use flannel_core::{Backend, BackendContext, BackendError, Lease, Network, NetworkConfig};
@@ -23,9 +23,7 @@ use tracing::info;
 use crate::kernel::KernelDevice;
 use crate::key::{self, Key, PrivateKey};
 use crate::options::{DEVICE, DEVICE_V6, Mode, WireguardOptions};
-use crate::peers::{
-    DesiredPeers, PeerContext, PeerOp, PeerSpec, desired_peers, diff_peers, lease_attrs,
-};
+use crate::peers::{DesiredPeers, PeerContext, PeerSpec, desired_peers, diff_peers, lease_attrs};
 use crate::userspace::{DeviceError, UserspaceDevice};
 
 /// The environment variable that makes flanneld use userspace WireGuard even where the kernel has
@@ -40,15 +38,16 @@ enum Device {
 }
 
 impl Device {
-    /// The peers it has; for a kernel device also whether its key or port were changed behind
-    /// flanneld's back (then they are set again).
-    async fn peers(
+    /// Makes its peers `desired`; how many changed. A kernel device is read first, and its key
+    /// and port set again if they were changed behind flanneld's back.
+    async fn sync(
         &mut self,
         key: &PrivateKey,
         port: u16,
-    ) -> Result<BTreeMap<Key, PeerSpec>, DeviceError> {
+        desired: &BTreeMap<Key, PeerSpec>,
+    ) -> Result<usize, DeviceError> {
         match self {
-            Device::Userspace(d) => Ok(d.peers().await),
+            Device::Userspace(d) => Ok(d.sync(desired).await),
             Device::Kernel(d) => {
                 let state = d.read().await?;
                 if state.private_key != Some(key.to_bytes()) || state.listen_port != port {
@@ -58,15 +57,12 @@ impl Device {
                     );
                     d.set(Some(key), Some(port), &[]).await?;
                 }
-                Ok(state.peers)
+                let ops = diff_peers(desired, &state.peers);
+                if !ops.is_empty() {
+                    d.set(None, None, &ops).await?;
+                }
+                Ok(ops.len())
             }
-        }
-    }
-
-    async fn apply(&mut self, ops: &[PeerOp]) -> Result<(), DeviceError> {
-        match self {
-            Device::Userspace(d) => d.apply(ops).await,
-            Device::Kernel(d) => d.set(None, None, ops).await,
         }
     }
 
@@ -123,7 +119,7 @@ struct WgModel {
     own_subnets: Vec<IpNet>,
     ctx: PeerContext,
     /// The peers the last [`Model::desired`] computed, for [`Model::finish`] to apply.
-    wanted: Mutex<DesiredPeers>,
+    wanted: Mutex<Arc<DesiredPeers>>,
 }
 
 fn host_prefix(ip: IpAddr) -> IpNet {
@@ -221,7 +217,7 @@ impl Backend for WireguardBackend {
                 keepalive: opts.keepalive,
             },
             key,
-            wanted: Mutex::new(DesiredPeers::default()),
+            wanted: Mutex::new(Arc::default()),
         };
         model.remove_unused_v6_device().await?;
         model.prepare().await?;
@@ -460,7 +456,7 @@ impl Model for WgModel {
         }
         let (peers, warnings) = desired_peers(leases, &self.ctx);
         if let Ok(mut w) = self.wanted.lock() {
-            *w = peers;
+            *w = Arc::new(peers);
         }
         (state, own, warnings)
     }
@@ -469,23 +465,19 @@ impl Model for WgModel {
         let wanted = self
             .wanted
             .lock()
-            .map(|w| w.clone())
+            .map(|w| Arc::clone(&w))
             .map_err(|_| BackendError::Other("the peer set lock is poisoned".into()))?;
         for slot in &mut self.slots {
             let Some(dev) = &mut slot.dev else { continue };
             let desired = if slot.v6 { &wanted.v6 } else { &wanted.main };
-            let actual = dev
-                .peers(&self.key, slot.port)
+            let changes = dev
+                .sync(&self.key, slot.port, desired)
                 .await
                 .map_err(|e| BackendError::Other(e.to_string()))?;
-            let ops = diff_peers(desired, &actual);
-            if !ops.is_empty() {
-                dev.apply(&ops)
-                    .await
-                    .map_err(|e| BackendError::Other(e.to_string()))?;
+            if changes > 0 {
                 info!(
                     device = slot.name,
-                    changes = ops.len(),
+                    changes,
                     peers = desired.len(),
                     "WireGuard peers updated"
                 );

@@ -1,7 +1,7 @@
 //! Peers as data: what a lease publishes (`{"PublicKey":"…","Port":51820}`, as upstream writes it),
 //! the peers each device should have for the current leases, and the difference to the peers it has.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
@@ -32,8 +32,35 @@ impl PeerData {
 
     /// Decodes backend data from a lease (untrusted: any JSON may be there).
     pub fn decode(data: Option<&RawJson>, field: &str) -> Result<Self, String> {
-        let value = data.ok_or_else(|| format!("no {field}"))?.to_value();
-        let o = GoObject::new(&value, field).map_err(|e| e.to_string())?;
+        let data = data.ok_or_else(|| format!("no {field}"))?;
+        match Self::from_canonical(data.as_str(), field) {
+            Some(decoded) => decoded,
+            None => Self::from_value(&data.to_value(), field),
+        }
+    }
+
+    /// Decodes the canonical text, `{"PublicKey":"<key>","Port":<n>}` (compact, in this order:
+    /// what upstream's and this flanneld write) without building a JSON tree, as every pass
+    /// decodes every peer's data. `None` for any other text, decoded the general way; where this
+    /// answers, it answers as that does (the `wireguard_lease` fuzz target checks it).
+    fn from_canonical(text: &str, field: &str) -> Option<Result<Self, String>> {
+        use flannel_core::gojson::{Canonical, canonical_fields};
+        let [key, port] = canonical_fields(
+            text,
+            [("PublicKey", Canonical::Str), ("Port", Canonical::Uint)],
+        )?;
+        // A port out of range is explained the general way.
+        let port: u16 = port.parse().ok()?;
+        Some(
+            key.parse::<Key>()
+                .map(|public_key| Self { public_key, port })
+                .map_err(|e| format!("{field}.PublicKey: {e}")),
+        )
+    }
+
+    /// Decodes backend data the general way (Go's rules: keys in any case, unknown keys ignored).
+    fn from_value(value: &serde_json::Value, field: &str) -> Result<Self, String> {
+        let o = GoObject::new(value, field).map_err(|e| e.to_string())?;
         let key = o
             .string("PublicKey")
             .map_err(|e| e.to_string())?
@@ -45,6 +72,19 @@ impl PeerData {
         let port =
             u16::try_from(port).map_err(|_| format!("{field}.Port {port} is not a UDP port"))?;
         Ok(Self { public_key, port })
+    }
+
+    /// Both decodings of `data` (for the fuzz target): the fast one, where it answers, and the
+    /// general one.
+    #[doc(hidden)]
+    pub fn decodings(
+        data: &RawJson,
+        field: &str,
+    ) -> (Option<Result<Self, String>>, Result<Self, String>) {
+        (
+            Self::from_canonical(data.as_str(), field),
+            Self::from_value(&data.to_value(), field),
+        )
     }
 }
 
@@ -240,35 +280,40 @@ impl PeerContext {
 /// leases' subnets would carry one node's traffic to another.
 pub fn desired_peers(leases: &[&Lease], ctx: &PeerContext) -> (DesiredPeers, Vec<String>) {
     let mut warnings = Vec::new();
-    let mut wanted: Vec<(bool, PeerSpec, String)> = Vec::new();
+    let mut wanted: Vec<(bool, PeerSpec, &Lease)> = Vec::with_capacity(leases.len());
     for lease in leases {
         match ctx.peers_of(lease) {
-            Ok(peers) => wanted.extend(
-                peers
-                    .into_iter()
-                    .map(|(v6, p)| (v6, p, lease.key.to_string())),
-            ),
+            Ok(peers) => wanted.extend(peers.into_iter().map(|(v6, p)| (v6, p, *lease))),
             Err(why) => warnings.push(format!(
                 "not adding the WireGuard peer of lease {}: {why}",
                 lease.key
             )),
         }
     }
-    let mut owners: BTreeMap<(bool, Key), BTreeSet<String>> = BTreeMap::new();
-    for (v6, p, owner) in &wanted {
-        owners
-            .entry((*v6, p.public_key))
-            .or_default()
-            .insert(owner.clone());
+    // How many leases claim each key on each device (a lease makes one peer per device), and the
+    // names of those that share one (rare: only they are spelled out).
+    let mut claims: HashMap<(bool, Key), u32> = HashMap::with_capacity(wanted.len());
+    for (v6, p, _) in &wanted {
+        *claims.entry((*v6, p.public_key)).or_default() += 1;
+    }
+    let mut shared: BTreeMap<(bool, Key), BTreeSet<String>> = BTreeMap::new();
+    for (v6, p, lease) in &wanted {
+        if claims[&(*v6, p.public_key)] > 1 {
+            shared
+                .entry((*v6, p.public_key))
+                .or_default()
+                .insert(lease.key.to_string());
+        }
     }
     let mut out = DesiredPeers::default();
-    for (v6, p, owner) in wanted {
-        let claimants = &owners[&(v6, p.public_key)];
+    for (v6, p, lease) in wanted {
         if p.public_key == ctx.own_key {
             warnings.push(format!(
-                "not adding the WireGuard peer of lease {owner}: it claims this node's own public key"
+                "not adding the WireGuard peer of lease {}: it claims this node's own public key",
+                lease.key
             ));
-        } else if claimants.len() > 1 {
+        } else if let Some(claimants) = shared.get(&(v6, p.public_key)) {
+            let owner = lease.key.to_string();
             warnings.push(format!(
                 "not adding the WireGuard peer of lease {owner}: its public key {} is also claimed by {}",
                 p.public_key,
@@ -377,6 +422,35 @@ mod tests {
                 port: 51820
             }
         );
+    }
+
+    #[test]
+    fn the_canonical_text_is_decoded_fast_and_as_the_general_way_does() {
+        let canonical = RawJson::from_value(&data(2, 5000));
+        let (fast, general) = PeerData::decodings(&canonical, "BackendData");
+        assert_eq!(
+            fast,
+            Some(Ok(PeerData {
+                public_key: key(2),
+                port: 5000
+            }))
+        );
+        assert_eq!(fast, Some(general));
+        // A bad key in the canonical shape: the same error either way.
+        let bad = RawJson::from_value(&serde_json::json!({"PublicKey": "xyz", "Port": 1}));
+        let (fast, general) = PeerData::decodings(&bad, "BackendData");
+        assert!(fast.as_ref().is_some_and(Result::is_err));
+        assert_eq!(fast, Some(general));
+        // Other shapes (key case, order, a port out of range) are left to the general way.
+        for other in [
+            serde_json::json!({"publickey": key(2).to_string(), "Port": 1}),
+            serde_json::json!({"Port": 1, "PublicKey": key(2).to_string()}),
+            serde_json::json!({"PublicKey": key(2).to_string(), "Port": 65536}),
+        ] {
+            let (fast, general) = PeerData::decodings(&RawJson::from_value(&other), "BackendData");
+            assert_eq!(fast, None, "{other}");
+            assert!(general.is_ok() == (other["Port"] != 65536), "{other}");
+        }
     }
 
     #[test]

@@ -292,6 +292,27 @@ impl State {
             .collect();
     }
 
+    /// Makes the peers `desired`, changing only those that differ (what
+    /// [`crate::peers::diff_peers`] gives, without a copy of either side); how many changed.
+    fn sync(&mut self, desired: &BTreeMap<Key, PeerSpec>) -> usize {
+        let mut ops: Vec<PeerOp> = self
+            .peers
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .map(|k| PeerOp::Remove(*k))
+            .collect();
+        ops.extend(
+            desired
+                .iter()
+                .filter(|(k, p)| self.peers.get(k).map(|have| &have.spec) != Some(p))
+                .map(|(_, p)| PeerOp::Set(p.clone())),
+        );
+        if !ops.is_empty() {
+            self.apply(&ops);
+        }
+        ops.len()
+    }
+
     /// Encrypts the packets read from the TUN device for their peers.
     fn outgoing(
         &mut self,
@@ -559,6 +580,11 @@ impl UserspaceDevice {
             .iter()
             .map(|(k, p)| (*k, p.spec.clone()))
             .collect()
+    }
+
+    /// Makes the device's peers `desired`, changing only those that differ; how many changed.
+    pub async fn sync(&self, desired: &BTreeMap<Key, PeerSpec>) -> usize {
+        lock(&self.state).sync(desired)
     }
 
     /// Applies peer changes.
@@ -979,6 +1005,43 @@ mod tests {
         st.apply(&[PeerOp::Remove(p.public_key)]);
         assert!(st.peers.is_empty());
         assert_eq!(st.routes.find("10.5.3.1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn sync_changes_only_the_peers_that_differ() {
+        let mut st = State::new(&PrivateKey::generate().unwrap());
+        let (a, b, c) = (
+            spec(7, &["10.5.3.0/24"]),
+            spec(8, &["10.5.4.0/24"]),
+            spec(9, &["10.5.5.0/24"]),
+        );
+        st.apply(&[PeerOp::Set(a.clone()), PeerOp::Set(b.clone())]);
+        st.by_idx.insert(42, a.public_key);
+        let desired: BTreeMap<Key, PeerSpec> = [(a.public_key, a.clone()), (c.public_key, c)]
+            .into_iter()
+            .collect();
+        // b goes, c comes, a stays as it is (its session with it).
+        assert_eq!(st.sync(&desired), 2);
+        assert_eq!(
+            st.peers
+                .keys()
+                .copied()
+                .collect::<std::collections::BTreeSet<Key>>(),
+            desired.keys().copied().collect()
+        );
+        assert_eq!(st.by_idx.get(&42), Some(&a.public_key));
+        assert_eq!(st.routes.find("10.5.4.1".parse().unwrap()), None);
+        assert_eq!(st.sync(&desired), 0, "nothing left to change");
+        // The same as the diff of copies gives.
+        let mut moved = desired.clone();
+        if let Some(p) = moved.get_mut(&a.public_key) {
+            p.endpoint = "192.0.2.9:51820".parse().unwrap();
+        }
+        let have: BTreeMap<Key, PeerSpec> =
+            st.peers.iter().map(|(k, p)| (*k, p.spec.clone())).collect();
+        let expected = crate::peers::diff_peers(&moved, &have).len();
+        assert_eq!(st.sync(&moved), expected);
+        assert_eq!(expected, 1);
     }
 
     fn tunnels(st: &State) -> usize {

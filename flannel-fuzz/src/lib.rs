@@ -243,12 +243,38 @@ pub fn wireguard_options(data: &[u8]) {
 }
 
 /// A peer's wireguard lease (a lease value from the store), turned into WireGuard peers in every
-/// mode: what is accepted must carry the lease's own subnet(s) only, at its public address.
+/// mode: what is accepted must carry the lease's own subnet(s) only, at its public address; and
+/// where the fast decoding of canonical backend data answers, it answers as the general one.
 pub fn wireguard_lease(data: &[u8]) {
-    use flannel_backend_wireguard::{Key, Mode, PeerContext, desired_peers};
+    use flannel_backend_wireguard::{Key, Mode, PeerContext, PeerData, desired_peers};
+    // A canonical text made of the input too (any string as the key, a port in and out of
+    // range), so that the fast decoding runs whatever the bytes.
+    let port = data
+        .iter()
+        .fold(0u64, |n, b| (n * 31 + u64::from(*b)) % 70_000);
+    let canonical = flannel_core::RawJson::from_value(
+        &serde_json::json!({"PublicKey": text(data), "Port": port}),
+    );
+    let (fast, general) = PeerData::decodings(&canonical, "BackendData");
+    assert_eq!(
+        fast.is_some(),
+        port <= 65_535 && !canonical.as_str().contains('\\')
+    );
+    if let Some(fast) = fast {
+        assert_eq!(fast, general, "{}", canonical.as_str());
+    }
     let Ok(attrs) = LeaseAttrs::from_json(data) else {
         return;
     };
+    for raw in [&attrs.backend_data, &attrs.backend_v6_data]
+        .into_iter()
+        .flatten()
+    {
+        let (fast, general) = PeerData::decodings(raw, "BackendData");
+        if let Some(fast) = fast {
+            assert_eq!(fast, general, "{}", raw.as_str());
+        }
+    }
     let lease = flannel_core::Lease {
         key: SubnetKey::parse("10.5.2.0-24&fd00:5:2::-64").unwrap_or_else(|_| unreachable!()),
         enable_ipv4: true,
