@@ -343,15 +343,24 @@ pub fn diff_peers(
     desired: &BTreeMap<Key, PeerSpec>,
     actual: &BTreeMap<Key, PeerSpec>,
 ) -> Vec<PeerOp> {
-    let mut ops: Vec<PeerOp> = actual
-        .keys()
+    diff_peers_by(desired, actual.keys(), |k| actual.get(k))
+}
+
+/// [`diff_peers`] for a device that keeps its peers some other way: `keys` are its peers' keys and
+/// `spec` looks one up (no copy of either side is made).
+pub fn diff_peers_by<'a>(
+    desired: &BTreeMap<Key, PeerSpec>,
+    keys: impl Iterator<Item = &'a Key>,
+    spec: impl Fn(&Key) -> Option<&'a PeerSpec>,
+) -> Vec<PeerOp> {
+    let mut ops: Vec<PeerOp> = keys
         .filter(|k| !desired.contains_key(k))
         .map(|k| PeerOp::Remove(*k))
         .collect();
     ops.extend(
         desired
             .iter()
-            .filter(|(k, p)| actual.get(k) != Some(p))
+            .filter(|(k, p)| spec(k) != Some(p))
             .map(|(_, p)| PeerOp::Set(p.clone())),
     );
     ops

@@ -295,18 +295,9 @@ impl State {
     /// Makes the peers `desired`, changing only those that differ (what
     /// [`crate::peers::diff_peers`] gives, without a copy of either side); how many changed.
     fn sync(&mut self, desired: &BTreeMap<Key, PeerSpec>) -> usize {
-        let mut ops: Vec<PeerOp> = self
-            .peers
-            .keys()
-            .filter(|k| !desired.contains_key(k))
-            .map(|k| PeerOp::Remove(*k))
-            .collect();
-        ops.extend(
-            desired
-                .iter()
-                .filter(|(k, p)| self.peers.get(k).map(|have| &have.spec) != Some(p))
-                .map(|(_, p)| PeerOp::Set(p.clone())),
-        );
+        let peers = &self.peers;
+        let ops =
+            crate::peers::diff_peers_by(desired, peers.keys(), |k| peers.get(k).map(|p| &p.spec));
         if !ops.is_empty() {
             self.apply(&ops);
         }
