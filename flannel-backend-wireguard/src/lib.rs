@@ -16,8 +16,9 @@
 //!   [`desired_peers`] turns the peers' leases into each device's peers, [`diff_peers`] into the
 //!   changes a device needs. The shared reconcile driver runs it: the route into the network
 //!   through the device is a kernel entry like any other backend's, and the peers are applied after
-//!   each pass (`Model::finish`, which reads the device's peers first, so a peer removed behind
-//!   flanneld's back comes back); a deleted device is recreated with its peers.
+//!   each pass (`Model::finish`, which compares them with the device's peers first: a kernel
+//!   device's read back, so a peer removed behind flanneld's back comes back, a userspace device's
+//!   in place, [`peers::diff_peers_by`]); a deleted device is recreated with its peers.
 //! - [`kernel`]: the kernel device's netlink messages, built and read as plain functions
 //!   ([`kernel::set_device_messages`], [`kernel::device_of`], which never panics on odd bytes).
 //! - [`userspace`]: one task per device running batches through gotatun's protocol state machine
