@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 use flannel_core::{Backend, BackendContext, BackendError, Lease, Network, NetworkConfig};
@@ -118,8 +118,9 @@ struct WgModel {
     slots: Vec<Slot>,
     own_subnets: Vec<IpNet>,
     ctx: PeerContext,
-    /// The peers the last [`Model::desired`] computed, for [`Model::finish`] to apply.
-    wanted: Mutex<Arc<DesiredPeers>>,
+    /// The peers the last [`Model::desired`] computed, taken by [`Model::finish`] of the same pass
+    /// (every pass computes them again, so they are not kept between passes).
+    wanted: Mutex<DesiredPeers>,
 }
 
 fn host_prefix(ip: IpAddr) -> IpNet {
@@ -217,7 +218,7 @@ impl Backend for WireguardBackend {
                 keepalive: opts.keepalive,
             },
             key,
-            wanted: Mutex::new(Arc::default()),
+            wanted: Mutex::new(DesiredPeers::default()),
         };
         model.remove_unused_v6_device().await?;
         model.prepare().await?;
@@ -456,7 +457,7 @@ impl Model for WgModel {
         }
         let (peers, warnings) = desired_peers(leases, &self.ctx);
         if let Ok(mut w) = self.wanted.lock() {
-            *w = Arc::new(peers);
+            *w = peers;
         }
         (state, own, warnings)
     }
@@ -465,7 +466,7 @@ impl Model for WgModel {
         let wanted = self
             .wanted
             .lock()
-            .map(|w| Arc::clone(&w))
+            .map(|mut w| std::mem::take(&mut *w))
             .map_err(|_| BackendError::Other("the peer set lock is poisoned".into()))?;
         for slot in &mut self.slots {
             let Some(dev) = &mut slot.dev else { continue };
