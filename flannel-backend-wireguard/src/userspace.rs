@@ -506,7 +506,8 @@ pub struct UserspaceDevice {
     name: String,
     state: Arc<Mutex<State>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    /// The device loop's own thread (see [`UserspaceDevice::create`]).
+    thread: Option<std::thread::JoinHandle<()>>,
     /// The `wg show` socket's server ([`crate::uapi::serve`]); `None` once stopped.
     uapi: Option<tokio::task::JoinHandle<()>>,
 }
@@ -522,8 +523,14 @@ impl UserspaceDevice {
     /// with `mtu` and starts WireGuard on UDP `port` (IPv4 and, where the host has IPv6, IPv6)
     /// with `key`, and the `wg show` socket ([`crate::uapi::serve`]).
     ///
+    /// The device loop runs on its own thread (named after the device, with its own
+    /// single-threaded runtime, in the caller's network namespace), as the udp backend's
+    /// forwarding does: a reconcile pass over many leases, or anything else the caller's runtime
+    /// is busy with, does not pause the pods' traffic, and on a host with more than one core the
+    /// two run side by side.
+    ///
     /// # Errors
-    /// When the TUN device or the IPv4 socket cannot be made.
+    /// When the TUN device or the IPv4 socket cannot be made, or the thread cannot be started.
     pub async fn create(
         name: &str,
         key: &PrivateKey,
@@ -534,19 +541,46 @@ impl UserspaceDevice {
             name: name.into(),
             message,
         };
-        let dev = crate::tun::open(name, mtu).map_err(|e| err(format!("TUN device: {e}")))?;
-        let v4 = crate::udp::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
-            .map_err(|e| err(format!("listening on UDP port {port}: {e}")))?;
-        let v6 = match crate::udp::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(device = name, port, error = %e, "no IPv6 UDP socket; IPv4 peers only");
-                None
-            }
-        };
         let state = Arc::new(Mutex::new(State::new(key)));
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(run(dev, v4, v6, state.clone(), stopped, mtu));
+        let (opened, open_result) = tokio::sync::oneshot::channel::<Result<(), String>>();
+        let loop_state = state.clone();
+        let dev_name = name.to_string();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = opened.send(Err(format!("starting its runtime: {e}")));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    // The descriptors belong to this thread's runtime: made here.
+                    match open(&dev_name, port, mtu) {
+                        Ok((dev, v4, v6)) => {
+                            let _ = opened.send(Ok(()));
+                            run(dev, v4, v6, loop_state, stopped, mtu).await;
+                        }
+                        Err(e) => {
+                            let _ = opened.send(Err(e));
+                        }
+                    }
+                });
+            })
+            .map_err(|e| err(format!("starting the device thread: {e}")))?;
+        match open_result.await {
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => {
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+                return Err(err(message));
+            }
+            Err(_) => return Err(err("the device thread ended while starting".into())),
+        }
         let uapi = Some(tokio::spawn(crate::uapi::serve(
             crate::uapi::run_dir(),
             name.into(),
@@ -559,7 +593,7 @@ impl UserspaceDevice {
             name: name.into(),
             state,
             stop: Some(stop),
-            task: Some(task),
+            thread: Some(thread),
             uapi,
         })
     }
@@ -591,7 +625,7 @@ impl UserspaceDevice {
     /// Whether its device loop still runs (it ends by itself when the TUN device is deleted or
     /// the IPv4 socket becomes unusable, and then lets the TUN device go).
     pub fn is_running(&self) -> bool {
-        self.task.as_ref().is_some_and(|t| !t.is_finished())
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     /// Stops the device. Its TUN device stays (persistent), with the routes through it, until
@@ -604,21 +638,39 @@ impl UserspaceDevice {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
 }
 
 impl Drop for UserspaceDevice {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+        // The loop ends at its next turn once its stop channel is gone (the TUN device stays, as
+        // after `stop`); its thread is not waited for here.
+        drop(self.stop.take());
         if let Some(uapi) = self.uapi.take() {
             uapi.abort();
         }
     }
+}
+
+/// The TUN device and the UDP sockets of a device, made in the runtime that will use them.
+type Opened = (AsyncDevice, Arc<Sock>, Option<Arc<Sock>>);
+
+/// Opens the TUN device `name` and binds the UDP sockets on `port` (IPv6 where the host has it).
+fn open(name: &str, port: u16, mtu: u16) -> Result<Opened, String> {
+    let dev = crate::tun::open(name, mtu).map_err(|e| format!("TUN device: {e}"))?;
+    let v4 = crate::udp::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+        .map_err(|e| format!("listening on UDP port {port}: {e}"))?;
+    let v6 = match crate::udp::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(device = name, port, error = %e, "no IPv6 UDP socket; IPv4 peers only");
+            None
+        }
+    };
+    Ok((dev, v4, v6))
 }
 
 async fn recv_on(rx: Option<&mut GroRecv>) -> std::io::Result<()> {
