@@ -21,7 +21,7 @@
 //!   in place, [`peers::diff_peers_by`]); a deleted device is recreated with its peers.
 //! - [`kernel`]: the kernel device's netlink messages, built and read as plain functions
 //!   ([`kernel::set_device_messages`], [`kernel::device_of`], which never panics on odd bytes).
-//! - [`userspace`]: one task per device running batches through gotatun's protocol state machine
+//! - [`userspace`]: one loop per device (on its own thread) running batches through gotatun's protocol state machine
 //!   (`noise::Tunn`), between our TUN side ([`tun`]: a persistent device, so while flanneld is
 //!   down pods' packets are dropped there, not sent in clear; offloads, batched writes with TCP segments
 //!   merged) and UDP side ([`udp`]: GSO sends, GRO receives), in buffers sized by the MTU

@@ -48,6 +48,17 @@ pub struct Pod {
     pub ip6: Option<Ipv6Addr>,
 }
 
+/// What [`Lab::ping_probe`] saw.
+#[derive(Debug, Clone, Copy)]
+pub struct PingStats {
+    /// Echo requests sent.
+    pub sent: u32,
+    /// Replies received.
+    pub received: u32,
+    /// The longest round trip, in milliseconds (`None` when no reply came).
+    pub max_ms: Option<f64>,
+}
+
 /// One host.
 #[derive(Debug)]
 pub struct Host {
@@ -958,9 +969,29 @@ impl Lab {
         count: u32,
         during: impl FnOnce(&mut Lab),
     ) -> (u32, u32) {
+        let p = self.ping_probe(from, to, Duration::from_millis(100), count, during);
+        (p.sent, p.received)
+    }
+
+    /// Pings `to` from pod `from` `count` times, every `interval` (root may go below 0.2 s),
+    /// while `during` runs (it starts after 0.5 s): what was sent, received and the longest
+    /// round trip.
+    ///
+    /// # Panics
+    /// When ping cannot run or prints no summary.
+    pub fn ping_probe(
+        &mut self,
+        from: (usize, usize),
+        to: impl Into<IpAddr>,
+        interval: Duration,
+        count: u32,
+        during: impl FnOnce(&mut Lab),
+    ) -> PingStats {
         let ns = self.hosts[from.0].pods[from.1].ns.name().to_string();
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns, "ping", "-i", "0.1", "-W", "1", "-c"])
+        cmd.args(["netns", "exec", &ns, "ping", "-n", "-q", "-W", "1", "-i"])
+            .arg(format!("{:.3}", interval.as_secs_f64()))
+            .arg("-c")
             .arg(count.to_string())
             .arg(to.into().to_string())
             .stdout(Stdio::piped())
@@ -980,7 +1011,17 @@ impl Lab {
             .split(|c: char| !c.is_ascii_digit())
             .filter_map(|x| x.parse().ok())
             .collect();
-        (nums[0], nums[1])
+        // `rtt min/avg/max/mdev = 0.041/0.062/0.170/0.020 ms` (absent when nothing came back).
+        let max_ms = text
+            .lines()
+            .find_map(|l| l.split_once(" = "))
+            .and_then(|(_, v)| v.split('/').nth(2))
+            .and_then(|v| v.parse().ok());
+        PingStats {
+            sent: nums[0],
+            received: nums[1],
+            max_ms,
+        }
     }
 
     /// Every pod's address with its (host, pod) position.

@@ -7,7 +7,9 @@
 //! time until its entries are installed (from process start); (c) time to remove them all after the
 //! leases are deleted; (d) flanneld's resident memory idle and at 5000 and 20,000 peers; (e) the CPU
 //! flanneld uses per idle minute at 5000 and 20,000 peers (over a window holding one safety-net
-//! resync: at least its interval).
+//! resync: at least its interval); (f) while the leases arrive, a pod on host 0 pings one on host 1
+//! every 5 ms for 3 s: the pings lost and the longest round trip (how long the pods' traffic is
+//! held up while flanneld takes the new peers in).
 //!
 //! Needs root. `cargo build --release --workspace && ./target/release/bench-dataplane
 //! [vxlan|host-gw|wireguard] [PEERS...]` (default: all three, 100 1000 5000 20000 peers). Each row also shows host 0's
@@ -173,6 +175,7 @@ fn main() {
     );
     let mut joins = Vec::new();
     let mut idle_cpu = Vec::new();
+    let mut probes = Vec::new();
     for backend in backends {
         let spec = LabSpec {
             segments: vec![3],
@@ -199,17 +202,31 @@ fn main() {
             "{backend:<8} {:>6} {:>11} {:>10} {:>8} {:>10} {idle:>8.1} {:>11} {:>9} {:>7} {:>6} {anon:>9.1} {file:>9.1}",
             0, "-", "-", "-", "-", "-", "-", "-", "-"
         );
+        // Pods for the probe below (after the idle figures).
+        lab.add_pods(0, 1);
+        lab.add_pods(1, 1);
         for &n in &sizes {
             let leases = fakes(n, backend);
             let (passes0, reads0) = counters(&lab);
-            lab.etcd_put_many(
-                leases
-                    .iter()
-                    .map(|f| (f.key.clone(), f.value.clone()))
-                    .collect(),
-            );
-            let written = unix_now();
-            let (install, miss) = wait_for(&lab, &[0, 1], n, backend, Duration::from_secs(60));
+            // A pod on host 0 pings one on host 1 every 5 ms (3 s) while the leases arrive: how
+            // long the pods' traffic is held up while flanneld takes the new peers in.
+            let to = lab.hosts[1].pods[0].ip;
+            let mut installed = None;
+            let probe = lab.ping_probe((0, 0), to, Duration::from_millis(5), 600, |lab| {
+                lab.etcd_put_many(
+                    leases
+                        .iter()
+                        .map(|f| (f.key.clone(), f.value.clone()))
+                        .collect(),
+                );
+                let written = unix_now();
+                let r = wait_for(lab, &[0, 1], n, backend, Duration::from_secs(60));
+                installed = Some((written, r));
+            });
+            probes.push((backend, n, probe));
+            let Some((written, (install, miss))) = installed else {
+                unreachable!("the install step ran")
+            };
             // flanneld's own clock: when its last pass that worked ended, on the later host (the
             // polling above can only see it up to one look late, and at 20,000 vxlan peers one
             // look dumps 120,000 entries).
@@ -281,6 +298,19 @@ fn main() {
     );
     for (backend, n, cpu, window) in idle_cpu {
         println!("{backend:<8} {n:>6} {cpu:>22.3} {window:>9.0}");
+    }
+    println!();
+    println!(
+        "{:<8} {:>6} {:>11} {:>10} {:>16}",
+        "backend", "peers", "pings_sent", "lost", "longest_rtt_ms"
+    );
+    for (backend, n, p) in probes {
+        let max = p.max_ms.map_or("-".to_string(), |m| format!("{m:.1}"));
+        println!(
+            "{backend:<8} {n:>6} {:>11} {:>10} {max:>16}",
+            p.sent,
+            p.sent.saturating_sub(p.received)
+        );
     }
     // What the kernel alone needs for the same number of routes (the floor under the install times).
     println!();
