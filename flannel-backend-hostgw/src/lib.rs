@@ -7,7 +7,8 @@
 //! No device and no encapsulation: for every peer lease of type `host-gw` the host routes the peer's
 //! subnet to the peer's public IP on the external interface
 //! (`ip route replace <subnet> via <PublicIP> dev <ext>`), and with `EnableIPv6` the peer's IPv6
-//! subnet to its `PublicIPv6` likewise (dual stack). That needs every host on one L2 segment; a
+//! subnet to its `PublicIPv6` likewise (dual stack; an IPv6-only network, as Kubernetes mode allows,
+//! has only the IPv6 routes). That needs every host on one L2 segment; a
 //! peer whose public IP is not on the external interface's network cannot be served and is reported
 //! clearly (once per change) instead of failing in the kernel.
 //!
@@ -33,10 +34,8 @@ flannel_core::register_backend!("host-gw", HostGwBackend::create);
 /// Everything [`desired_state`] needs besides the leases.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
-    /// The cluster network.
-    pub network: Ipv4Net,
-    /// The own subnet (never touched).
-    pub own_subnet: Ipv4Net,
+    /// The IPv4 cluster network and own subnet (never touched), unless the network is IPv6-only.
+    pub ipv4: Option<(Ipv4Net, Ipv4Net)>,
     /// The external interface.
     pub ext_index: u32,
     /// The external interface's networks: peers must be inside one of them.
@@ -54,7 +53,7 @@ pub fn desired_state(topo: &Topology, leases: &[&Lease]) -> (KernelState, Owners
             continue;
         }
         let mut routes: Vec<(IpNet, IpAddr)> = Vec::with_capacity(2);
-        if let Some(subnet) = lease.subnet() {
+        if let (Some(_), Some(subnet)) = (topo.ipv4, lease.subnet()) {
             routes.push((IpNet::V4(subnet), IpAddr::V4(lease.attrs.public_ip)));
         }
         if let (Some(_), Some(subnet), Some(gw)) =
@@ -81,11 +80,13 @@ pub fn desired_state(topo: &Topology, leases: &[&Lease]) -> (KernelState, Owners
         }
     }
     let mut own = Ownership {
-        networks: vec![IpNet::V4(topo.network)],
         gateway_route_oifs: vec![topo.ext_index],
-        keep: vec![IpNet::V4(topo.own_subnet)],
         ..Default::default()
     };
+    if let Some((network, own_subnet)) = topo.ipv4 {
+        own.networks.push(IpNet::V4(network));
+        own.keep.push(IpNet::V4(own_subnet));
+    }
     if let Some((network, own_subnet)) = topo.ipv6 {
         own.networks.push(IpNet::V6(network));
         own.keep.push(IpNet::V6(own_subnet));
@@ -123,9 +124,6 @@ impl Backend for HostGwBackend {
                 ext.ext_addr, ext.name, ext.iface_addr
             )));
         }
-        let network = config
-            .network()
-            .ok_or_else(|| bad("the host-gw backend needs an IPv4 Network".into()))?;
         let public_ipv6 = match config.ipv6_network() {
             Some(_) => {
                 let (iface6, public6) = ext.require_ipv6().map_err(bad)?;
@@ -146,17 +144,10 @@ impl Backend for HostGwBackend {
             ..Default::default()
         };
         let lease = self.ctx.subnet_manager.acquire_lease(&attrs).await?;
-        let own_subnet = lease
-            .subnet()
-            .ok_or_else(|| BackendError::Other("the lease has no IPv4 subnet".into()))?;
+        let ipv4 = flannel_core::backend::ipv4_networks(config, &lease)?;
         let ipv6 = flannel_core::backend::ipv6_networks(config, &lease)?;
         let mtu = ext.mtu;
-        let model = HostGwModel {
-            ext,
-            network,
-            own_subnet,
-            ipv6,
-        };
+        let model = HostGwModel { ext, ipv4, ipv6 };
         Ok(Box::new(ReconciledNetwork::new(
             lease,
             mtu,
@@ -169,8 +160,7 @@ impl Backend for HostGwBackend {
 #[derive(Debug)]
 struct HostGwModel {
     ext: ExternalInterface,
-    network: Ipv4Net,
-    own_subnet: Ipv4Net,
+    ipv4: Option<(Ipv4Net, Ipv4Net)>,
     ipv6: Option<(Ipv6Net, Ipv6Net)>,
 }
 
@@ -182,8 +172,7 @@ impl Model for HostGwModel {
 
     fn desired(&self, leases: &[&Lease]) -> (KernelState, Ownership, Vec<String>) {
         let topo = Topology {
-            network: self.network,
-            own_subnet: self.own_subnet,
+            ipv4: self.ipv4,
             ext_index: self.ext.index,
             ext_networks: self.ext.iface_networks.clone(),
             ipv6: self.ipv6,
@@ -199,8 +188,10 @@ mod tests {
     /// Cluster network 10.5.0.0/16, own subnet 10.5.1.0/24, external interface #2 on 192.168.0.0/24.
     fn topo() -> Topology {
         Topology {
-            network: "10.5.0.0/16".parse().unwrap(),
-            own_subnet: "10.5.1.0/24".parse().unwrap(),
+            ipv4: Some((
+                "10.5.0.0/16".parse().unwrap(),
+                "10.5.1.0/24".parse().unwrap(),
+            )),
             ext_index: 2,
             ext_networks: vec!["192.168.0.0/24".parse().unwrap()],
             ipv6: None,
@@ -301,5 +292,28 @@ mod tests {
         assert!(warnings[0].contains("fd00:5:0:3::/64"), "{}", warnings[0]);
         assert!(own.networks.contains(&"fd00:5::/48".parse().unwrap()));
         assert!(own.keep.contains(&"fd00:5:0:1::/64".parse().unwrap()));
+    }
+
+    #[test]
+    fn an_ipv6_only_network_routes_and_owns_only_ipv6() {
+        let topo = Topology {
+            ipv4: None,
+            ext_index: 2,
+            ext_networks: vec!["fd00:20::/64".parse().unwrap()],
+            ipv6: Some((
+                "fd00:5::/48".parse().unwrap(),
+                "fd00:5:0:1::/64".parse().unwrap(),
+            )),
+        };
+        // As the Kubernetes subnet manager reads an IPv6-only node: no IPv4 part in use.
+        let mut peer = lease("0.0.0.0-0&fd00:5:0:2::-64", "0.0.0.0", "host-gw");
+        peer.enable_ipv4 = false;
+        peer.attrs.public_ipv6 = Some("fd00:20::2".parse().unwrap());
+        let (s, own, warnings) = desired_state(&topo, &[&peer]);
+        let routes: Vec<String> = s.routes.iter().map(|r| r.to_string()).collect();
+        assert_eq!(routes, vec!["fd00:5:0:2::/64 via fd00:20::2 dev #2"]);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(own.networks, vec!["fd00:5::/48".parse::<IpNet>().unwrap()]);
+        assert_eq!(own.keep, vec!["fd00:5:0:1::/64".parse::<IpNet>().unwrap()]);
     }
 }

@@ -28,6 +28,9 @@
 //! Dual stack (`EnableIPv6`): a second device, `flannel-v6.<VNI>`, over the external interface's IPv6
 //! address (MTU − 70), with the IPv6 subnet's network address as a /128, its MAC advertised in
 //! `BackendV6Data`, and the same three entries per peer in IPv6 (`PublicIPv6` as the FDB target).
+//! An IPv6-only network (`EnableIPv4: false`, as Kubernetes mode allows) has only `flannel-v6.<VNI>`,
+//! as Go flannel; the MTU it reports to pods is then the IPv6 device's (external MTU − 70, where Go
+//! reports − 50 and leaves the difference to fragmentation).
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -41,7 +44,7 @@ use flannel_dataplane::LinkOps;
 use flannel_dataplane::driver::{Model, ReconciledNetwork};
 use flannel_dataplane::netlink::{Netlink, VxlanAttrs, VxlanSpec};
 use flannel_dataplane::{Fdb, KernelState, MacAddr, Neigh, Ownership, Route};
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use tracing::{info, warn};
 
 flannel_core::register_backend!("vxlan", VxlanBackend::create);
@@ -196,30 +199,26 @@ pub fn remembered_mac(data: Option<&RawJson>, vni: u64) -> Option<MacAddr> {
 /// Everything [`desired_state`] needs besides the leases.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
-    /// The cluster network.
-    pub network: Ipv4Net,
-    /// The own subnet (never touched).
-    pub own_subnet: Ipv4Net,
-    /// `flannel.<VNI>`'s index.
-    pub vxlan_index: u32,
+    /// The IPv4 side, `flannel.<VNI>`, unless the network is IPv6-only.
+    pub ipv4: Option<FamilyTopology>,
     /// The external interface's index.
     pub ext_index: u32,
     /// The external interface's networks (for DirectRouting's "is the peer directly reachable").
     pub ext_networks: Vec<IpNet>,
     /// Whether DirectRouting is on.
     pub direct_routing: bool,
-    /// The IPv6 side (dual stack), when `EnableIPv6`.
-    pub ipv6: Option<Ipv6Topology>,
+    /// The IPv6 side, `flannel-v6.<VNI>`, when `EnableIPv6`.
+    pub ipv6: Option<FamilyTopology>,
 }
 
-/// The IPv6 side of [`Topology`]: `flannel-v6.<VNI>` and the IPv6 networks.
+/// One address family of [`Topology`]: its vxlan device and networks.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ipv6Topology {
-    /// The IPv6 cluster network.
-    pub network: Ipv6Net,
-    /// The own IPv6 subnet (never touched).
-    pub own_subnet: Ipv6Net,
-    /// `flannel-v6.<VNI>`'s index.
+pub struct FamilyTopology {
+    /// The cluster network of this family.
+    pub network: IpNet,
+    /// The own subnet of this family (never touched).
+    pub own_subnet: IpNet,
+    /// The family's vxlan device's index (`flannel.<VNI>` or `flannel-v6.<VNI>`).
     pub vxlan_index: u32,
 }
 
@@ -232,14 +231,14 @@ pub fn desired_state(topo: &Topology, leases: &[&Lease]) -> (KernelState, Owners
         if lease.attrs.backend_type != "vxlan" {
             continue;
         }
-        if let Some(subnet) = lease.subnet() {
+        if let (Some(v4), Some(subnet)) = (&topo.ipv4, lease.subnet()) {
             let peer = Peer {
                 subnet: IpNet::V4(subnet),
                 gw: IpAddr::V4(subnet.network()),
                 public_ip: IpAddr::V4(lease.attrs.public_ip),
                 data: || PeerData::from_lease(lease),
             };
-            peer.add_to(&mut state, &mut warnings, topo, topo.vxlan_index, lease);
+            peer.add_to(&mut state, &mut warnings, topo, v4.vxlan_index, lease);
         }
         if let (Some(v6), Some(subnet), Some(public)) =
             (&topo.ipv6, lease.ipv6_subnet(), lease.attrs.public_ipv6)
@@ -254,23 +253,19 @@ pub fn desired_state(topo: &Topology, leases: &[&Lease]) -> (KernelState, Owners
         }
     }
     let mut own = Ownership {
-        networks: vec![IpNet::V4(topo.network)],
-        route_oifs: vec![topo.vxlan_index],
         gateway_route_oifs: if topo.direct_routing {
             vec![topo.ext_index]
         } else {
             vec![]
         },
-        keep: vec![IpNet::V4(topo.own_subnet)],
-        neigh_ifindexes: vec![topo.vxlan_index],
-        fdb_ifindexes: vec![topo.vxlan_index],
+        ..Default::default()
     };
-    if let Some(v6) = &topo.ipv6 {
-        own.networks.push(IpNet::V6(v6.network));
-        own.route_oifs.push(v6.vxlan_index);
-        own.keep.push(IpNet::V6(v6.own_subnet));
-        own.neigh_ifindexes.push(v6.vxlan_index);
-        own.fdb_ifindexes.push(v6.vxlan_index);
+    for family in [&topo.ipv4, &topo.ipv6].into_iter().flatten() {
+        own.networks.push(family.network);
+        own.route_oifs.push(family.vxlan_index);
+        own.keep.push(family.own_subnet);
+        own.neigh_ifindexes.push(family.vxlan_index);
+        own.fdb_ifindexes.push(family.vxlan_index);
     }
     (state, own, warnings)
 }
@@ -385,20 +380,25 @@ impl Backend for VxlanBackend {
         config: &NetworkConfig,
     ) -> Result<Box<dyn Network>, BackendError> {
         let opts = VxlanOptions::parse(&config.backend)?;
-        let network = config.network().ok_or_else(|| {
-            bad("the vxlan backend needs an IPv4 Network (IPv6-only is not supported yet)".into())
-        })?;
         let ext = self.ctx.ext_iface.clone();
-        let local = ext
-            .iface_addr
-            .ok_or_else(|| bad(format!("interface {} has no IPv4 address", ext.name)))?;
+        let local = match config.network() {
+            Some(_) => Some(
+                ext.iface_addr
+                    .ok_or_else(|| bad(format!("interface {} has no IPv4 address", ext.name)))?,
+            ),
+            None => None,
+        };
         let v6_addrs = match config.ipv6_network() {
             Some(_) => Some(ext.require_ipv6().map_err(bad)?),
             None => None,
         };
         let nl = Netlink::new()?;
         let underlay_mtu = opts.mtu.unwrap_or(ext.mtu);
-        let mtu = underlay_mtu.saturating_sub(50);
+        // Go's figure (50 bytes of headers over IPv4); an IPv6-only network reports its device's.
+        let mtu = match local {
+            Some(_) => underlay_mtu.saturating_sub(50),
+            None => underlay_mtu.saturating_sub(70),
+        };
         let attrs = |local: IpAddr| VxlanAttrs {
             vni: opts.vni,
             link: Some(ext.index),
@@ -413,62 +413,58 @@ impl Backend for VxlanBackend {
         let remembered = |data: Option<&RawJson>| {
             remembered_mac(data, u64::from(opts.vni)).unwrap_or_else(MacAddr::random_local)
         };
-        let mut spec = VxlanSpec {
+        // `flannel.<VNI>` over the IPv4 underlay, `flannel-v6.<VNI>` over the IPv6 one (70 bytes of
+        // headers), each as its family is in use.
+        let spec = local.map(|l| VxlanSpec {
             name: opts.device_name(),
-            attrs: attrs(IpAddr::V4(local)),
+            attrs: attrs(IpAddr::V4(l)),
             mac: remembered(previous.as_ref().and_then(|p| p.backend_data.as_ref())),
-            mtu,
-        };
-        let (index, mac) = ensure_device(&nl, &spec).await?;
-        spec.mac = mac;
-        info!(device = %spec.name, %mac, index, "vxlan device ready");
-        // Dual stack: `flannel-v6.<VNI>` over the IPv6 underlay (70 bytes of headers).
-        let mut spec6 = v6_addrs.map(|(l, _)| VxlanSpec {
+            mtu: underlay_mtu.saturating_sub(50),
+        });
+        let spec6 = v6_addrs.map(|(l, _)| VxlanSpec {
             name: opts.device_name_v6(),
             attrs: attrs(IpAddr::V6(l)),
             mac: remembered(previous.as_ref().and_then(|p| p.backend_v6_data.as_ref())),
             mtu: underlay_mtu.saturating_sub(70),
         });
-        if let Some(spec6) = spec6.as_mut() {
-            let (index6, mac6) = ensure_device(&nl, spec6).await?;
-            spec6.mac = mac6;
-            info!(device = %spec6.name, mac = %mac6, index = index6, "vxlan device ready");
+        let mut data = [None, None];
+        for (spec, data) in [spec, spec6].into_iter().zip(&mut data) {
+            if let Some(mut spec) = spec {
+                let (index, mac) = ensure_device(&nl, &spec).await?;
+                spec.mac = mac;
+                info!(device = %spec.name, %mac, index, "vxlan device ready");
+                *data = Some(spec);
+            }
         }
+        let [spec, spec6] = data;
+        let lease_data = |s: &VxlanSpec| {
+            RawJson::from_value(&serde_json::json!({"VNI": opts.vni, "VtepMAC": s.mac.to_string()}))
+        };
         let attrs = LeaseAttrs {
             public_ip: ext.ext_addr.unwrap_or(Ipv4Addr::UNSPECIFIED),
             public_ipv6: v6_addrs.map(|(_, public)| public),
             backend_type: "vxlan".into(),
-            backend_data: Some(RawJson::from_value(
-                &serde_json::json!({"VNI": opts.vni, "VtepMAC": mac.to_string()}),
-            )),
-            backend_v6_data: spec6.as_ref().map(|s6| {
-                RawJson::from_value(
-                    &serde_json::json!({"VNI": opts.vni, "VtepMAC": s6.mac.to_string()}),
-                )
-            }),
+            backend_data: spec.as_ref().map(lease_data),
+            backend_v6_data: spec6.as_ref().map(lease_data),
         };
         let lease = self.ctx.subnet_manager.acquire_lease(&attrs).await?;
-        let own_subnet = lease
-            .subnet()
-            .ok_or_else(|| BackendError::Other("the lease has no IPv4 subnet".into()))?;
-        let v6 = match (spec6, flannel_core::backend::ipv6_networks(config, &lease)?) {
-            (Some(spec), Some((network, own_subnet))) => Some(V6Side {
+        let side = |spec: Option<VxlanSpec>, nets: Option<(IpNet, IpNet)>| {
+            let (spec, (network, own_subnet)) = spec.zip(nets)?;
+            Some(Side {
                 spec,
                 network,
                 own_subnet,
                 index: 0,
-            }),
-            _ => None,
+            })
         };
+        let v4 = flannel_core::backend::ipv4_networks(config, &lease)?;
+        let v6 = flannel_core::backend::ipv6_networks(config, &lease)?;
         let mut model = VxlanModel {
             nl,
-            spec,
             ext,
-            network,
-            own_subnet,
             opts,
-            index,
-            v6,
+            v4: side(spec, v4.map(|(n, s)| (IpNet::V4(n), IpNet::V4(s)))),
+            v6: side(spec6, v6.map(|(n, s)| (IpNet::V6(n), IpNet::V6(s)))),
         };
         model.prepare().await?;
         Ok(Box::new(ReconciledNetwork::new(
@@ -484,22 +480,31 @@ impl Backend for VxlanBackend {
 #[derive(Debug)]
 struct VxlanModel {
     nl: Netlink,
-    spec: VxlanSpec,
     ext: ExternalInterface,
-    network: Ipv4Net,
-    own_subnet: Ipv4Net,
     opts: VxlanOptions,
-    index: u32,
-    v6: Option<V6Side>,
+    /// `flannel.<VNI>` and the IPv4 networks, unless the network is IPv6-only.
+    v4: Option<Side>,
+    /// `flannel-v6.<VNI>` and the IPv6 networks, with `EnableIPv6`.
+    v6: Option<Side>,
 }
 
-/// `flannel-v6.<VNI>` and the IPv6 networks (dual stack).
+/// One family's vxlan device and networks.
 #[derive(Debug)]
-struct V6Side {
+struct Side {
     spec: VxlanSpec,
-    network: Ipv6Net,
-    own_subnet: Ipv6Net,
+    network: IpNet,
+    own_subnet: IpNet,
     index: u32,
+}
+
+impl Side {
+    fn topology(&self) -> FamilyTopology {
+        FamilyTopology {
+            network: self.network,
+            own_subnet: self.own_subnet,
+            vxlan_index: self.index,
+        }
+    }
 }
 
 /// Makes sure the device of `spec` exists (recreated with the same MAC when it went), holds only
@@ -533,42 +538,30 @@ async fn keep_device(
 #[async_trait]
 impl Model for VxlanModel {
     async fn prepare(&mut self) -> Result<(), BackendError> {
-        let addr = Ipv4Net::new(self.own_subnet.network(), 32)
-            .map_err(|e| BackendError::Other(e.to_string()))?;
-        self.index = keep_device(
-            &self.nl,
-            &self.spec,
-            IpNet::V4(addr),
-            IpNet::V4(self.network),
-        )
-        .await?;
-        if let Some(v6) = self.v6.as_mut() {
+        if let Some(v6) = &self.v6 {
             // As Go: no router advertisements on the IPv6 device (best effort).
             let _ = std::fs::write(
                 format!("/proc/sys/net/ipv6/conf/{}/accept_ra", v6.spec.name),
                 "0",
             );
-            let addr = Ipv6Net::new(v6.own_subnet.network(), 128)
+        }
+        for side in [self.v4.as_mut(), self.v6.as_mut()].into_iter().flatten() {
+            // The subnet's network address alone (/32, /128): no broadcast routes.
+            let own = side.own_subnet.network();
+            let addr = IpNet::new(own, if own.is_ipv4() { 32 } else { 128 })
                 .map_err(|e| BackendError::Other(e.to_string()))?;
-            v6.index =
-                keep_device(&self.nl, &v6.spec, IpNet::V6(addr), IpNet::V6(v6.network)).await?;
+            side.index = keep_device(&self.nl, &side.spec, addr, side.network).await?;
         }
         Ok(())
     }
 
     fn desired(&self, leases: &[&Lease]) -> (KernelState, Ownership, Vec<String>) {
         let topo = Topology {
-            network: self.network,
-            own_subnet: self.own_subnet,
-            vxlan_index: self.index,
+            ipv4: self.v4.as_ref().map(Side::topology),
             ext_index: self.ext.index,
             ext_networks: self.ext.iface_networks.clone(),
             direct_routing: self.opts.direct_routing,
-            ipv6: self.v6.as_ref().map(|v6| Ipv6Topology {
-                network: v6.network,
-                own_subnet: v6.own_subnet,
-                vxlan_index: v6.index,
-            }),
+            ipv6: self.v6.as_ref().map(Side::topology),
         };
         desired_state(&topo, leases)
     }
@@ -638,9 +631,11 @@ mod tests {
 
     fn topo(direct: bool) -> Topology {
         Topology {
-            network: "10.5.0.0/16".parse().unwrap(),
-            own_subnet: "10.5.1.0/24".parse().unwrap(),
-            vxlan_index: 7,
+            ipv4: Some(FamilyTopology {
+                network: "10.5.0.0/16".parse().unwrap(),
+                own_subnet: "10.5.1.0/24".parse().unwrap(),
+                vxlan_index: 7,
+            }),
             ext_index: 2,
             ext_networks: vec!["192.168.0.0/24".parse().unwrap()],
             direct_routing: direct,
@@ -887,7 +882,7 @@ mod tests {
     fn dual_setup(direct: bool) -> (Topology, Lease) {
         let mut t = topo(direct);
         t.ext_networks.push("fd00:20::/64".parse().unwrap());
-        t.ipv6 = Some(Ipv6Topology {
+        t.ipv6 = Some(FamilyTopology {
             network: "fd00:5::/48".parse().unwrap(),
             own_subnet: "fd00:5:0:1::/64".parse().unwrap(),
             vxlan_index: 8,
@@ -962,5 +957,32 @@ mod tests {
             ]
         );
         assert_eq!(own.gateway_route_oifs, vec![2]);
+    }
+
+    #[test]
+    fn an_ipv6_only_network_has_only_flannel_v6_entries() {
+        let (mut t, _) = dual_setup(false);
+        t.ipv4 = None;
+        // As the Kubernetes subnet manager reads an IPv6-only node: no IPv4 part, no BackendData.
+        let mut peer = lease("0.0.0.0-0&fd00:5:0:2::-64", "0.0.0.0", json!(null), "vxlan");
+        peer.enable_ipv4 = false;
+        peer.attrs.backend_data = None;
+        peer.attrs.public_ipv6 = Some("fd00:20::2".parse().unwrap());
+        peer.attrs.backend_v6_data = Some(RawJson::from_value(
+            &json!({"VNI":1,"VtepMAC":"bb:00:00:00:00:02"}),
+        ));
+        let (s, own, warnings) = desired_state(&t, &[&peer]);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let routes: Vec<String> = s.routes.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            routes,
+            vec!["fd00:5:0:2::/64 via fd00:5:0:2:: dev #8 onlink"]
+        );
+        assert_eq!((s.neighs.len(), s.fdb.len()), (1, 1));
+        assert_eq!(own.networks, vec!["fd00:5::/48".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            (own.route_oifs, own.neigh_ifindexes, own.fdb_ifindexes),
+            (vec![8], vec![8], vec![8])
+        );
     }
 }

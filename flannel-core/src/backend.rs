@@ -46,9 +46,22 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use ipnet::Ipv6Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::{ExternalInterface, Lease, NetworkConfig, SubnetError, SubnetManager};
+
+/// With an IPv4 `Network` (`EnableIPv4`, the default): the cluster network and `lease`'s subnet
+/// (`None` for an IPv6-only network). A lease without an IPv4 subnet is an error then.
+pub fn ipv4_networks(
+    config: &NetworkConfig,
+    lease: &Lease,
+) -> Result<Option<(Ipv4Net, Ipv4Net)>, BackendError> {
+    paired(
+        config.network(),
+        lease.subnet(),
+        "the network has an IPv4 Network but the lease has no IPv4 subnet",
+    )
+}
 
 /// With `EnableIPv6`: the IPv6 cluster network and `lease`'s IPv6 subnet (`None` without it). A lease
 /// without an IPv6 part is an error then.
@@ -56,11 +69,22 @@ pub fn ipv6_networks(
     config: &NetworkConfig,
     lease: &Lease,
 ) -> Result<Option<(Ipv6Net, Ipv6Net)>, BackendError> {
-    match (config.ipv6_network(), lease.ipv6_subnet()) {
+    paired(
+        config.ipv6_network(),
+        lease.ipv6_subnet(),
+        "EnableIPv6 is set but the lease has no IPv6 subnet",
+    )
+}
+
+/// One family's network and subnet: both, or none when the network does not use the family.
+fn paired<N>(
+    network: Option<N>,
+    subnet: Option<N>,
+    missing: &str,
+) -> Result<Option<(N, N)>, BackendError> {
+    match (network, subnet) {
         (Some(network), Some(subnet)) => Ok(Some((network, subnet))),
-        (Some(_), None) => Err(BackendError::Other(
-            "EnableIPv6 is set but the lease has no IPv6 subnet".into(),
-        )),
+        (Some(_), None) => Err(BackendError::Other(missing.into())),
         (None, _) => Ok(None),
     }
 }

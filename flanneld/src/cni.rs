@@ -266,6 +266,19 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_only_subnet_env_gives_one_ipv6_range_and_route() {
+        let conf = parse_netconf(br#"{"cniVersion":"0.3.1","name":"n"}"#).unwrap();
+        let env = read_subnet_env("FLANNEL_IPV6_NETWORK=fd00::/56\nFLANNEL_IPV6_SUBNET=fd00:0:0:4a::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n").unwrap();
+        let d = delegate_config(&conf, &env);
+        assert_eq!(d["mtu"], 1430);
+        assert_eq!(
+            d["ipam"]["ranges"],
+            json!([[{"subnet": "fd00:0:0:4a::/64"}]])
+        );
+        assert_eq!(d["ipam"]["routes"], json!([{"dst": "fd00::/56"}]));
+    }
+
+    #[test]
     fn bad_subnet_env_is_a_config_error() {
         for (text, want) in [
             ("", "FLANNEL_MTU is missing"),

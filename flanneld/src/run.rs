@@ -74,7 +74,8 @@ async fn wait_for_config(
     }
 }
 
-/// The rules `--ip-masq` and `--iptables-forward-rules` ask for (IPv4), as iptables chains or, with
+/// The rules `--ip-masq` and `--iptables-forward-rules` ask for, per family in use (IPv4, IPv6 with
+/// `EnableIPv6`, or IPv6 alone for an IPv6-only network), as iptables chains or, with
 /// `EnableNFTables`, an nftables table; the other mode's leftovers are removed (best effort).
 async fn traffic_rules(
     settings: &Settings,
@@ -82,16 +83,19 @@ async fn traffic_rules(
     lease: &flannel_core::Lease,
 ) -> anyhow::Result<Option<crate::iptables::TrafficRules>> {
     use crate::iptables::{TrafficRules, forward_rules, masq_rules, supports_random_fully};
-    let (Some(network), Some(subnet)) = (net.network(), lease.subnet()) else {
-        return Ok(None);
-    };
     if !settings.ip_masq && !settings.forward_rules {
         return Ok(None);
     }
-    // (IPv4 network and subnet, then the IPv6 ones with EnableIPv6.)
-    let mut families = vec![(IpNet::V4(network), IpNet::V4(subnet))];
+    // (IPv4 network and subnet, then the IPv6 ones.)
+    let mut families = Vec::new();
+    if let (Some(n), Some(s)) = (net.network(), lease.subnet()) {
+        families.push((IpNet::V4(n), IpNet::V4(s)));
+    }
     if let (Some(n6), Some(s6)) = (net.ipv6_network(), lease.ipv6_subnet()) {
         families.push((IpNet::V6(n6), IpNet::V6(s6)));
+    }
+    if families.is_empty() {
+        return Ok(None);
     }
     let random = settings.random_fully;
     if net.enable_nftables {
@@ -289,7 +293,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     }
     let lease = network.lease().clone();
     info!(subnet = %lease.key, mtu = network.mtu(), "lease acquired");
-    flannel_subnet::metrics::metrics().set_lease(&lease.key.ipv4.to_string(), lease.expiration);
+    // (The IPv4 subnet, or the IPv6 one of an IPv6-only network.)
+    let label = match (lease.subnet(), lease.ipv6_subnet()) {
+        (None, Some(v6)) => v6.to_string(),
+        _ => lease.key.ipv4.to_string(),
+    };
+    flannel_subnet::metrics::metrics().set_lease(&label, lease.expiration);
 
     if let Some(rules) = traffic_rules(&settings, &net, &lease).await? {
         rules

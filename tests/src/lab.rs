@@ -42,7 +42,7 @@ pub fn segment_gateway6(s: usize) -> Ipv6Addr {
 pub struct Pod {
     /// Its namespace.
     pub ns: Netns,
-    /// Its address.
+    /// Its address (`0.0.0.0` in an IPv6-only network: the host's subnet.env has no IPv4 subnet).
     pub ip: Ipv4Addr,
     /// Its IPv6 address, when the host's subnet.env has an IPv6 subnet (dual stack).
     pub ip6: Option<Ipv6Addr>,
@@ -497,15 +497,28 @@ impl Lab {
     /// # Panics
     /// When a pod has no IPv6 address.
     pub fn ping_both_families(&self) -> Vec<String> {
+        self.ping_pairs(|pod| {
+            let ip6 = pod.ip6.expect("the pod has an IPv6 address");
+            vec![IpAddr::V4(pod.ip), IpAddr::V6(ip6)]
+        })
+    }
+
+    /// As [`Lab::ping_both_families`], over IPv6 alone (an IPv6-only network).
+    ///
+    /// # Panics
+    /// When a pod has no IPv6 address.
+    pub fn ping_ipv6(&self) -> Vec<String> {
+        self.ping_pairs(|pod| vec![IpAddr::V6(pod.ip6.expect("the pod has an IPv6 address"))])
+    }
+
+    fn ping_pairs(&self, addrs: impl Fn(&Pod) -> Vec<IpAddr>) -> Vec<String> {
         let mut failures = Vec::new();
         for from in 0..self.hosts.len() {
             for to in 0..self.hosts.len() {
                 if from == to {
                     continue;
                 }
-                let pod = &self.hosts[to].pods[0];
-                let ip6 = pod.ip6.expect("the pod has an IPv6 address");
-                for ip in [IpAddr::V4(pod.ip), IpAddr::V6(ip6)] {
+                for ip in addrs(&self.hosts[to].pods[0]) {
                     if !self.ping(
                         (from, 0),
                         ip,
@@ -758,7 +771,8 @@ impl Lab {
     }
 
     /// Creates `count` pods on host `i`: a `cni0` bridge with the host's FLANNEL_SUBNET gateway and
-    /// MTU, and per pod a namespace attached by veth with the next address and a default route.
+    /// MTU, and per pod a namespace attached by veth with the next address and a default route; the
+    /// same in IPv6 with FLANNEL_IPV6_SUBNET (dual stack, or IPv6 alone in an IPv6-only network).
     ///
     /// # Panics
     /// When subnet.env is missing or a command fails.
@@ -766,10 +780,11 @@ impl Lab {
         let tag = self.tag.clone();
         let h = &mut self.hosts[i];
         let env = h.subnet_env().expect("subnet.env");
-        let gw_cidr = env["FLANNEL_SUBNET"].clone();
         let mtu = env["FLANNEL_MTU"].clone();
-        let (gw, prefix) = gw_cidr.split_once('/').expect("cidr");
-        let gw: Ipv4Addr = gw.parse().expect("gateway");
+        let v4 = env.get("FLANNEL_SUBNET").map(|c| {
+            let (gw, prefix) = c.split_once('/').expect("cidr");
+            (gw.parse::<Ipv4Addr>().expect("gateway"), prefix.to_string())
+        });
         // Dual stack: FLANNEL_IPV6_SUBNET is the gateway's address with the prefix, like the IPv4 one.
         let v6 = env.get("FLANNEL_IPV6_SUBNET").map(|c| {
             let (gw, prefix) = c.split_once('/').expect("cidr");
@@ -780,7 +795,9 @@ impl Lab {
         });
         if h.ns.exec(&["ip", "link", "show", "cni0"]).is_err() {
             h.sh("ip link add cni0 type bridge");
-            h.sh(&format!("ip addr add {gw_cidr} dev cni0"));
+            if let Some((gw, prefix)) = &v4 {
+                h.sh(&format!("ip addr add {gw}/{prefix} dev cni0"));
+            }
             if let Some((gw6, prefix6)) = &v6 {
                 h.sh(&format!("ip addr add {gw6}/{prefix6} dev cni0 nodad"));
             }
@@ -789,7 +806,6 @@ impl Lab {
         for _ in 0..count {
             let j = h.pods.len() + 1;
             let ns = Netns::new(&format!("{tag}-h{}p{j}", h.n));
-            let ip = Ipv4Addr::from(u32::from(gw) + j as u32);
             let veth = format!("p{j}");
             h.ns.exec(&[
                 "ip",
@@ -808,11 +824,13 @@ impl Lab {
             ])
             .unwrap_or_else(|e| panic!("{e}"));
             h.sh(&format!("ip link set {veth} master cni0 up"));
-            let mut cmds = vec![
-                format!("ip addr add {ip}/{prefix} dev eth0"),
-                format!("ip link set eth0 mtu {mtu} up"),
-                format!("ip route add default via {gw}"),
-            ];
+            let mut cmds = vec![format!("ip link set eth0 mtu {mtu} up")];
+            let ip = v4.as_ref().map_or(Ipv4Addr::UNSPECIFIED, |(gw, prefix)| {
+                let ip = Ipv4Addr::from(u32::from(*gw) + j as u32);
+                cmds.push(format!("ip addr add {ip}/{prefix} dev eth0"));
+                cmds.push(format!("ip route add default via {gw}"));
+                ip
+            });
             let ip6 = v6.as_ref().map(|(gw6, prefix6)| {
                 let ip6 = Ipv6Addr::from(u128::from(*gw6) + j as u128);
                 cmds.push(format!("ip addr add {ip6}/{prefix6} dev eth0 nodad"));

@@ -255,3 +255,89 @@ fn dual_stack_pods_ping_over_both_families() {
         );
     }
 }
+
+/// An IPv6-only cluster (`EnableIPv4: false`), which Kubernetes mode allows (etcd mode does not):
+/// Nodes with only an IPv6 pod CIDR, pods with only IPv6 addresses. For vxlan (only
+/// `flannel-v6.1`), host-gw and wireguard (only `flannel-wg-v6`) the pods ping across hosts,
+/// subnet.env carries only the IPv6 lines, the annotations are upstream's IPv6 ones,
+/// `--ip-masq` installs only ip6tables rules, and a deleted device is made again.
+#[test]
+fn ipv6_only_pods_ping_for_vxlan_host_gw_and_wireguard() {
+    if !require_root("kube: ipv6_only_pods_ping_for_vxlan_host_gw_and_wireguard") {
+        return;
+    }
+    for (backend, device) in [
+        ("vxlan", Some("flannel-v6.1")),
+        ("host-gw", None),
+        ("wireguard", Some("flannel-wg-v6")),
+    ] {
+        let config = format!(
+            r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{{"Type":"{backend}"}}}}"#
+        );
+        let mut lab = Lab::new_kube(
+            &LabSpec {
+                segments: vec![3],
+                config: config.clone(),
+                flanneld_args: vec!["--iptables-forward-rules=false".into(), "--ip-masq".into()],
+            },
+            bin_path("flanneld"),
+        );
+        lab.start_all();
+        for i in 0..3 {
+            lab.add_pods(i, 1);
+        }
+        let failures = lab.ping_ipv6();
+        assert!(failures.is_empty(), "{backend}: {failures:?}");
+        for (i, h) in lab.hosts.iter().enumerate() {
+            let env = h.subnet_env().unwrap();
+            let cidrs = Lab::pod_cidrs(&config, i + 1);
+            assert_eq!(cidrs.len(), 1, "an IPv6 pod CIDR alone: {cidrs:?}");
+            assert_eq!(
+                env.get("FLANNEL_IPV6_SUBNET"),
+                Some(&cidrs[0].replace("::/64", "::1/64")),
+                "{backend}: {env:?}"
+            );
+            assert_eq!(
+                env.get("FLANNEL_IPV6_NETWORK").map(String::as_str),
+                Some("fd00:5::/48")
+            );
+            assert!(
+                !env.contains_key("FLANNEL_SUBNET") && !env.contains_key("FLANNEL_NETWORK"),
+                "{backend}: no IPv4 lines in an IPv6-only subnet.env: {env:?}"
+            );
+            let node = lab.api().node(&format!("host{}", i + 1)).unwrap();
+            assert_eq!(
+                annotation(&node, "public-ipv6"),
+                h.addr6.to_string(),
+                "{backend}"
+            );
+            if backend != "host-gw" {
+                let v6 = annotation(&node, "backend-v6-data");
+                assert!(v6.starts_with('{'), "{backend}: {v6}");
+            }
+            let links = h.sh("ip -o link show");
+            if let Some(device) = device {
+                assert!(links.contains(&format!(" {device}:")), "{backend}: {links}");
+            }
+            for v4_device in ["flannel.1:", "flannel-wg:"] {
+                assert!(
+                    !links.contains(&format!(" {v4_device}")),
+                    "{backend}: no IPv4 device in an IPv6-only network: {links}"
+                );
+            }
+            let nat6 = h.sh("ip6tables -t nat -S FLANNEL-POSTRTG");
+            assert!(nat6.contains("fd00:5::/48"), "{backend}: {nat6}");
+            let nat4 = h.sh("iptables -t nat -S");
+            assert!(!nat4.contains("FLANNEL"), "{backend}: {nat4}");
+        }
+        if let Some(device) = device {
+            // The IPv6 device is the only one; deleted, it is made again and carries on.
+            lab.hosts[1].sh(&format!("ip link del {device}"));
+            let failures = lab.ping_ipv6();
+            assert!(
+                failures.is_empty(),
+                "{backend} after deleting {device}: {failures:?}"
+            );
+        }
+    }
+}
