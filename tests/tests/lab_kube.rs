@@ -260,19 +260,21 @@ fn dual_stack_pods_ping_over_both_families() {
 /// Nodes with only an IPv6 pod CIDR, pods with only IPv6 addresses. For vxlan (only
 /// `flannel-v6.1`), host-gw and wireguard (only `flannel-wg-v6`) the pods ping across hosts,
 /// subnet.env carries only the IPv6 lines, the annotations are upstream's IPv6 ones,
-/// `--ip-masq` installs only ip6tables rules, and a deleted device is made again.
+/// `--ip-masq` installs only IPv6 rules (ip6tables, or nftables' `ip6 flannel-ipv6`), and a
+/// deleted device is made again.
 #[test]
 fn ipv6_only_pods_ping_for_vxlan_host_gw_and_wireguard() {
     if !require_root("kube: ipv6_only_pods_ping_for_vxlan_host_gw_and_wireguard") {
         return;
     }
-    for (backend, device) in [
-        ("vxlan", Some("flannel-v6.1")),
-        ("host-gw", None),
-        ("wireguard", Some("flannel-wg-v6")),
+    // (host-gw with nftables rules, the others with iptables ones.)
+    for (backend, device, nft) in [
+        ("vxlan", Some("flannel-v6.1"), false),
+        ("host-gw", None, true),
+        ("wireguard", Some("flannel-wg-v6"), false),
     ] {
         let config = format!(
-            r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{{"Type":"{backend}"}}}}"#
+            r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:5::/48","EnableNFTables":{nft},"Backend":{{"Type":"{backend}"}}}}"#
         );
         let mut lab = Lab::new_kube(
             &LabSpec {
@@ -325,10 +327,17 @@ fn ipv6_only_pods_ping_for_vxlan_host_gw_and_wireguard() {
                     "{backend}: no IPv4 device in an IPv6-only network: {links}"
                 );
             }
-            let nat6 = h.sh("ip6tables -t nat -S FLANNEL-POSTRTG");
-            assert!(nat6.contains("fd00:5::/48"), "{backend}: {nat6}");
-            let nat4 = h.sh("iptables -t nat -S");
-            assert!(!nat4.contains("FLANNEL"), "{backend}: {nat4}");
+            if nft {
+                let t = h.sh("nft list table ip6 flannel-ipv6");
+                assert!(t.contains("ip6 saddr fd00:5::/48"), "{backend}: {t}");
+                let tables = h.sh("nft list tables");
+                assert!(!tables.contains("flannel-ipv4"), "{backend}: {tables}");
+            } else {
+                let nat6 = h.sh("ip6tables -t nat -S FLANNEL-POSTRTG");
+                assert!(nat6.contains("fd00:5::/48"), "{backend}: {nat6}");
+                let nat4 = h.sh("iptables -t nat -S");
+                assert!(!nat4.contains("FLANNEL"), "{backend}: {nat4}");
+            }
         }
         if let Some(device) = device {
             // The IPv6 device is the only one; deleted, it is made again and carries on.
