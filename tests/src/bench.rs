@@ -5,8 +5,12 @@ use std::time::{Duration, Instant};
 
 use crate::lab::Lab;
 
-/// Fake peer `i` (of up to 65,536) in "generation" `g` (0 or 1: an update moves every peer to new
-/// values). Its subnet is `10.(100 + i/256).(i%256).0/24`.
+/// How many fake peers there can be: their public IPs (`172.20.(1 + 100g + i/250).(1 + i%250)`)
+/// stay valid addresses up to this many, and their subnets (`10.(100 + i/256).…`) beyond it.
+pub const MAX_FAKE_PEERS: usize = 38_500;
+
+/// Fake peer `i` (of up to [`MAX_FAKE_PEERS`]) in "generation" `g` (0 or 1: an update moves every
+/// peer to new values). Its subnet is `10.(100 + i/256).(i%256).0/24`.
 #[derive(Debug, Clone)]
 pub struct FakePeer {
     /// The subnet, `A.B.C.D/24`.
@@ -178,4 +182,41 @@ pub fn status_mib(pid: Option<u32>, field: &str) -> f64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// A benchmark's command-line arguments (without the program name). `-h` or `--help` prints
+/// `usage` and exits 0.
+pub fn args(usage: &str) -> Vec<String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{usage}");
+        std::process::exit(0);
+    }
+    args
+}
+
+/// Refuses the command line: names `problem`, prints `usage` and exits 2.
+pub fn bad_args(usage: &str, problem: &str) -> ! {
+    eprintln!("{problem}\n{usage}");
+    std::process::exit(2);
+}
+
+/// `arg` as a number in `range`, or [`bad_args`] naming `what`.
+pub fn number_arg(
+    usage: &str,
+    what: &str,
+    arg: &str,
+    range: std::ops::RangeInclusive<usize>,
+) -> usize {
+    match arg.parse::<usize>() {
+        Ok(n) if range.contains(&n) => n,
+        _ => bad_args(
+            usage,
+            &format!(
+                "{what} must be a number from {} to {}, not {arg:?}",
+                range.start(),
+                range.end()
+            ),
+        ),
+    }
 }

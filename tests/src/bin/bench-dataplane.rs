@@ -139,15 +139,30 @@ fn rss_mib(pid: Option<u32>) -> f64 {
     status_mib(pid, "VmRSS:")
 }
 
+const USAGE: &str = "usage: bench-dataplane [BACKEND...] [PEERS...]
+  BACKEND: vxlan, host-gw, wireguard (default: all three)
+  PEERS: fake peer leases per step, 1 to 38500 (default: 100 1000 5000 20000)
+needs root (network namespaces)";
+
 fn main() {
+    let args = flannel_tests::bench::args(USAGE);
+    const BACKENDS: [&str; 3] = ["vxlan", "host-gw", "wireguard"];
+    for a in &args {
+        if !BACKENDS.contains(&a.as_str()) {
+            flannel_tests::bench::number_arg(
+                USAGE,
+                "PEERS",
+                a,
+                1..=flannel_tests::bench::MAX_FAKE_PEERS,
+            );
+        }
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("bench-dataplane needs root (network namespaces)");
         std::process::exit(1);
     }
     let flanneld = bin_path("flanneld");
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    const BACKENDS: [&str; 3] = ["vxlan", "host-gw", "wireguard"];
     let named = |a: &String| BACKENDS.contains(&a.as_str());
     let backends: Vec<&str> = BACKENDS
         .into_iter()

@@ -29,17 +29,27 @@ fn annotations(backend: &str, p: &FakePeer) -> Vec<(String, String)> {
     ]
 }
 
+const USAGE: &str = "usage: bench-kube [NODES]
+  NODES: peer Nodes in the stand-in API server, 1 to 38500 (default 5000)
+needs root (network namespaces)";
+
 fn main() {
+    let args = flannel_tests::bench::args(USAGE);
+    let n = match args.as_slice() {
+        [] => 5000,
+        [a] => flannel_tests::bench::number_arg(
+            USAGE,
+            "NODES",
+            a,
+            1..=flannel_tests::bench::MAX_FAKE_PEERS,
+        ),
+        _ => flannel_tests::bench::bad_args(USAGE, "one argument at most"),
+    };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("bench-kube needs root (network namespaces)");
         std::process::exit(1);
     }
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(5000)
-        .clamp(1, 50_000);
     println!(
         "{:<8} {:>6} {:>9} {:>8} {:>10} {:>8} {:>8} {:>9}",
         "backend", "nodes", "start_ms", "missing", "update_ms", "missing", "rss_MiB", "peak_MiB"

@@ -15,7 +15,12 @@ use flannel_tests::etcd::EtcdServer;
 
 const RUNS: usize = 5;
 
+const USAGE: &str = "usage: bench-startup (no arguments; a real etcd on 127.0.0.1, no root needed)";
+
 fn main() -> anyhow::Result<()> {
+    if !flannel_tests::bench::args(USAGE).is_empty() {
+        flannel_tests::bench::bad_args(USAGE, "bench-startup takes no arguments");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -258,28 +258,34 @@ fn round(backends: &[String]) -> Run {
     }
 }
 
+const USAGE: &str = "usage: bench-throughput [--rounds N] [BACKEND...]
+  BACKEND: vxlan, host-gw, udp, wireguard (default: vxlan udp wireguard); the underlay is measured
+           in vxlan's lab, Debian's wireguard-go beside wireguard
+  --rounds N: the paths take turns N times (1 to 20), each in a fresh lab, then a summary
+              (median and range; each ratio to vxlan taken within its round)
+needs root (network namespaces)";
+
 fn main() {
+    let mut args = flannel_tests::bench::args(USAGE);
+    // With rounds, the backends take turns N times (a fresh lab each time) and each path's figures
+    // are summarised over the rounds, its ratio to vxlan taken within each round: this shared
+    // machine moves single runs by a fifth.
+    let mut rounds = 1usize;
+    if let Some(i) = args.iter().position(|a| a == "--rounds") {
+        let n = args.get(i + 1).map_or("", String::as_str);
+        rounds = flannel_tests::bench::number_arg(USAGE, "--rounds", n, 1..=20);
+        args.drain(i..i + 2);
+    }
+    if let Some(a) = args
+        .iter()
+        .find(|a| !["vxlan", "host-gw", "udp", "wireguard"].contains(&a.as_str()))
+    {
+        flannel_tests::bench::bad_args(USAGE, &format!("unknown backend or option {a:?}"));
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("bench-throughput needs root (network namespaces)");
         std::process::exit(1);
-    }
-    // `bench-throughput [--rounds N] [BACKEND...]`: vxlan, udp and wireguard unless named (the
-    // underlay runs with vxlan). With rounds, the backends take turns N times (a fresh lab each
-    // time) and each path's figures are summarised over the rounds, its ratio to vxlan taken
-    // within each round: this shared machine moves single runs by a fifth.
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let mut rounds = 1usize;
-    if let Some(i) = args.iter().position(|a| a == "--rounds") {
-        let n = args.get(i + 1).and_then(|n| n.parse::<usize>().ok());
-        match n {
-            Some(n) if (1..=20).contains(&n) => rounds = n,
-            _ => {
-                eprintln!("bench-throughput: --rounds takes a number from 1 to 20");
-                std::process::exit(2);
-            }
-        }
-        args.drain(i..i + 2);
     }
     let backends = if args.is_empty() {
         vec!["vxlan".into(), "udp".into(), "wireguard".into()]

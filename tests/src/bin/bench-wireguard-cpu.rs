@@ -10,11 +10,16 @@
 
 use flannel_backend_wireguard::userspace::{DatapathFigures, measure_datapath};
 
+const USAGE: &str = "usage: bench-wireguard-cpu [ROUNDS]
+  ROUNDS: measurements per packet size, the best one printed, 1 to 100 (default 7)";
+
 fn main() {
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(7);
+    let args = flannel_tests::bench::args(USAGE);
+    let rounds = match args.as_slice() {
+        [] => 7,
+        [a] => flannel_tests::bench::number_arg(USAGE, "ROUNDS", a, 1..=100),
+        _ => flannel_tests::bench::bad_args(USAGE, "one argument at most"),
+    };
     println!("packet_bytes  encrypt_ns  decrypt_ns  encrypt_Gbit/s/core  decrypt_Gbit/s/core");
     for len in [1420u16, 52] {
         let mut best: Option<DatapathFigures> = None;
