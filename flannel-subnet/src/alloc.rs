@@ -97,11 +97,13 @@ pub fn allocate_subnet(
     Ok(SubnetKey { ipv4, ipv6 })
 }
 
-/// The error for an IPv6-only network in etcd mode (unsupported, as in Go flannel).
+/// The error for an IPv6-only network in etcd mode (unsupported, as in Go flannel): an invalid
+/// config for this subnet manager, so flanneld waits for a fixed one before any backend starts.
 pub fn ipv6_only() -> SubnetError {
-    SubnetError::Other(
-        "IPv6-only networks are not supported with the etcd subnet manager (every node would advertise PublicIP 0.0.0.0); enable IPv4 too".into(),
-    )
+    SubnetError::ConfigInvalid(flannel_core::ConfigError::Invalid {
+        message: "IPv6-only networks are not supported with the etcd subnet manager".into(),
+        hint: "every node would advertise PublicIP 0.0.0.0; add an IPv4 Network, or run in Kubernetes mode (--kube-subnet-mgr), which supports IPv6-only".into(),
+    })
 }
 
 /// Whether a lease key fits the config (Go's `isSubnetConfigCompat` plus the IPv6 rule): the IPv4

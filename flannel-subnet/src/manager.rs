@@ -325,7 +325,11 @@ impl<R: Registry + 'static> SubnetManager for LocalManager<R> {
             ))
         })?;
         let text = String::from_utf8_lossy(&kv.value);
-        Ok(NetworkConfig::parse(&text)?)
+        let config = NetworkConfig::parse(&text)?;
+        if config.ipv4.is_none() {
+            return Err(ipv6_only());
+        }
+        Ok(config)
     }
 
     async fn acquire_lease(&self, attrs: &LeaseAttrs) -> Result<Lease, SubnetError> {

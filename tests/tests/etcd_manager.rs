@@ -90,8 +90,8 @@ fn start_watch<M: SubnetManager + 'static>(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn config_missing_invalid_then_valid() {
-    if !require_etcd("config_missing_invalid_then_valid") {
+async fn config_missing_invalid_ipv6_only_then_valid() {
+    if !require_etcd("config_missing_invalid_ipv6_only_then_valid") {
         return;
     }
     let etcd = EtcdServer::start();
@@ -112,6 +112,21 @@ async fn config_missing_invalid_then_valid() {
     .unwrap();
     let e = m.get_network_config().await.unwrap_err();
     assert!(e.to_string().contains("at least four subnets"), "{e}");
+    // IPv6-only: an invalid config for the etcd subnet manager (waited out before any backend
+    // makes a device), naming the way that supports it.
+    c.put(
+        format!("{PREFIX}/config"),
+        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:5::/48"}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    let e = m.get_network_config().await.unwrap_err();
+    assert!(matches!(e, SubnetError::ConfigInvalid(_)), "{e}");
+    assert!(
+        e.to_string().contains("IPv6-only") && e.to_string().contains("--kube-subnet-mgr"),
+        "{e}"
+    );
     c.put(format!("{PREFIX}/config"), CONFIG, None)
         .await
         .unwrap();
