@@ -177,8 +177,13 @@ fn is_private(ip: IpAddr) -> bool {
 impl PeerContext {
     /// Upstream's choice for `Mode: auto`: IPv6 only if the peer has a public IPv6 address, its
     /// IPv4 address is private (or we have none), and we have a public IPv6 address ourselves.
+    /// Where either end has no IPv4 address at all (an IPv6-only network), IPv6 whatever its
+    /// addresses: upstream would "default to IPv4 and cross fingers" there, an endpoint of 0.0.0.0.
     fn auto_uses_ipv6(&self, peer_v4: Ipv4Addr, peer_v6: Option<Ipv6Addr>) -> bool {
         let Some(v6) = peer_v6 else { return false };
+        if peer_v4.is_unspecified() || self.ext_addr.is_none() {
+            return true;
+        }
         if !peer_v4.is_private() && self.ext_addr.is_some() {
             return false;
         }
@@ -563,6 +568,27 @@ mod tests {
         // Without a public IPv6 address here, IPv4.
         c.ext_v6_addr = None;
         assert!(desired_peers(&[&l], &c).0.main[&key(2)].endpoint.is_ipv4());
+        // An IPv6-only network (no IPv4 part, PublicIP 0.0.0.0, no IPv4 address here): IPv6, also
+        // between private (ULA) addresses.
+        let mut v6_only = lease("0.0.0.0-0", "0.0.0.0", None);
+        v6_only.enable_ipv4 = false;
+        v6_only.key = "0.0.0.0-0&fd00:5:3::-64".parse().unwrap();
+        v6_only.attrs.public_ipv6 = Some("fd00:20::3".parse().unwrap());
+        v6_only.attrs.backend_v6_data = Some(RawJson::from_value(&data(3, 51820)));
+        let mut c6 = ctx(Mode::Auto);
+        c6.families = (false, true);
+        c6.ext_addr = None;
+        c6.ext_v6_addr = Some("fd00:20::1".parse().unwrap());
+        let (d6, w6) = desired_peers(&[&v6_only], &c6);
+        assert!(w6.is_empty(), "{w6:?}");
+        assert_eq!(
+            d6.main[&key(3)].endpoint,
+            "[fd00:20::3]:51820".parse().unwrap()
+        );
+        assert_eq!(
+            d6.main[&key(3)].allowed_ips,
+            vec!["fd00:5:3::/64".parse::<IpNet>().unwrap()]
+        );
         // Separate: a peer per device.
         c.mode = Mode::Separate;
         let (d, _) = desired_peers(&[&l], &c);
