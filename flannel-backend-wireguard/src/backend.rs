@@ -136,6 +136,7 @@ impl Backend for WireguardBackend {
         let opts = WireguardOptions::parse(&config.backend)?;
         let ext = self.ctx.ext_iface.clone();
         let (v4net, v6net) = (config.network(), config.ipv6_network());
+        opts.check_families(v4net.is_some())?;
         let mtu = opts.device_mtu(ext.mtu)?;
         let key_file = key::key_file(std::env::var_os("WIREGUARD_KEY_FILE"));
         let key = key::load_or_create(&key_file)

@@ -133,6 +133,17 @@ impl WireguardOptions {
         }
     }
 
+    /// Whether the mode can reach peers in a network of these families: `Mode: ipv4` dials peers'
+    /// `PublicIP`, which an IPv6-only network (`ipv4` false) does not have.
+    pub fn check_families(&self, ipv4: bool) -> Result<(), BackendError> {
+        if self.mode == Mode::Ipv4 && !ipv4 {
+            return Err(bad(
+                "Mode ipv4 dials peers over IPv4, but the network is IPv6-only (no IPv4 Network): use Mode separate, auto or ipv6".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The MTU of the WireGuard device(s) and of the pods: the underlay MTU (the `MTU` option, else
     /// the external interface's) minus [`OVERHEAD`]. An underlay too small for that is an error.
     pub fn device_mtu(&self, ext_mtu: u32) -> Result<u32, BackendError> {
@@ -255,5 +266,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no room"), "{e}");
+        let ipv4 = parse(json!({"Mode": "ipv4"})).unwrap();
+        assert!(ipv4.check_families(true).is_ok());
+        let e = ipv4.check_families(false).unwrap_err().to_string();
+        assert!(
+            e.contains("IPv6-only") && e.contains("Mode separate"),
+            "{e}"
+        );
+        for mode in ["separate", "auto", "ipv6"] {
+            let o = parse(json!({ "Mode": mode })).unwrap();
+            assert!(o.check_families(false).is_ok(), "{mode}");
+        }
     }
 }
