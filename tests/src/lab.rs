@@ -927,13 +927,21 @@ impl Lab {
                 .flatten()
                 .filter_map(|a| a["address"].as_str()?.split('/').next()?.parse().ok())
                 .collect();
+            // (None in an IPv6-only network: `0.0.0.0`, as `add_pods` gives.)
             let ip = addrs
                 .iter()
                 .find_map(|a| match a {
                     IpAddr::V4(v4) => Some(*v4),
                     IpAddr::V6(_) => None,
                 })
-                .expect("CNI result has an IPv4 address");
+                .unwrap_or(Ipv4Addr::UNSPECIFIED);
+            assert!(
+                !ip.is_unspecified()
+                    || self.hosts[i]
+                        .subnet_env()
+                        .is_some_and(|e| !e.contains_key("FLANNEL_SUBNET")),
+                "CNI result has no IPv4 address though subnet.env has an IPv4 subnet: {out}"
+            );
             let ip6 = addrs.iter().find_map(|a| match a {
                 IpAddr::V6(v6) => Some(*v6),
                 IpAddr::V4(_) => None,

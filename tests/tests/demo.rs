@@ -56,6 +56,7 @@ fn the_demo_runs_clean() {
         &["--hosts", "2", "--backend", "udp"],
         &["--hosts", "2", "--backend", "wireguard"],
         &["--hosts", "2", "--kube"],
+        &["--hosts", "2", "--ipv6-only"],
     ] {
         let (code, out) = demo(args);
         assert_eq!(code, Some(0), "flannel-demo {args:?}:\n{out}");
@@ -72,6 +73,14 @@ fn the_demo_runs_clean() {
     );
     let (code, out) = demo(&["--backend", "udp", "--ipv6"]);
     assert_eq!(code, Some(2), "udp with --ipv6 is refused up front: {out}");
+    let (code, out) = demo(&["--backend", "udp", "--ipv6-only"]);
+    assert_eq!(
+        code,
+        Some(2),
+        "udp with --ipv6-only is refused up front: {out}"
+    );
+    let (code, out) = demo(&["--ipv6", "--ipv6-only"]);
+    assert_eq!(code, Some(2), "--ipv6 and --ipv6-only together: {out}");
 }
 
 /// A demo started with its own TMPDIR, so everything it makes (etcd's data, flanneld's subnet

@@ -1,6 +1,6 @@
 //! The demo: a local multi-host flannel cluster in network namespaces.
 //!
-//! `flannel-demo [--backend vxlan|host-gw|vxlan-direct|udp|wireguard] [--hosts N] [--ipv6] [--kube] [--hold]`
+//! `flannel-demo [--backend vxlan|host-gw|vxlan-direct|udp|wireguard] [--hosts N] [--ipv6 | --ipv6-only] [--kube] [--hold]`
 //!
 //! Builds N hosts on an underlay switch, runs etcd and the real flanneld on every host, creates two
 //! pods per host, pings every pod from every pod, and shows what flannel put in the kernel and in
@@ -33,6 +33,10 @@ struct Args {
     /// Dual stack: IPv6 on the underlay, an IPv6 pod network and IPv6 pods (not with udp).
     #[arg(long)]
     ipv6: bool,
+    /// An IPv6-only pod network (`"EnableIPv4": false`): pods with only IPv6 addresses. Kubernetes
+    /// mode only, as upstream (implies --kube); not with udp.
+    #[arg(long, conflicts_with = "ipv6")]
+    ipv6_only: bool,
     /// Kubernetes mode: flanneld --kube-subnet-mgr against a stand-in API server with a Node per host
     /// (pod CIDRs assigned as the node IPAM controller would), instead of etcd.
     #[arg(long)]
@@ -102,7 +106,7 @@ fn indent(text: &str) -> Result<(), StdoutClosed> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
     if args.ipv6 && matches!(args.backend, DemoBackend::Udp | DemoBackend::Wireguard) {
         let _ = writeln!(
             std::io::stderr(),
@@ -110,6 +114,15 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    if args.ipv6_only && args.backend == DemoBackend::Udp {
+        let _ = writeln!(
+            std::io::stderr(),
+            "--ipv6-only needs --backend vxlan, vxlan-direct, host-gw or wireguard (the udp backend is IPv4 only)"
+        );
+        return ExitCode::from(2);
+    }
+    // IPv6-only networks need Kubernetes mode (etcd leases cannot tell such nodes apart).
+    args.kube |= args.ipv6_only;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         let _ = writeln!(
@@ -144,13 +157,24 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
     let hosts = usize::from(args.hosts);
     let backend = args.backend.name();
     let backend_json = args.backend.json();
-    let (hold, ipv6) = (args.hold, args.ipv6);
-    let v6 = if ipv6 {
-        r#","EnableIPv6":true,"IPv6Network":"fd00:5::/48""#
+    let (hold, ipv6, v6_only) = (args.hold, args.ipv6 || args.ipv6_only, args.ipv6_only);
+    let config = if v6_only {
+        format!(
+            r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{backend_json}}}"#
+        )
+    } else if ipv6 {
+        format!(
+            r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{backend_json}}}"#
+        )
     } else {
-        ""
+        format!(r#"{{"Network":"10.5.0.0/16","Backend":{backend_json}}}"#)
     };
-    let config = format!(r#"{{"Network":"10.5.0.0/16"{v6},"Backend":{backend_json}}}"#);
+    // The network flannel routes, and its devices (the IPv6 ones in an IPv6-only network).
+    let (network, vxlan_dev, wg_dev) = if v6_only {
+        ("fd00:5::/48", "flannel-v6.1", "flannel-wg-v6")
+    } else {
+        ("10.5.0.0/16", "flannel.1", "flannel-wg")
+    };
     let store = if args.kube {
         "a stand-in Kubernetes API server"
     } else {
@@ -234,6 +258,7 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
             .pods
             .iter()
             .map(|p| match p.ip6 {
+                Some(ip6) if v6_only => ip6.to_string(),
                 Some(ip6) => format!("{} + {ip6}", p.ip),
                 None => p.ip.to_string(),
             })
@@ -241,7 +266,9 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
         say!("    host{}: pods {}", lab.hosts[i].n, ips.join(", "));
     }
 
-    section(if ipv6 {
+    section(if v6_only {
+        "Every pod pings every other pod (IPv6)"
+    } else if ipv6 {
         "Every pod pings every other pod (IPv4 and IPv6)"
     } else {
         "Every pod pings every other pod"
@@ -249,6 +276,7 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
     let mut pods: Vec<((usize, usize), std::net::IpAddr)> = lab
         .all_pods()
         .into_iter()
+        .filter(|(_, ip)| !ip.is_unspecified())
         .map(|(p, ip)| (p, ip.into()))
         .collect();
     for (h, host) in lab.hosts.iter().enumerate() {
@@ -283,15 +311,17 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
     }
 
     let flannels = match backend {
-        "udp" => "the one into 10.5.0.0/16 via flannel0",
-        "wireguard" => "the one into 10.5.0.0/16 via flannel-wg",
-        "host-gw" => "the ones into 10.5.0.0/16 via eth0",
-        _ => "the ones into 10.5.0.0/16 via flannel.1 (or eth0 with DirectRouting)",
+        "udp" => format!("the one into {network} via flannel0"),
+        "wireguard" => format!("the one into {network} via {wg_dev}"),
+        "host-gw" => format!("the ones into {network} via eth0"),
+        _ => format!("the ones into {network} via {vxlan_dev} (or eth0 with DirectRouting)"),
     };
     section(&format!("Each host's routes (flannel's are {flannels})"))?;
     for h in &lab.hosts {
-        say!("    host{} $ ip route", h.n);
-        indent(&h.sh("ip route"))?;
+        if !v6_only {
+            say!("    host{} $ ip route", h.n);
+            indent(&h.sh("ip route"))?;
+        }
         if ipv6 {
             say!("    host{} $ ip -6 route", h.n);
             indent(&h.sh("ip -6 route"))?;
@@ -300,12 +330,14 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
     section("The rest of what flanneld put in host1's kernel")?;
     let h = &lab.hosts[0];
     if backend.starts_with("vxlan") {
-        say!("    $ ip -d link show flannel.1");
-        indent(&h.sh("ip -d link show flannel.1"))?;
-        say!("    $ ip neigh show dev flannel.1");
-        indent(&h.sh("ip neigh show dev flannel.1"))?;
-        say!("    $ bridge fdb show dev flannel.1");
-        indent(&h.sh("bridge fdb show dev flannel.1"))?;
+        for cmd in [
+            format!("ip -d link show {vxlan_dev}"),
+            format!("ip neigh show dev {vxlan_dev}"),
+            format!("bridge fdb show dev {vxlan_dev}"),
+        ] {
+            say!("    $ {cmd}");
+            indent(&h.sh(&cmd))?;
+        }
     }
     if backend == "udp" {
         say!("    $ ip -d link show flannel0   (a persistent TUN device: it outlives flanneld)");
@@ -315,13 +347,13 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
     }
     if backend == "wireguard" {
         say!(
-            "    $ ip -d link show flannel-wg   (userspace WireGuard over TUN: no kernel module needed)"
+            "    $ ip -d link show {wg_dev}   (userspace WireGuard over TUN: no kernel module needed)"
         );
-        indent(&h.sh("ip -d link show flannel-wg"))?;
-        say!("    $ ip addr show flannel-wg");
-        indent(&h.sh("ip addr show flannel-wg"))?;
-        say!("    $ wg show flannel-wg   (Debian's wg: the peers the leases say, after the pings)");
-        match lab.wg(0, &["show", "flannel-wg"]) {
+        indent(&h.sh(&format!("ip -d link show {wg_dev}")))?;
+        say!("    $ ip addr show {wg_dev}");
+        indent(&h.sh(&format!("ip addr show {wg_dev}")))?;
+        say!("    $ wg show {wg_dev}   (Debian's wg: the peers the leases say, after the pings)");
+        match lab.wg(0, &["show", wg_dev]) {
             Ok(text) => indent(&text)?,
             Err(e) => say!("    (wg show failed: {e})"),
         }
@@ -367,7 +399,7 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
     // udp and wireguard have one route for the whole network (into their device); the others one
     // per peer.
     let doomed: Vec<String> = if backend == "udp" || backend == "wireguard" {
-        vec!["10.5.0.0/16".into()]
+        vec![network.into()]
     } else if args.kube {
         lab.hosts
             .iter()
@@ -397,13 +429,22 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
         }
     }
     std::thread::sleep(Duration::from_millis(500));
-    let mut back = lab.hosts[0].sh("ip route");
+    let mut back = if v6_only {
+        String::new()
+    } else {
+        lab.hosts[0].sh("ip route")
+    };
     if ipv6 {
         back.push_str(&lab.hosts[0].sh("ip -6 route"));
     }
     say!("    half a second later:");
     indent(&back)?;
-    let again = lab.ping((0, 0), lab.hosts[1].pods[0].ip, Duration::from_secs(2));
+    let peer_pod = &lab.hosts[1].pods[0];
+    let target: std::net::IpAddr = match peer_pod.ip6 {
+        Some(ip6) if v6_only => ip6.into(),
+        _ => peer_pod.ip.into(),
+    };
+    let again = lab.ping((0, 0), target, Duration::from_secs(2));
     say!(
         "    host1 pod -> host2 pod: {}",
         if again { "answered" } else { "FAILED" }
