@@ -44,6 +44,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("wireguard_datagram", wireguard_datagram),
     ("vxlan_peer_data", vxlan_peer_data),
     ("wireguard_uapi", wireguard_uapi),
+    ("extension_lease", extension_lease),
 ];
 
 fn text(data: &[u8]) -> String {
@@ -446,4 +447,56 @@ pub fn wireguard_uapi(data: &[u8]) {
         more.extend_from_slice(b"get=1\n\n");
         assert_eq!(parse_request(&more), parsed);
     }
+}
+
+/// The extension backend's options (the network config's `Backend` object) and a peer's lease value
+/// from the store, turned into the steps the backend runs commands for: an accepted command is
+/// non-blank, within the size limit and free of NUL bytes; a lease gets its add command only when it
+/// is an extension lease whose data is a JSON string (what reaches stdin, without NUL bytes), and a
+/// remove command later only then.
+pub fn extension_lease(data: &[u8]) {
+    use flannel_backend_extension::{
+        ExtensionOptions, MAX_COMMAND_LEN, PeerCommands, Step, lease_env,
+    };
+    use flannel_core::{Lease, LeaseWatchResult};
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    if let Ok(o) = ExtensionOptions::parse(&v) {
+        for c in [o.pre_startup, o.post_startup, o.subnet_add, o.subnet_remove]
+            .iter()
+            .flatten()
+        {
+            assert!(!c.trim().is_empty() && c.len() <= MAX_COMMAND_LEN && !c.contains('\0'));
+        }
+    }
+    let Ok(attrs) = LeaseAttrs::from_json(data) else {
+        return;
+    };
+    let key = |s: &str| s.parse::<ipnet::Ipv4Net>().map(SubnetKey::v4);
+    let (Ok(own), Ok(peer)) = (key("10.5.1.0/24"), key("10.5.2.0/24")) else {
+        return;
+    };
+    let lease = Lease {
+        key: peer,
+        enable_ipv4: true,
+        attrs,
+        expiration: None,
+        asof: 0,
+    };
+    let mut peers = PeerCommands::new(own);
+    let ok = |_: &Lease| Ok(());
+    let steps = peers.apply(LeaseWatchResult::Snapshot(vec![lease]), &ok);
+    let added = match steps.as_slice() {
+        [Step::Add(l, stdin)] => {
+            assert_eq!(l.attrs.backend_type, "extension");
+            assert!(!stdin.contains('\0'));
+            assert!(lease_env(l).iter().all(|(_, v)| !v.contains('\0')));
+            true
+        }
+        [Step::Ignore(_)] => false,
+        other => panic!("{other:?}"),
+    };
+    let steps = peers.apply(LeaseWatchResult::Snapshot(Vec::new()), &ok);
+    assert_eq!(steps.len(), usize::from(added), "{steps:?}");
 }

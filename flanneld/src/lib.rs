@@ -18,7 +18,7 @@
 //! }
 //! ```
 //!
-//! See `examples/flanneld-alloc` in the repository for a complete one.
+//! See `examples/flanneld-peerlog` in the repository for a complete one.
 
 mod blackhole;
 pub mod cni;
@@ -38,6 +38,8 @@ pub use config::{Cli, Settings};
 pub use run::run;
 
 // Name every in-tree backend crate so the linker keeps their registrations.
+use flannel_backend_alloc as _;
+use flannel_backend_extension as _;
 use flannel_backend_hostgw as _;
 use flannel_backend_udp as _;
 use flannel_backend_vxlan as _;

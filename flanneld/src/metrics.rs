@@ -1,5 +1,6 @@
 //! flanneld's own counters, and the registry `/metrics` serves: every crate registers its own metrics
-//! into it (`flannel_subnet::metrics`, `flannel_dataplane::metrics`, `flannel_backend_udp::metrics`).
+//! into it (`flannel_subnet::metrics`, `flannel_dataplane::metrics`, `flannel_backend_udp::metrics`,
+//! `flannel_backend_extension::metrics`).
 
 use std::sync::OnceLock;
 
@@ -29,6 +30,7 @@ pub fn registry() -> &'static Registry {
         flannel_subnet::metrics::register(&mut r);
         flannel_dataplane::metrics::register(&mut r);
         flannel_backend_udp::metrics::register(&mut r);
+        flannel_backend_extension::metrics::register(&mut r);
         let m = metrics();
         r.register(
             "flannel_iptables_installs",
@@ -66,6 +68,7 @@ mod tests {
         flannel_subnet::metrics::metrics().lease_event("removed");
         flannel_subnet::metrics::metrics().set_lease("10.5.1.0-24", None);
         metrics().rule_read_errors.inc();
+        flannel_backend_extension::metrics::metrics().record("subnet_add", "failed");
         let text = render();
         for line in [
             "flannel_udp_dropped_total 1\n",
@@ -75,6 +78,7 @@ mod tests {
             "flannel_lease_info{subnet=\"10.5.1.0-24\"} 1\n",
             "flannel_lease_expiration_timestamp_seconds 0\n",
             "flannel_rule_read_errors_total 1\n",
+            "flannel_extension_commands_total{hook=\"subnet_add\",result=\"failed\"} 1\n",
             "flannel_reconcile_runs_total 0\n",
             "# TYPE flannel_leases_refused counter\n",
         ] {

@@ -480,11 +480,11 @@ impl ApiServer {
     }
 }
 
-/// `flanneld-alloc` (no data plane, so safe in the root namespace) in Kubernetes mode against `api`:
+/// `flanneld` with the alloc backend (no data plane, so safe in the root namespace) in Kubernetes mode against `api`:
 /// the config at `dir/net-conf.json`, the subnet file `dir/subnet.env`, `--iface=lo`, no firewall
 /// rules, no node name from the environment (callers set `NODE_NAME` or `POD_*`), stderr piped.
 pub fn alloc_flanneld(api: &ApiServer, dir: &std::path::Path) -> std::process::Command {
-    let mut cmd = std::process::Command::new(crate::bin_path("flanneld-alloc"));
+    let mut cmd = std::process::Command::new(crate::bin_path("flanneld"));
     cmd.arg("--kube-subnet-mgr")
         .arg(format!("--kube-api-url={}", api.url()))
         .arg(format!(

@@ -51,7 +51,7 @@ pub fn require_etcd(test: &str) -> bool {
     skip(test, "needs the etcd binary (Debian package etcd-server)")
 }
 
-/// The path of a binary built by this workspace (`flanneld`, `flanneld-alloc`), next to the test
+/// The path of a binary built by this workspace (`flanneld`, `flanneld-peerlog`), next to the test
 /// executable's target directory.
 ///
 /// # Panics

@@ -1,5 +1,5 @@
 //! The flanneld binaries as a user runs them: flags, environment, config errors, the backend
-//! registry, and a third-party flanneld (flanneld-alloc) writing subnet.env from etcd.
+//! registry, and a third-party flanneld (flanneld-peerlog) writing subnet.env from etcd.
 
 #![allow(clippy::unwrap_used)]
 
@@ -57,11 +57,19 @@ fn etcd_get(url: &str, prefix: &str) -> Vec<(String, String)> {
 
 #[test]
 fn linked_backends_are_registered() {
-    // This test binary links flanneld (and so its in-tree backend crates) and flanneld-alloc.
-    use flanneld_alloc as _;
+    // This test binary links flanneld (and so its in-tree backend crates) and flanneld-peerlog.
+    use flanneld_peerlog as _;
     assert_eq!(
         flannel_core::registered_backends(),
-        vec!["alloc", "host-gw", "udp", "vxlan", "wireguard"]
+        vec![
+            "alloc",
+            "extension",
+            "host-gw",
+            "peer-log",
+            "udp",
+            "vxlan",
+            "wireguard"
+        ]
     );
     assert_eq!(
         flannel_core::lookup_backend("ALLOC").unwrap().name,
@@ -147,7 +155,7 @@ fn unknown_backend_and_env_iface_are_reported() {
     );
     // FLANNELD_IFACE is picked up: a missing interface is named in the error.
     let p = start(
-        "flanneld-alloc",
+        "flanneld",
         &etcd,
         dir.path(),
         &[],
@@ -159,11 +167,20 @@ fn unknown_backend_and_env_iface_are_reported() {
         err.contains("flt-nosuch0") && err.contains("Failed to find interface"),
         "{err}"
     );
-    // The plain flanneld does not link alloc: the error lists what it knows.
+    // The plain flanneld does not link the example's peer-log: the error lists what it knows.
+    etcdctl_put(
+        &etcd.url(),
+        "/coreos.com/network/config",
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"peer-log"}}"#,
+    );
     let p = start("flanneld", &etcd, dir.path(), &["--iface=lo"], &[]);
     let (code, err) = p.stop_when_exited(Duration::from_secs(15));
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("unknown backend type \"alloc\""), "{err}");
+    assert!(err.contains("unknown backend type \"peer-log\""), "{err}");
+    assert!(
+        err.contains("alloc, extension, host-gw, udp, vxlan, wireguard"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -176,7 +193,7 @@ fn third_party_flanneld_waits_for_config_then_writes_subnet_env() {
     let dir = tempfile::tempdir().unwrap();
     let env_path = dir.path().join("subnet.env");
     let p = start(
-        "flanneld-alloc",
+        "flanneld-peerlog",
         &etcd,
         dir.path(),
         &["-iface=lo", "--public-ip=10.0.0.21"],
@@ -197,15 +214,27 @@ fn third_party_flanneld_waits_for_config_then_writes_subnet_env() {
     etcdctl_put(
         &etcd.url(),
         "/coreos.com/network/config",
-        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"ALLOC"}}"#,
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"PEER-LOG"}}"#,
     );
     let text = wait_for(&env_path, Duration::from_secs(15)).expect("subnet.env written");
     let leases = etcd_get(&etcd.url(), "/coreos.com/network/subnets/");
     assert_eq!(leases.len(), 1);
     let (key, value) = &leases[0];
     assert_eq!(
-        value, r#"{"PublicIP":"10.0.0.21","PublicIPv6":null}"#,
-        "alloc leases carry no BackendType"
+        value,
+        r#"{"PublicIP":"10.0.0.21","PublicIPv6":null,"BackendType":"peer-log","BackendData":{"Interface":"lo"}}"#,
+        "the third-party backend's type and data"
+    );
+    // Its network sees a peer come (and ignores a lease of another type).
+    etcdctl_put(
+        &etcd.url(),
+        "/coreos.com/network/subnets/10.5.77.0-24",
+        r#"{"PublicIP":"10.0.0.77","PublicIPv6":null,"BackendType":"peer-log"}"#,
+    );
+    etcdctl_put(
+        &etcd.url(),
+        "/coreos.com/network/subnets/10.5.78.0-24",
+        r#"{"PublicIP":"10.0.0.78","PublicIPv6":null,"BackendType":"vxlan"}"#,
     );
     let subnet = key.rsplit('/').next().unwrap().replace('-', "/");
     let sn: ipnet::Ipv4Net = subnet.parse().unwrap();
@@ -216,8 +245,20 @@ fn third_party_flanneld_waits_for_config_then_writes_subnet_env() {
             "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET={first}/24\nFLANNEL_MTU=65536\nFLANNEL_IPMASQ=false\n"
         )
     );
+    std::thread::sleep(Duration::from_millis(1500));
     let (code, err) = p.stop();
     assert_eq!(code, Some(0), "SIGTERM is a clean exit: {err}");
+    assert!(
+        err.lines().any(
+            |l| l.contains("peer added or changed") && l.contains("10.5.77.0-24 via 10.0.0.77")
+        ),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("not a peer-log lease") && l.contains("10.5.78.0-24")),
+        "{err}"
+    );
     assert!(
         err.contains("flannel config not found in etcd store"),
         "{err}"
@@ -232,13 +273,14 @@ fn third_party_flanneld_waits_for_config_then_writes_subnet_env() {
         "colour escapes in a piped log: {err:?}"
     );
     // Data plane and lease stay: the key is still in etcd after exit.
-    assert_eq!(
-        etcd_get(&etcd.url(), "/coreos.com/network/subnets/").len(),
-        1
+    assert!(
+        etcd_get(&etcd.url(), "/coreos.com/network/subnets/")
+            .iter()
+            .any(|(k, _)| k == key)
     );
     // A restart keeps the subnet.
     let p = start(
-        "flanneld-alloc",
+        "flanneld-peerlog",
         &etcd,
         dir.path(),
         &["--iface=lo", "--public-ip=10.0.0.21"],
@@ -304,7 +346,7 @@ fn sd_notify_ready_after_subnet_env() {
     let (sock, sock_path) = notify_socket(dir.path());
     let notify = sock_path.display().to_string();
     let p = start(
-        "flanneld-alloc",
+        "flanneld",
         &etcd,
         dir.path(),
         &["--iface=lo", "--public-ip=10.0.0.31"],
@@ -319,6 +361,10 @@ fn sd_notify_ready_after_subnet_env() {
         dir.path().join("subnet.env").exists(),
         "READY=1 only after subnet.env is written"
     );
+    // The shipped alloc backend writes upstream's alloc lease: no BackendType, no data.
+    let leases = etcd_get(&etcd.url(), "/coreos.com/network/subnets/");
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].1, r#"{"PublicIP":"10.0.0.31","PublicIPv6":null}"#);
     let (code, _) = p.stop();
     assert_eq!(code, Some(0));
 }
@@ -340,7 +386,7 @@ fn descriptors_no_backend_takes_are_closed_and_dropped_from_the_store() {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(r#"exec 3<"$KEPT"; LISTEN_PID=$$ exec "$0" "$@""#)
-        .arg(bin_path("flanneld-alloc"))
+        .arg(bin_path("flanneld"))
         .arg(format!("--etcd-endpoints={}", etcd.url()))
         .arg(format!(
             "--subnet-file={}",
@@ -403,7 +449,7 @@ fn fake_tools(tools: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
-/// flanneld-alloc with `--ip-masq` against `etcd`, whose firewall tools are the scripts in `fakes`
+/// flanneld (the alloc backend) with `--ip-masq` against `etcd`, whose firewall tools are the scripts in `fakes`
 /// (the root namespace's real firewall is never touched), plus `extra` flags.
 fn alloc_with_fake_firewall(
     etcd: &EtcdServer,
@@ -413,7 +459,7 @@ fn alloc_with_fake_firewall(
     extra: &[String],
 ) -> Proc {
     Proc::spawn(
-        Command::new(bin_path("flanneld-alloc"))
+        Command::new(bin_path("flanneld"))
             .arg(format!("--etcd-endpoints={}", etcd.url()))
             .arg(format!(
                 "--subnet-file={}",
@@ -527,7 +573,7 @@ fn a_second_signal_exits_at_once() {
     let url = format!("http://{}", silent.local_addr().unwrap());
     let dir = tempfile::tempdir().unwrap();
     let p = Proc::spawn(
-        Command::new(bin_path("flanneld-alloc"))
+        Command::new(bin_path("flanneld"))
             .arg(format!("--etcd-endpoints={url}"))
             .arg(format!(
                 "--subnet-file={}",

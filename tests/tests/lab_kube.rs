@@ -52,6 +52,11 @@ fn pods_ping_across_hosts_for_every_backend_with_upstream_annotations() {
         (r#"{"Type":"host-gw"}"#, "host-gw"),
         (r#"{"Type":"udp"}"#, ""),
         (r#"{"Type":"wireguard"}"#, "wireguard"),
+        // Upstream's host-gw example of the extension backend, publishing each host's MAC.
+        (
+            r#"{"Type":"extension","PreStartupCommand":"cat /sys/class/net/eth0/address","SubnetAddCommand":"ip route replace \"$SUBNET\" via \"$PUBLIC_IP\""}"#,
+            "extension",
+        ),
     ] {
         let mut lab = lab(backend);
         lab.start_all();
@@ -90,6 +95,10 @@ fn pods_ping_across_hosts_for_every_backend_with_upstream_annotations() {
                 // Each host's device has the other two as peers, with their pod CIDRs.
                 let dump = lab.wg(i, &["show", "flannel-wg", "dump"]).unwrap();
                 assert_eq!(dump.lines().count(), 3, "{dump}");
+            } else if ty == "extension" {
+                // The pre-startup command's output as a JSON string, as upstream writes it.
+                let mac = h.sh("cat /sys/class/net/eth0/address");
+                assert_eq!(data, format!("\"{}\"", mac.trim()), "{backend}");
             } else {
                 assert_eq!(data, "null", "{backend}: host-gw and udp write null");
             }

@@ -1,6 +1,6 @@
 //! Benchmark: flanneld start-up to `subnet.env` with 0, 1000 and 5000 leases already in etcd.
 //!
-//! Runs the real `flanneld-alloc` binary (the alloc backend: lease only, so the figure is the subnet
+//! Runs the real `flanneld` binary (the alloc backend: lease only, so the figure is the subnet
 //! manager's start-up cost) against a real etcd on 127.0.0.1, five times per size, and prints the
 //! median and the spread. Go flanneld v0.20.2 takes about 1.3 s at 5000 leases (one TTL lookup per
 //! lease); the target here is under 0.2 s.
@@ -59,7 +59,7 @@ fn main() -> anyhow::Result<()> {
             let dir = tempfile::tempdir()?;
             let env = dir.path().join("subnet.env");
             let start = Instant::now();
-            let mut child = Command::new(bin_path("flanneld-alloc"))
+            let mut child = Command::new(bin_path("flanneld"))
                 .arg(format!("--etcd-endpoints={url}"))
                 .arg(format!("--subnet-file={}", env.display()))
                 .arg("--iface=lo")

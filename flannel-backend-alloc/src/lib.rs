@@ -1,22 +1,25 @@
-//! # flanneld-alloc: an out-of-tree backend, end to end
+//! # flannel-backend-alloc
 //!
-//! This crate shows the path of a third-party backend author. It implements upstream flannel's
-//! `alloc` backend (the node only takes a subnet lease; no data plane) against the public
-//! [`flannel_core::Backend`] and [`flannel_core::Network`] traits, registers it once with
-//! [`flannel_core::register_backend!`], and its binary (`src/main.rs`) is a complete flanneld that
-//! selects it from a network config such as `{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}`.
+//! flannel's `alloc` backend (shared/spec/flannel-compat.md §5.4), registered as `alloc`: the node
+//! acquires a subnet lease, keeps it renewed and writes `subnet.env`, and programs nothing. Something
+//! else carries the traffic between the subnets (a cloud's route tables, a router announcing them);
+//! flannel only hands them out.
 //!
-//! The three steps for your own backend:
-//! 1. depend on `flannel-core` (and `flanneld` for the binary);
-//! 2. implement `Backend` (create devices, acquire the lease with your backend data) and `Network`
-//!    (turn lease events into data plane changes until shutdown), then call `register_backend!` once;
-//! 3. in your `main`, name your crate (`use my_backend as _;`) and call `flanneld::main_with_args`.
+//! ```json
+//! {"Network": "10.5.0.0/16", "Backend": {"Type": "alloc"}}
+//! ```
+//!
+//! As upstream's, the lease carries the public addresses only: no `BackendType` and no backend data
+//! (`{"PublicIP":"10.0.0.21","PublicIPv6":null}`), and the MTU in `subnet.env` is the external
+//! interface's.
 
 use async_trait::async_trait;
 use flannel_core::{
     Backend, BackendContext, BackendError, Lease, LeaseAttrs, Network, NetworkConfig,
 };
 use tokio_util::sync::CancellationToken;
+
+flannel_core::register_backend!("alloc", AllocBackend::create);
 
 /// The `alloc` backend: acquires a lease, programs nothing.
 #[derive(Debug)]
@@ -31,19 +34,17 @@ impl AllocBackend {
     }
 }
 
-flannel_core::register_backend!("alloc", AllocBackend::create);
-
 #[async_trait]
 impl Backend for AllocBackend {
     async fn register_network(
         &self,
-        _config: &NetworkConfig,
+        config: &NetworkConfig,
     ) -> Result<Box<dyn Network>, BackendError> {
         let iface = &self.ctx.ext_iface;
         // Like Go's alloc backend: only the public addresses, no BackendType and no data.
         let attrs = LeaseAttrs {
             public_ip: iface.ext_addr.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
-            public_ipv6: iface.ext_v6_addr,
+            public_ipv6: config.ipv6_network().and(iface.ext_v6_addr),
             ..Default::default()
         };
         let lease = self.ctx.subnet_manager.acquire_lease(&attrs).await?;
@@ -54,7 +55,7 @@ impl Backend for AllocBackend {
     }
 }
 
-/// The network of the `alloc` backend.
+/// The network of the `alloc` backend: nothing to keep in step, only the lease to report.
 #[derive(Debug)]
 pub struct AllocNetwork {
     lease: Lease,
