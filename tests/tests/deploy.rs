@@ -458,6 +458,9 @@ fn the_image_builds_offline_and_runs_from_its_root_filesystem() {
         &["iptables-restore", "--version"],
         &["nft", "--version"],
         &["/opt/bin/mk-docker-opts", "-h"],
+        &["ip", "-V"],
+        &["bridge", "-V"],
+        &["wg", "--version"],
     ] {
         let (code, text) = chroot(tool, &[]);
         assert!(
@@ -467,6 +470,17 @@ fn the_image_builds_offline_and_runs_from_its_root_filesystem() {
             "{tool:?}: {code:?} {text}"
         );
     }
+    // The shell tools upstream's extension examples use (Documentation/extension.md).
+    let (code, text) = chroot(
+        &[
+            "sh",
+            "-c",
+            r#"export SUBNET_IP=$(echo "10.50.3.0/24" | cut -d'/' -f 1); read MAC; echo "$SUBNET_IP $MAC""#,
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(text.trim(), "10.50.3.0", "{text}");
     let m = manifest();
     let pod = m.daemonset.spec.unwrap().template.spec.unwrap();
     for c in pod
