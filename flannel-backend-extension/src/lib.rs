@@ -64,11 +64,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use flannel_core::{
     Backend, BackendContext, BackendError, Lease, LeaseAttrs, LeaseChange, LeaseTracker,
-    LeaseWatchResult, Network, NetworkConfig, RawJson, SubnetKey, SubnetManager,
+    LeaseWatch, LeaseWatchResult, Network, NetworkConfig, RawJson, SubnetKey, SubnetManager,
+    until_cancelled,
 };
 use flannel_dataplane::{KernelOps, LeasePolicy, Ownership};
 use ipnet::IpNet;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -389,40 +389,22 @@ impl Network for ExtensionNetwork {
     }
 
     async fn run(self: Box<Self>, shutdown: CancellationToken) -> Result<(), BackendError> {
-        let (tx, mut rx) = mpsc::channel(64);
-        let stop = shutdown.child_token();
-        let _guard = stop.clone().drop_guard();
-        let watcher = {
-            let (sm, stop) = (self.sm.clone(), stop.clone());
-            tokio::spawn(async move { sm.watch_leases(tx, stop).await })
-        };
+        let mut watch = LeaseWatch::start(self.sm.clone(), &shutdown);
         let policy = self.policy().await;
         let check = |lease: &Lease| policy.check(lease);
         let mut peers = PeerCommands::new(self.lease.key);
         info!("watching for new subnet leases");
-        loop {
-            let result = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                r = rx.recv() => r,
-            };
-            let Some(result) = result else {
-                if shutdown.is_cancelled() {
-                    return Ok(());
-                }
-                return match watcher.await {
-                    Ok(Err(e)) => Err(BackendError::Subnet(e)),
-                    _ => Err(BackendError::Other(
-                        "the lease watch stopped unexpectedly".into(),
-                    )),
-                };
-            };
+        while let Some(result) = watch.next(&shutdown).await? {
             for step in peers.apply(result, &check) {
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    () = self.execute(step) => {}
+                if until_cancelled(&shutdown, self.execute(step))
+                    .await
+                    .is_none()
+                {
+                    return Ok(());
                 }
             }
         }
+        Ok(())
     }
 }
 

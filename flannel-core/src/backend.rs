@@ -44,11 +44,15 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::{ExternalInterface, Lease, NetworkConfig, SubnetError, SubnetManager};
+use crate::{
+    ExternalInterface, Lease, LeaseWatchResult, NetworkConfig, SubnetError, SubnetManager,
+};
 
 /// With an IPv4 `Network` (`EnableIPv4`, the default): the cluster network and `lease`'s subnet
 /// (`None` for an IPv6-only network). A lease without an IPv4 subnet is an error then.
@@ -236,6 +240,75 @@ pub fn new_backend(name: &str, ctx: BackendContext) -> Result<Box<dyn Backend>, 
     (lookup_backend(name)?.ctor)(ctx)
 }
 
+/// The lease watch of a [`Network::run`]: the subnet manager's [`SubnetManager::watch_leases`] on a
+/// task of its own, its results one at a time, and its end told apart (shutdown, or an error that
+/// retrying cannot fix). Feed the results to a [`LeaseTracker`](crate::LeaseTracker) to get the
+/// changes.
+///
+/// ```no_run
+/// # async fn demo(sm: std::sync::Arc<dyn flannel_core::SubnetManager>, own: flannel_core::SubnetKey,
+/// #     shutdown: tokio_util::sync::CancellationToken) -> Result<(), flannel_core::BackendError> {
+/// use flannel_core::{LeaseTracker, LeaseWatch};
+/// let mut watch = LeaseWatch::start(sm, &shutdown);
+/// let mut peers = LeaseTracker::new(Some(own));
+/// while let Some(result) = watch.next(&shutdown).await? {
+///     peers.apply_each(result, |change| println!("{change:?}"));
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct LeaseWatch {
+    rx: mpsc::Receiver<LeaseWatchResult>,
+    task: Option<JoinHandle<Result<(), SubnetError>>>,
+    _stop: DropGuard,
+}
+
+impl LeaseWatch {
+    /// Starts watching every lease of `sm`. The watch stops when `shutdown` is cancelled or this
+    /// value is dropped.
+    pub fn start(sm: Arc<dyn SubnetManager>, shutdown: &CancellationToken) -> Self {
+        let (tx, rx) = mpsc::channel(64);
+        let stop = shutdown.child_token();
+        let task = {
+            let stop = stop.clone();
+            tokio::spawn(async move { sm.watch_leases(tx, stop).await })
+        };
+        Self {
+            rx,
+            task: Some(task),
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    /// The next watch result: a snapshot first, then batches of events (and a new snapshot after a
+    /// reconnect that may have missed some). `Ok(None)` once `shutdown` is cancelled.
+    ///
+    /// # Errors
+    /// The watch ended on its own: the subnet manager's error, or [`BackendError::Other`] when it
+    /// gave none. Do not call `next` again after an error.
+    pub async fn next(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<LeaseWatchResult>, BackendError> {
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            r = self.rx.recv() => r,
+        };
+        if result.is_some() || shutdown.is_cancelled() {
+            return Ok(result);
+        }
+        match self.task.take() {
+            Some(task) => match task.await {
+                Ok(Err(e)) => Err(e.into()),
+                _ => Err(BackendError::Other(
+                    "the lease watch stopped unexpectedly".into(),
+                )),
+            },
+            None => Err(BackendError::Other("the lease watch has ended".into())),
+        }
+    }
+}
+
 /// Runs a future until `shutdown` is cancelled; handy in [`Network::run`] implementations.
 pub async fn until_cancelled<F: std::future::Future>(
     shutdown: &CancellationToken,
@@ -244,5 +317,93 @@ pub async fn until_cancelled<F: std::future::Future>(
     tokio::select! {
         _ = shutdown.cancelled() => None,
         out = f => Some(out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::{LeaseAttrs, SubnetKey};
+
+    /// A subnet manager whose watch sends one empty snapshot, then fails (`fail`) or waits for
+    /// shutdown.
+    #[derive(Debug)]
+    struct OneSnapshot {
+        fail: bool,
+    }
+
+    #[async_trait]
+    impl SubnetManager for OneSnapshot {
+        fn name(&self) -> &str {
+            "one-snapshot"
+        }
+        async fn get_network_config(&self) -> Result<NetworkConfig, SubnetError> {
+            Err(SubnetError::Other("unused".into()))
+        }
+        async fn acquire_lease(&self, _: &LeaseAttrs) -> Result<Lease, SubnetError> {
+            Err(SubnetError::Other("unused".into()))
+        }
+        async fn renew_lease(&self, _: &mut Lease) -> Result<(), SubnetError> {
+            Ok(())
+        }
+        async fn watch_leases(
+            &self,
+            sink: mpsc::Sender<LeaseWatchResult>,
+            shutdown: CancellationToken,
+        ) -> Result<(), SubnetError> {
+            let _ = sink.send(LeaseWatchResult::Snapshot(Vec::new())).await;
+            if self.fail {
+                return Err(SubnetError::Other("the store refused the watch".into()));
+            }
+            shutdown.cancelled().await;
+            Ok(())
+        }
+        async fn watch_lease(
+            &self,
+            _: SubnetKey,
+            _: mpsc::Sender<LeaseWatchResult>,
+            _: CancellationToken,
+        ) -> Result<(), SubnetError> {
+            Ok(())
+        }
+        async fn complete_lease(&self, _: Lease, _: CancellationToken) -> Result<(), SubnetError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_watch_reports_results_then_its_error() {
+        let shutdown = CancellationToken::new();
+        let mut w = LeaseWatch::start(Arc::new(OneSnapshot { fail: true }), &shutdown);
+        assert_eq!(
+            w.next(&shutdown).await.unwrap(),
+            Some(LeaseWatchResult::Snapshot(Vec::new()))
+        );
+        let e = w.next(&shutdown).await.unwrap_err().to_string();
+        assert!(e.contains("the store refused the watch"), "{e}");
+        assert!(w.next(&shutdown).await.is_err(), "ended for good");
+    }
+
+    #[tokio::test]
+    async fn a_lease_watch_ends_quietly_at_shutdown_and_stops_its_task() {
+        let shutdown = CancellationToken::new();
+        let mut w = LeaseWatch::start(Arc::new(OneSnapshot { fail: false }), &shutdown);
+        assert!(w.next(&shutdown).await.unwrap().is_some());
+        shutdown.cancel();
+        assert_eq!(w.next(&shutdown).await.unwrap(), None);
+        // Dropping the watch stops its task even without a shutdown.
+        let other = CancellationToken::new();
+        let w = LeaseWatch::start(Arc::new(OneSnapshot { fail: false }), &other);
+        let task = w.task.as_ref().map(JoinHandle::abort_handle).unwrap();
+        drop(w);
+        for _ in 0..100 {
+            if task.is_finished() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(task.is_finished());
+        assert!(!other.is_cancelled());
     }
 }

@@ -45,8 +45,8 @@ pub mod manager;
 pub mod subnet_env;
 
 pub use backend::{
-    Backend, BackendContext, BackendCtor, BackendError, BackendRegistration, Network,
-    lookup_backend, new_backend, registered_backends,
+    Backend, BackendContext, BackendCtor, BackendError, BackendRegistration, LeaseWatch, Network,
+    lookup_backend, new_backend, registered_backends, until_cancelled,
 };
 pub use backoff::Backoff;
 pub use config::{ConfigError, NetworkConfig, NetworkConfigInput, SubnetPool};

@@ -22,10 +22,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use flannel_core::{
-    Backend, BackendContext, BackendError, Lease, LeaseAttrs, LeaseChange, LeaseTracker, Network,
-    NetworkConfig, RawJson, SubnetManager,
+    Backend, BackendContext, BackendError, Lease, LeaseAttrs, LeaseChange, LeaseTracker,
+    LeaseWatch, Network, NetworkConfig, RawJson, SubnetManager,
 };
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -93,26 +92,12 @@ impl Network for PeerLogNetwork {
 
     async fn run(self: Box<Self>, shutdown: CancellationToken) -> Result<(), BackendError> {
         // The subnet manager's watch: a snapshot first, then batches of events (and a new snapshot
-        // after a reconnect that may have missed some). The tracker turns both into changes and
-        // leaves out the own lease and renewals that change nothing.
-        let (tx, mut rx) = mpsc::channel(64);
-        let watch = {
-            let (sm, stop) = (self.sm.clone(), shutdown.child_token());
-            tokio::spawn(async move { sm.watch_leases(tx, stop).await })
-        };
+        // after a reconnect that may have missed some); `None` at shutdown, an error when the watch
+        // ended otherwise. The tracker turns both into changes and leaves out the own lease and
+        // renewals that change nothing.
+        let mut watch = LeaseWatch::start(self.sm.clone(), &shutdown);
         let mut tracker = LeaseTracker::new(Some(self.lease.key));
-        loop {
-            let result = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                r = rx.recv() => r,
-            };
-            let Some(result) = result else {
-                // The watch ended: on shutdown, or with an error retrying cannot fix.
-                return match watch.await {
-                    Ok(Err(e)) => Err(e.into()),
-                    _ => Ok(()),
-                };
-            };
+        while let Some(result) = watch.next(&shutdown).await? {
             tracker.apply_each(result, |change| match change {
                 LeaseChange::Added(l) if l.attrs.backend_type == BACKEND_TYPE => {
                     info!(lease = %l, "peer added or changed")
@@ -125,5 +110,6 @@ impl Network for PeerLogNetwork {
                 }
             });
         }
+        Ok(())
     }
 }
