@@ -163,8 +163,17 @@ pub enum Step {
     Add(Lease, String),
     /// Run the remove command for the lease as it was added, with the stdin the add command got.
     Remove(Lease, String),
-    /// Nothing runs; the message says why (logged as a warning).
-    Ignore(String),
+    /// Nothing runs for the lease.
+    Skip(Skip),
+}
+
+/// Why no command runs for a lease (the message is logged as a warning).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    /// The lease policy refused the lease as unsafe (also counted in `flannel_leases_refused`).
+    Refused(String),
+    /// Not an extension lease, or its data is not a JSON string (upstream skips those too).
+    Ignored(String),
 }
 
 /// The peer side as data: which leases the add command ran for, and what each lease change asks
@@ -195,22 +204,17 @@ impl PeerCommands {
         let added = &mut self.added;
         self.tracker.apply_each(result, |change| match change {
             LeaseChange::Added(lease) => {
+                // The stdin for the add command, or why none runs.
                 let usable = if lease.attrs.backend_type != BACKEND_TYPE {
-                    Err(format!(
+                    Err(Skip::Ignored(format!(
                         "ignoring the non-extension lease {lease} (type {:?})",
                         lease.attrs.backend_type
-                    ))
+                    )))
                 } else {
-                    check(lease).and_then(|()| {
-                        peer_stdin(
-                            lease
-                                .attrs
-                                .backend_data
-                                .as_ref()
-                                .map(RawJson::to_value)
-                                .as_ref(),
-                        )
-                        .map_err(|why| format!("ignoring lease {lease}: {why}"))
+                    check(lease).map_err(Skip::Refused).and_then(|()| {
+                        let data = lease.attrs.backend_data.as_ref().map(RawJson::to_value);
+                        peer_stdin(data.as_ref())
+                            .map_err(|why| Skip::Ignored(format!("ignoring lease {lease}: {why}")))
                     })
                 };
                 match usable {
@@ -218,8 +222,8 @@ impl PeerCommands {
                         added.insert(lease.key, (lease.clone(), stdin.clone()));
                         steps.push(Step::Add(lease.clone(), stdin));
                     }
-                    Err(why) => {
-                        steps.push(Step::Ignore(why));
+                    Err(skip) => {
+                        steps.push(Step::Skip(skip));
                         // What the add command set up for the lease's old value goes.
                         if let Some((old, stdin)) = added.remove(&lease.key) {
                             steps.push(Step::Remove(old, stdin));
@@ -363,8 +367,12 @@ impl ExtensionNetwork {
 
     async fn execute(&self, step: Step) {
         let (hook, lease, stdin) = match step {
-            Step::Ignore(why) => {
+            Step::Skip(Skip::Refused(why)) => {
                 flannel_dataplane::metrics::metrics().leases_refused.inc();
+                warn!("{why}");
+                return;
+            }
+            Step::Skip(Skip::Ignored(why)) => {
                 warn!("{why}");
                 return;
             }
@@ -439,7 +447,8 @@ mod tests {
             .map(|s| match s {
                 Step::Add(l, stdin) => format!("add {} {stdin}", l.key),
                 Step::Remove(l, stdin) => format!("remove {} {stdin}", l.key),
-                Step::Ignore(why) => format!("ignore: {why}"),
+                Step::Skip(Skip::Refused(why)) => format!("refuse: {why}"),
+                Step::Skip(Skip::Ignored(why)) => format!("ignore: {why}"),
             })
             .collect()
     }
@@ -526,17 +535,23 @@ mod tests {
         );
         let n = names(&steps);
         assert_eq!(n.len(), 3, "{n:?}");
-        assert!(n.iter().all(|s| s.starts_with("ignore: ")), "{n:?}");
+        // Refused (unsafe, counted as such) apart from ignored (not ours, or malformed).
         assert!(
-            n.iter().any(|s| s.contains("overlaps the underlay")),
+            n.iter()
+                .any(|s| s.starts_with("refuse: ") && s.contains("overlaps the underlay")),
+            "{n:?}"
+        );
+        assert!(
+            n.iter().any(|s| s.starts_with("ignore: ")
+                && s.contains("non-extension")
+                && s.contains("vxlan")),
             "{n:?}"
         );
         assert!(
             n.iter()
-                .any(|s| s.contains("non-extension") && s.contains("vxlan")),
+                .any(|s| s.starts_with("ignore: ") && s.contains("not the JSON string")),
             "{n:?}"
         );
-        assert!(n.iter().any(|s| s.contains("not the JSON string")), "{n:?}");
         // Their removal runs no remove command: none of them was added.
         let steps = p.apply(LeaseWatchResult::Snapshot(vec![]), &refuse);
         assert!(steps.is_empty(), "{steps:?}");

@@ -494,7 +494,7 @@ pub fn extension_lease(data: &[u8]) {
             assert!(lease_env(l).iter().all(|(_, v)| !v.contains('\0')));
             true
         }
-        [Step::Ignore(_)] => false,
+        [Step::Skip(_)] => false,
         other => panic!("{other:?}"),
     };
     let steps = peers.apply(LeaseWatchResult::Snapshot(Vec::new()), &ok);

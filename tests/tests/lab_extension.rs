@@ -2,7 +2,7 @@
 //! operator's commands publish each host's MAC as backend data, route every peer's subnet via the
 //! peer, and remove the route when the peer goes. Pods ping across 3 hosts over those routes; each
 //! command sees upstream's environment and stdin; a lease for a piece of the underlay runs no
-//! command; a failing command is logged and flanneld goes on; a departed peer's remove command
+//! command (refused), nor does a lease of another type (ignored); a failing command is logged and flanneld goes on; a departed peer's remove command
 //! runs (also for a peer whose add command failed, as upstream); a restart runs the add commands
 //! again and the pods keep talking.
 
@@ -133,6 +133,10 @@ fn upstream_s_host_gw_example_runs_as_documented() {
         r#"{"PublicIP":"172.20.0.99","PublicIPv6":null,"BackendType":"extension","BackendData":"x"}"#,
     );
     lab.etcd_put(
+        "/coreos.com/network/subnets/172.16.252.0-24",
+        r#"{"PublicIP":"172.20.0.98","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:98"}}"#,
+    );
+    lab.etcd_put(
         "/coreos.com/network/subnets/172.16.251.0-24",
         r#"{"PublicIP":"192.0.2.1","PublicIPv6":null,"BackendType":"extension","BackendData":"y"}"#,
     );
@@ -141,6 +145,7 @@ fn upstream_s_host_gw_example_runs_as_documented() {
             until(Duration::from_secs(10), || {
                 let log = lab.hosts[i].log_text();
                 log.contains("refusing lease 172.20.0.0-24")
+                    && log.contains("ignoring the non-extension lease 172.16.252.0-24")
                     && log.contains("command failed")
                     && log.contains("172.16.251.0-24")
             }),
@@ -159,6 +164,7 @@ fn upstream_s_host_gw_example_runs_as_documented() {
         assert_eq!(metric("subnet_add", "failed"), Some(1.0), "host {i}");
         assert_eq!(metric("subnet_add", "ok"), Some(2.0), "host {i}");
         assert_eq!(metric("pre_startup", "ok"), Some(1.0), "host {i}");
+        // The underlay lease is refused as unsafe; the vxlan one only ignored (not ours).
         assert_eq!(
             lab.metric(i, 8081, "flannel_leases_refused_total"),
             Some(1.0),
@@ -166,9 +172,9 @@ fn upstream_s_host_gw_example_runs_as_documented() {
         );
         let lines = log_lines(&lab, i);
         assert!(
-            !lines
-                .iter()
-                .any(|l| l.contains("172.20.0.0") || l.contains("192.0.2.1")),
+            !lines.iter().any(|l| l.contains("172.20.0.0")
+                || l.contains("172.16.252.0")
+                || l.contains("192.0.2.1")),
             "{lines:?}"
         );
         assert!(!lab.hosts[i].routes("").contains("172.20.0.0/24"));
@@ -200,6 +206,7 @@ fn upstream_s_host_gw_example_runs_as_documented() {
     }
     lab.etcd_delete("/coreos.com/network/subnets/172.20.0.0-24");
     lab.etcd_delete("/coreos.com/network/subnets/172.16.251.0-24");
+    lab.etcd_delete("/coreos.com/network/subnets/172.16.252.0-24");
     // The lease whose add command failed gets its remove command, as upstream runs it.
     for i in 0..2 {
         assert!(
