@@ -1,5 +1,6 @@
 //! The README's main command: the demo runs to the end and every step succeeds (exit code 0), for the
-//! default vxlan cluster, for dual-stack host-gw, udp and Kubernetes mode; `--help` and bad options behave as a
+//! default vxlan cluster, for dual-stack host-gw, udp, wireguard, extension, Kubernetes mode and
+//! IPv6-only; `--help` and bad options behave as a
 //! command line should; and every way out (a closed stdout, SIGTERM, SIGHUP) stops every process the
 //! demo started and deletes every namespace and directory it made.
 
@@ -55,6 +56,7 @@ fn the_demo_runs_clean() {
         &["--hosts", "2", "--backend", "host-gw", "--ipv6"],
         &["--hosts", "2", "--backend", "udp"],
         &["--hosts", "2", "--backend", "wireguard"],
+        &["--hosts", "2", "--backend", "extension"],
         &["--hosts", "2", "--kube"],
         &["--hosts", "2", "--ipv6-only"],
     ] {
@@ -70,6 +72,12 @@ fn the_demo_runs_clean() {
             && out.contains("flannel.alpha.coreos.com/backend-data: null")
             && out.contains("NetworkUnavailable=False reason FlannelIsUp"),
         "{out}"
+    );
+    let (code, out) = demo(&["--backend", "extension", "--ipv6"]);
+    assert_eq!(
+        code,
+        Some(2),
+        "the demo's extension commands are IPv4: {out}"
     );
     let (code, out) = demo(&["--backend", "udp", "--ipv6"]);
     assert_eq!(code, Some(2), "udp with --ipv6 is refused up front: {out}");

@@ -1,6 +1,6 @@
 //! The demo: a local multi-host flannel cluster in network namespaces.
 //!
-//! `flannel-demo [--backend vxlan|host-gw|vxlan-direct|udp|wireguard] [--hosts N] [--ipv6 | --ipv6-only] [--kube] [--hold]`
+//! `flannel-demo [--backend vxlan|host-gw|vxlan-direct|udp|wireguard|extension] [--hosts N] [--ipv6 | --ipv6-only] [--kube] [--hold]`
 //!
 //! Builds N hosts on an underlay switch, runs etcd and the real flanneld on every host, creates two
 //! pods per host, pings every pod from every pod, and shows what flannel put in the kernel and in
@@ -58,6 +58,9 @@ enum DemoBackend {
     Udp,
     /// Encrypted: WireGuard (userspace, over the TUN device flannel-wg).
     Wireguard,
+    /// Your commands: upstream's host-gw example of the extension backend (a route per peer, made
+    /// by SubnetAddCommand); IPv4 only here.
+    Extension,
 }
 
 impl DemoBackend {
@@ -68,6 +71,7 @@ impl DemoBackend {
             Self::HostGw => "host-gw",
             Self::Udp => "udp",
             Self::Wireguard => "wireguard",
+            Self::Extension => "extension",
         }
     }
 
@@ -78,6 +82,11 @@ impl DemoBackend {
             Self::HostGw => r#"{"Type":"host-gw"}"#,
             Self::Udp => r#"{"Type":"udp"}"#,
             Self::Wireguard => r#"{"Type":"wireguard"}"#,
+            Self::Extension => concat!(
+                r#"{"Type":"extension","PreStartupCommand":"cat /sys/class/net/eth0/address","#,
+                r#""SubnetAddCommand":"read MAC; ip route replace \"$SUBNET\" via \"$PUBLIC_IP\"","#,
+                r#""SubnetRemoveCommand":"ip route del \"$SUBNET\" via \"$PUBLIC_IP\""}"#
+            ),
         }
     }
 }
@@ -107,17 +116,22 @@ fn indent(text: &str) -> Result<(), StdoutClosed> {
 
 fn main() -> ExitCode {
     let mut args = Args::parse();
-    if args.ipv6 && matches!(args.backend, DemoBackend::Udp | DemoBackend::Wireguard) {
+    if args.ipv6
+        && matches!(
+            args.backend,
+            DemoBackend::Udp | DemoBackend::Wireguard | DemoBackend::Extension
+        )
+    {
         let _ = writeln!(
             std::io::stderr(),
-            "--ipv6 needs --backend vxlan, vxlan-direct or host-gw (the udp backend is IPv4 only; the demo shows wireguard with IPv4)"
+            "--ipv6 needs --backend vxlan, vxlan-direct or host-gw (the udp backend is IPv4 only; the demo shows wireguard and extension with IPv4)"
         );
         return ExitCode::from(2);
     }
-    if args.ipv6_only && args.backend == DemoBackend::Udp {
+    if args.ipv6_only && matches!(args.backend, DemoBackend::Udp | DemoBackend::Extension) {
         let _ = writeln!(
             std::io::stderr(),
-            "--ipv6-only needs --backend vxlan, vxlan-direct, host-gw or wireguard (the udp backend is IPv4 only)"
+            "--ipv6-only needs --backend vxlan, vxlan-direct, host-gw or wireguard (the udp backend is IPv4 only; the demo's extension commands route IPv4)"
         );
         return ExitCode::from(2);
     }
@@ -314,6 +328,7 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
         "udp" => format!("the one into {network} via flannel0"),
         "wireguard" => format!("the one into {network} via {wg_dev}"),
         "host-gw" => format!("the ones into {network} via eth0"),
+        "extension" => format!("the ones into {network} via eth0, made by SubnetAddCommand"),
         _ => format!("the ones into {network} via {vxlan_dev} (or eth0 with DirectRouting)"),
     };
     section(&format!("Each host's routes (flannel's are {flannels})"))?;
@@ -421,6 +436,27 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
             })
             .collect()
     };
+    if backend == "extension" {
+        // Nothing to heal: flanneld runs the commands when leases change, and repairs nothing.
+        section(
+            "What the extension backend ran on host1 (its commands run when leases change; it repairs nothing)",
+        )?;
+        for l in lab.hosts[0].log_text().lines() {
+            if l.contains("flannel_backend_extension") {
+                let msg = l
+                    .split_once("flannel_backend_extension: ")
+                    .map_or(l, |(_, m)| m);
+                say!("    {msg}");
+            }
+        }
+        let peer_pod = &lab.hosts[1].pods[0];
+        let again = lab.ping((0, 0), peer_pod.ip, Duration::from_secs(2));
+        say!(
+            "    host1 pod -> host2 pod: {}",
+            if again { "answered" } else { "FAILED" }
+        );
+        return finish(lab, hold, store, failed.is_empty() && again);
+    }
     section("Self-healing: deleting host1's flannel routes")?;
     for subnet in &doomed {
         match lab.hosts[0].ns.exec(&["ip", "route", "del", subnet]) {
@@ -450,6 +486,12 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
         if again { "answered" } else { "FAILED" }
     );
 
+    finish(lab, hold, store, failed.is_empty() && again)
+}
+
+/// The end of the tour: holds the lab until Ctrl-C with `hold`, else stops and deletes it; returns
+/// `ok`.
+fn finish(lab: Lab, hold: bool, store: &str, ok: bool) -> Result<bool, StdoutClosed> {
     if hold {
         section("Holding the lab; press Ctrl-C to clean up")?;
         loop {
@@ -461,5 +503,5 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
     ))?;
     drop(lab);
     say!("    done");
-    Ok(failed.is_empty() && again)
+    Ok(ok)
 }
