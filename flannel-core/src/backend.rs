@@ -324,77 +324,54 @@ pub async fn until_cancelled<F: std::future::Future>(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::{LeaseAttrs, SubnetKey};
-
-    /// A subnet manager whose watch sends one empty snapshot, then fails (`fail`) or waits for
-    /// shutdown.
-    #[derive(Debug)]
-    struct OneSnapshot {
-        fail: bool,
-    }
-
-    #[async_trait]
-    impl SubnetManager for OneSnapshot {
-        fn name(&self) -> &str {
-            "one-snapshot"
-        }
-        async fn get_network_config(&self) -> Result<NetworkConfig, SubnetError> {
-            Err(SubnetError::Other("unused".into()))
-        }
-        async fn acquire_lease(&self, _: &LeaseAttrs) -> Result<Lease, SubnetError> {
-            Err(SubnetError::Other("unused".into()))
-        }
-        async fn renew_lease(&self, _: &mut Lease) -> Result<(), SubnetError> {
-            Ok(())
-        }
-        async fn watch_leases(
-            &self,
-            sink: mpsc::Sender<LeaseWatchResult>,
-            shutdown: CancellationToken,
-        ) -> Result<(), SubnetError> {
-            let _ = sink.send(LeaseWatchResult::Snapshot(Vec::new())).await;
-            if self.fail {
-                return Err(SubnetError::Other("the store refused the watch".into()));
-            }
-            shutdown.cancelled().await;
-            Ok(())
-        }
-        async fn watch_lease(
-            &self,
-            _: SubnetKey,
-            _: mpsc::Sender<LeaseWatchResult>,
-            _: CancellationToken,
-        ) -> Result<(), SubnetError> {
-            Ok(())
-        }
-        async fn complete_lease(&self, _: Lease, _: CancellationToken) -> Result<(), SubnetError> {
-            Ok(())
-        }
-    }
+    use crate::testing::ScriptedManager;
 
     #[tokio::test]
     async fn a_lease_watch_reports_results_then_its_error() {
         let shutdown = CancellationToken::new();
-        let mut w = LeaseWatch::start(Arc::new(OneSnapshot { fail: true }), &shutdown);
+        let (sm, script) = ScriptedManager::new();
+        let mut w = LeaseWatch::start(Arc::new(sm), &shutdown);
+        script
+            .send(Ok(LeaseWatchResult::Snapshot(Vec::new())))
+            .await
+            .unwrap();
         assert_eq!(
             w.next(&shutdown).await.unwrap(),
             Some(LeaseWatchResult::Snapshot(Vec::new()))
         );
+        script
+            .send(Err(SubnetError::Other(
+                "the store refused the watch".into(),
+            )))
+            .await
+            .unwrap();
         let e = w.next(&shutdown).await.unwrap_err().to_string();
         assert!(e.contains("the store refused the watch"), "{e}");
         assert!(w.next(&shutdown).await.is_err(), "ended for good");
+        // A watch that ends without an error, while not shut down, is an error too.
+        let (sm, script) = ScriptedManager::new();
+        let mut w = LeaseWatch::start(Arc::new(sm), &shutdown);
+        drop(script);
+        let e = w.next(&shutdown).await.unwrap_err().to_string();
+        assert!(e.contains("stopped unexpectedly"), "{e}");
     }
 
     #[tokio::test]
     async fn a_lease_watch_ends_quietly_at_shutdown_and_stops_its_task() {
         let shutdown = CancellationToken::new();
-        let mut w = LeaseWatch::start(Arc::new(OneSnapshot { fail: false }), &shutdown);
+        let (sm, script) = ScriptedManager::new();
+        let mut w = LeaseWatch::start(Arc::new(sm), &shutdown);
+        script
+            .send(Ok(LeaseWatchResult::Snapshot(Vec::new())))
+            .await
+            .unwrap();
         assert!(w.next(&shutdown).await.unwrap().is_some());
         shutdown.cancel();
         assert_eq!(w.next(&shutdown).await.unwrap(), None);
         // Dropping the watch stops its task even without a shutdown.
         let other = CancellationToken::new();
-        let w = LeaseWatch::start(Arc::new(OneSnapshot { fail: false }), &other);
+        let (sm, _script) = ScriptedManager::new();
+        let w = LeaseWatch::start(Arc::new(sm), &other);
         let task = w.task.as_ref().map(JoinHandle::abort_handle).unwrap();
         drop(w);
         for _ in 0..100 {

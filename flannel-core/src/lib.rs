@@ -43,6 +43,8 @@ pub mod iface;
 pub mod lease;
 pub mod manager;
 pub mod subnet_env;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 pub use backend::{
     Backend, BackendContext, BackendCtor, BackendError, BackendRegistration, LeaseWatch, Network,

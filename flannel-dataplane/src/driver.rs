@@ -580,13 +580,12 @@ mod tests {
     //! The loop under paused time: waiting for the first snapshot, debounce, backoff after a failed
     //! pass, shutdown during the debounce, and a watch that ends.
 
-    use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
     use crate::changes::{Entry, NotificationSender, notifications};
     use crate::{DataplaneError, FakeKernel, Op, Route};
-    use flannel_core::{LeaseAttrs, LeaseEvent, NetworkConfig, SubnetError};
+    use flannel_core::{LeaseAttrs, LeaseEvent};
     use ipnet::IpNet;
 
     /// The fake kernel, counting full reads.
@@ -607,55 +606,6 @@ mod tests {
         }
         async fn host_routes(&self) -> Result<Vec<Route>, DataplaneError> {
             self.inner.host_routes().await
-        }
-    }
-
-    /// A subnet manager whose watch forwards what the test sends.
-    #[derive(Debug)]
-    struct ScriptedStore(Mutex<Option<mpsc::Receiver<LeaseWatchResult>>>);
-
-    #[async_trait]
-    impl SubnetManager for ScriptedStore {
-        fn name(&self) -> &str {
-            "scripted"
-        }
-        async fn get_network_config(&self) -> Result<NetworkConfig, SubnetError> {
-            Err(SubnetError::Other("unused".into()))
-        }
-        async fn acquire_lease(&self, _: &LeaseAttrs) -> Result<Lease, SubnetError> {
-            Err(SubnetError::Other("unused".into()))
-        }
-        async fn renew_lease(&self, _: &mut Lease) -> Result<(), SubnetError> {
-            Ok(())
-        }
-        async fn watch_leases(
-            &self,
-            sink: mpsc::Sender<LeaseWatchResult>,
-            shutdown: CancellationToken,
-        ) -> Result<(), SubnetError> {
-            let rx = self.0.lock().ok().and_then(|mut r| r.take());
-            let Some(mut rx) = rx else { return Ok(()) };
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    r = rx.recv() => match r {
-                        Some(r) => { let _ = sink.send(r).await; }
-                        None => return Ok(()),
-                    },
-                }
-            }
-        }
-        async fn watch_lease(
-            &self,
-            _: SubnetKey,
-            _: mpsc::Sender<LeaseWatchResult>,
-            shutdown: CancellationToken,
-        ) -> Result<(), SubnetError> {
-            shutdown.cancelled().await;
-            Ok(())
-        }
-        async fn complete_lease(&self, _: Lease, _: CancellationToken) -> Result<(), SubnetError> {
-            Ok(())
         }
     }
 
@@ -705,7 +655,7 @@ mod tests {
     }
 
     struct Harness {
-        leases: mpsc::Sender<LeaseWatchResult>,
+        leases: flannel_core::testing::Script,
         notify: NotificationSender,
         passes: Arc<AtomicUsize>,
         kernel: Arc<CountingKernel>,
@@ -718,12 +668,12 @@ mod tests {
     }
 
     fn start_with(fail_first: usize, resync: Duration) -> Harness {
-        let (leases, rx) = mpsc::channel(16);
         let (notify, nrx) = notifications(64);
         let passes = Arc::new(AtomicUsize::new(0));
         let kernel = Arc::new(CountingKernel::default());
         let shutdown = CancellationToken::new();
-        let sm: Arc<dyn SubnetManager> = Arc::new(ScriptedStore(Mutex::new(Some(rx))));
+        let (sm, leases) = flannel_core::testing::ScriptedManager::new();
+        let sm: Arc<dyn SubnetManager> = Arc::new(sm);
         let task = {
             let (passes, kernel, shutdown) = (passes.clone(), kernel.clone(), shutdown.clone());
             tokio::spawn(async move {
@@ -758,7 +708,10 @@ mod tests {
     impl Harness {
         /// Sends `r` from the store and lets the loop take it (10 ms of paused time).
         async fn store_says(&self, r: LeaseWatchResult) {
-            self.leases.send(r).await.unwrap_or_else(|_| unreachable!());
+            self.leases
+                .send(Ok(r))
+                .await
+                .unwrap_or_else(|_| unreachable!());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
 
@@ -788,9 +741,9 @@ mod tests {
         let h = start(0);
         // Events before any snapshot: the set of leases is not known yet, so no pass.
         h.leases
-            .send(LeaseWatchResult::Events(vec![
+            .send(Ok(LeaseWatchResult::Events(vec![
                 flannel_core::LeaseEvent::Added(lease("10.5.2.0-24")),
-            ]))
+            ])))
             .await
             .unwrap_or_else(|_| unreachable!());
         tokio::time::sleep(Duration::from_secs(1)).await;
