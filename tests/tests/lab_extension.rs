@@ -12,8 +12,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use flannel_tests::lab::{Lab, LabSpec};
-use flannel_tests::{bin_path, require_etcd, require_root, until};
+use flannel_tests::lab::Lab;
+use flannel_tests::until;
 
 /// Upstream's host-gw example (Documentation/extension.md), with `replace` for `add` (a restart runs
 /// every add command again) and each command also writing what it saw to `$EXT_DIR` (per host).
@@ -65,20 +65,14 @@ fn mac_of(lab: &Lab, i: usize) -> String {
 
 #[test]
 fn upstream_s_host_gw_example_runs_as_documented() {
-    let test = "extension_backend";
-    if !require_root(test) || !require_etcd(test) {
+    let args = [
+        "--iptables-forward-rules=false",
+        "--healthz-port=8081",
+        "--healthz-ip=127.0.0.1",
+    ];
+    let Some(mut lab) = Lab::for_test("extension_backend", vec![3], CONFIG, &args) else {
         return;
-    }
-    let spec = LabSpec {
-        segments: vec![3],
-        config: CONFIG.into(),
-        flanneld_args: vec![
-            "--iptables-forward-rules=false".into(),
-            "--healthz-port=8081".into(),
-            "--healthz-ip=127.0.0.1".into(),
-        ],
     };
-    let mut lab = Lab::new(&spec, bin_path("flanneld"));
     for i in 0..3 {
         let dir = ext_dir(&lab, i);
         std::fs::create_dir_all(&dir).unwrap();
@@ -266,16 +260,11 @@ const UPSTREAM_VXLAN: &str = r#"{
 
 #[test]
 fn upstream_s_vxlan_example_runs_unchanged() {
-    let test = "extension_upstream_vxlan";
-    if !require_root(test) || !require_etcd(test) {
+    let args = ["--iptables-forward-rules=false"];
+    let Some(mut lab) = Lab::for_test("extension_upstream_vxlan", vec![3], UPSTREAM_VXLAN, &args)
+    else {
         return;
-    }
-    let spec = LabSpec {
-        segments: vec![3],
-        config: UPSTREAM_VXLAN.into(),
-        flanneld_args: vec!["--iptables-forward-rules=false".into()],
     };
-    let mut lab = Lab::new(&spec, bin_path("flanneld"));
     lab.start_all();
     for i in 0..3 {
         lab.add_pods(i, 1);
