@@ -5,7 +5,9 @@
 //! removed peer, a changed port and a deleted device are repaired, that traffic goes on while
 //! flanneld is stopped and the restart takes the device over, that a peer's new key is followed,
 //! and, in a dual-stack lab (`Mode: separate`), that `flannel-wg-v6` is a kernel device whose peer
-//! is reached at its IPv6 address.
+//! is reached at its IPv6 address; in an IPv6-only network (Kubernetes mode), that pods ping over
+//! the kernel's `flannel-wg-v6` (`Mode: separate`) or `flannel-wg` (`Mode: auto`) alone, each peer
+//! at its IPv6 address.
 
 #![allow(clippy::unwrap_used)]
 

@@ -1,7 +1,8 @@
 //! The kernel WireGuard lab: run inside the test VM (a kernel that has WireGuard) by the test
 //! `kernel_wireguard_devices_in_a_vm` (tests/tests/vm_wireguard.rs). Three hosts: two with the
 //! kernel's `flannel-wg`, one forced to userspace WireGuard over TUN. Each step prints a line;
-//! the first failed check panics (exit code 101) and says what it saw.
+//! the first failed check panics (exit code 101) and says what it saw. Then dual stack, and an
+//! IPv6-only network in Kubernetes mode.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -218,5 +219,52 @@ fn main() {
         );
     }
     step("dual stack: flannel-wg-v6 is a kernel device, its peer at [IPv6]:51821");
+    drop(lab);
+
+    // IPv6 only (Kubernetes mode, the stand-in API server): in `Mode: separate` only
+    // flannel-wg-v6, in `Mode: auto` only flannel-wg dialing the peers' IPv6 addresses; kernel
+    // devices both.
+    for (options, device, port) in [
+        ("", "flannel-wg-v6", "51821"),
+        (r#","Mode":"auto""#, "flannel-wg", "51820"),
+    ] {
+        let config = format!(
+            r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:5::/48","Backend":{{"Type":"wireguard"{options}}}}}"#
+        );
+        let spec = flannel_tests::lab::LabSpec {
+            segments: vec![2],
+            config,
+            flanneld_args: vec![],
+        };
+        let mut lab = Lab::new_kube(&spec, flannel_tests::bin_path("flanneld"));
+        lab.start_all();
+        for i in 0..2 {
+            lab.add_pods(i, 1);
+        }
+        let failures = lab.ping_ipv6();
+        assert!(failures.is_empty(), "IPv6 only, {device}: {failures:?}");
+        for h in 0..2 {
+            let k = kind_of(&lab, h, device);
+            assert!(k.contains("wireguard"), "host {h}: {k}");
+            let links = lab.hosts[h].sh("ip -o link show");
+            let other = if device == "flannel-wg" {
+                "flannel-wg-v6"
+            } else {
+                "flannel-wg"
+            };
+            assert!(!links.contains(&format!(" {other}:")), "host {h}: {links}");
+            let ((_, own_port), peers) = wg_dump_of(&lab, h, device);
+            assert_eq!(own_port, port);
+            let endpoints: Vec<&String> = peers.values().map(|(e, _)| e).collect();
+            assert_eq!(
+                endpoints,
+                vec![&format!("[{}]:{port}", lab.hosts[1 - h].addr6)],
+                "host {h}: {peers:?}"
+            );
+        }
+        step(&format!(
+            "IPv6 only (Kubernetes mode): {device} is a kernel device, its peer at [IPv6]:{port}"
+        ));
+    }
     println!("vm-wireguard-lab: all checks passed");
 }
