@@ -21,24 +21,32 @@ fn wait_for(path: &Path, timeout: Duration) -> Option<String> {
     None
 }
 
-fn etcdctl_put(url: &str, key: &str, value: &str) {
+/// Runs `f` with a client of the etcd at `url`, on a runtime of its own.
+fn with_etcd<T>(url: &str, f: impl AsyncFnOnce(&mut etcd_client::Client) -> T) -> T {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         let mut c = etcd_client::Client::connect([url], None).await.unwrap();
+        f(&mut c).await
+    })
+}
+
+fn etcdctl_put(url: &str, key: &str, value: &str) {
+    with_etcd(url, async |c| {
         c.put(key, value, None).await.unwrap();
     });
 }
 
+fn etcdctl_delete(url: &str, key: &str) {
+    with_etcd(url, async |c| {
+        c.delete(key, None).await.unwrap();
+    });
+}
+
 fn etcd_get(url: &str, prefix: &str) -> Vec<(String, String)> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut c = etcd_client::Client::connect([url], None).await.unwrap();
+    with_etcd(url, async |c| {
         let r = c
             .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
             .await
@@ -245,7 +253,10 @@ fn third_party_flanneld_waits_for_config_then_writes_subnet_env() {
             "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET={first}/24\nFLANNEL_MTU=65536\nFLANNEL_IPMASQ=false\n"
         )
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(1000));
+    // ... and go.
+    etcdctl_delete(&etcd.url(), "/coreos.com/network/subnets/10.5.77.0-24");
+    std::thread::sleep(Duration::from_millis(1000));
     let (code, err) = p.stop();
     assert_eq!(code, Some(0), "SIGTERM is a clean exit: {err}");
     assert!(
@@ -253,6 +264,11 @@ fn third_party_flanneld_waits_for_config_then_writes_subnet_env() {
             |l| l.contains("peer added or changed") && l.contains("10.5.77.0-24 via 10.0.0.77")
         ),
         "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("peer removed") && l.contains("10.5.77.0-24 via 10.0.0.77")),
+        "the removal carries the lease as it was: {err}"
     );
     assert!(
         err.lines()
