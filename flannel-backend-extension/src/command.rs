@@ -71,7 +71,9 @@ impl CommandError {
 /// a newline on its standard input (as upstream writes it), and returns its output (stdout and stderr
 /// interleaved, trimmed, at most [`MAX_OUTPUT`] bytes kept).
 ///
-/// The command runs in a process group of its own; after `timeout` the whole group is killed.
+/// The command runs in a process group of its own; the whole group is killed after `timeout`, and
+/// when this future is dropped before the command ended (flanneld stopping). What a command that
+/// ended left running in the background is left alone.
 ///
 /// # Errors
 /// [`CommandError`]: it could not start, it failed, or it timed out.
@@ -100,10 +102,13 @@ pub async fn run_command(
         // `cmd` goes here, and with it this process's copies of the output's write end: the read
         // end sees its end when the command (and whatever it started) closed theirs.
     };
-    let pgid = child
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .map(Pid::from_raw);
+    // Until the command's status is in, dropping this future (a shutdown) ends its whole group.
+    let mut group = GroupGuard(
+        child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw),
+    );
     // Written beside the wait, so a command that reads nothing (or little) cannot block us; a
     // command that exits without reading makes this fail, which is fine.
     let input = child.stdin.take().map(|mut pipe| {
@@ -125,6 +130,8 @@ pub async fn run_command(
         tokio::select! {
             s = child.wait(), if status.is_none() => {
                 status = Some(s.map_err(spawn_err)?);
+                // Done: what it left running in the background is the command's business.
+                group.0 = None;
                 stop_reading = (Instant::now() + OUTPUT_GRACE).min(deadline);
             }
             n = out.read(&mut buf), if !output_closed => match n {
@@ -138,10 +145,7 @@ pub async fn run_command(
                 if status.is_some() {
                     break;
                 }
-                if let Some(pgid) = pgid {
-                    // Only the group this command's shell leads: processes it started.
-                    let _ = killpg(pgid, Signal::SIGKILL);
-                }
+                group.kill();
                 let _ = child.wait().await;
                 if let Some(input) = input {
                     input.abort();
@@ -168,6 +172,24 @@ pub async fn run_command(
             status,
             output,
         })
+    }
+}
+
+/// The process group a running command's shell leads (processes it started), killed when this is
+/// dropped while it is still set.
+struct GroupGuard(Option<Pid>);
+
+impl GroupGuard {
+    fn kill(&mut self) {
+        if let Some(pgid) = self.0.take() {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -256,8 +278,14 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        // The backgrounded sleep went with the group (give the kernel a moment to reap it).
-        let gone = (0..100).any(|_| {
+        // The backgrounded sleep went with the group.
+        assert!(gone(pid), "the command's child {pid} still runs");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Whether process `pid` is gone (or a zombie), given up to 2 s.
+    fn gone(pid: i32) -> bool {
+        (0..100).any(|_| {
             let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .map(|s| !s.contains(") Z "))
                 .unwrap_or(false);
@@ -265,8 +293,38 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(20));
             }
             !alive
-        });
-        assert!(gone, "the command's child {pid} still runs");
+        })
+    }
+
+    #[tokio::test]
+    async fn a_command_cancelled_by_a_shutdown_goes_with_its_children() {
+        let dir = std::env::temp_dir().join(format!("flannel-ext-cancel-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pidfile = dir.join("child.pid");
+        let cmd = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
+        let mut run = Box::pin(run_command(&cmd, &[], "", COMMAND_TIMEOUT));
+        // Let it start its child, then drop it, as a shutdown does.
+        let started = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                tokio::select! {
+                    _ = &mut run => panic!("the command ended on its own"),
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {
+                        if std::fs::read_to_string(&pidfile).is_ok_and(|p| !p.trim().is_empty()) {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        assert!(started.is_ok(), "the command never started its child");
+        drop(run);
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(gone(pid), "the cancelled command's child {pid} still runs");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -39,8 +39,9 @@
 //!
 //! ## Limits Go's backend does not have
 //!
-//! - Each command is killed, with its whole process group, after [`COMMAND_TIMEOUT`]; its output is
-//!   kept up to [`MAX_OUTPUT`] bytes. A child it leaves running in the background is not waited for.
+//! - Each command is killed, with its whole process group, after [`COMMAND_TIMEOUT`] or when
+//!   flanneld stops while it runs; its output is kept up to [`MAX_OUTPUT`] bytes. A child a
+//!   finished command left running in the background is not waited for, nor killed.
 //! - Peer leases pass the data plane's [`flannel_dataplane::LeasePolicy`] first: a lease outside the
 //!   network, overlapping this host's subnet, a network directly connected to the external interface
 //!   (the underlay) or a network the host routes outside the cluster network is refused (logged once
