@@ -324,21 +324,27 @@ pub async fn until_cancelled<F: std::future::Future>(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::testing::ScriptedManager;
+    use crate::testing::{Script, ScriptedManager};
 
-    #[tokio::test]
-    async fn a_lease_watch_reports_results_then_its_error() {
-        let shutdown = CancellationToken::new();
+    /// A watch of a scripted manager that delivered its first snapshot, and the script.
+    async fn watching(shutdown: &CancellationToken) -> (LeaseWatch, Script) {
         let (sm, script) = ScriptedManager::new();
-        let mut w = LeaseWatch::start(Arc::new(sm), &shutdown);
+        let mut w = LeaseWatch::start(Arc::new(sm), shutdown);
         script
             .send(Ok(LeaseWatchResult::Snapshot(Vec::new())))
             .await
             .unwrap();
         assert_eq!(
-            w.next(&shutdown).await.unwrap(),
+            w.next(shutdown).await.unwrap(),
             Some(LeaseWatchResult::Snapshot(Vec::new()))
         );
+        (w, script)
+    }
+
+    #[tokio::test]
+    async fn a_lease_watch_reports_results_then_its_error() {
+        let shutdown = CancellationToken::new();
+        let (mut w, script) = watching(&shutdown).await;
         script
             .send(Err(SubnetError::Other(
                 "the store refused the watch".into(),
@@ -359,13 +365,7 @@ mod tests {
     #[tokio::test]
     async fn a_lease_watch_ends_quietly_at_shutdown_and_stops_its_task() {
         let shutdown = CancellationToken::new();
-        let (sm, script) = ScriptedManager::new();
-        let mut w = LeaseWatch::start(Arc::new(sm), &shutdown);
-        script
-            .send(Ok(LeaseWatchResult::Snapshot(Vec::new())))
-            .await
-            .unwrap();
-        assert!(w.next(&shutdown).await.unwrap().is_some());
+        let (mut w, _script) = watching(&shutdown).await;
         shutdown.cancel();
         assert_eq!(w.next(&shutdown).await.unwrap(), None);
         // Dropping the watch stops its task even without a shutdown.
