@@ -543,6 +543,8 @@ pub trait LinkOps: Send + Sync + fmt::Debug {
     async fn link_by_name(&self, name: &str) -> Result<Option<netlink::LinkState>, DataplaneError>;
     /// Creates a vxlan device (`ip link add <name> type vxlan id <vni> …`).
     async fn create_vxlan(&self, spec: &netlink::VxlanSpec) -> Result<(), DataplaneError>;
+    /// Creates an ipip device (`ip link add <name> type ipip local <addr>`).
+    async fn create_ipip(&self, spec: &netlink::IpipSpec) -> Result<(), DataplaneError>;
     /// Deletes a link (`ip link del`).
     async fn delete_link(&self, index: u32) -> Result<(), DataplaneError>;
     /// Sets a link up (`ip link set <dev> up`).
@@ -596,27 +598,33 @@ impl LinkOps for FakeKernel {
     }
 
     async fn create_vxlan(&self, spec: &netlink::VxlanSpec) -> Result<(), DataplaneError> {
-        if let Ok(mut links) = self.links.lock() {
-            let index = 11
-                + self
-                    .created
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            links.insert(
-                spec.name.clone(),
-                FakeLink {
-                    state: netlink::LinkState {
-                        name: spec.name.clone(),
-                        index,
-                        mac: Some(spec.mac),
-                        up: false,
-                        mtu: spec.mtu,
-                        vxlan: Some(spec.attrs.clone()),
-                        kind: Some("vxlan".into()),
-                    },
-                    addrs: Vec::new(),
-                },
-            );
-        }
+        self.add_link(netlink::LinkState {
+            name: spec.name.clone(),
+            index: 0,
+            mac: Some(spec.mac),
+            up: false,
+            mtu: spec.mtu,
+            vxlan: Some(spec.attrs.clone()),
+            ipip: None,
+            kind: Some("vxlan".into()),
+        });
+        Ok(())
+    }
+
+    async fn create_ipip(&self, spec: &netlink::IpipSpec) -> Result<(), DataplaneError> {
+        self.add_link(netlink::LinkState {
+            name: spec.name.clone(),
+            index: 0,
+            mac: None,
+            up: false,
+            mtu: spec.mtu,
+            vxlan: None,
+            ipip: Some(netlink::IpipAttrs {
+                local: Some(spec.local),
+                remote: None,
+            }),
+            kind: Some("ipip".into()),
+        });
         Ok(())
     }
 
@@ -653,6 +661,23 @@ impl LinkOps for FakeKernel {
 
 #[cfg(any(test, feature = "test-util"))]
 impl FakeKernel {
+    /// Adds `state` as a new link with the next index (the kernel never reuses one).
+    fn add_link(&self, mut state: netlink::LinkState) {
+        if let Ok(mut links) = self.links.lock() {
+            state.index = 11
+                + self
+                    .created
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            links.insert(
+                state.name.clone(),
+                FakeLink {
+                    state,
+                    addrs: Vec::new(),
+                },
+            );
+        }
+    }
+
     fn with_link(&self, index: u32, f: impl FnOnce(&mut FakeLink)) -> Result<(), DataplaneError> {
         let mut links = self.links.lock().map_err(|_| DataplaneError {
             context: format!("link #{index}"),

@@ -12,7 +12,7 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,
+    InfoData, InfoIpTunnel, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,
 };
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -22,7 +22,7 @@ use rtnetlink::packet_route::route::{
     RouteType,
 };
 use rtnetlink::{
-    Handle, LinkUnspec, LinkVxlan, LinkWireguard, MulticastGroup, RouteMessageBuilder,
+    Handle, LinkIpIp, LinkUnspec, LinkVxlan, LinkWireguard, MulticastGroup, RouteMessageBuilder,
 };
 
 use crate::LinkOps;
@@ -241,6 +241,8 @@ pub struct LinkState {
     pub mtu: u32,
     /// The vxlan attributes, for a vxlan device.
     pub vxlan: Option<VxlanAttrs>,
+    /// The tunnel's ends, for an ipip device.
+    pub ipip: Option<IpipAttrs>,
     /// The link's kind (`ip -d link`: `vxlan`, `wireguard`, `tun`, ...), when it has one.
     pub kind: Option<String>,
 }
@@ -272,6 +274,26 @@ pub struct VxlanSpec {
     pub attrs: VxlanAttrs,
     /// MAC address.
     pub mac: MacAddr,
+    /// MTU.
+    pub mtu: u32,
+}
+
+/// The ends of an ipip device (`ip -d link`: `ipip remote any local 172.20.0.11`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IpipAttrs {
+    /// The local end (`None`: any).
+    pub local: Option<Ipv4Addr>,
+    /// The remote end (`None`: any, as flannel's device has it: one device for every peer).
+    pub remote: Option<Ipv4Addr>,
+}
+
+/// An ipip device to create (`ip link add <name> mtu <mtu> type ipip local <local>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpipSpec {
+    /// Device name, `flannel.ipip`.
+    pub name: String,
+    /// The local end: the external interface's address.
+    pub local: Ipv4Addr,
     /// MTU.
     pub mtu: u32,
 }
@@ -650,6 +672,7 @@ fn link_state(msg: rtnetlink::packet_route::link::LinkMessage) -> LinkState {
         up: msg.header.flags.contains(LinkFlags::Up),
         mtu: 0,
         vxlan: None,
+        ipip: None,
         kind: None,
     };
     for a in msg.attributes {
@@ -670,10 +693,10 @@ fn link_state(msg: rtnetlink::packet_route::link::LinkMessage) -> LinkState {
                         learning: true,
                         ..Default::default()
                     };
-                    for i in infos {
+                    for i in &infos {
                         if let LinkInfo::Data(InfoData::Vxlan(data)) = i {
                             for d in data {
-                                match d {
+                                match *d {
                                     InfoVxlan::Id(id) => v.vni = id,
                                     InfoVxlan::Link(l) => v.link = Some(l),
                                     InfoVxlan::Local(l) => v.local = Some(IpAddr::V4(l)),
@@ -688,11 +711,39 @@ fn link_state(msg: rtnetlink::packet_route::link::LinkMessage) -> LinkState {
                     }
                     s.vxlan = Some(v);
                 }
+                if infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::IpIp)))
+                {
+                    s.ipip = Some(ipip_attrs(&infos));
+                }
             }
             _ => {}
         }
     }
     s
+}
+
+/// An ipip device's ends from its link info; the unspecified address (what the kernel reports for
+/// `any`) is `None`.
+fn ipip_attrs(infos: &[LinkInfo]) -> IpipAttrs {
+    let mut a = IpipAttrs::default();
+    let end = |ip: &IpAddr| match ip {
+        IpAddr::V4(v4) if !v4.is_unspecified() => Some(*v4),
+        _ => None,
+    };
+    for i in infos {
+        if let LinkInfo::Data(InfoData::IpTunnel(data)) = i {
+            for d in data {
+                match d {
+                    InfoIpTunnel::Local(ip) => a.local = end(ip),
+                    InfoIpTunnel::Remote(ip) => a.remote = end(ip),
+                    _ => {}
+                }
+            }
+        }
+    }
+    a
 }
 
 /// What a notification says, or `None` when it cannot concern flannel's entries (routes of other
@@ -923,6 +974,22 @@ impl LinkOps for Netlink {
             })
     }
 
+    /// Creates an ipip device.
+    async fn create_ipip(&self, spec: &IpipSpec) -> Result<(), DataplaneError> {
+        let b = LinkIpIp::new(&spec.name).local(spec.local).mtu(spec.mtu);
+        self.handle
+            .link()
+            .add(b.build())
+            .execute()
+            .await
+            .map_err(|e| {
+                err(
+                    format!("creating ipip device {} (local {})", spec.name, spec.local),
+                    e,
+                )
+            })
+    }
+
     /// Deletes a link (`ip link del`).
     async fn delete_link(&self, index: u32) -> Result<(), DataplaneError> {
         self.handle
@@ -1115,5 +1182,44 @@ impl KernelOps for Netlink {
             }
         };
         result.map_err(|e| err(op.to_string(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipip_ends_read_as_the_kernel_reports_them() {
+        let info = |local: &str, remote: &str| {
+            vec![
+                LinkInfo::Kind(InfoKind::IpIp),
+                LinkInfo::Data(InfoData::IpTunnel(vec![
+                    InfoIpTunnel::Link(0),
+                    InfoIpTunnel::Local(local.parse().unwrap()),
+                    InfoIpTunnel::Remote(remote.parse().unwrap()),
+                    InfoIpTunnel::Ttl(0),
+                ])),
+            ]
+        };
+        // `ip link add flannel.ipip type ipip local 172.20.0.11`: remote any is 0.0.0.0.
+        assert_eq!(
+            ipip_attrs(&info("172.20.0.11", "0.0.0.0")),
+            IpipAttrs {
+                local: Some(Ipv4Addr::new(172, 20, 0, 11)),
+                remote: None
+            }
+        );
+        assert_eq!(
+            ipip_attrs(&info("0.0.0.0", "192.0.2.7")),
+            IpipAttrs {
+                local: None,
+                remote: Some(Ipv4Addr::new(192, 0, 2, 7))
+            }
+        );
+        assert_eq!(
+            ipip_attrs(&[LinkInfo::Kind(InfoKind::IpIp)]),
+            IpipAttrs::default()
+        );
     }
 }
