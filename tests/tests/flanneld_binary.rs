@@ -73,6 +73,7 @@ fn linked_backends_are_registered() {
             "alloc",
             "extension",
             "host-gw",
+            "ipip",
             "peer-log",
             "udp",
             "vxlan",
@@ -186,7 +187,7 @@ fn unknown_backend_and_env_iface_are_reported() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("unknown backend type \"peer-log\""), "{err}");
     assert!(
-        err.contains("alloc, extension, host-gw, udp, vxlan, wireguard"),
+        err.contains("alloc, extension, host-gw, ipip, udp, vxlan, wireguard"),
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
