@@ -757,6 +757,80 @@ impl Lab {
         self.wait_subnet_file(i, false);
     }
 
+    /// Runs host `i`'s flanneld as [`Lab::start_flanneld`] would, for a start that must fail:
+    /// waits up to `limit` for it to exit and returns its exit code (`None`: still running at
+    /// `limit`, then stopped) and its log.
+    pub fn run_flanneld_to_exit(&mut self, i: usize, limit: Duration) -> (Option<i32>, String) {
+        let (argv, env) = self.flanneld_command(i);
+        let h = &mut self.hosts[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&h.log)
+            .expect("log");
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let mut child = crate::cleanup::spawn(&mut cmd).expect("spawn flanneld");
+        let deadline = Instant::now() + limit;
+        let code = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    crate::cleanup::forget_process(child.id());
+                    break status.code();
+                }
+                _ if Instant::now() > deadline => {
+                    let _ = crate::cleanup::stop_child(&mut child, Duration::from_secs(5));
+                    break None;
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        (code, h.log_text())
+    }
+
+    /// What crossed host `h`'s IPv4 underlay (etcd's TCP aside) while `during` ran, as tcpdump
+    /// prints it (`--immediate-mode`: packets reach the file at once, not when a ring block is
+    /// full).
+    ///
+    /// # Panics
+    /// When tcpdump cannot be started.
+    pub fn capture_underlay(&self, h: usize, during: impl FnOnce()) -> Vec<String> {
+        let file = self.dir().join(format!("underlay-{h}.pcap"));
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.hosts[h].ns.name()])
+            .args([
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                "eth0",
+                "-nn",
+                "-U",
+                "-w",
+            ])
+            .arg(&file)
+            .args(["ip and not tcp port 2379"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut tcpdump = crate::cleanup::spawn(&mut cmd).expect("tcpdump");
+        std::thread::sleep(Duration::from_millis(500));
+        during();
+        std::thread::sleep(Duration::from_millis(300));
+        crate::cleanup::stop_child(&mut tcpdump, Duration::from_secs(5));
+        let out = Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(&file)
+            .output()
+            .expect("tcpdump -r");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
     /// Starts flanneld on every host.
     pub fn start_all(&mut self) {
         for i in 0..self.hosts.len() {

@@ -221,7 +221,7 @@ fn the_underlay_carries_only_wireguard_udp() {
     };
     assert!(lab.ping_all(Duration::from_secs(10)).is_empty());
     let mut failures = Vec::new();
-    let lines = capture_underlay(&lab, 0, || failures = lab.ping_all(Duration::from_secs(10)));
+    let lines = lab.capture_underlay(0, || failures = lab.ping_all(Duration::from_secs(10)));
     assert!(failures.is_empty(), "{failures:?}");
     assert!(
         lines.len() >= 8,
@@ -234,41 +234,6 @@ fn the_underlay_carries_only_wireguard_udp() {
         );
         assert!(!line.contains("10.5."), "pod addresses in clear: {line}");
     }
-}
-
-/// What crossed host `h`'s IPv4 underlay (etcd's TCP aside) while `during` ran, as tcpdump prints
-/// it (`--immediate-mode`: packets reach the file at once, not when a ring block is full).
-fn capture_underlay(lab: &Lab, h: usize, during: impl FnOnce()) -> Vec<String> {
-    let file = lab.dir().join(format!("underlay-{h}.pcap"));
-    let mut cmd = std::process::Command::new("ip");
-    cmd.args(["netns", "exec", lab.hosts[h].ns.name()])
-        .args([
-            "tcpdump",
-            "--immediate-mode",
-            "-i",
-            "eth0",
-            "-nn",
-            "-U",
-            "-w",
-        ])
-        .arg(&file)
-        .args(["ip and not tcp port 2379"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let mut tcpdump = flannel_tests::cleanup::spawn(&mut cmd).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    during();
-    std::thread::sleep(Duration::from_millis(300));
-    flannel_tests::cleanup::stop_child(&mut tcpdump, Duration::from_secs(5));
-    let out = std::process::Command::new("tcpdump")
-        .args(["-nn", "-r"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
 }
 
 #[test]
@@ -290,7 +255,7 @@ fn while_flanneld_is_down_pod_traffic_is_held_back_not_sent_in_clear() {
     );
     let peer = lab.hosts[1].pods[0].ip;
     let mut answered = true;
-    let lines = capture_underlay(&lab, 0, || {
+    let lines = lab.capture_underlay(0, || {
         answered = lab.ping((0, 0), peer, Duration::from_secs(3));
     });
     assert!(!answered, "a ping crossed with flanneld down");

@@ -1,0 +1,32 @@
+//! The ipip backend in a kernel that has ipip tunnels: the test VM (`scripts/test-vm`; this
+//! machine's kernel has none) runs `vm-ipip-lab`, a 3-host lab on two underlay segments. The lab
+//! checks that pods ping across hosts (also across the router), that `flannel.ipip` and the routes
+//! are upstream's (local address, MTU, the subnet's /32, `via <PublicIP> dev flannel.ipip onlink`),
+//! the lease is upstream's, the underlay carries IP-in-IP only, a deleted route and a deleted
+//! device are repaired, an old device with other ends is made again, a vxlan lease is ignored, a
+//! departed peer's route goes, traffic goes on while flanneld is stopped and the restart takes the
+//! device over, and that DirectRouting routes the hosts of one segment without the tunnel.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use flannel_tests::vm::Vm;
+
+#[test]
+fn ipip_backend_in_a_vm() {
+    let Some(vm) = Vm::for_test("ipip_backend_in_a_vm") else {
+        return;
+    };
+    let lab = flannel_tests::bin_path("vm-ipip-lab");
+    let run = vm.run(&lab, &[], Duration::from_secs(900));
+    println!("{}", run.out);
+    assert_eq!(
+        run.rc,
+        Some(0),
+        "in the VM (kernel {}): {}",
+        vm.kernel(),
+        run.report()
+    );
+    assert!(run.out.contains("all checks passed"), "{}", run.report());
+}
