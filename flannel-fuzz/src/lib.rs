@@ -45,6 +45,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("vxlan_peer_data", vxlan_peer_data),
     ("wireguard_uapi", wireguard_uapi),
     ("extension_lease", extension_lease),
+    ("ipip_lease", ipip_lease),
 ];
 
 fn text(data: &[u8]) -> String {
@@ -499,4 +500,52 @@ pub fn extension_lease(data: &[u8]) {
     };
     let steps = peers.apply(LeaseWatchResult::Snapshot(Vec::new()), &ok);
     assert_eq!(steps.len(), usize::from(added), "{steps:?}");
+}
+
+/// The ipip backend's options (a `Backend` object) and a peer's ipip lease (a lease value from the
+/// store) turned into routes: an accepted lease gets at most one route, for its own subnet, to its
+/// own public IP, never to an unusable far end.
+pub fn ipip_lease(data: &[u8]) {
+    use flannel_backend_ipip::{IpipOptions, Topology, desired_state};
+    use flannel_core::Lease;
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    let direct_routing = IpipOptions::parse(&v).is_ok_and(|o| o.direct_routing);
+    let Ok(attrs) = LeaseAttrs::from_json(data) else {
+        return;
+    };
+    let (Ok(network), Ok(own), Ok(subnet), Ok(ext)) = (
+        "10.5.0.0/16".parse::<ipnet::Ipv4Net>(),
+        "10.5.1.0/24".parse::<ipnet::Ipv4Net>(),
+        "10.5.2.0/24".parse::<ipnet::Ipv4Net>(),
+        "192.168.0.0/24".parse::<ipnet::IpNet>(),
+    ) else {
+        return;
+    };
+    let topo = Topology {
+        network,
+        own_subnet: own,
+        ipip_index: 7,
+        ext_index: 2,
+        ext_networks: vec![ext],
+        direct_routing,
+    };
+    let lease = Lease {
+        key: SubnetKey::v4(subnet),
+        enable_ipv4: true,
+        attrs,
+        expiration: None,
+        asof: 0,
+    };
+    let (state, own, _) = desired_state(&topo, &[&lease]);
+    assert!(state.routes.len() <= 1, "{:?}", state.routes);
+    for r in &state.routes {
+        let public = std::net::IpAddr::V4(lease.attrs.public_ip);
+        assert_eq!(lease.attrs.backend_type, "ipip");
+        assert_eq!(r.dst, ipnet::IpNet::V4(subnet));
+        assert_eq!(r.gateway, Some(public));
+        assert!(!public.is_unspecified() && !public.is_loopback() && !public.is_multicast());
+        assert!(own.owns_route(r), "{r}");
+    }
 }
