@@ -5,7 +5,8 @@
 //! the lease is upstream's, the underlay carries IP-in-IP only, a deleted route and a deleted
 //! device are repaired, an old device with other ends is made again, a vxlan lease is ignored, a
 //! departed peer's route goes, traffic goes on while flanneld is stopped and the restart takes the
-//! device over, and that DirectRouting routes the hosts of one segment without the tunnel.
+//! device over, that DirectRouting routes the hosts of one segment without the tunnel, and that
+//! Kubernetes mode writes upstream's annotations and pods ping.
 
 #![allow(clippy::unwrap_used)]
 

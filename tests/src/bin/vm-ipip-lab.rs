@@ -1,7 +1,8 @@
 //! The ipip lab: run inside the test VM (a kernel with ipip tunnels; this machine's kernel has
 //! none) by the test `ipip_backend_in_a_vm` (tests/tests/vm_ipip.rs). Three hosts on two underlay
 //! segments joined by a router: hosts 1 and 2 share one, host 3 is behind the router. Each step
-//! prints a line; the first failed check panics (exit code 101) and says what it saw.
+//! prints a line; the first failed check panics (exit code 101) and says what it saw. Then
+//! DirectRouting, and Kubernetes mode.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -233,6 +234,55 @@ fn main() {
     }
     step(
         "DirectRouting: hosts on one segment route directly, the host behind the router through flannel.ipip",
+    );
+    drop(lab);
+
+    // Kubernetes mode (the stand-in API server): the Node objects carry upstream's annotations for
+    // ipip, and pods ping through flannel.ipip.
+    let spec = flannel_tests::lab::LabSpec {
+        segments: vec![2],
+        config: r#"{"Network":"10.5.0.0/16","Backend":{"Type":"ipip"}}"#.into(),
+        flanneld_args: vec![],
+    };
+    let mut lab = Lab::new_kube(&spec, flannel_tests::bin_path("flanneld"));
+    lab.start_all();
+    for i in 0..2 {
+        lab.add_pods(i, 1);
+    }
+    let failures = lab.ping_all(Duration::from_secs(60));
+    assert!(failures.is_empty(), "Kubernetes mode: {failures:?}");
+    for h in 0..2 {
+        let node = lab.api().node(&format!("host{}", h + 1)).unwrap();
+        let annotations = &node["metadata"]["annotations"];
+        let prefix = "flannel.alpha.coreos.com/";
+        assert_eq!(
+            annotations[format!("{prefix}backend-type")],
+            "ipip",
+            "{node}"
+        );
+        assert_eq!(
+            annotations[format!("{prefix}backend-data")],
+            "null",
+            "{node}"
+        );
+        assert_eq!(
+            annotations[format!("{prefix}public-ip")],
+            lab.hosts[h].addr.to_string(),
+            "{node}"
+        );
+        let other = node["spec"]["podCIDR"].as_str().unwrap().to_string();
+        let routes = lab.hosts[1 - h].routes("");
+        assert!(
+            routes.contains(&format!(
+                "{other} via {} dev flannel.ipip onlink",
+                lab.hosts[h].addr
+            )),
+            "host {}: {routes}",
+            1 - h
+        );
+    }
+    step(
+        "Kubernetes mode: upstream's annotations (backend-type ipip, backend-data null), pods ping through flannel.ipip",
     );
     println!("vm-ipip-lab: all checks passed");
 }
