@@ -424,18 +424,7 @@ mod tests {
     use flannel_core::LeaseEvent;
 
     fn lease(subnet: &str, ip: &str, ty: &str, data: Option<serde_json::Value>) -> Lease {
-        Lease {
-            key: SubnetKey::v4(subnet.parse().unwrap()),
-            enable_ipv4: true,
-            attrs: LeaseAttrs {
-                public_ip: ip.parse().unwrap(),
-                backend_type: flannel_core::backend_type_of(ty),
-                backend_data: data.as_ref().map(RawJson::from_value),
-                ..Default::default()
-            },
-            expiration: None,
-            asof: 0,
-        }
+        flannel_core::testing::peer_lease(&subnet.replace('/', "-"), ip, ty, data)
     }
 
     fn ok(_: &Lease) -> Result<(), String> {

@@ -376,17 +376,7 @@ mod tests {
     }
 
     fn lease(key: &str, ip: &str, ty: &str) -> Lease {
-        Lease {
-            key: key.parse().unwrap(),
-            enable_ipv4: true,
-            attrs: LeaseAttrs {
-                public_ip: ip.parse().unwrap(),
-                backend_type: flannel_core::backend_type_of(ty),
-                ..Default::default()
-            },
-            expiration: None,
-            asof: 0,
-        }
+        flannel_core::testing::peer_lease(key, ip, ty, None)
     }
 
     fn routes(s: &KernelState) -> Vec<String> {

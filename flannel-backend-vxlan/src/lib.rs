@@ -615,18 +615,7 @@ mod tests {
     }
 
     fn lease(key: &str, ip: &str, data: serde_json::Value, ty: &str) -> Lease {
-        Lease {
-            key: key.parse().unwrap(),
-            enable_ipv4: true,
-            attrs: LeaseAttrs {
-                public_ip: ip.parse().unwrap(),
-                backend_type: flannel_core::backend_type_of(ty),
-                backend_data: Some(RawJson::from_value(&data)),
-                ..Default::default()
-            },
-            expiration: None,
-            asof: 0,
-        }
+        flannel_core::testing::peer_lease(key, ip, ty, Some(data))
     }
 
     fn topo(direct: bool) -> Topology {

@@ -92,3 +92,32 @@ impl crate::SubnetManager for ScriptedManager {
         Ok(())
     }
 }
+
+/// A peer's lease for a test: `key` as the store writes it (`10.5.2.0-24`), its `PublicIP`, its
+/// `BackendType` (`""`: none) and backend data, no expiration.
+///
+/// # Panics
+/// When `key` or `public_ip` does not parse (a mistake in the test).
+pub fn peer_lease(
+    key: &str,
+    public_ip: &str,
+    backend_type: &str,
+    data: Option<serde_json::Value>,
+) -> Lease {
+    Lease {
+        key: key
+            .parse()
+            .unwrap_or_else(|e| panic!("test lease key {key}: {e}")),
+        enable_ipv4: true,
+        attrs: LeaseAttrs {
+            public_ip: public_ip
+                .parse()
+                .unwrap_or_else(|e| panic!("test lease public IP {public_ip}: {e}")),
+            backend_type: crate::backend_type_of(backend_type),
+            backend_data: data.as_ref().map(crate::RawJson::from_value),
+            ..Default::default()
+        },
+        expiration: None,
+        asof: 0,
+    }
+}

@@ -299,6 +299,20 @@ pub struct IpipSpec {
 }
 
 impl Netlink {
+    /// `ip link add` of `msg`; an error says what was being done (`context`).
+    async fn add_link(
+        &self,
+        msg: rtnetlink::packet_route::link::LinkMessage,
+        context: impl FnOnce() -> String,
+    ) -> Result<(), DataplaneError> {
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|e| err(context(), e))
+    }
+
     /// Opens a connection (the connection task runs on the current tokio runtime).
     pub fn new() -> Result<Self, DataplaneError> {
         let (conn, handle, _) =
@@ -419,12 +433,8 @@ impl Netlink {
     /// When the kernel refuses the device.
     pub async fn create_wireguard(&self, name: &str) -> Result<(), DataplaneError> {
         let msg = LinkWireguard::new(name).build();
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
+        self.add_link(msg, || format!("creating WireGuard device {name}"))
             .await
-            .map_err(|e| err(format!("creating WireGuard device {name}"), e))
     }
 
     /// Subscribes to link, address, route and neighbour notifications, each turned into a
@@ -961,33 +971,19 @@ impl LinkOps for Netlink {
         if a.gbp {
             b = b.gbp();
         }
-        self.handle
-            .link()
-            .add(b.build())
-            .execute()
-            .await
-            .map_err(|e| {
-                err(
-                    format!("creating vxlan device {} (vni {})", spec.name, a.vni),
-                    e,
-                )
-            })
+        self.add_link(b.build(), || {
+            format!("creating vxlan device {} (vni {})", spec.name, a.vni)
+        })
+        .await
     }
 
     /// Creates an ipip device.
     async fn create_ipip(&self, spec: &IpipSpec) -> Result<(), DataplaneError> {
         let b = LinkIpIp::new(&spec.name).local(spec.local).mtu(spec.mtu);
-        self.handle
-            .link()
-            .add(b.build())
-            .execute()
-            .await
-            .map_err(|e| {
-                err(
-                    format!("creating ipip device {} (local {})", spec.name, spec.local),
-                    e,
-                )
-            })
+        self.add_link(b.build(), || {
+            format!("creating ipip device {} (local {})", spec.name, spec.local)
+        })
+        .await
     }
 
     /// Deletes a link (`ip link del`).

@@ -688,13 +688,19 @@ impl Lab {
     /// # Panics
     /// When it does not come up within 20 s.
     pub fn start_flanneld(&mut self, i: usize) {
+        let _ = std::fs::remove_file(&self.hosts[i].subnet_file);
+        let child = self.spawn_flanneld(i);
+        self.hosts[i].flanneld = Some(child);
+        self.wait_subnet_file(i, true);
+    }
+
+    /// Starts host `i`'s flanneld, logging to the host's log.
+    fn spawn_flanneld(&self, i: usize) -> Child {
         let (argv, env) = self.flanneld_command(i);
-        let h = &mut self.hosts[i];
-        let _ = std::fs::remove_file(&h.subnet_file);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&h.log)
+            .open(&self.hosts[i].log)
             .expect("log");
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
@@ -702,9 +708,7 @@ impl Lab {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
-        let child = crate::cleanup::spawn(&mut cmd).expect("spawn flanneld");
-        h.flanneld = Some(child);
-        self.wait_subnet_file(i, true);
+        crate::cleanup::spawn(&mut cmd).expect("spawn flanneld")
     }
 
     /// Waits up to 20 s (100 s in the test VM, which emulates its CPU) for host `i`'s subnet.env
@@ -761,20 +765,7 @@ impl Lab {
     /// waits up to `limit` for it to exit and returns its exit code (`None`: still running at
     /// `limit`, then stopped) and its log.
     pub fn run_flanneld_to_exit(&mut self, i: usize, limit: Duration) -> (Option<i32>, String) {
-        let (argv, env) = self.flanneld_command(i);
-        let h = &mut self.hosts[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&h.log)
-            .expect("log");
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
-        let mut child = crate::cleanup::spawn(&mut cmd).expect("spawn flanneld");
+        let mut child = self.spawn_flanneld(i);
         let deadline = Instant::now() + limit;
         let code = loop {
             match child.try_wait() {
@@ -789,7 +780,7 @@ impl Lab {
                 _ => std::thread::sleep(Duration::from_millis(50)),
             }
         };
-        (code, h.log_text())
+        (code, self.hosts[i].log_text())
     }
 
     /// What crossed host `h`'s IPv4 underlay (etcd's TCP aside) while `during` ran, as tcpdump

@@ -105,6 +105,28 @@ impl Vm {
         }
     }
 
+    /// Runs the lab binary `lab` (a binary of this crate that checks step by step and ends by
+    /// printing `all checks passed`) in the VM for `test`, and asserts that it passed. Skips (with
+    /// the reason printed) where [`Vm::for_test`] does.
+    ///
+    /// # Panics
+    /// When the lab fails, does not finish within 15 minutes, or the VM cannot run.
+    pub fn run_lab(test: &str, lab: &str) {
+        let Some(vm) = Self::for_test(test) else {
+            return;
+        };
+        let run = vm.run(&crate::bin_path(lab), &[], Duration::from_secs(900));
+        println!("{}", run.out);
+        assert_eq!(
+            run.rc,
+            Some(0),
+            "{lab} in the VM (kernel {}): {}",
+            vm.kernel(),
+            run.report()
+        );
+        assert!(run.out.contains("all checks passed"), "{}", run.report());
+    }
+
     /// The kernel release the VM runs.
     pub fn kernel(&self) -> String {
         std::fs::read_to_string(self.dir.join("version"))

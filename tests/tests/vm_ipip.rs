@@ -8,26 +8,7 @@
 //! device over, that DirectRouting routes the hosts of one segment without the tunnel, and that
 //! Kubernetes mode writes upstream's annotations and pods ping.
 
-#![allow(clippy::unwrap_used)]
-
-use std::time::Duration;
-
-use flannel_tests::vm::Vm;
-
 #[test]
 fn ipip_backend_in_a_vm() {
-    let Some(vm) = Vm::for_test("ipip_backend_in_a_vm") else {
-        return;
-    };
-    let lab = flannel_tests::bin_path("vm-ipip-lab");
-    let run = vm.run(&lab, &[], Duration::from_secs(900));
-    println!("{}", run.out);
-    assert_eq!(
-        run.rc,
-        Some(0),
-        "in the VM (kernel {}): {}",
-        vm.kernel(),
-        run.report()
-    );
-    assert!(run.out.contains("all checks passed"), "{}", run.report());
+    flannel_tests::vm::Vm::run_lab("ipip_backend_in_a_vm", "vm-ipip-lab");
 }

@@ -9,26 +9,7 @@
 //! the kernel's `flannel-wg-v6` (`Mode: separate`) or `flannel-wg` (`Mode: auto`) alone, each peer
 //! at its IPv6 address.
 
-#![allow(clippy::unwrap_used)]
-
-use std::time::Duration;
-
-use flannel_tests::vm::Vm;
-
 #[test]
 fn kernel_wireguard_devices_in_a_vm() {
-    let Some(vm) = Vm::for_test("kernel_wireguard_devices_in_a_vm") else {
-        return;
-    };
-    let lab = flannel_tests::bin_path("vm-wireguard-lab");
-    let run = vm.run(&lab, &[], Duration::from_secs(900));
-    println!("{}", run.out);
-    assert_eq!(
-        run.rc,
-        Some(0),
-        "in the VM (kernel {}): {}",
-        vm.kernel(),
-        run.report()
-    );
-    assert!(run.out.contains("all checks passed"), "{}", run.report());
+    flannel_tests::vm::Vm::run_lab("kernel_wireguard_devices_in_a_vm", "vm-wireguard-lab");
 }
