@@ -550,7 +550,8 @@ impl Netlink {
         Ok(true)
     }
 
-    /// The main-table routes of one family that `keep` accepts (`ip route show table main`).
+    /// The main-table routes of one family that `keep` accepts (`ip route show table main`), and
+    /// in `nh_ids` the next-hop object of every main-table route that has one, kept or not.
     async fn routes(
         &self,
         v6: bool,
@@ -585,13 +586,15 @@ impl Netlink {
                         onlink: hop.onlink,
                     })
                 });
-                if let Some(route) = route
-                    && keep(&route)
-                {
+                if let Some(route) = route {
+                    // Every route's object is in use, whoever's route it is: a second flanneld on
+                    // the host (another network) may share an object with this one.
                     if let Some(id) = nh_id {
                         nh_ids.push((route.dst, id));
                     }
-                    out.push(route);
+                    if keep(&route) {
+                        out.push(route);
+                    }
                 }
             })
             .await

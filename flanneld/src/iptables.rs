@@ -2,10 +2,13 @@
 //! §6, in Go flanneld HEAD's rule set (v0.21.3+: jumps appended, RETURN rules split by subnet).
 //!
 //! Rule generation is pure ([`masq_rules`], [`forward_rules`], [`restore_payload`], [`in_sync`]); applying is
-//! one `iptables-restore --noflush --wait` transaction per table that declares (creates or flushes) the
-//! flannel chain, fills it, and replaces the jump into it. Because the chain is rebuilt whole, rules for
-//! an old subnet from a previous run disappear at start. A resync loop compares `iptables -S` with the
-//! expected rules every `--iptables-resync` seconds and rebuilds on any difference.
+//! one `iptables-restore --noflush --wait` transaction per table. At start it declares (creates or
+//! flushes) the flannel chain, fills it, and replaces the jump into it, unless the chain already holds
+//! exactly these rules: rules for an old subnet from a previous run disappear then (as Go flushes the
+//! chains at start). A resync loop checks `iptables -S` every `--iptables-resync` seconds for each of
+//! its rules and the jump, and puts back what is missing without a flush, so the rules of a second
+//! flanneld on the host (another network, `--etcd-prefix`, Go's `test_multi`) in the same chains stay,
+//! as Go's resync leaves them.
 //!
 //! Every `iptables`/`nft` call is a `tokio::process` child with a timeout ([`RUN_TIMEOUT`]), so a
 //! held xtables lock or a hung tool never stalls the agent (its `/healthz`, its lease keep-alive).
@@ -169,6 +172,51 @@ pub fn restore_payload(set: &RuleSet, existing_jumps: usize) -> String {
     p
 }
 
+/// Whether the chain holds every rule of `set` and its parent one jump into it (`iptables -C` of
+/// each, as Go's resync checks): rules of others in the chain (a second flanneld on the host, for
+/// another network, keeps its rules in the same chains) do not count against it.
+pub fn complete(set: &RuleSet, chain_listing: &str, parent_listing: &str) -> bool {
+    let have: std::collections::HashSet<&str> = chain_listing.lines().map(str::trim).collect();
+    set.chain_listing()
+        .iter()
+        .all(|l| have.contains(l.as_str()))
+        && jumps_in(set, parent_listing) == 1
+}
+
+fn jumps_in(set: &RuleSet, parent_listing: &str) -> usize {
+    parent_listing
+        .lines()
+        .filter(|l| l.trim() == set.jump_line())
+        .count()
+}
+
+/// The `iptables-restore --noflush` payload that puts back what [`complete`] found missing without
+/// flushing the chain (others' rules stay): each rule of `set` deleted where present and appended
+/// in order, as Go's bootstrap does, and the jump made single. A missing chain is made.
+pub fn repair_payload(set: &RuleSet, chain_listing: &str, parent_listing: &str) -> String {
+    let have: std::collections::HashSet<&str> = chain_listing.lines().map(str::trim).collect();
+    if !have.contains(format!("-N {}", set.chain).as_str()) {
+        return restore_payload(set, jumps_in(set, parent_listing));
+    }
+    let mut p = format!("*{}\n", set.table);
+    for r in &set.rules {
+        let rule = format!("{} {}", set.chain, render(r));
+        if have.contains(format!("-A {rule}").as_str()) {
+            p.push_str(&format!("-D {rule}\n"));
+        }
+        p.push_str(&format!("-A {rule}\n"));
+    }
+    for _ in 0..jumps_in(set, parent_listing) {
+        p.push_str(&format!("-D {} {}\n", set.parent, render(&set.jump)));
+    }
+    p.push_str(&format!(
+        "-A {} {}\nCOMMIT\n",
+        set.parent,
+        render(&set.jump)
+    ));
+    p
+}
+
 /// Whether the listings of the chain and its parent show exactly the expected rules and one jump.
 pub fn in_sync(set: &RuleSet, chain_listing: &str, parent_listing: &str) -> bool {
     let have: Vec<&str> = chain_listing
@@ -278,9 +326,21 @@ async fn listing(set: &RuleSet, chain: &str) -> Result<String, IptablesError> {
     list(&[set.command(), "-w", "-t", set.table, "-S", chain]).await
 }
 
-/// Makes the kernel hold exactly `set` (one transaction). Returns whether anything had to change;
-/// an error (counted) when the rules could not even be read: nothing is rebuilt blindly then.
-pub async fn ensure(set: &RuleSet) -> Result<bool, IptablesError> {
+/// When rules are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// At start: the chain must hold exactly `set` (rebuilt whole otherwise, which also clears
+    /// rules left from an earlier run with another subnet), as Go flushes the chains at start.
+    Start,
+    /// The resync: every rule of `set` present, others' rules left alone ([`complete`],
+    /// [`repair_payload`]).
+    Resync,
+}
+
+/// Makes the kernel hold `set` as `check` says (one transaction). Returns whether anything had to
+/// change; an error (counted) when the rules could not even be read: nothing is rebuilt blindly
+/// then.
+pub async fn ensure(set: &RuleSet, check: Check) -> Result<bool, IptablesError> {
     let (chain, parent) = match (
         listing(set, set.chain).await,
         listing(set, set.parent).await,
@@ -291,16 +351,15 @@ pub async fn ensure(set: &RuleSet) -> Result<bool, IptablesError> {
             return Err(e);
         }
     };
-    if in_sync(set, &chain, &parent) {
-        return Ok(false);
-    }
-    let jumps = parent
-        .lines()
-        .filter(|l| l.trim() == set.jump_line())
-        .count();
+    let payload = match check {
+        Check::Start if in_sync(set, &chain, &parent) => return Ok(false),
+        Check::Start => restore_payload(set, jumps_in(set, &parent)),
+        Check::Resync if complete(set, &chain, &parent) => return Ok(false),
+        Check::Resync => repair_payload(set, &chain, &parent),
+    };
     run(
         &[set.restore_command(), "--noflush", "--wait"],
-        Some(&restore_payload(set, jumps)),
+        Some(&payload),
     )
     .await?;
     Ok(true)
@@ -331,13 +390,14 @@ pub enum TrafficRules {
 }
 
 impl TrafficRules {
-    /// Makes the kernel hold exactly these rules; returns whether anything changed.
-    pub async fn ensure(&self) -> Result<bool, IptablesError> {
+    /// Makes the kernel hold these rules as `check` says (nftables tables: exactly, both times);
+    /// returns whether anything changed.
+    pub async fn ensure(&self, check: Check) -> Result<bool, IptablesError> {
         let changed = match self {
             TrafficRules::Iptables(sets) => {
                 let mut changed = false;
                 for set in sets {
-                    changed |= ensure(set).await?;
+                    changed |= ensure(set, check).await?;
                 }
                 changed
             }
@@ -356,16 +416,16 @@ impl TrafficRules {
     }
 }
 
-/// Keeps the rules in place until `shutdown`, checking every `every` and rebuilding on any
-/// difference ("Some rules are missing; deleting and recreating rules"). Rules stay on exit, as with
-/// Go flanneld.
+/// Keeps the rules in place until `shutdown`, checking every `every` and putting back what is
+/// missing ([`Check::Resync`]: "Some rules are missing; deleting and recreating rules"; others'
+/// rules in the chains stay, as Go's resync leaves them). Rules stay on exit, as with Go flanneld.
 pub async fn keep(rules: TrafficRules, every: Duration, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        match rules.ensure().await {
+        match rules.ensure(Check::Resync).await {
             Ok(true) => info!("some flannel rules were missing or changed; recreated them"),
             Ok(false) => {}
             Err(e) => warn!(error = %e, "checking the flannel rules failed; will retry"),
@@ -484,5 +544,57 @@ mod tests {
         assert!(supports_random_fully((1, 8, 9)));
         assert!(supports_random_fully((1, 6, 2)));
         assert!(!supports_random_fully((1, 6, 1)));
+    }
+
+    /// Two flanneld on one host (two networks): each one's resync finds its own rules among the
+    /// other's, and puts back only its own, without a flush.
+    #[test]
+    fn the_resync_leaves_another_networks_rules_alone() {
+        let mine = forward_rules(n());
+        let theirs = forward_rules("10.12.0.0/16".parse().unwrap());
+        let jump = mine.jump_line();
+        let both: Vec<String> = mine
+            .chain_listing()
+            .into_iter()
+            .chain(theirs.chain_listing().into_iter().skip(1))
+            .collect();
+        let both = both.join("\n");
+        assert!(complete(&mine, &both, &jump) && complete(&theirs, &both, &jump));
+        assert!(
+            !in_sync(&mine, &both, &jump),
+            "the start check wants the chain exact"
+        );
+        assert!(
+            !complete(&mine, &both, &format!("{jump}\n{jump}")),
+            "two jumps"
+        );
+        assert!(!complete(&mine, &both, ""), "no jump");
+
+        // The other flanneld flushed the chain and filled it with its own: ours go back at the end.
+        let theirs_only = theirs.chain_listing().join("\n");
+        assert!(!complete(&mine, &theirs_only, &jump));
+        let p = repair_payload(&mine, &theirs_only, &jump);
+        assert_eq!(
+            p,
+            "*filter\n\
+             -A FLANNEL-FWD -s 10.10.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT\n\
+             -A FLANNEL-FWD -d 10.10.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT\n\
+             -D FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n\
+             -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\nCOMMIT\n"
+        );
+        assert!(!p.contains(":FLANNEL-FWD"), "no flush: {p}");
+
+        // One of ours deleted: the other deleted and both appended in order.
+        let partial = format!("-N FLANNEL-FWD\n{}", mine.chain_listing()[2]);
+        let p = repair_payload(&mine, &partial, "");
+        assert!(
+            p.contains(&format!("-D {}", &mine.chain_listing()[2][3..])),
+            "{p}"
+        );
+        assert_eq!(p.matches("-A FLANNEL-FWD").count(), 2, "{p}");
+        assert!(!p.contains("-D FORWARD"), "{p}");
+
+        // No chain at all: made, as at start.
+        assert_eq!(repair_payload(&mine, "", ""), restore_payload(&mine, 0));
     }
 }

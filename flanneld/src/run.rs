@@ -302,7 +302,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     if let Some(rules) = traffic_rules(&settings, &net, &lease).await? {
         rules
-            .ensure()
+            .ensure(crate::iptables::Check::Start)
             .await
             .context("installing the masquerade/forward rules")?;
         info!("masquerade/forward rules installed");

@@ -697,18 +697,51 @@ impl Lab {
     /// Starts host `i`'s flanneld, logging to the host's log.
     fn spawn_flanneld(&self, i: usize) -> Child {
         let (argv, env) = self.flanneld_command(i);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.hosts[i].log)
-            .expect("log");
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
-        crate::cleanup::spawn(&mut cmd).expect("spawn flanneld")
+        spawn_logged(&argv, env, &self.hosts[i].log)
+    }
+
+    /// Starts a second flanneld on host `i` (as Go's `test_multi` runs one per network, each under
+    /// its own `--etcd-prefix`): the host's flanneld's arguments with `args` added, its subnet file `<host dir>/<name>.env` and its log
+    /// `<host dir>/<name>.log`, and waits up to 20 s (100 s in the test VM) for the subnet file.
+    /// Returns the process (stopped when dropped), the subnet file and the log.
+    ///
+    /// # Panics
+    /// When it exits or writes no subnet file in time.
+    pub fn start_second_flanneld(
+        &self,
+        i: usize,
+        name: &str,
+        args: &[&str],
+    ) -> (crate::Proc, PathBuf, PathBuf) {
+        let (mut argv, env) = self.flanneld_command(i);
+        let dir = self.hosts[i].subnet_file.with_file_name("");
+        let (file, log) = (
+            dir.join(format!("{name}.env")),
+            dir.join(format!("{name}.log")),
+        );
+        for a in &mut argv {
+            if a.starts_with("--subnet-file=") {
+                *a = format!("--subnet-file={}", file.display());
+            }
+        }
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let mut proc = crate::Proc(spawn_logged(&argv, env, &log));
+        let deadline = Instant::now() + Duration::from_secs(20) * crate::vm::slowdown();
+        while !file.exists() {
+            let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(
+                matches!(proc.0.try_wait(), Ok(None)),
+                "the second flanneld {name} on host {i} exited:\n{}",
+                log_text()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the second flanneld {name} on host {i} wrote no subnet file:\n{}",
+                log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (proc, file, log)
     }
 
     /// Waits up to 20 s (100 s in the test VM, which emulates its CPU) for host `i`'s subnet.env
@@ -1242,4 +1275,20 @@ pub fn without_nhid(text: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Starts `argv` with `env`, stdout and stderr appended to `log`.
+fn spawn_logged(argv: &[String], env: Vec<(String, String)>, log: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    crate::cleanup::spawn(&mut cmd).expect("spawn flanneld")
 }
