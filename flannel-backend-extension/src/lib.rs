@@ -364,6 +364,7 @@ impl ExtensionNetwork {
             ..Default::default()
         };
         LeasePolicy::new(self.lease.key, &ownership, &outside)
+            .with_own_public_ips(self.lease.attrs.public_ips())
     }
 
     async fn execute(&self, step: Step) {

@@ -405,7 +405,7 @@ impl Network for UdpNetwork {
             Some(e) => Err(BackendError::Other(format!(
                 "starting the udp forwarding threads: {e}"
             ))),
-            None => driver::run_on_netlink(&mut model, sm, lease.key, shutdown).await,
+            None => driver::run_on_netlink(&mut model, sm, &lease, shutdown).await,
         };
         // Stop in the order that loses nothing under systemd: first reading the socket (datagrams
         // then wait in it for the next flanneld), and once what was read is on the TUN device, hand

@@ -230,6 +230,14 @@ impl LeaseAttrs {
         })
     }
 
+    /// The public addresses it names: `PublicIP` unless unspecified (an IPv6-only lease's), and
+    /// `PublicIPv6`.
+    pub fn public_ips(&self) -> impl Iterator<Item = std::net::IpAddr> {
+        let v4 = (!self.public_ip.is_unspecified()).then_some(std::net::IpAddr::V4(self.public_ip));
+        v4.into_iter()
+            .chain(self.public_ipv6.map(std::net::IpAddr::V6))
+    }
+
     /// The compact JSON Go flannel writes.
     pub fn to_json(&self) -> String {
         // Serializing plain data into a String cannot fail.

@@ -450,7 +450,7 @@ pub async fn run(
     model: &mut dyn Model,
     kernel: &dyn KernelOps,
     sm: Arc<dyn SubnetManager>,
-    own: SubnetKey,
+    own: &flannel_core::Lease,
     mut notifications: Option<Notifications>,
     opts: DriverOptions,
     shutdown: CancellationToken,
@@ -467,9 +467,10 @@ pub async fn run(
         warn!(error = %crate::chain(&e), "cannot read the routing table; only the cluster network is checked for leases");
         Vec::new()
     });
-    let policy = LeasePolicy::new(own, &model.desired(&[]).1, &host_routes);
+    let policy = LeasePolicy::new(own.key, &model.desired(&[]).1, &host_routes)
+        .with_own_public_ips(own.attrs.public_ips());
     drop(host_routes);
-    let mut state = Loop::new(own, opts.resync);
+    let mut state = Loop::new(own.key, opts.resync);
     loop {
         if state.pass_due() {
             state.pass(model, kernel, &policy).await;
@@ -516,7 +517,7 @@ pub async fn run(
 pub async fn run_on_netlink(
     model: &mut dyn Model,
     sm: Arc<dyn SubnetManager>,
-    own: SubnetKey,
+    own: &flannel_core::Lease,
     shutdown: CancellationToken,
 ) -> Result<(), BackendError> {
     let kernel = crate::netlink::Netlink::new()?;
@@ -571,7 +572,7 @@ impl<M: Model + Sync + 'static> flannel_core::Network for ReconciledNetwork<M> {
             sm,
             ..
         } = *self;
-        run_on_netlink(&mut model, sm, lease.key, shutdown).await
+        run_on_netlink(&mut model, sm, &lease, shutdown).await
     }
 }
 
@@ -682,12 +683,12 @@ mod tests {
                     resync,
                     debounce: Duration::from_millis(50),
                 };
-                let own = "10.5.1.0-24".parse().unwrap_or_else(|_| unreachable!());
+                let own = flannel_core::testing::peer_lease("10.5.1.0-24", "192.168.0.1", "", None);
                 run(
                     &mut model,
                     kernel.as_ref(),
                     sm,
-                    own,
+                    &own,
                     Some(nrx),
                     opts,
                     shutdown,

@@ -11,7 +11,12 @@
 //!   the underlay the hosts talk over: a lease for a piece of it would cut the host off from its
 //!   peers and from the store, so the delete that would repair it could never arrive) or a route to a
 //!   specific network through a gateway that is not flannel's;
-//! - overlaps our own subnet without being it.
+//! - overlaps our own subnet without being it;
+//!
+//! and every lease other than ours that names one of this host's public IPs (with
+//! [`LeasePolicy::with_own_public_ips`]): the data plane would send that subnet's traffic to this
+//! host itself, round and round (two hosts sharing one public IP, as behind one NAT address, cannot
+//! both be reached).
 //!
 //! A refused lease is reported (the driver logs it once per change and counts it); the others go on.
 //! Routes that contain the whole cluster network (a default route, a VPN's 10.0.0.0/8) are not in the
@@ -30,6 +35,7 @@ pub struct LeasePolicy {
     own_key: SubnetKey,
     own: Vec<IpNet>,
     protected: Vec<Route>,
+    own_public: Vec<std::net::IpAddr>,
 }
 
 fn overlaps(a: &IpNet, b: &IpNet) -> bool {
@@ -62,7 +68,15 @@ impl LeasePolicy {
             own_key,
             own,
             protected,
+            own_public: Vec::new(),
         }
+    }
+
+    /// Also refuses other leases that name one of `ips`, this host's public addresses (its own
+    /// lease's `PublicIP` and `PublicIPv6`).
+    pub fn with_own_public_ips(mut self, ips: impl IntoIterator<Item = std::net::IpAddr>) -> Self {
+        self.own_public = ips.into_iter().collect();
+        self
     }
 
     /// Why `lease` must not be installed, or `Ok`.
@@ -77,6 +91,17 @@ impl LeasePolicy {
             parts.push(IpNet::V6(v6));
         }
         let who = format!("lease {} (public IP {})", lease.key, lease.attrs.public_ip);
+        if lease.key != self.own_key
+            && let Some(ip) = lease
+                .attrs
+                .public_ips()
+                .find(|ip| self.own_public.contains(ip))
+        {
+            return Err(format!(
+                "refusing {who}: {ip} is this host's own public IP, so its traffic would come back here; \
+                 two hosts cannot share one public IP: give each host its own (--iface, --public-ip), or delete the key if it is stale"
+            ));
+        }
         for part in &parts {
             let same_family: Vec<&IpNet> = self
                 .networks
@@ -309,5 +334,33 @@ mod tests {
             e.contains("outside the cluster network fd00:10::/48"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_peer_naming_this_hosts_public_ip_is_refused() {
+        let me: std::net::IpAddr = "172.30.0.11".parse().unwrap_or_else(|_| unreachable!());
+        let me6: std::net::IpAddr = "fd00:30::11".parse().unwrap_or_else(|_| unreachable!());
+        let p = host("10.244.0.0/16").with_own_public_ips([me, me6]);
+        let mut twin = lease("10.244.3.0-24");
+        twin.attrs.public_ip = "172.30.0.11".parse().unwrap_or_else(|_| unreachable!());
+        let e = p.check(&twin).unwrap_err();
+        assert!(
+            e.contains("172.30.0.11 is this host's own public IP") && e.contains("--public-ip"),
+            "{e}"
+        );
+        let mut twin6 = lease("10.244.4.0-24");
+        twin6.attrs.public_ipv6 = Some("fd00:30::11".parse().unwrap_or_else(|_| unreachable!()));
+        assert!(p.check(&twin6).is_err());
+        // Our own lease, and a peer of another address, pass.
+        let mut own = lease("10.244.1.0-24");
+        own.attrs.public_ip = "172.30.0.11".parse().unwrap_or_else(|_| unreachable!());
+        assert_eq!(p.check(&own), Ok(()));
+        assert_eq!(p.check(&lease("10.244.3.0-24")), Ok(()));
+        // An IPv6-only lease names no IPv4 address: 0.0.0.0 is nobody's.
+        let p = host("10.244.0.0/16")
+            .with_own_public_ips(flannel_core::LeaseAttrs::default().public_ips());
+        let mut v6only = lease("10.244.3.0-24");
+        v6only.attrs.public_ip = std::net::Ipv4Addr::UNSPECIFIED;
+        assert_eq!(p.check(&v6only), Ok(()));
     }
 }

@@ -2,7 +2,7 @@
 //! underlay (inside a too-wide Network), one outside the Network and one for half the internet are
 //! refused on every host with one log line each and a counter, never installed, and never retried:
 //! the hosts keep talking to each other and to etcd, and a resync later nothing was changed or
-//! logged again.
+//! logged again. A lease naming a host's own public IP is refused on that host.
 
 #![allow(clippy::unwrap_used)]
 
@@ -131,4 +131,54 @@ fn hostile_leases_are_refused_once_and_the_cluster_keeps_working() {
         lab.hosts[0].routes("").contains("172.16.251.0/24")
     });
     assert!(ok, "{}", lab.hosts[0].routes(""));
+}
+
+/// A lease naming a host's own public IP (another host behind the same NAT address, or a forged
+/// key): that host refuses it, since the vxlan entries would send the subnet's traffic back to
+/// itself; the others install it as any peer.
+#[test]
+fn a_lease_naming_a_hosts_own_public_ip_is_refused_there() {
+    let test = "a_lease_naming_a_hosts_own_public_ip_is_refused_there";
+    let Some(mut lab) = Lab::for_test(
+        test,
+        vec![2],
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
+        &[],
+    ) else {
+        return;
+    };
+    lab.start_all();
+    for i in 0..2 {
+        lab.add_pods(i, 1);
+    }
+    let me = lab.hosts[0].addr;
+    lab.etcd_put(
+        "/coreos.com/network/subnets/10.5.77.0-24",
+        &format!(
+            r#"{{"PublicIP":"{me}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:00:00:00:00:77"}}}}"#
+        ),
+    );
+    assert!(
+        flannel_tests::until(Duration::from_secs(10), || lab.hosts[1]
+            .routes("")
+            .contains("10.5.77.0/24 via 10.5.77.0 dev flannel.1 onlink")),
+        "host 2 did not install the lease:\n{}",
+        lab.hosts[1].routes("")
+    );
+    assert!(
+        flannel_tests::until(Duration::from_secs(10), || lab.hosts[0]
+            .log_text()
+            .contains("refusing lease 10.5.77.0-24")),
+        "{}",
+        lab.hosts[0].log_text()
+    );
+    let log = lab.hosts[0].log_text();
+    assert!(
+        log.contains(&format!("{me} is this host's own public IP")),
+        "{log}"
+    );
+    assert!(!lab.hosts[0].routes("").contains("10.5.77.0/24"));
+    let fdb = lab.hosts[0].sh("bridge fdb show dev flannel.1");
+    assert!(!fdb.contains("0e:00:00:00:00:77"), "{fdb}");
+    assert!(lab.ping_all(Duration::from_secs(10)).is_empty());
 }
