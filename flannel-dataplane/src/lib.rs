@@ -1,8 +1,9 @@
 //! # flannel-dataplane
 //!
-//! The kernel side shared by the kernel backends (vxlan, host-gw, ipip, udp's route, wireguard's peers): desired state as
-//! plain data, a pure diff against the actual state, one narrow kernel seam, one reconcile driver, the
-//! [`LeasePolicy`] that keeps hostile leases out, and reading the host's interfaces ([`host`]).
+//! The kernel side shared by the kernel backends (vxlan, host-gw, ipip, udp's route, wireguard's
+//! peers): desired state as plain data, a pure diff against the actual state, one narrow kernel
+//! seam, one reconcile driver, the [`LeasePolicy`] that keeps hostile leases out, and reading the
+//! host's interfaces ([`host`]).
 //! `flannel-core` holds the contracts only; a backend that programs the kernel depends on this crate
 //! too, one that does not (like `alloc`) on core alone.
 //!
