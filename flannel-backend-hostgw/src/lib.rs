@@ -205,7 +205,7 @@ mod tests {
     /// The same leases twice: the second pass changes nothing, also with hostile leases in the set.
     #[tokio::test]
     async fn the_same_input_twice_changes_nothing_the_second_time() {
-        use flannel_dataplane::{FakeKernel, KernelOps, reconcile_once};
+        use flannel_dataplane::FakeKernel;
         let topo = topo();
         // The host before flannel: the underlay's connected route.
         let k = FakeKernel::with_link_routes(&[("192.168.0.0/24", 2)]);
@@ -217,17 +217,13 @@ mod tests {
             lease("10.5.1.128-25", "192.168.0.6", "host-gw"),
         ];
         let refs: Vec<&Lease> = peers.iter().collect();
-        let policy = flannel_dataplane::LeasePolicy::new(
-            "10.5.1.0-24".parse().unwrap(),
-            &desired_state(&topo, &[]).1,
-            &k.host_routes().await.unwrap(),
-        );
-        let (allowed, refused) = policy.filter(&refs);
+        let (allowed, refused) = k
+            .reconcile_twice("10.5.1.0-24".parse().unwrap(), &refs, |l| {
+                let (s, own, _) = desired_state(&topo, l);
+                (s, own)
+            })
+            .await;
         assert_eq!((allowed.len(), refused.len()), (1, 4), "{refused:?}");
-        let (s, own, _) = desired_state(&topo, &allowed);
-        assert!(!reconcile_once(&k, &s, &own).await.unwrap().is_noop());
-        let second = reconcile_once(&k, &s, &own).await.unwrap();
-        assert!(second.is_noop(), "{:?}", second.applied);
     }
 
     #[test]

@@ -359,7 +359,7 @@ impl Model for IpipModel {
 mod tests {
     use super::*;
     use flannel_dataplane::netlink::IpipAttrs;
-    use flannel_dataplane::{FakeKernel, KernelOps, reconcile_once};
+    use flannel_dataplane::{FakeKernel, reconcile_once};
     use serde_json::json;
 
     /// Cluster network 10.5.0.0/16, own subnet 10.5.1.0/24, `flannel.ipip` #7, external interface
@@ -492,16 +492,13 @@ mod tests {
             lease("10.5.1.128-25", "192.168.0.6", "ipip"),
         ];
         let refs: Vec<&Lease> = peers.iter().collect();
-        let policy = flannel_dataplane::LeasePolicy::new(
-            "10.5.1.0-24".parse().unwrap(),
-            &desired_state(&topo, &[]).1,
-            &k.host_routes().await.unwrap(),
-        );
-        let (allowed, refused) = policy.filter(&refs);
+        let (allowed, refused) = k
+            .reconcile_twice("10.5.1.0-24".parse().unwrap(), &refs, |l| {
+                let (s, own, _) = desired_state(&topo, l);
+                (s, own)
+            })
+            .await;
         assert_eq!((allowed.len(), refused.len()), (2, 3), "{refused:?}");
-        let (s, own, _) = desired_state(&topo, &allowed);
-        assert!(!reconcile_once(&k, &s, &own).await.unwrap().is_noop());
-        assert!(reconcile_once(&k, &s, &own).await.unwrap().is_noop());
         let (s, own, _) = desired_state(&topo, &allowed[..1]);
         let report = reconcile_once(&k, &s, &own).await.unwrap();
         assert!(!report.is_noop());

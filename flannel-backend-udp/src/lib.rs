@@ -438,7 +438,7 @@ mod tests {
     /// the refused ones never reach the forwarding table.
     #[tokio::test]
     async fn the_same_input_twice_changes_nothing_the_second_time() {
-        use flannel_dataplane::{FakeKernel, KernelOps, reconcile_once};
+        use flannel_dataplane::FakeKernel;
         let lease = |key: &str, ip: &str| Lease {
             key: key.parse().unwrap(),
             enable_ipv4: true,
@@ -462,19 +462,16 @@ mod tests {
             lease("192.168.0.0-24", "192.168.0.5"),
         ];
         let refs: Vec<&Lease> = peers.iter().collect();
-        let policy = flannel_dataplane::LeasePolicy::new(
-            "10.5.1.0-24".parse().unwrap(),
-            &desired_state(network, own_subnet, 9, &[]).1,
-            &k.host_routes().await.unwrap(),
-        );
-        let (allowed, refused) = policy.filter(&refs);
+        let (allowed, refused) = k
+            .reconcile_twice("10.5.1.0-24".parse().unwrap(), &refs, |l| {
+                let (s, own, _) = desired_state(network, own_subnet, 9, l);
+                (s, own)
+            })
+            .await;
         assert_eq!((allowed.len(), refused.len()), (1, 3), "{refused:?}");
-        let (s, own, table) = desired_state(network, own_subnet, 9, &allowed);
+        let (_, _, table) = desired_state(network, own_subnet, 9, &allowed);
         assert_eq!(table.len(), 1);
         assert_eq!(table.peer_for("10.99.1.1".parse().unwrap()), None);
-        assert!(!reconcile_once(&k, &s, &own).await.unwrap().is_noop());
-        let second = reconcile_once(&k, &s, &own).await.unwrap();
-        assert!(second.is_noop(), "{:?}", second.applied);
     }
 
     #[test]

@@ -570,7 +570,7 @@ impl Model for VxlanModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flannel_dataplane::{FakeKernel, KernelOps, diff};
+    use flannel_dataplane::{FakeKernel, diff};
     use serde_json::json;
 
     #[test]
@@ -845,24 +845,13 @@ mod tests {
         let refs: Vec<&Lease> = peers.iter().collect();
         for direct in [false, true] {
             let t = topo(direct);
-            let host = k.host_routes().await.unwrap();
-            let policy = flannel_dataplane::LeasePolicy::new(
-                "10.5.1.0-24".parse().unwrap(),
-                &desired_state(&t, &[]).1,
-                &host,
-            );
-            let (allowed, refused) = policy.filter(&refs);
-            assert_eq!(allowed.len(), 1, "{refused:?}");
-            assert_eq!(refused.len(), 3);
-            let (s, own, _) = desired_state(&t, &allowed);
-            let first = flannel_dataplane::reconcile_once(&k, &s, &own)
-                .await
-                .unwrap();
-            assert!(!first.is_noop());
-            let second = flannel_dataplane::reconcile_once(&k, &s, &own)
-                .await
-                .unwrap();
-            assert!(second.is_noop(), "direct={direct}: {:?}", second.applied);
+            let (allowed, refused) = k
+                .reconcile_twice("10.5.1.0-24".parse().unwrap(), &refs, |l| {
+                    let (s, own, _) = desired_state(&t, l);
+                    (s, own)
+                })
+                .await;
+            assert_eq!((allowed.len(), refused.len()), (1, 3), "{refused:?}");
         }
     }
 

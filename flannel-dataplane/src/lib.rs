@@ -720,6 +720,38 @@ impl FakeKernel {
         }
         k
     }
+
+    /// For a backend's tests: passes `leases` through the lease policy of a host whose lease is
+    /// `own` and whose routes before flannel are this kernel's, then reconciles the allowed ones'
+    /// entries (`desired`: the backend's desired state for a set of leases) twice. Returns the
+    /// allowed leases and the refusals.
+    ///
+    /// # Panics
+    /// When the first pass changes nothing, the second changes anything, or the kernel fails.
+    pub async fn reconcile_twice<'a>(
+        &self,
+        own: flannel_core::SubnetKey,
+        leases: &[&'a flannel_core::Lease],
+        desired: impl Fn(&[&flannel_core::Lease]) -> (KernelState, Ownership),
+    ) -> (Vec<&'a flannel_core::Lease>, Vec<String>) {
+        let host = self.host_routes().await.expect("the fake kernel's routes");
+        let policy = LeasePolicy::new(own, &desired(&[]).1, &host);
+        let (allowed, refused) = policy.filter(leases);
+        let (state, ownership) = desired(&allowed);
+        let first = reconcile_once(self, &state, &ownership)
+            .await
+            .expect("the first pass");
+        assert!(!first.is_noop(), "the first pass changed nothing");
+        let second = reconcile_once(self, &state, &ownership)
+            .await
+            .expect("the second pass");
+        assert!(
+            second.is_noop(),
+            "the same input again changed {:?}",
+            second.applied
+        );
+        (allowed, refused)
+    }
 }
 
 #[cfg(any(test, feature = "test-util"))]
