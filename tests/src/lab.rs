@@ -97,6 +97,28 @@ impl Host {
         without_nhid(&self.sh(&format!("ip route show {args}")))
     }
 
+    /// Whether this host's kernel has ipip tunnels: a probe device is made and deleted again. (It
+    /// has a local address: one with neither end would be the kernel's `tunl0` again, refused.)
+    pub fn has_ipip(&self) -> bool {
+        let made = self
+            .ns
+            .exec(&[
+                "ip",
+                "link",
+                "add",
+                "fltipprobe",
+                "type",
+                "ipip",
+                "local",
+                "192.0.2.1",
+            ])
+            .is_ok();
+        if made {
+            let _ = self.ns.exec(&["ip", "link", "del", "fltipprobe"]);
+        }
+        made
+    }
+
     /// Whether flanneld is running.
     pub fn flanneld_running(&mut self) -> bool {
         self.flanneld

@@ -17,12 +17,7 @@ fn ipip_without_kernel_support_fails_clearly_and_takes_no_lease() {
     let Some(mut lab) = Lab::for_test(test, vec![2], CONFIG, &[]) else {
         return;
     };
-    // Whether this kernel has ipip, asked in the lab host (and undone there).
-    let probe = lab.hosts[0]
-        .ns
-        .exec(&["ip", "link", "add", "flt-ipprobe", "type", "ipip"]);
-    if probe.is_ok() {
-        lab.hosts[0].sh("ip link del flt-ipprobe");
+    if lab.hosts[0].has_ipip() {
         println!("{test}: this kernel has ipip tunnels: checking that pods ping through them");
         lab.start_all();
         for i in 0..2 {

@@ -6,7 +6,7 @@
 //! device are repaired, an old device with other ends is made again, a vxlan lease is ignored, a
 //! departed peer's route goes, traffic goes on while flanneld is stopped and the restart takes the
 //! device over, that DirectRouting routes the hosts of one segment without the tunnel, and that
-//! Kubernetes mode writes upstream's annotations and pods ping.
+//! Kubernetes mode writes upstream's annotations and pods ping; then the demo with `--backend ipip`.
 
 #[test]
 fn ipip_backend_in_a_vm() {

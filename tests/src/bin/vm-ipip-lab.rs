@@ -284,5 +284,29 @@ fn main() {
     step(
         "Kubernetes mode: upstream's annotations (backend-type ipip, backend-data null), pods ping through flannel.ipip",
     );
+    drop(lab);
+
+    // The README's demo with --backend ipip, as a user on a kernel with ipip runs it.
+    let out = std::process::Command::new(flannel_tests::bin_path("flannel-demo"))
+        .args(["--hosts", "2", "--backend", "ipip"])
+        .output()
+        .expect("run flannel-demo");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "flannel-demo --backend ipip:\n{text}"
+    );
+    assert!(
+        text.contains(" 0 failed")
+            && text.contains("host2 pod: answered")
+            && text.contains("dev flannel.ipip"),
+        "{text}"
+    );
+    step("the demo runs with --backend ipip");
     println!("vm-ipip-lab: all checks passed");
 }
