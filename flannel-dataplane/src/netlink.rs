@@ -551,13 +551,14 @@ impl Netlink {
     }
 
     /// The main-table routes of one family that `keep` accepts (`ip route show table main`), and
-    /// in `nh_ids` the next-hop object of every main-table route that has one, kept or not.
+    /// in `nh_ids` the next-hop object of every main-table route that has one, with whether `keep`
+    /// accepted the route.
     async fn routes(
         &self,
         v6: bool,
         keep: impl Fn(&Route) -> bool,
         out: &mut Vec<Route>,
-        nh_ids: &mut Vec<(IpNet, u32)>,
+        nh_ids: &mut Vec<(IpNet, u32, bool)>,
     ) -> Result<(), DataplaneError> {
         let mut request = RouteMessage::default();
         request.header.address_family = if v6 {
@@ -587,12 +588,13 @@ impl Netlink {
                     })
                 });
                 if let Some(route) = route {
-                    // Every route's object is in use, whoever's route it is: a second flanneld on
-                    // the host (another network) may share an object with this one.
+                    // Every route's object is in use, whoever's route it is (a second flanneld on
+                    // the host, for another network, has objects of its own).
+                    let kept = keep(&route);
                     if let Some(id) = nh_id {
-                        nh_ids.push((route.dst, id));
+                        nh_ids.push((route.dst, id, kept));
                     }
-                    if keep(&route) {
+                    if kept {
                         out.push(route);
                     }
                 }

@@ -259,7 +259,10 @@ pub fn request(m: NexthopMessage) -> NetlinkMessage<NexthopMessage> {
 #[derive(Debug, Clone, Copy)]
 struct Object {
     hop: NextHop,
+    /// Routes of this flanneld's networks.
     users: u32,
+    /// Routes outside them (another flanneld's, for another network), as of the last full read.
+    others: u32,
 }
 
 /// Which objects flanneld holds and which routes use them.
@@ -327,18 +330,18 @@ impl Registry {
     /// Records an object (created, or found in a dump). It is the one found for its next hop from
     /// now on.
     pub fn insert(&mut self, id: u32, hop: NextHop) {
-        let users = match self.objects.get(&id) {
+        let (users, others) = match self.objects.get(&id) {
             Some(old) => {
-                let (old_hop, users) = (old.hop, old.users);
+                let (old_hop, users, others) = (old.hop, old.users, old.others);
                 self.unindex(id, &old_hop);
-                users
+                (users, others)
             }
-            None => 0,
+            None => (0, 0),
         };
         if let Some(other) = self.id_of(&hop) {
             self.unindex(other, &hop);
         }
-        self.objects.insert(id, Object { hop, users });
+        self.objects.insert(id, Object { hop, users, others });
         let (objects, hasher) = (&self.objects, &self.hasher);
         self.by_hop
             .insert_unique(hasher.hash_one(hop), id, |other| {
@@ -377,7 +380,9 @@ impl Registry {
         None
     }
 
-    /// Route `dst` now points at `id` (or at nothing); returns an object no route uses any more.
+    /// Route `dst` now points at `id` (or at nothing); returns an object no route uses any more. An
+    /// object that routes of another flanneld used too (at the last full read) is let go instead:
+    /// forgotten, and its id skipped, not deleted.
     pub fn set_route(&mut self, dst: ipnet::IpNet, id: Option<u32>) -> Option<u32> {
         let old = match id {
             Some(id) => self.route_id.insert(dst, id),
@@ -392,27 +397,53 @@ impl Registry {
         let old = old?;
         let o = self.objects.get_mut(&old)?;
         o.users = o.users.saturating_sub(1);
-        (o.users == 0).then_some(old)
+        match (o.users, o.others) {
+            (0, 0) => Some(old),
+            (0, _) => {
+                self.remove(old);
+                self.skip(old);
+                None
+            }
+            _ => None,
+        }
     }
 
-    /// Replaces what routes point at with what a full read of the routing table found, and returns
+    /// Replaces what routes point at with what a full read of the routing table found (each
+    /// route with its object and whether it is one of this flanneld's networks), and returns
     /// flanneld's objects no route uses (left from an earlier run, or by a deleted route) among
     /// those `read` covers (the families and devices that were read: another backend's objects
-    /// are not this read's to judge).
+    /// are not this read's to judge). Objects only routes outside this flanneld's networks use
+    /// belong to another flanneld on the host (another network): they are forgotten and their ids
+    /// skipped, so each flanneld's routes use its own objects.
     pub fn reset_routes(
         &mut self,
-        routes: impl IntoIterator<Item = (ipnet::IpNet, u32)>,
+        routes: impl IntoIterator<Item = (ipnet::IpNet, u32, bool)>,
         read: impl Fn(&NextHop) -> bool,
     ) -> Vec<u32> {
         self.route_id.clear();
         for o in self.objects.values_mut() {
             o.users = 0;
+            o.others = 0;
         }
-        for (dst, id) in routes {
+        for (dst, id, ours) in routes {
             if let Some(o) = self.objects.get_mut(&id) {
-                self.route_id.insert(dst, id);
-                o.users += 1;
+                if ours {
+                    self.route_id.insert(dst, id);
+                    o.users += 1;
+                } else {
+                    o.others += 1;
+                }
             }
+        }
+        let theirs: Vec<u32> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| o.users == 0 && o.others > 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in theirs {
+            self.remove(id);
+            self.skip(id);
         }
         let mut unused: Vec<u32> = self
             .objects
@@ -498,8 +529,8 @@ mod tests {
         r.insert(FIRST_ID + 1, hop("10.5.3.0"));
         r.insert(FIRST_ID + 2, hop("fd00::2"));
         let routes = [
-            ("10.5.2.0/24".parse().unwrap(), FIRST_ID),
-            ("10.5.4.0/24".parse().unwrap(), 77), // not flanneld's object
+            ("10.5.2.0/24".parse().unwrap(), FIRST_ID, true),
+            ("10.5.4.0/24".parse().unwrap(), 77, true), // not flanneld's object
         ];
         // Only IPv4 was read: the unused IPv6 object is not judged.
         let unused = r.reset_routes(routes, |h| h.gateway.is_ipv4());
@@ -509,6 +540,46 @@ mod tests {
         r.remove(FIRST_ID + 1);
         assert_eq!(r.hop_of(FIRST_ID + 1), None);
         assert_eq!(r.id_of(&hop("10.5.3.0")), None);
+    }
+
+    /// A second flanneld on the host (another network): objects only its routes use are not this
+    /// one's (forgotten, ids skipped, never deleted nor reused); an object both used (adopted by an
+    /// older flanneld) is let go, not deleted, when this one's last route leaves it.
+    #[test]
+    fn another_flannelds_objects_are_left_to_it() {
+        let mut r = Registry::default();
+        let (mine, theirs, shared) = (FIRST_ID, FIRST_ID + 1, FIRST_ID + 2);
+        r.insert(mine, hop("10.5.2.0"));
+        r.insert(theirs, hop("172.20.0.12"));
+        r.insert(shared, hop("172.20.0.13"));
+        let (d_mine, d_shared): (ipnet::IpNet, ipnet::IpNet) = (
+            "10.11.2.0/24".parse().unwrap(),
+            "10.11.3.0/24".parse().unwrap(),
+        );
+        let routes = [
+            (d_mine, mine, true),
+            (d_shared, shared, true),
+            ("10.12.2.0/24".parse().unwrap(), theirs, false),
+            ("10.12.3.0/24".parse().unwrap(), shared, false),
+        ];
+        let unused = r.reset_routes(routes, |_| true);
+        assert!(unused.is_empty(), "{unused:?}");
+        assert_eq!(r.hop_of(theirs), None, "forgotten");
+        assert_eq!(
+            r.id_of(&hop("172.20.0.12")),
+            None,
+            "not reused for that next hop"
+        );
+        assert!(
+            (0..3).all(|_| r.next_free() != Some(theirs)),
+            "its id skipped"
+        );
+        assert_eq!(r.route(&"10.12.2.0/24".parse().unwrap()), None);
+        // Our last route through the shared object goes: let go, not deleted.
+        assert_eq!(r.set_route(d_shared, None), None);
+        assert_eq!(r.hop_of(shared), None);
+        // Our own object, as before: deleted with its last route.
+        assert_eq!(r.set_route(d_mine, None), Some(mine));
     }
 
     /// The registry's index by next hop against the plain two-map model it replaced: the same

@@ -91,6 +91,20 @@ fn two_networks_one_flanneld_each_on_the_same_hosts() {
             .is_ok()
     });
     assert!(pinged, "the host-gw network: {a0} cannot reach {a1}");
+    // Both route to host 2's address on eth0, each through a next-hop object of its own.
+    let nhid = |dst: &str| {
+        let line = lab.hosts[0].sh(&format!("ip route show {dst}"));
+        line.split_whitespace()
+            .skip_while(|w| *w != "nhid")
+            .nth(1)
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no next-hop object: {line}"))
+    };
+    assert_ne!(
+        nhid(&vxlan_net1),
+        nhid(&net1),
+        "one object for both flanneld's routes"
+    );
 
     // Both networks' rules in the shared chains, and they stay: neither resync (every second)
     // takes the other's away, nor rebuilds its own again and again.
