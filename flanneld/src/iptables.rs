@@ -1,11 +1,11 @@
 //! IP masquerade (`--ip-masq`) and forward (`--iptables-forward-rules`) rules, shared/spec/flannel-compat.md
 //! §6, in Go flanneld HEAD's rule set (v0.21.3+: jumps appended, RETURN rules split by subnet).
 //!
-//! Rule generation is pure ([`masq_rules`], [`forward_rules`], [`restore_payload`], [`in_sync`]); applying is
-//! one `iptables-restore --noflush --wait` transaction per table. At start it declares (creates or
-//! flushes) the flannel chain, fills it, and replaces the jump into it, unless the chain already holds
-//! exactly these rules: rules for an old subnet from a previous run disappear then (as Go flushes the
-//! chains at start). A resync loop checks `iptables -S` every `--iptables-resync` seconds for each of
+//! Rule generation is pure ([`masq_rules`], [`forward_rules`], [`restore_payload`], [`in_sync`],
+//! [`complete`], [`repair_payload`]); applying is one `iptables-restore --noflush --wait`
+//! transaction per table. At start it declares (creates or flushes) the flannel chain, fills it,
+//! and replaces the jump into it, unless the chain already holds exactly these rules: rules for an
+//! old subnet from a previous run disappear then (as Go flushes the chains at start). A resync loop checks `iptables -S` every `--iptables-resync` seconds for each of
 //! its rules and the jump, and puts back what is missing without a flush, so the rules of a second
 //! flanneld on the host (another network, `--etcd-prefix`, Go's `test_multi`) in the same chains stay,
 //! as Go's resync leaves them.
