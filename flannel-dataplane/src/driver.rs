@@ -49,6 +49,14 @@ pub trait Model: Send + std::fmt::Debug {
     async fn finish(&mut self) -> Result<(), BackendError> {
         Ok(())
     }
+
+    /// How often the loop runs a pass without a lease event or a kernel notification (the
+    /// safety-net resync); [`DriverOptions`]'s default when `None`. A backend that keeps state the
+    /// kernel sends no notifications about (the ipsec backend's xfrm policies) asks for a shorter
+    /// one.
+    fn resync_every(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Settings of the loop.
@@ -522,11 +530,14 @@ pub async fn run_on_netlink(
 ) -> Result<(), BackendError> {
     let kernel = crate::netlink::Netlink::new()?;
     let mut opts = DriverOptions::default();
+    if let Some(every) = model.resync_every() {
+        opts.resync = every;
+    }
     let notifications = match kernel.subscribe() {
         Ok(n) => Some(n),
         Err(e) => {
             warn!(error = %crate::chain(&e), "no netlink notifications; relying on a resync every 10 s");
-            opts.resync = Duration::from_secs(10);
+            opts.resync = opts.resync.min(Duration::from_secs(10));
             None
         }
     };
