@@ -42,6 +42,7 @@ use flannel_backend_alloc as _;
 use flannel_backend_extension as _;
 use flannel_backend_hostgw as _;
 use flannel_backend_ipip as _;
+use flannel_backend_ipsec as _;
 use flannel_backend_udp as _;
 use flannel_backend_vxlan as _;
 use flannel_backend_wireguard as _;

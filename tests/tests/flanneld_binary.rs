@@ -74,6 +74,7 @@ fn linked_backends_are_registered() {
             "extension",
             "host-gw",
             "ipip",
+            "ipsec",
             "peer-log",
             "udp",
             "vxlan",
