@@ -78,6 +78,10 @@ pub struct Host {
     extra_args: Vec<String>,
     /// Extra environment of its flanneld (set before starting it).
     pub env: Vec<(String, String)>,
+    /// Whether its flanneld gets a /run of its own (a tmpfs in its mount namespace): for daemons
+    /// with fixed paths there, such as strongSwan's charon (`/run/charon.pid`, its control socket)
+    /// that the ipsec backend starts. Set before starting it.
+    pub private_run: bool,
     /// Its pods.
     pub pods: Vec<Pod>,
 }
@@ -117,6 +121,51 @@ impl Host {
             let _ = self.ns.exec(&["ip", "link", "del", "fltipprobe"]);
         }
         made
+    }
+
+    /// Whether this host's kernel has ESP with upstream's default cipher (AES-GCM): a probe SA
+    /// between two documentation addresses is added and deleted again.
+    pub fn has_esp(&self) -> bool {
+        let added = self
+            .ns
+            .exec(&[
+                "ip",
+                "xfrm",
+                "state",
+                "add",
+                "src",
+                "192.0.2.1",
+                "dst",
+                "192.0.2.2",
+                "proto",
+                "esp",
+                "spi",
+                "0xf1a0ffff",
+                "mode",
+                "tunnel",
+                "aead",
+                "rfc4106(gcm(aes))",
+                "0x0123456789abcdef0123456789abcdef01234567",
+                "128",
+            ])
+            .is_ok();
+        if added {
+            let _ = self.ns.exec(&[
+                "ip",
+                "xfrm",
+                "state",
+                "del",
+                "src",
+                "192.0.2.1",
+                "dst",
+                "192.0.2.2",
+                "proto",
+                "esp",
+                "spi",
+                "0xf1a0ffff",
+            ]);
+        }
+        added
     }
 
     /// Whether flanneld is running.
@@ -367,6 +416,7 @@ impl Lab {
             flanneld: None,
             extra_args,
             env: Vec::new(),
+            private_run: false,
             pods: Vec::new(),
         };
         host.sh(&format!("ip addr add {addr}/16 dev eth0"));
@@ -559,6 +609,31 @@ impl Lab {
         let h = &self.hosts[i];
         let mut argv: Vec<String> = vec!["ip".into(), "netns".into(), "exec".into()];
         argv.push(h.ns.name().to_string());
+        if h.private_run {
+            // `ip netns exec` runs the command in a mount namespace of its own (mounts do not
+            // propagate back), so the tmpfs is this flanneld's and its children's alone. Where the
+            // lab's directory is under /run (the test VM's temporary files), it is moved back on
+            // top (through /mnt, a mount point outside /run).
+            let keep = if self.dir.path().starts_with("/run") {
+                self.dir.path().display().to_string()
+            } else {
+                String::new()
+            };
+            argv.extend([
+                "sh".into(),
+                "-c".into(),
+                concat!(
+                    r#"set -e; keep=$1; shift; "#,
+                    r#"if [ -n "$keep" ]; then mount --bind "$keep" /mnt; fi; "#,
+                    r#"mount -t tmpfs flannel-lab-run /run; "#,
+                    r#"if [ -n "$keep" ]; then mkdir -p "$keep"; mount --move /mnt "$keep"; fi; "#,
+                    r#"exec "$@""#
+                )
+                .into(),
+                "sh".into(),
+                keep,
+            ]);
+        }
         argv.push(self.flanneld.display().to_string());
         match &self.kube {
             Some(api) => argv.extend([
@@ -845,14 +920,34 @@ impl Lab {
     /// # Panics
     /// When tcpdump cannot be started.
     pub fn capture_underlay(&self, h: usize, during: impl FnOnce()) -> Vec<String> {
-        let file = self.dir().join(format!("underlay-{h}.pcap"));
+        self.capture(
+            self.hosts[h].ns.name(),
+            "eth0",
+            &format!("underlay-{h}"),
+            during,
+        )
+    }
+
+    /// What crossed the wire of host `h` (its port on the switch, in the switch's namespace: what
+    /// the host sent and received, before any decapsulation of the host's own; etcd's TCP aside),
+    /// as tcpdump prints it.
+    ///
+    /// # Panics
+    /// When tcpdump cannot be started.
+    pub fn capture_switch_port(&self, h: usize, during: impl FnOnce()) -> Vec<String> {
+        let port = format!("h{}", self.hosts[h].n);
+        self.capture(self.sw.name(), &port, &format!("port-{h}"), during)
+    }
+
+    fn capture(&self, ns: &str, iface: &str, name: &str, during: impl FnOnce()) -> Vec<String> {
+        let file = self.dir().join(format!("{name}.pcap"));
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", self.hosts[h].ns.name()])
+        cmd.args(["netns", "exec", ns])
             .args([
                 "tcpdump",
                 "--immediate-mode",
                 "-i",
-                "eth0",
+                iface,
                 "-nn",
                 "-U",
                 "-w",
@@ -1269,6 +1364,13 @@ impl Drop for Lab {
         for h in &mut self.hosts {
             if let Some(mut c) = h.flanneld.take() {
                 crate::cleanup::stop_child(&mut c, Duration::from_millis(50));
+            }
+            // What flanneld started in the host and left running (charon, should flanneld have
+            // been killed): processes of the lab's own namespace, ended by PID.
+            if let Ok(pids) = h.ns.pids() {
+                for pid in pids {
+                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                }
             }
         }
         if let Some(e) = &mut self.etcd {

@@ -77,6 +77,14 @@ impl Netns {
         ip(&args)
     }
 
+    /// The processes in the namespace (`ip netns pids`).
+    pub fn pids(&self) -> Result<Vec<u32>, String> {
+        Ok(ip(&["netns", "pids", &self.name])?
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect())
+    }
+
     /// Runs `f` on a new thread that has entered the namespace, with a current-thread tokio runtime.
     ///
     /// # Panics
