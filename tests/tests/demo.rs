@@ -40,9 +40,15 @@ fn help_and_bad_options() {
     let (code, out) = demo(&["--bogus"]);
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("--bogus") && out.contains("Usage:"), "{out}");
-    let (code, out) = demo(&["--backend", "ipsec"]);
+    let (code, out) = demo(&["--backend", "tencent-vpc"]);
     assert_eq!(code, Some(2), "{out}");
-    assert!(out.contains("ipsec") && out.contains("vxlan"), "{out}");
+    assert!(
+        out.contains("tencent-vpc") && out.contains("vxlan"),
+        "{out}"
+    );
+    let (code, out) = demo(&["--backend", "ipsec", "--ipv6"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("IPv4 only"), "{out}");
     let (code, out) = demo(&["--backend", "ipip", "--ipv6"]);
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("IPv4 only"), "{out}");
@@ -53,6 +59,31 @@ fn help_and_bad_options() {
 /// `--backend ipip`: where the kernel has no ipip tunnels (this machine's) the demo says so and
 /// stops, failing, with nothing left behind; where it has them (the test VM runs it there:
 /// vm-ipip-lab) the tour succeeds.
+/// `--backend ipsec`: where the kernel has no ESP (this machine's) the demo says so and stops,
+/// failing, with nothing left behind; where it has it (the test VM runs it there: vm-ipsec-lab)
+/// the tour succeeds.
+#[test]
+fn the_ipsec_demo_runs_or_says_why_not() {
+    if !require_root("the_ipsec_demo") || !require_etcd("the_ipsec_demo") {
+        return;
+    }
+    let (code, out) = demo(&["--hosts", "2", "--backend", "ipsec"]);
+    if out.contains("This kernel has no ESP") {
+        assert_eq!(code, Some(1), "{out}");
+        assert!(
+            out.contains("modprobe esp4") && out.contains("done"),
+            "{out}"
+        );
+        assert!(!out.contains("Starting flanneld"), "{out}");
+    } else {
+        assert_eq!(code, Some(0), "{out}");
+        assert!(
+            out.contains("pings answered, 0 failed") && out.contains("put back"),
+            "{out}"
+        );
+    }
+}
+
 #[test]
 fn the_ipip_demo_runs_or_says_why_not() {
     if !require_root("the_ipip_demo") || !require_etcd("the_ipip_demo") {

@@ -1,6 +1,6 @@
 //! The demo: a local multi-host flannel cluster in network namespaces.
 //!
-//! `flannel-demo [--backend vxlan|host-gw|vxlan-direct|udp|wireguard|ipip|extension] [--hosts N] [--ipv6 | --ipv6-only] [--kube] [--hold]`
+//! `flannel-demo [--backend vxlan|host-gw|vxlan-direct|udp|wireguard|ipip|ipsec|extension] [--hosts N] [--ipv6 | --ipv6-only] [--kube] [--hold]`
 //!
 //! Builds N hosts on an underlay switch, runs etcd and the real flanneld on every host, creates two
 //! pods per host, pings every pod from every pod, and shows what flannel put in the kernel and in
@@ -60,6 +60,9 @@ enum DemoBackend {
     Wireguard,
     /// IP-in-IP tunnels (flannel.ipip); needs a kernel with ipip (module ipip); IPv4 only.
     Ipip,
+    /// Encrypted: IPsec (ESP tunnels negotiated by strongSwan's charon, which flanneld starts);
+    /// needs a kernel with ESP (module esp4); IPv4 only.
+    Ipsec,
     /// Your commands: upstream's host-gw example of the extension backend (a route per peer, made
     /// by SubnetAddCommand); IPv4 only here.
     Extension,
@@ -74,6 +77,7 @@ impl DemoBackend {
             Self::Udp => "udp",
             Self::Wireguard => "wireguard",
             Self::Ipip => "ipip",
+            Self::Ipsec => "ipsec",
             Self::Extension => "extension",
         }
     }
@@ -86,6 +90,12 @@ impl DemoBackend {
             Self::Udp => r#"{"Type":"udp"}"#,
             Self::Wireguard => r#"{"Type":"wireguard"}"#,
             Self::Ipip => r#"{"Type":"ipip"}"#,
+            // The demo's key (make a cluster's own with `openssl rand -hex 48`).
+            Self::Ipsec => concat!(
+                r#"{"Type":"ipsec","PSK":""#,
+                "demo-key-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789",
+                r#""}"#
+            ),
             Self::Extension => concat!(
                 r#"{"Type":"extension","PreStartupCommand":"cat /sys/class/net/eth0/address","#,
                 r#""SubnetAddCommand":"read MAC; ip route replace \"$SUBNET\" via \"$PUBLIC_IP\"","#,
@@ -123,24 +133,28 @@ fn main() -> ExitCode {
     if args.ipv6
         && matches!(
             args.backend,
-            DemoBackend::Udp | DemoBackend::Wireguard | DemoBackend::Ipip | DemoBackend::Extension
+            DemoBackend::Udp
+                | DemoBackend::Wireguard
+                | DemoBackend::Ipip
+                | DemoBackend::Ipsec
+                | DemoBackend::Extension
         )
     {
         let _ = writeln!(
             std::io::stderr(),
-            "--ipv6 needs --backend vxlan, vxlan-direct or host-gw (the udp and ipip backends are IPv4 only; the demo shows wireguard and extension with IPv4)"
+            "--ipv6 needs --backend vxlan, vxlan-direct or host-gw (the udp, ipip and ipsec backends are IPv4 only; the demo shows wireguard and extension with IPv4)"
         );
         return ExitCode::from(2);
     }
     if args.ipv6_only
         && matches!(
             args.backend,
-            DemoBackend::Udp | DemoBackend::Ipip | DemoBackend::Extension
+            DemoBackend::Udp | DemoBackend::Ipip | DemoBackend::Ipsec | DemoBackend::Extension
         )
     {
         let _ = writeln!(
             std::io::stderr(),
-            "--ipv6-only needs --backend vxlan, vxlan-direct, host-gw or wireguard (the udp and ipip backends are IPv4 only; the demo's extension commands route IPv4)"
+            "--ipv6-only needs --backend vxlan, vxlan-direct, host-gw or wireguard (the udp, ipip and ipsec backends are IPv4 only; the demo's extension commands route IPv4)"
         );
         return ExitCode::from(2);
     }
@@ -212,7 +226,13 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
     let spec = LabSpec {
         segments: vec![hosts],
         config: config.clone(),
-        flanneld_args: vec![],
+        // ipsec's policies select the pods' own addresses: flanneld masquerades (only what leaves
+        // the network), so that the CNI plugin does not (it would hide the pods' addresses).
+        flanneld_args: if backend == "ipsec" {
+            vec!["--ip-masq".into()]
+        } else {
+            vec![]
+        },
     };
     let mut lab = if args.kube {
         Lab::new_kube(&spec, bin_path("flanneld"))
@@ -253,6 +273,24 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
                  flanneld would stop at start saying so. Load the module (modprobe ipip) or try --backend vxlan."
             );
             return finish(lab, false, store, false);
+        }
+    }
+    if backend == "ipsec" {
+        if !lab.hosts[0].has_esp() {
+            say!(
+                "\n    This kernel has no ESP with AES-GCM (modules esp4, gcm), so the ipsec backend cannot run here: \
+                 flanneld would stop at start saying so. Load the module (modprobe esp4) or try --backend wireguard (encrypted too)."
+            );
+            return finish(lab, false, store, false);
+        }
+        say!(
+            "    each host's flanneld starts its own charon (strongSwan), in a /run of its own (lab hosts share one filesystem),"
+        );
+        say!(
+            "    and runs with --ip-masq, as upstream's DaemonSet does: the CNI plugin then leaves the pods' addresses alone"
+        );
+        for h in &mut lab.hosts {
+            h.private_run = true;
         }
     }
 
@@ -351,6 +389,7 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
             format!("the ones into {network} via flannel.ipip, onlink to each host's address")
         }
         "extension" => format!("the ones into {network} via eth0, made by SubnetAddCommand"),
+        "ipsec" => "none: the pods' packets follow the default route, and the xfrm policies below put them in ESP".to_string(),
         _ => format!("the ones into {network} via {vxlan_dev} (or eth0 with DirectRouting)"),
     };
     section(&format!("Each host's routes (flannel's are {flannels})"))?;
@@ -381,6 +420,22 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
         indent(&h.sh("ip -d link show flannel.ipip"))?;
         say!("    $ ip addr show flannel.ipip");
         indent(&h.sh("ip addr show flannel.ipip"))?;
+    }
+    if backend == "ipsec" {
+        say!(
+            "    $ ip xfrm policy   (out, in and fwd per peer, request id 11: charon's SAs carry them)"
+        );
+        indent(&h.sh("ip xfrm policy"))?;
+        say!(
+            "    $ ip xfrm state | grep -c '^src'   (the SAs charon negotiated, one per direction and peer)"
+        );
+        indent(&format!(
+            "{}",
+            h.sh("ip xfrm state")
+                .lines()
+                .filter(|l| l.starts_with("src"))
+                .count()
+        ))?;
     }
     if backend == "udp" {
         say!("    $ ip -d link show flannel0   (a persistent TUN device: it outlives flanneld)");
@@ -484,6 +539,43 @@ fn tour(args: &Args) -> Result<bool, StdoutClosed> {
             if again { "answered" } else { "FAILED" }
         );
         return finish(lab, hold, store, failed.is_empty() && again);
+    }
+    if backend == "ipsec" {
+        section("Self-healing: deleting host1's out policies (flanneld checks them every 10 s)")?;
+        let out_policies = |lab: &Lab| {
+            lab.hosts[0]
+                .sh("ip xfrm policy list dir out")
+                .lines()
+                .filter(|l| l.starts_with("src"))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+        };
+        let before = out_policies(&lab);
+        for p in &before {
+            // `src A dst B` -> `ip xfrm policy del src A dst B dir out`
+            let mut args: Vec<&str> = vec!["ip", "xfrm", "policy", "del"];
+            args.extend(p.split_whitespace());
+            args.extend(["dir", "out"]);
+            match lab.hosts[0].ns.exec(&args) {
+                Ok(_) => say!("    deleted {p} dir out"),
+                Err(e) => say!("    could not delete {p}: {e}"),
+            }
+        }
+        let limit = Duration::from_secs(15) * flannel_tests::vm::slowdown();
+        let back = flannel_tests::until(limit, || out_policies(&lab) == before);
+        say!("    {}:", if back { "put back" } else { "NOT put back" });
+        indent(&lab.hosts[0].sh("ip xfrm policy list dir out"))?;
+        let peer_pod = &lab.hosts[1].pods[0];
+        let again = lab.ping(
+            (0, 0),
+            peer_pod.ip,
+            Duration::from_secs(2) * flannel_tests::vm::slowdown(),
+        );
+        say!(
+            "    host1 pod -> host2 pod: {}",
+            if again { "answered" } else { "FAILED" }
+        );
+        return finish(lab, hold, store, failed.is_empty() && back && again);
     }
     section("Self-healing: deleting host1's flannel routes")?;
     for subnet in &doomed {
