@@ -3,9 +3,12 @@
 use std::net::IpAddr;
 
 use flannel_core::BackendError;
-use futures::TryStreamExt;
+use std::net::Ipv4Addr;
+
+use flannel_dataplane::dump::{Raw, Socket};
 use ipnet::Ipv4Net;
-use netlink_packet_xfrm::{UserTemplate, XfrmAttrs};
+use netlink_packet_xfrm::{UserTemplate, XFRM_MSG_NEWPOLICY, XfrmMessage};
+use netlink_sys::protocols::NETLINK_XFRM;
 use xfrmnetlink::Handle;
 
 use crate::peers::{Dir, KernelPolicy, Policy, REQID, Template};
@@ -78,19 +81,26 @@ impl Xfrm {
         }
     }
 
-    /// Every IPv4 policy of the main policy database (with its first template, if any).
+    /// Every IPv4 policy of the main policy database (with its first template, if any), read on
+    /// a socket of its own and parsed by [`policy_of`] (netlink-packet-xfrm's parser indexes past
+    /// the end of a short message: fuzzing found it).
     pub async fn policies(&self) -> Result<Vec<KernelPolicy>, BackendError> {
+        let mut socket = Socket::open(NETLINK_XFRM)
+            .map_err(|e| BackendError::Other(format!("cannot open an XFRM netlink socket: {e}")))?;
         let mut out = Vec::new();
-        let mut dump = self.handle.policy().get_dump().execute();
-        while let Some(m) = dump
-            .try_next()
+        let request = XfrmMessage::GetPolicy(netlink_packet_xfrm::policy::DelGetMessage::default());
+        socket
+            .dump(request, |m: Raw| {
+                if m.message_type == XFRM_MSG_NEWPOLICY
+                    && let Some(p) = policy_of(&m.payload)
+                {
+                    out.push(p);
+                }
+            })
             .await
-            .map_err(|e| error("reading the kernel's IPsec policies", e))?
-        {
-            if let Some(p) = policy_of(&m) {
-                out.push(p);
-            }
-        }
+            .map_err(|e| {
+                BackendError::Other(format!("reading the kernel's IPsec policies: {e}"))
+            })?;
         Ok(out)
     }
 
@@ -142,27 +152,61 @@ impl Xfrm {
     }
 }
 
-/// The policy of one dump message (`XFRM_MSG_NEWPOLICY`), if it is an IPv4 policy in one of the
-/// three directions.
-pub fn policy_of(m: &netlink_packet_xfrm::policy::ModifyMessage) -> Option<KernelPolicy> {
-    let info = &m.user_policy_info;
-    let sel = &info.selector;
-    if sel.family != AF_INET {
+/// The size of `struct xfrm_userpolicy_info`, the fixed part of a policy message.
+const POLICY_INFO_LEN: usize = 168;
+/// The size of `struct xfrm_user_tmpl`.
+const TMPL_LEN: usize = 64;
+/// `XFRMA_TMPL`: the policy's templates.
+const XFRMA_TMPL: u16 = 5;
+
+fn ipv4_at(b: &[u8], at: usize) -> Option<Ipv4Addr> {
+    let a: [u8; 4] = b.get(at..at + 4)?.try_into().ok()?;
+    Some(Ipv4Addr::from(a))
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// The policy of one dump message's payload (`XFRM_MSG_NEWPOLICY`: `struct xfrm_userpolicy_info`
+/// and attributes), if it is an IPv4 policy in one of the three directions. Read with bounds
+/// checks throughout: a short or malformed message is `None`, never a panic.
+pub fn policy_of(payload: &[u8]) -> Option<KernelPolicy> {
+    let info = payload.get(..POLICY_INFO_LEN)?;
+    // The selector: daddr 0..16, saddr 16..32, ports, family at 40, prefix lengths at 42 and 43.
+    if u16_at(info, 40)? != AF_INET {
         return None;
     }
-    let dir = Dir::from_kernel(info.direction)?;
-    let src = Ipv4Net::new(sel.saddr.to_ipv4(), sel.prefixlen_s).ok()?;
-    let dst = Ipv4Net::new(sel.daddr.to_ipv4(), sel.prefixlen_d).ok()?;
-    let tmpl = m.nlas.iter().find_map(|a| match a {
-        XfrmAttrs::Template(t) => t.first().filter(|t| t.family == AF_INET).map(|t| Template {
-            src: t.saddr.to_ipv4(),
-            dst: t.id.daddr.to_ipv4(),
-            proto: t.id.proto,
-            mode: t.mode,
-            reqid: t.reqid,
-        }),
-        _ => None,
-    });
+    let dst = Ipv4Net::new(ipv4_at(info, 0)?, *info.get(42)?).ok()?;
+    let src = Ipv4Net::new(ipv4_at(info, 16)?, *info.get(43)?).ok()?;
+    let dir = Dir::from_kernel(*info.get(160)?)?;
+    let mut tmpl = None;
+    let mut rest = payload.get(POLICY_INFO_LEN..)?;
+    while rest.len() >= 4 && tmpl.is_none() {
+        let len = usize::from(u16_at(rest, 0)?);
+        let kind = u16_at(rest, 2)? & 0x3fff;
+        if len < 4 || len > rest.len() {
+            break;
+        }
+        if kind == XFRMA_TMPL
+            && let Some(t) = rest.get(4..len).and_then(|b| b.get(..TMPL_LEN))
+            && u16_at(t, 24)? == AF_INET
+        {
+            // id: daddr 0..16, spi 16..20, proto 20; family 24; saddr 28..44; reqid 44; mode 48.
+            tmpl = Some(Template {
+                src: ipv4_at(t, 28)?,
+                dst: ipv4_at(t, 0)?,
+                proto: *t.get(20)?,
+                mode: *t.get(48)?,
+                reqid: u32_at(t, 44)?,
+            });
+        }
+        rest = rest.get(len.next_multiple_of(4).min(rest.len())..)?;
+    }
     Some(KernelPolicy {
         src: src.trunc(),
         dst: dst.trunc(),
@@ -175,7 +219,7 @@ pub fn policy_of(m: &netlink_packet_xfrm::policy::ModifyMessage) -> Option<Kerne
 mod tests {
     use super::*;
     use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
-    use netlink_packet_xfrm::XfrmMessage;
+    use netlink_packet_xfrm::XfrmAttrs;
     use netlink_packet_xfrm::policy::ModifyMessage;
 
     /// A policy as the kernel sends it in a dump (`XFRM_MSG_NEWPOLICY`), serialized.
@@ -204,12 +248,14 @@ mod tests {
         buf
     }
 
+    /// The message's payload read as the dump reads it.
     fn read(bytes: &[u8]) -> Option<KernelPolicy> {
-        match NetlinkMessage::<XfrmMessage>::deserialize(bytes)
-            .ok()?
-            .payload
-        {
-            NetlinkPayload::InnerMessage(XfrmMessage::AddPolicy(m)) => policy_of(&m),
+        let m = flannel_dataplane::dump::messages::<Raw>(bytes).next()?.ok()?;
+        match m.payload {
+            NetlinkPayload::InnerMessage(raw) => {
+                assert_eq!(raw.message_type, XFRM_MSG_NEWPOLICY);
+                policy_of(&raw.payload)
+            }
             _ => None,
         }
     }
@@ -233,10 +279,13 @@ mod tests {
         let k = read(&dump_message(&p, REQID, libc::AF_INET6 as u16)).expect("a policy");
         assert_eq!(k.tmpl, None);
         assert_eq!(k.as_flannel(), None);
-        // Truncated: nothing, no panic.
+        // Truncated anywhere: no panic; without its template, not flannel's.
         let bytes = dump_message(&p, REQID, AF_INET);
-        for n in 0..bytes.len() {
-            let _ = read(&bytes[..n]);
+        let payload = &bytes[16..];
+        for n in 0..payload.len() {
+            if let Some(k) = policy_of(&payload[..n]) {
+                assert_eq!(k.as_flannel(), None, "{n} bytes");
+            }
         }
     }
 }

@@ -46,6 +46,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("wireguard_uapi", wireguard_uapi),
     ("extension_lease", extension_lease),
     ("ipip_lease", ipip_lease),
+    ("ipsec_lease", ipsec_lease),
+    ("xfrm_dump", xfrm_dump),
 ];
 
 fn text(data: &[u8]) -> String {
@@ -547,5 +549,78 @@ pub fn ipip_lease(data: &[u8]) {
         assert_eq!(r.gateway, Some(public));
         assert!(!public.is_unspecified() && !public.is_loopback() && !public.is_multicast());
         assert!(own.owns_route(r), "{r}");
+    }
+}
+
+/// The ipsec backend: its options (the `Backend` object) and a peer's lease from the same bytes,
+/// the tunnel and policies computed from them. An accepted key is long enough, the MTU leaves room
+/// for ESP, and a tunnel joins the own subnet to the peer's usable public IP and subnet.
+pub fn ipsec_lease(data: &[u8]) {
+    use flannel_backend_ipsec::peers::{End, conn_changes, desired_tunnels, is_ours};
+    use flannel_backend_ipsec::{IpsecOptions, MIN_PSK_LEN, OVERHEAD};
+    use flannel_core::Lease;
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    if let Ok(o) = IpsecOptions::parse(&v) {
+        assert!(o.psk.len() >= MIN_PSK_LEN);
+        assert!(!o.esp_proposal.is_empty() && !o.esp_proposal.contains(char::is_whitespace));
+        for ext in [0, 100, 1500, u32::MAX] {
+            if let Some(m) = o.mtu(ext) {
+                assert!(m >= 68 && m <= ext - OVERHEAD, "{m} from {ext}");
+            }
+        }
+    }
+    let Ok(attrs) = LeaseAttrs::from_json(data) else {
+        return;
+    };
+    let (Ok(network), Ok(own), Ok(subnet)) = (
+        "10.5.0.0/16".parse::<ipnet::Ipv4Net>(),
+        "10.5.1.0/24".parse::<ipnet::Ipv4Net>(),
+        "10.5.2.0/24".parse::<ipnet::Ipv4Net>(),
+    ) else {
+        return;
+    };
+    let local = End {
+        ip: Ipv4Addr::new(192, 168, 0, 1),
+        subnet: own,
+    };
+    let lease = Lease {
+        key: SubnetKey::v4(subnet),
+        enable_ipv4: true,
+        attrs,
+        expiration: None,
+        asof: 0,
+    };
+    let (tunnels, _) = desired_tunnels(local, &[&lease]);
+    assert!(tunnels.len() <= 1);
+    for (name, t) in &tunnels {
+        assert_eq!(lease.attrs.backend_type, "ipsec");
+        assert_eq!(*name, t.conn_name());
+        assert_eq!((t.local, t.remote.subnet), (local, subnet));
+        let ip = t.remote.ip;
+        assert!(!ip.is_unspecified() && !ip.is_loopback() && !ip.is_multicast());
+        for p in t.policies() {
+            assert!(is_ours(&p, network, own), "{p}");
+        }
+        let (load, unload) = conn_changes(&tunnels, &Default::default(), local);
+        assert_eq!((load.len(), unload.len()), (1, 0));
+    }
+}
+
+/// One datagram of the kernel's XFRM policy dump: split into netlink messages, each policy read
+/// as the ipsec backend reads it (its own bounds-checked parser). What is read is an IPv4 policy
+/// with host bits clear. (netlink-packet-xfrm's own parser indexes past the end of a short policy
+/// message: found by this target, kept in its corpus.)
+pub fn xfrm_dump(data: &[u8]) {
+    use flannel_dataplane::dump::{Raw, messages};
+    for m in messages::<Raw>(data).flatten() {
+        if let netlink_packet_core::NetlinkPayload::InnerMessage(raw) = m.payload
+            && let Some(k) = flannel_backend_ipsec::xfrm::policy_of(&raw.payload)
+        {
+            assert_eq!(k.src, k.src.trunc());
+            assert_eq!(k.dst, k.dst.trunc());
+            let _ = k.as_flannel();
+        }
     }
 }
