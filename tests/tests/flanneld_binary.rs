@@ -188,7 +188,7 @@ fn unknown_backend_and_env_iface_are_reported() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("unknown backend type \"peer-log\""), "{err}");
     assert!(
-        err.contains("alloc, extension, host-gw, ipip, udp, vxlan, wireguard"),
+        err.contains("alloc, extension, host-gw, ipip, ipsec, udp, vxlan, wireguard"),
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
