@@ -98,19 +98,6 @@ pub struct Topology {
     pub direct_routing: bool,
 }
 
-/// Why a peer's public IP cannot be a tunnel's far end, if it cannot.
-fn unusable_end(ip: Ipv4Addr) -> Option<&'static str> {
-    if ip.is_unspecified() {
-        Some("it has no public IP")
-    } else if ip.is_loopback() {
-        Some("its public IP is a loopback address")
-    } else if ip.is_multicast() || ip.is_broadcast() {
-        Some("its public IP is not a unicast address")
-    } else {
-        None
-    }
-}
-
 /// The routes the kernel should hold for `leases` (pure), which routes are flannel's, and warnings
 /// for leases that cannot be served. Leases of other backend types are ignored, as upstream does.
 pub fn desired_state(topo: &Topology, leases: &[&Lease]) -> (KernelState, Ownership, Vec<String>) {
@@ -124,7 +111,7 @@ pub fn desired_state(topo: &Topology, leases: &[&Lease]) -> (KernelState, Owners
             continue;
         };
         let public = lease.attrs.public_ip;
-        if let Some(why) = unusable_end(public) {
+        if let Some(why) = flannel_dataplane::lease_policy::unusable_tunnel_end(public) {
             warnings.push(format!(
                 "ignoring ipip lease {} for {subnet}: {why} ({public}) to tunnel to",
                 lease.key

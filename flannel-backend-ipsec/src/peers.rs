@@ -206,19 +206,6 @@ impl KernelPolicy {
     }
 }
 
-/// Why a peer's public IP cannot be a tunnel's far end, if it cannot.
-pub fn unusable_end(ip: Ipv4Addr) -> Option<&'static str> {
-    if ip.is_unspecified() {
-        Some("it has no public IP")
-    } else if ip.is_loopback() {
-        Some("its public IP is a loopback address")
-    } else if ip.is_multicast() || ip.is_broadcast() {
-        Some("its public IP is not a unicast address")
-    } else {
-        None
-    }
-}
-
 /// The tunnels for `leases` (the peers' leases, the own excluded), by connection name, and
 /// warnings for leases that cannot be served. Leases of other backend types are ignored, as
 /// upstream does.
@@ -236,7 +223,7 @@ pub fn desired_tunnels(local: End, leases: &[&Lease]) -> (BTreeMap<String, Tunne
             continue;
         }
         let ip = lease.attrs.public_ip;
-        if let Some(why) = unusable_end(ip) {
+        if let Some(why) = flannel_dataplane::lease_policy::unusable_tunnel_end(ip) {
             warnings.push(format!(
                 "ignoring ipsec lease {} for {subnet}: {why} ({ip}) to tunnel to",
                 lease.key

@@ -250,7 +250,9 @@ mod tests {
 
     /// The message's payload read as the dump reads it.
     fn read(bytes: &[u8]) -> Option<KernelPolicy> {
-        let m = flannel_dataplane::dump::messages::<Raw>(bytes).next()?.ok()?;
+        let m = flannel_dataplane::dump::messages::<Raw>(bytes)
+            .next()?
+            .ok()?;
         match m.payload {
             NetlinkPayload::InnerMessage(raw) => {
                 assert_eq!(raw.message_type, XFRM_MSG_NEWPOLICY);

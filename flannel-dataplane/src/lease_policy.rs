@@ -150,6 +150,21 @@ impl LeasePolicy {
     }
 }
 
+/// Why a peer's public IP cannot be the far end of a tunnel to it (ipip, ipsec), if it cannot: no
+/// address (`0.0.0.0`), a loopback address, or not a unicast address. Such a lease gets a warning
+/// and nothing in the kernel.
+pub fn unusable_tunnel_end(ip: std::net::Ipv4Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("it has no public IP")
+    } else if ip.is_loopback() {
+        Some("its public IP is a loopback address")
+    } else if ip.is_multicast() || ip.is_broadcast() {
+        Some("its public IP is not a unicast address")
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -104,68 +104,36 @@ impl Host {
     /// Whether this host's kernel has ipip tunnels: a probe device is made and deleted again. (It
     /// has a local address: one with neither end would be the kernel's `tunl0` again, refused.)
     pub fn has_ipip(&self) -> bool {
-        let made = self
-            .ns
-            .exec(&[
-                "ip",
-                "link",
-                "add",
-                "fltipprobe",
-                "type",
-                "ipip",
-                "local",
-                "192.0.2.1",
-            ])
-            .is_ok();
-        if made {
-            let _ = self.ns.exec(&["ip", "link", "del", "fltipprobe"]);
-        }
-        made
+        self.probe(
+            "ip link add fltipprobe type ipip local 192.0.2.1",
+            "ip link del fltipprobe",
+        )
     }
 
     /// Whether this host's kernel has ESP with upstream's default cipher (AES-GCM): a probe SA
     /// between two documentation addresses is added and deleted again.
     pub fn has_esp(&self) -> bool {
-        let added = self
+        let sa = "src 192.0.2.1 dst 192.0.2.2 proto esp spi 0xf1a0ffff";
+        self.probe(
+            &format!(
+                "ip xfrm state add {sa} mode tunnel aead rfc4106(gcm(aes)) \
+                 0x0123456789abcdef0123456789abcdef01234567 128"
+            ),
+            &format!("ip xfrm state del {sa}"),
+        )
+    }
+
+    /// Whether the command `add` (words split at whitespace) succeeds in the host; `del` then
+    /// undoes it.
+    fn probe(&self, add: &str, del: &str) -> bool {
+        let ok = self
             .ns
-            .exec(&[
-                "ip",
-                "xfrm",
-                "state",
-                "add",
-                "src",
-                "192.0.2.1",
-                "dst",
-                "192.0.2.2",
-                "proto",
-                "esp",
-                "spi",
-                "0xf1a0ffff",
-                "mode",
-                "tunnel",
-                "aead",
-                "rfc4106(gcm(aes))",
-                "0x0123456789abcdef0123456789abcdef01234567",
-                "128",
-            ])
+            .exec(&add.split_whitespace().collect::<Vec<_>>())
             .is_ok();
-        if added {
-            let _ = self.ns.exec(&[
-                "ip",
-                "xfrm",
-                "state",
-                "del",
-                "src",
-                "192.0.2.1",
-                "dst",
-                "192.0.2.2",
-                "proto",
-                "esp",
-                "spi",
-                "0xf1a0ffff",
-            ]);
+        if ok {
+            let _ = self.ns.exec(&del.split_whitespace().collect::<Vec<_>>());
         }
-        added
+        ok
     }
 
     /// Whether flanneld is running.

@@ -74,6 +74,26 @@ pub fn bin_path(name: &str) -> PathBuf {
     })
 }
 
+/// Runs the demo (`flannel-demo`) with `args` to its end: its exit code and everything it printed
+/// (stdout, then stderr).
+///
+/// # Panics
+/// When the demo cannot be started.
+pub fn run_demo(args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(bin_path("flannel-demo"))
+        .args(args)
+        .output()
+        .expect("run flannel-demo");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");

@@ -14,20 +14,7 @@ use std::time::{Duration, Instant};
 
 use flannel_tests::{bin_path, require_etcd, require_root};
 
-fn demo(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(bin_path("flannel-demo"))
-        .args(args)
-        .output()
-        .expect("run flannel-demo");
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
+use flannel_tests::run_demo as demo;
 
 #[test]
 fn help_and_bad_options() {

@@ -287,20 +287,8 @@ fn main() {
     drop(lab);
 
     // The README's demo with --backend ipip, as a user on a kernel with ipip runs it.
-    let out = std::process::Command::new(flannel_tests::bin_path("flannel-demo"))
-        .args(["--hosts", "2", "--backend", "ipip"])
-        .output()
-        .expect("run flannel-demo");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "flannel-demo --backend ipip:\n{text}"
-    );
+    let (code, text) = flannel_tests::run_demo(&["--hosts", "2", "--backend", "ipip"]);
+    assert_eq!(code, Some(0), "flannel-demo --backend ipip:\n{text}");
     assert!(
         text.contains(" 0 failed")
             && text.contains("host2 pod: answered")

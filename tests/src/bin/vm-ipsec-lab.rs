@@ -267,20 +267,8 @@ fn main() {
     drop(lab);
 
     // The README's demo with --backend ipsec, as a user on a kernel with ESP runs it.
-    let out = std::process::Command::new(flannel_tests::bin_path("flannel-demo"))
-        .args(["--hosts", "2", "--backend", "ipsec"])
-        .output()
-        .expect("run flannel-demo");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "flannel-demo --backend ipsec:\n{text}"
-    );
+    let (code, text) = flannel_tests::run_demo(&["--hosts", "2", "--backend", "ipsec"]);
+    assert_eq!(code, Some(0), "flannel-demo --backend ipsec:\n{text}");
     assert!(
         text.contains(" 0 failed")
             && text.contains("put back")
