@@ -241,6 +241,7 @@ impl Backend for IpsecBackend {
             },
             wanted: Mutex::new(BTreeMap::new()),
             key_loaded: true,
+            reload_all: true,
         };
         Ok(Box::new(ReconciledNetwork::new(
             lease,
@@ -263,6 +264,10 @@ struct IpsecModel {
     wanted: Mutex<BTreeMap<String, Tunnel>>,
     /// Whether the running charon has the key.
     key_loaded: bool,
+    /// Whether every wanted connection is to be loaded at the next pass, also those charon has
+    /// (loading replaces them): at the first pass, where a charon that outlived the last flanneld
+    /// may hold them with other options.
+    reload_all: bool,
 }
 
 impl IpsecModel {
@@ -283,11 +288,20 @@ impl IpsecModel {
     }
 
     async fn sync_conns(&self, wanted: &BTreeMap<String, Tunnel>) -> Result<(), BackendError> {
-        let loaded = self.charon.conns().await?;
+        let loaded = if self.reload_all {
+            BTreeSet::new()
+        } else {
+            self.charon.conns().await?
+        };
         let (load, unload) = peers::conn_changes(wanted, &loaded, self.local);
         for name in &unload {
             info!(conn = %name, "unloading the IKE connection of a departed peer");
             self.charon.unload_conn(name).await?;
+        }
+        if !load.is_empty() && !self.reload_all {
+            // Connections missing from a charon flanneld did not restart (the host's, restarted
+            // on its own) mean its key is missing too.
+            self.charon.load_shared_key(&self.opts.psk).await?;
         }
         for t in &load {
             info!(conn = %t.conn_name(), "loading an IKE connection");
@@ -339,6 +353,7 @@ impl Model for IpsecModel {
             self.key_loaded = false;
             return Err(e);
         }
+        self.reload_all = false;
         Ok(())
     }
 
