@@ -84,7 +84,8 @@ impl Outcome {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// (No `Debug`: it holds the key.)
+#[derive(Serialize)]
 struct SharedKey<'a> {
     id: &'a str,
     #[serde(rename = "type")]
