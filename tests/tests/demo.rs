@@ -1,6 +1,7 @@
 //! The README's main command: the demo runs to the end and every step succeeds (exit code 0), for the
 //! default vxlan cluster, for dual-stack host-gw, udp, wireguard, extension, Kubernetes mode and
-//! IPv6-only (ipip says why it cannot run on a kernel without ipip tunnels; the test VM runs it);
+//! IPv6-only (ipip and ipsec say why they cannot run on a kernel without ipip tunnels or ESP; the
+//! test VM runs them);
 //! `--help` and bad options behave as a
 //! command line should; and every way out (a closed stdout, SIGTERM, SIGHUP) stops every process the
 //! demo started and deletes every namespace and directory it made.
