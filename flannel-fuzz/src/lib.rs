@@ -509,7 +509,6 @@ pub fn extension_lease(data: &[u8]) {
 /// own public IP, never to an unusable far end.
 pub fn ipip_lease(data: &[u8]) {
     use flannel_backend_ipip::{IpipOptions, Topology, desired_state};
-    use flannel_core::Lease;
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
         return;
     };
@@ -517,12 +516,9 @@ pub fn ipip_lease(data: &[u8]) {
     let Ok(attrs) = LeaseAttrs::from_json(data) else {
         return;
     };
-    let (Ok(network), Ok(own), Ok(subnet), Ok(ext)) = (
-        "10.5.0.0/16".parse::<ipnet::Ipv4Net>(),
-        "10.5.1.0/24".parse::<ipnet::Ipv4Net>(),
-        "10.5.2.0/24".parse::<ipnet::Ipv4Net>(),
-        "192.168.0.0/24".parse::<ipnet::IpNet>(),
-    ) else {
+    let (Some((network, own, subnet)), Ok(ext)) =
+        (tunnel_nets(), "192.168.0.0/24".parse::<ipnet::IpNet>())
+    else {
         return;
     };
     let topo = Topology {
@@ -533,13 +529,7 @@ pub fn ipip_lease(data: &[u8]) {
         ext_networks: vec![ext],
         direct_routing,
     };
-    let lease = Lease {
-        key: SubnetKey::v4(subnet),
-        enable_ipv4: true,
-        attrs,
-        expiration: None,
-        asof: 0,
-    };
+    let lease = lease_at(subnet, attrs);
     let (state, own, _) = desired_state(&topo, &[&lease]);
     assert!(state.routes.len() <= 1, "{:?}", state.routes);
     for r in &state.routes {
@@ -552,13 +542,30 @@ pub fn ipip_lease(data: &[u8]) {
     }
 }
 
+/// The tunnel backends' targets' network 10.5.0.0/16, own subnet 10.5.1.0/24 and peer subnet
+/// 10.5.2.0/24.
+fn tunnel_nets() -> Option<(ipnet::Ipv4Net, ipnet::Ipv4Net, ipnet::Ipv4Net)> {
+    let net = |a, len| ipnet::Ipv4Net::new(Ipv4Addr::new(10, 5, a, 0), len).ok();
+    Some((net(0, 16)?, net(1, 24)?, net(2, 24)?))
+}
+
+/// A peer's IPv4 lease for `subnet` with `attrs`.
+fn lease_at(subnet: ipnet::Ipv4Net, attrs: LeaseAttrs) -> flannel_core::Lease {
+    flannel_core::Lease {
+        key: SubnetKey::v4(subnet),
+        enable_ipv4: true,
+        attrs,
+        expiration: None,
+        asof: 0,
+    }
+}
+
 /// The ipsec backend: its options (the `Backend` object) and a peer's lease from the same bytes,
 /// the tunnel and policies computed from them. An accepted key is long enough, the MTU leaves room
 /// for ESP, and a tunnel joins the own subnet to the peer's usable public IP and subnet.
 pub fn ipsec_lease(data: &[u8]) {
     use flannel_backend_ipsec::peers::{End, conn_changes, desired_tunnels, is_ours};
     use flannel_backend_ipsec::{IpsecOptions, MIN_PSK_LEN, OVERHEAD};
-    use flannel_core::Lease;
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
         return;
     };
@@ -574,24 +581,14 @@ pub fn ipsec_lease(data: &[u8]) {
     let Ok(attrs) = LeaseAttrs::from_json(data) else {
         return;
     };
-    let (Ok(network), Ok(own), Ok(subnet)) = (
-        "10.5.0.0/16".parse::<ipnet::Ipv4Net>(),
-        "10.5.1.0/24".parse::<ipnet::Ipv4Net>(),
-        "10.5.2.0/24".parse::<ipnet::Ipv4Net>(),
-    ) else {
+    let Some((network, own, subnet)) = tunnel_nets() else {
         return;
     };
     let local = End {
         ip: Ipv4Addr::new(192, 168, 0, 1),
         subnet: own,
     };
-    let lease = Lease {
-        key: SubnetKey::v4(subnet),
-        enable_ipv4: true,
-        attrs,
-        expiration: None,
-        asof: 0,
-    };
+    let lease = lease_at(subnet, attrs);
     let (tunnels, _) = desired_tunnels(local, &[&lease]);
     assert!(tunnels.len() <= 1);
     for (name, t) in &tunnels {

@@ -444,6 +444,19 @@ impl Lab {
         })
     }
 
+    /// Host `h`'s subnet as its lease in etcd names it (`10.5.3.0/24`).
+    ///
+    /// # Panics
+    /// When etcd holds no lease with the host's address.
+    pub fn subnet_of(&self, h: usize) -> String {
+        let ip = format!("\"{}\"", self.hosts[h].addr);
+        self.etcd_list("/coreos.com/network/subnets/")
+            .into_iter()
+            .find(|(_, v)| v.contains(&ip))
+            .and_then(|(k, _)| k.rsplit('/').next().map(|s| s.replace('-', "/")))
+            .unwrap_or_else(|| panic!("no lease of host {h}"))
+    }
+
     /// Writes a key.
     pub fn etcd_put(&self, key: &str, value: &str) {
         let (k, v) = (key.to_string(), value.to_string());

@@ -12,15 +12,6 @@ use std::time::{Duration, Instant};
 use flannel_tests::lab::Lab;
 use flannel_tests::until;
 
-/// Host `h`'s subnet (from its lease in etcd).
-fn subnet_of(lab: &Lab, h: usize) -> String {
-    lab.etcd_list("/coreos.com/network/subnets/")
-        .into_iter()
-        .find(|(_, v)| v.contains(&format!("\"{}\"", lab.hosts[h].addr)))
-        .map(|(k, _)| k.rsplit('/').next().unwrap().replace('-', "/"))
-        .unwrap_or_else(|| panic!("no lease of host {h}"))
-}
-
 /// Host `h`'s routes into the network (its pods' bridge aside), one per line, whitespace
 /// normalised.
 fn flannel_routes(lab: &Lab, h: usize) -> BTreeSet<String> {
@@ -39,7 +30,7 @@ fn expected_routes(lab: &Lab, h: usize, direct: &[usize]) -> BTreeSet<String> {
     (0..lab.hosts.len())
         .filter(|p| *p != h)
         .map(|p| {
-            let (subnet, via) = (subnet_of(lab, p), lab.hosts[p].addr);
+            let (subnet, via) = (lab.subnet_of(p), lab.hosts[p].addr);
             if direct.contains(&p) {
                 format!("{subnet} via {via} dev eth0")
             } else {
@@ -91,7 +82,7 @@ fn main() {
         let env = lab.hosts[h].subnet_env().unwrap();
         assert_eq!(env["FLANNEL_MTU"], "1480", "host {h}");
         let addrs = lab.hosts[h].sh("ip -o -4 addr show dev flannel.ipip");
-        let own = subnet_of(&lab, h);
+        let own = lab.subnet_of(h);
         let own_addr = format!("{}/32", own.split('/').next().unwrap());
         assert!(
             addrs.contains(&own_addr) && addrs.lines().count() == 1,
@@ -149,7 +140,7 @@ fn main() {
     step("the underlay carries the pods' packets inside IP-in-IP between the hosts' addresses");
 
     // Someone deletes a route: back at once (a netlink notification).
-    let victim = subnet_of(&lab, 2);
+    let victim = lab.subnet_of(2);
     lab.hosts[0].sh(&format!("ip route del {victim}"));
     let back = until(Duration::from_secs(30), || {
         flannel_routes(&lab, 0) == expected_routes(&lab, 0, &[])

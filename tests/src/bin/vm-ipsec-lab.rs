@@ -15,15 +15,6 @@ use flannel_tests::until;
 /// 96 characters, upstream's minimum.
 const PSK: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
-/// Host `h`'s subnet (from its lease in etcd).
-fn subnet_of(lab: &Lab, h: usize) -> String {
-    lab.etcd_list("/coreos.com/network/subnets/")
-        .into_iter()
-        .find(|(_, v)| v.contains(&format!("\"{}\"", lab.hosts[h].addr)))
-        .map(|(k, _)| k.rsplit('/').next().unwrap().replace('-', "/"))
-        .unwrap_or_else(|| panic!("no lease of host {h}"))
-}
-
 /// Host `h`'s xfrm policies, one per line: `<src> <dst> <dir> <tmpl src> <tmpl dst> <proto>
 /// <mode> <reqid>`.
 fn policies(lab: &Lab, h: usize) -> BTreeSet<String> {
@@ -52,11 +43,11 @@ fn policies(lab: &Lab, h: usize) -> BTreeSet<String> {
 
 /// The policies upstream installs on host `h` for the hosts `peers`.
 fn expected_policies(lab: &Lab, h: usize, peers: &[usize]) -> BTreeSet<String> {
-    let own = subnet_of(lab, h);
+    let own = lab.subnet_of(h);
     let me = lab.hosts[h].addr;
     let mut set = BTreeSet::new();
     for &p in peers {
-        let (sub, ip) = (subnet_of(lab, p), lab.hosts[p].addr);
+        let (sub, ip) = (lab.subnet_of(p), lab.hosts[p].addr);
         set.insert(format!("{own} {sub} out {me} {ip} esp tunnel 11"));
         set.insert(format!("{sub} {own} in {ip} {me} esp tunnel 11"));
         set.insert(format!("{sub} {own} fwd {ip} {me} esp tunnel 11"));
@@ -113,7 +104,7 @@ fn main() {
     for h in 0..3 {
         let env = lab.hosts[h].subnet_env().unwrap();
         assert_eq!(env["FLANNEL_MTU"], "1423", "host {h}: ext 1500 - 77");
-        let own = subnet_of(&lab, h);
+        let own = lab.subnet_of(h);
         let lease = lab
             .etcd_list("/coreos.com/network/subnets/")
             .into_iter()
@@ -141,8 +132,8 @@ fn main() {
         let name = format!(
             "{}-{}-{}-{}",
             lab.hosts[0].addr,
-            subnet_of(&lab, 0),
-            subnet_of(&lab, p),
+            lab.subnet_of(0),
+            lab.subnet_of(p),
             lab.hosts[p].addr
         );
         assert!(conns.contains(&name), "no connection {name}: {conns}");
@@ -179,7 +170,7 @@ fn main() {
     ));
 
     // Someone deletes a policy: put back at the next check (every 10 s; the kernel tells nobody).
-    let (own, peer) = (subnet_of(&lab, 0), subnet_of(&lab, 2));
+    let (own, peer) = (lab.subnet_of(0), lab.subnet_of(2));
     lab.hosts[0].sh(&format!("ip xfrm policy del src {own} dst {peer} dir out"));
     assert!(!all_policies_in_place(&lab));
     let back = until(Duration::from_secs(30), || all_policies_in_place(&lab));
@@ -196,7 +187,7 @@ fn main() {
     let restarted = until(Duration::from_secs(60), || {
         charon_pid(&lab, 1).is_some_and(|p| p != old)
             && swanctl(&lab, 1, &["--list-conns"])
-                .matches(&subnet_of(&lab, 1))
+                .matches(&lab.subnet_of(1))
                 .count()
                 >= 2
     });
