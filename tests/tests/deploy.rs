@@ -2,8 +2,8 @@
 //! the ConfigMap's two files), and its ClusterRole grants exactly the calls flanneld makes: flanneld
 //! runs against the stand-in API server and every request it sent must be allowed, and every rule
 //! used. The image (`scripts/build-image`, buildah, FROM scratch) is built and inspected: its
-//! entrypoint, `flanneld --version` run from its root filesystem with chroot, the CNI plugin and the
-//! tools the manifest's commands name.
+//! entrypoint, `flanneld --version` run from its root filesystem with chroot, the CNI plugin, the
+//! tools the manifest's commands name, and the ipsec backend's charon answering the image's swanctl.
 
 #![allow(clippy::unwrap_used)]
 
@@ -481,6 +481,7 @@ fn the_image_builds_offline_and_runs_from_its_root_filesystem() {
     );
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(text.trim(), "10.50.3.0", "{text}");
+    the_images_charon_answers(&root);
     let m = manifest();
     let pod = m.daemonset.spec.unwrap().template.spec.unwrap();
     for c in pod
@@ -503,4 +504,64 @@ fn the_image_builds_offline_and_runs_from_its_root_filesystem() {
     buildah(&["umount", &ctr]);
     buildah(&["rm", &ctr]);
     buildah(&["rmi", "--all", "--force"]);
+}
+
+/// The ipsec backend's IKE daemon in the image at `root`: at the path flanneld looks for it on
+/// Debian, it starts from the image's own files and libraries and answers the image's swanctl over
+/// VICI at the socket flanneld uses, with the plugins flanneld's connections need loaded. It runs
+/// in a namespace of the test's own (its IKE sockets stay there) with the /dev and /proc a
+/// container runtime would give it (mounted in that command's own mount namespace).
+fn the_images_charon_answers(root: &std::path::Path) {
+    let ns = flannel_tests::netns::Netns::new("img");
+    let in_image = |cmd: &[&str]| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns.name(), "sh", "-c"])
+            .arg(r#"mount --bind /dev "$0/dev" && mount -t proc proc "$0/proc" && exec chroot "$0" "$@""#)
+            .arg(root)
+            .args(cmd)
+            .env("PATH", "/opt/bin:/usr/sbin:/bin");
+        c
+    };
+    let charon = Proc::spawn(
+        in_image(&["/usr/lib/ipsec/charon"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+    );
+    let vici = root.join("var/run/charon.vici");
+    let listening = flannel_tests::until(Duration::from_secs(20), || vici.exists());
+    let stats = in_image(&["swanctl", "--stats"]).output().unwrap();
+    let (_, log) = charon.stop();
+    assert!(listening, "charon never opened {}: {log}", vici.display());
+    let text = String::from_utf8_lossy(&stats.stdout);
+    assert!(
+        stats.status.success(),
+        "swanctl --stats: {text}{}{log}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    let loaded: BTreeSet<&str> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("loaded plugins:"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    // VICI and the kernel interface, randomness, and the algorithms of upstream's IKE proposal
+    // (aes256-sha256-modp4096) and of the default ESP proposal (aes128gcm16).
+    for plugin in [
+        "vici",
+        "kernel-netlink",
+        "socket-default",
+        "random",
+        "nonce",
+        "aes",
+        "sha2",
+        "hmac",
+        "gmp",
+        "gcm",
+    ] {
+        assert!(
+            loaded.contains(plugin),
+            "plugin {plugin} not loaded: {text}{log}"
+        );
+    }
+    assert!(!log.contains("failed"), "charon's log: {log}");
 }
