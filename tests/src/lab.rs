@@ -444,11 +444,18 @@ impl Lab {
         })
     }
 
-    /// Host `h`'s subnet as its lease in etcd names it (`10.5.3.0/24`).
+    /// Host `h`'s subnet as its lease in etcd names it (`10.5.3.0/24`), or in a Kubernetes lab
+    /// its Node's pod CIDR.
     ///
     /// # Panics
-    /// When etcd holds no lease with the host's address.
+    /// When etcd holds no lease with the host's address, or the Node has no pod CIDR.
     pub fn subnet_of(&self, h: usize) -> String {
+        if let Some(api) = &self.kube {
+            return api
+                .node(&format!("host{}", h + 1))
+                .and_then(|n| n["spec"]["podCIDR"].as_str().map(str::to_string))
+                .unwrap_or_else(|| panic!("Node host{} has no pod CIDR", h + 1));
+        }
         let ip = format!("\"{}\"", self.hosts[h].addr);
         self.etcd_list("/coreos.com/network/subnets/")
             .into_iter()

@@ -5,7 +5,8 @@
 //! hosts (also across the router), that the underlay carries their packets in ESP only, that a
 //! deleted policy is put back, that a charon that died is started again with the key and the
 //! connections, that a vxlan lease is ignored and a departed peer's policies and connection go,
-//! and that the pods' traffic goes on across a flanneld restart.
+//! that the pods' traffic goes on across a flanneld restart, Kubernetes mode (upstream's Node
+//! annotations, policies between the pod CIDRs, pods ping), and the demo with `--backend ipsec`.
 
 #[test]
 fn ipsec_backend_in_a_vm() {

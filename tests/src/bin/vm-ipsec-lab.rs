@@ -1,8 +1,8 @@
 //! The ipsec lab: run inside the test VM (a kernel with ESP; this machine's kernel has none) by
 //! the test `ipsec_backend_in_a_vm` (tests/tests/vm_ipsec.rs). Three hosts on two underlay
 //! segments joined by a router, each flanneld starting its own charon (strongSwan) in a /run of
-//! its own. Each step prints a line; the first failed check panics (exit code 101) and says what
-//! it saw.
+//! its own; then Kubernetes mode (2 hosts, the stand-in API server) and the demo. Each step prints
+//! a line; the first failed check panics (exit code 101) and says what it saw.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -75,8 +75,9 @@ fn swanctl(lab: &Lab, h: usize, args: &[&str]) -> String {
 }
 
 fn all_policies_in_place(lab: &Lab) -> bool {
-    (0..3).all(|h| {
-        let peers: Vec<usize> = (0..3).filter(|p| *p != h).collect();
+    let n = lab.hosts.len();
+    (0..n).all(|h| {
+        let peers: Vec<usize> = (0..n).filter(|p| *p != h).collect();
         policies(lab, h) == expected_policies(lab, h, &peers)
     })
 }
@@ -255,6 +256,51 @@ fn main() {
         "traffic goes on across a flanneld restart ({received} of {sent} pings)"
     ));
 
+    drop(lab);
+
+    // Kubernetes mode (the stand-in API server): the Node objects carry upstream's annotations for
+    // ipsec, the policies join the Nodes' pod CIDRs, and pods ping through the tunnels.
+    let spec = flannel_tests::lab::LabSpec {
+        segments: vec![2],
+        config: config.clone(),
+        flanneld_args: vec![],
+    };
+    let mut lab = Lab::new_kube(&spec, flannel_tests::bin_path("flanneld"));
+    for h in &mut lab.hosts {
+        h.private_run = true;
+    }
+    lab.start_all();
+    for i in 0..2 {
+        lab.add_pods(i, 1);
+    }
+    let in_place = until(Duration::from_secs(60), || all_policies_in_place(&lab));
+    assert!(
+        in_place,
+        "host 0's policies: {:?}, want {:?}",
+        policies(&lab, 0),
+        expected_policies(&lab, 0, &[1])
+    );
+    let failures = lab.ping_all(Duration::from_secs(90));
+    assert!(failures.is_empty(), "Kubernetes mode: {failures:?}");
+    for h in 0..2 {
+        let node = lab.api().node(&format!("host{}", h + 1)).unwrap();
+        let annotations = &node["metadata"]["annotations"];
+        let prefix = "flannel.alpha.coreos.com/";
+        for (key, want) in [
+            ("backend-type", "ipsec".to_string()),
+            ("backend-data", "null".to_string()),
+            ("public-ip", lab.hosts[h].addr.to_string()),
+        ] {
+            assert_eq!(
+                annotations[format!("{prefix}{key}")],
+                want.as_str(),
+                "{node}"
+            );
+        }
+    }
+    step(
+        "Kubernetes mode: upstream's annotations (backend-type ipsec, backend-data null), policies between the pod CIDRs, pods ping",
+    );
     drop(lab);
 
     // The README's demo with --backend ipsec, as a user on a kernel with ESP runs it.
