@@ -464,6 +464,19 @@ impl Lab {
             .unwrap_or_else(|| panic!("no lease of host {h}"))
     }
 
+    /// Host `h`'s lease as etcd holds it (the JSON value under its subnet's key).
+    ///
+    /// # Panics
+    /// When etcd holds no lease with the host's address.
+    pub fn lease_of(&self, h: usize) -> String {
+        let key = self.subnet_of(h).replace('/', "-");
+        self.etcd_list("/coreos.com/network/subnets/")
+            .into_iter()
+            .find(|(k, _)| k.rsplit('/').next() == Some(key.as_str()))
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("no lease of host {h}"))
+    }
+
     /// Writes a key.
     pub fn etcd_put(&self, key: &str, value: &str) {
         let (k, v) = (key.to_string(), value.to_string());

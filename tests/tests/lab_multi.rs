@@ -50,12 +50,7 @@ fn two_networks_one_flanneld_each_on_the_same_hosts() {
     lab.start_all();
     // The vxlan flanneld of host 1 routes to host 2 directly (DirectRouting: via host 2's address on
     // eth0). From here on nothing of its network changes: it must never have to repair a route.
-    let vxlan_net1 = lab
-        .etcd_list("/coreos.com/network/subnets/")
-        .into_iter()
-        .find(|(_, v)| v.contains(&format!("\"{}\"", lab.hosts[1].addr)))
-        .map(|(k, _)| k.rsplit('/').next().unwrap().replace('-', "/"))
-        .unwrap();
+    let vxlan_net1 = lab.subnet_of(1);
     let direct = format!("{vxlan_net1} via {} dev eth0", lab.hosts[1].addr);
     assert!(
         until(Duration::from_secs(10), || lab.hosts[0]

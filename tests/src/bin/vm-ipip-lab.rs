@@ -88,14 +88,8 @@ fn main() {
             addrs.contains(&own_addr) && addrs.lines().count() == 1,
             "host {h}: {addrs}"
         );
-        let lease = lab
-            .etcd_list("/coreos.com/network/subnets/")
-            .into_iter()
-            .find(|(k, _)| k.ends_with(&own.replace('/', "-")))
-            .unwrap()
-            .1;
         assert_eq!(
-            lease,
+            lab.lease_of(h),
             format!(
                 r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"ipip"}}"#,
                 lab.hosts[h].addr

@@ -105,15 +105,8 @@ fn main() {
     for h in 0..3 {
         let env = lab.hosts[h].subnet_env().unwrap();
         assert_eq!(env["FLANNEL_MTU"], "1423", "host {h}: ext 1500 - 77");
-        let own = lab.subnet_of(h);
-        let lease = lab
-            .etcd_list("/coreos.com/network/subnets/")
-            .into_iter()
-            .find(|(k, _)| k.ends_with(&own.replace('/', "-")))
-            .unwrap()
-            .1;
         assert_eq!(
-            lease,
+            lab.lease_of(h),
             format!(
                 r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"ipsec"}}"#,
                 lab.hosts[h].addr

@@ -99,12 +99,7 @@ fn main() {
         (0..3)
             .filter(|h| *h != me)
             .map(|h| {
-                let subnet = lab
-                    .etcd_list("/coreos.com/network/subnets/")
-                    .into_iter()
-                    .find(|(_, v)| v.contains(&format!("\"{}\"", lab.hosts[h].addr)))
-                    .map(|(k, _)| k.rsplit('/').next().unwrap().replace('-', "/"))
-                    .unwrap();
+                let subnet = lab.subnet_of(h);
                 (
                     keys[h].1.clone(),
                     (format!("{}:51820", lab.hosts[h].addr), subnet),
