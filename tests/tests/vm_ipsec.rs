@@ -6,7 +6,8 @@
 //! deleted policy is put back, that a charon that died is started again with the key and the
 //! connections, that a vxlan lease is ignored and a departed peer's policies and connection go,
 //! that the pods' traffic goes on across a flanneld restart, Kubernetes mode (upstream's Node
-//! annotations, policies between the pod CIDRs, pods ping), and the demo with `--backend ipsec`.
+//! annotations, policies between the pod CIDRs, pods ping), `UDPEncap` (MTU 1415, ESP in UDP 4500
+//! on the wire), and the demo with `--backend ipsec`.
 
 #[test]
 fn ipsec_backend_in_a_vm() {

@@ -1,8 +1,8 @@
 //! The ipsec lab: run inside the test VM (a kernel with ESP; this machine's kernel has none) by
 //! the test `ipsec_backend_in_a_vm` (tests/tests/vm_ipsec.rs). Three hosts on two underlay
 //! segments joined by a router, each flanneld starting its own charon (strongSwan) in a /run of
-//! its own; then Kubernetes mode (2 hosts, the stand-in API server) and the demo. Each step prints
-//! a line; the first failed check panics (exit code 101) and says what it saw.
+//! its own; then Kubernetes mode (2 hosts, the stand-in API server), `UDPEncap` and the demo. Each
+//! step prints a line; the first failed check panics (exit code 101) and says what it saw.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -294,6 +294,49 @@ fn main() {
     step(
         "Kubernetes mode: upstream's annotations (backend-type ipsec, backend-data null), policies between the pod CIDRs, pods ping",
     );
+    drop(lab);
+
+    // UDPEncap (NAT traversal): ESP travels in UDP on port 4500 (charon's NAT-T port) between the
+    // hosts, and the MTU leaves room for that UDP header.
+    let encap = format!(
+        r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"ipsec","PSK":"{PSK}","UDPEncap":true}}}}"#
+    );
+    let mut lab = Lab::for_test("vm-ipsec-lab", vec![2], &encap, &[]).expect("the lab");
+    for h in &mut lab.hosts {
+        h.private_run = true;
+    }
+    lab.start_all();
+    for h in 0..2 {
+        let env = lab.hosts[h].subnet_env().unwrap();
+        assert_eq!(env["FLANNEL_MTU"], "1415", "host {h}: ext 1500 - 77 - 8");
+        lab.add_pods(h, 1);
+    }
+    let failures = lab.ping_all(Duration::from_secs(90));
+    assert!(failures.is_empty(), "UDPEncap: {failures:?}");
+    let mut failures = Vec::new();
+    let lines = lab.capture_switch_port(0, || failures = lab.ping_all(Duration::from_secs(10)));
+    assert!(failures.is_empty(), "{failures:?}");
+    let esp: Vec<&String> = lines.iter().filter(|l| l.contains("ESP(")).collect();
+    assert!(!esp.is_empty(), "no ESP seen: {lines:?}");
+    let (a, b) = (lab.hosts[0].addr, lab.hosts[1].addr);
+    let in_udp = |l: &str| {
+        l.contains("UDP-encap")
+            && ((l.contains(&format!("{a}.4500 > {b}.4500")))
+                || l.contains(&format!("{b}.4500 > {a}.4500")))
+    };
+    assert!(
+        esp.iter().all(|l| in_udp(l)),
+        "ESP outside UDP 4500: {esp:?}"
+    );
+    let clear: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("10.5.") || l.contains("ICMP"))
+        .collect();
+    assert!(clear.is_empty(), "pod packets in clear: {clear:?}");
+    step(&format!(
+        "UDPEncap: MTU 1415, the pods' packets in ESP in UDP 4500 only ({} packets)",
+        esp.len()
+    ));
     drop(lab);
 
     // The README's demo with --backend ipsec, as a user on a kernel with ESP runs it.
