@@ -11,6 +11,7 @@
 //! flanneld re-attaches to it. A device loop that ends for another reason than a stop lets its
 //! device go ([`release`]), so that the link's deletion tells the backend to make a new one.
 
+use std::future::Future;
 use std::io;
 
 use gotatun::packet::Packet;
@@ -132,6 +133,16 @@ impl TunReader {
             .recv_multiple(&mut self.raw, &mut self.slots, &mut self.sizes, 0)
             .await?;
         Ok(())
+    }
+
+    /// Reads one batch if the device has one now, without waiting: `None` when it has none (or
+    /// the read failed: the next [`read`](Self::read) reports that).
+    pub fn read_ready(&mut self, dev: &AsyncDevice) -> Option<()> {
+        let read = std::pin::pin!(self.read(dev));
+        match read.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+            std::task::Poll::Ready(Ok(())) => Some(()),
+            _ => None,
+        }
     }
 
     /// The packets of the last read, each in its own buffer (its slot gets a fresh one).

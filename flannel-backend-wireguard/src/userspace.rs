@@ -51,6 +51,10 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 /// an unknown session from a peer we hold a younger session with is a straggler from before it,
 /// or forged (the source address is all it takes), so it is no reason for another handshake.
 const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+/// TUN reads (each up to 64 KiB of the pods' packets) taken in one turn of the device loop when the
+/// device has them ready, and the datagrams after which a turn stops reading and sends.
+const TUN_READS_PER_TURN: usize = 4;
+const SEND_BATCH: usize = 64;
 /// Packet buffers kept for reuse.
 const POOL: usize = 512;
 
@@ -705,7 +709,18 @@ async fn run(
         tokio::select! {
             _ = &mut stop => break true,
             r = reader.read(&dev) => match r {
-                Ok(()) => lock(&state).outgoing(reader.packets(), &mut mtu_watch, &mut out),
+                Ok(()) => {
+                    let mut st = lock(&state);
+                    st.outgoing(reader.packets(), &mut mtu_watch, &mut out);
+                    // What else the device holds now, up to a full send: fewer, larger sends
+                    // (and receives on the peers' side), never a wait.
+                    for _ in 1..TUN_READS_PER_TURN {
+                        if out.v4.len() + out.v6.len() >= SEND_BATCH || reader.read_ready(&dev).is_none() {
+                            break;
+                        }
+                        st.outgoing(reader.packets(), &mut mtu_watch, &mut out);
+                    }
+                }
                 Err(e) if device_gone(&e) => {
                     tracing::warn!(error = %e, "the WireGuard TUN device is gone; the device stops");
                     break false;
