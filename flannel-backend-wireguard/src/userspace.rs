@@ -1,8 +1,9 @@
 //! A userspace WireGuard device over TUN, for kernels without the WireGuard module: flanneld's own
 //! device loop around gotatun's protocol state machine (`noise::Tunn`: handshakes, sessions,
 //! timers, cookies). One loop per device, on a thread of its own (so the rest of flanneld never
-//! pauses the pods' traffic), reads a batch from whichever side is ready, runs the whole
-//! batch through the peers' tunnels under one lock, and writes the results as a batch: TUN reads
+//! pauses the pods' traffic), reads a batch from whichever side is ready (from the TUN side, also
+//! the reads already waiting behind it), runs the whole batch through the peers' tunnels under one
+//! lock, and writes the results as a batch: TUN reads
 //! of up to 64 KiB split into packets ([`crate::tun`]), encrypted datagrams sent as GSO runs and
 //! received as GRO reads ([`crate::udp`]), decrypted packets written with TCP segments merged.
 //!
