@@ -3,9 +3,9 @@
 //! timers, cookies). One loop per device, on a thread of its own (so the rest of flanneld never
 //! pauses the pods' traffic), reads a batch from whichever side is ready (from the TUN side, also
 //! the reads already waiting behind it), runs the whole batch through the peers' tunnels under one
-//! lock, and writes the results as a batch: TUN reads
-//! of up to 64 KiB split into packets ([`crate::tun`]), encrypted datagrams sent as GSO runs and
-//! received as GRO reads ([`crate::udp`]), decrypted packets written with TCP segments merged.
+//! lock, and writes the results as a batch: TUN reads of up to 64 KiB split into packets
+//! ([`crate::tun`]), encrypted datagrams sent as GSO runs and received as GRO reads
+//! ([`crate::udp`]), decrypted packets written with TCP segments merged.
 //!
 //! A peer's tunnel (gotatun's `Tunn`, about 19 KB: eight sessions with their replay windows) is
 //! made when the peer is first used (a packet for it, its handshake) and dropped once it has
