@@ -131,6 +131,24 @@ struct Name<'a> {
     name: &'a str,
 }
 
+/// A `terminate` request: the IKE_SAs of one connection, without waiting for the peer's answer
+/// (a departed peer may never give one).
+#[derive(Debug, Serialize)]
+struct Terminate<'a> {
+    ike: &'a str,
+    force: bool,
+}
+
+/// charon's answer to `terminate`.
+#[derive(Debug, Deserialize)]
+struct Terminated {
+    success: bool,
+    #[serde(default)]
+    matches: u32,
+    #[serde(default)]
+    errmsg: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 struct Conns {
     #[serde(default)]
@@ -348,5 +366,28 @@ impl Charon {
         self.request::<_, Outcome>("unload-conn", Name { name })
             .await?
             .check(&format!("unloading the connection {name}"))
+    }
+
+    /// Ends the IKE_SAs (and so the CHILD_SAs and their kernel SAs) of the connection `name`,
+    /// without waiting for the peer. `unload-conn` leaves them running: with upstream's settings
+    /// (`keyingtries` 0) such an SA would go on trying to rekey with a peer that has left, for
+    /// ever. Returns how many IKE_SAs there were; none is not an error.
+    pub async fn terminate_ike(&self, name: &str) -> Result<u32, BackendError> {
+        let t: Terminated = self
+            .request(
+                "terminate",
+                Terminate {
+                    ike: name,
+                    force: true,
+                },
+            )
+            .await?;
+        if t.success || t.matches == 0 {
+            return Ok(t.matches);
+        }
+        Err(error(format!(
+            "charon could not end the IKE_SAs of {name}: {}",
+            t.errmsg.as_deref().unwrap_or("no reason given")
+        )))
     }
 }

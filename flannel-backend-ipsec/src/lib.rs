@@ -296,6 +296,12 @@ impl IpsecModel {
         let (load, unload) = peers::conn_changes(wanted, &loaded, self.local);
         for name in &unload {
             info!(conn = %name, "unloading the IKE connection of a departed peer");
+            // The SAs first: were it the other way, a failed terminate would never be retried
+            // (the next pass sees no connection to unload).
+            let ended = self.charon.terminate_ike(name).await?;
+            if ended > 0 {
+                info!(conn = %name, sas = ended, "ended the IKE_SAs of a departed peer");
+            }
             self.charon.unload_conn(name).await?;
         }
         if !load.is_empty() && !self.reload_all {

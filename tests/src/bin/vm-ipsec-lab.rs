@@ -275,6 +275,56 @@ fn main() {
         "traffic goes on across a flanneld restart ({received} of {sent} pings)"
     ));
 
+    // A real peer leaves: host 2 goes (its flanneld and charon stop, as with a machine switched
+    // off) and its lease is deleted. Host 0 ends its SAs with host 2, charon's and the kernel's,
+    // besides unloading the connection: left alone they would go on trying to rekey towards a
+    // host that is gone (`keyingtries` 0, as upstream's).
+    let gone = lab.hosts[2].addr.to_string();
+    let sas_with_gone = |lab: &Lab| {
+        let charon = swanctl(lab, 0, &["--list-sas"]).contains(&gone);
+        let kernel = lab.hosts[0]
+            .sh("ip xfrm state list")
+            .lines()
+            .any(|l| l.starts_with("src ") && l.contains(&gone));
+        (charon, kernel)
+    };
+    let before = sas_with_gone(&lab);
+    assert_eq!(
+        before,
+        (true, true),
+        "host 0's SAs with host 2 before it left"
+    );
+    let key = format!(
+        "/coreos.com/network/subnets/{}",
+        lab.subnet_of(2).replace('/', "-")
+    );
+    assert_eq!(lab.stop_flanneld(2), Some(0), "flanneld's exit on SIGTERM");
+    lab.etcd_delete(&key);
+    let ended = until(Duration::from_secs(30), || {
+        sas_with_gone(&lab) == (false, false)
+            && !swanctl(&lab, 0, &["--list-conns"]).contains(&gone)
+    });
+    assert!(
+        ended,
+        "host 0 still has SAs with the departed host 2 (charon, kernel): {:?}\n{}",
+        sas_with_gone(&lab),
+        swanctl(&lab, 0, &["--list-sas"])
+    );
+    assert!(
+        lab.hosts[0]
+            .log_text()
+            .contains("ended the IKE_SAs of a departed peer"),
+        "{}",
+        lab.hosts[0].log_text()
+    );
+    let (p0, p1) = (lab.hosts[0].pods[0].ip, lab.hosts[1].pods[0].ip);
+    assert!(
+        lab.ping((0, 0), p1, Duration::from_secs(5))
+            && lab.ping((1, 0), p0, Duration::from_secs(5)),
+        "host 0's and host 1's pods after host 2 left"
+    );
+    step("a departed host's SAs are ended (charon's and the kernel's), the others' stay");
+
     drop(lab);
 
     // Kubernetes mode (the stand-in API server): the Node objects carry upstream's annotations for
