@@ -277,8 +277,8 @@ fn main() {
 
     // A real peer leaves: host 2 goes (its flanneld and charon stop, as with a machine switched
     // off) and its lease is deleted. Host 0 ends its SAs with host 2, charon's and the kernel's,
-    // besides unloading the connection: left alone they would go on trying to rekey towards a
-    // host that is gone (`keyingtries` 0, as upstream's).
+    // besides unloading the connection, which alone leaves them up (checked: this step fails
+    // without the terminate).
     let gone = lab.hosts[2].addr.to_string();
     let sas_with_gone = |lab: &Lab| {
         let charon = swanctl(lab, 0, &["--list-sas"]).contains(&gone);
