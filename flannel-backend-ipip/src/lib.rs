@@ -251,12 +251,7 @@ impl Backend for IpipBackend {
         config: &NetworkConfig,
     ) -> Result<Box<dyn Network>, BackendError> {
         let opts = IpipOptions::parse(&config.backend)?;
-        if config.ipv6_network().is_some() || config.network().is_none() {
-            return Err(bad(
-                "ipip tunnels carry IPv4 only (as upstream's): for an IPv6 or dual-stack network choose vxlan, wireguard or host-gw"
-                    .into(),
-            ));
-        }
+        config.ipv4_only("ipip", "vxlan, wireguard or host-gw")?;
         let ext = self.ctx.ext_iface.clone();
         let local = ext
             .iface_addr

@@ -181,12 +181,7 @@ impl Backend for IpsecBackend {
         config: &NetworkConfig,
     ) -> Result<Box<dyn Network>, BackendError> {
         let opts = IpsecOptions::parse(&config.backend)?;
-        if config.ipv6_network().is_some() || config.network().is_none() {
-            return Err(bad(
-                "the ipsec backend carries IPv4 only (as upstream's): for an IPv6 or dual-stack network choose wireguard (encrypted), vxlan or host-gw"
-                    .into(),
-            ));
-        }
+        config.ipv4_only("ipsec", "wireguard (encrypted), vxlan or host-gw")?;
         let ext = self.ctx.ext_iface.clone();
         let mtu = opts.mtu(ext.mtu).ok_or_else(|| {
             bad(format!(

@@ -144,15 +144,7 @@ impl Backend for UdpBackend {
         config: &NetworkConfig,
     ) -> Result<Box<dyn Network>, BackendError> {
         let port = parse_port(&config.backend)?;
-        if config.ipv6_network().is_some() {
-            return Err(bad(
-                "the udp backend carries IPv4 only (as Go's): set EnableIPv6 to false, or use vxlan or host-gw for dual stack"
-                    .into(),
-            ));
-        }
-        let network = config
-            .network()
-            .ok_or_else(|| bad("the udp backend needs an IPv4 Network".into()))?;
+        let network = config.ipv4_only("udp", "vxlan, wireguard or host-gw")?;
         let ext = self.ctx.ext_iface.clone();
         let local = ext
             .iface_addr

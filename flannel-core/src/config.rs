@@ -121,6 +121,35 @@ impl NetworkConfig {
             IpNet::V4(_) => None,
         })
     }
+
+    /// The IPv4 network, for a backend that carries IPv4 only (as upstream's udp, ipip and
+    /// ipsec): a network with IPv6 (dual stack or IPv6 only) is refused with an error that names
+    /// `backend` and the backends to choose instead (`alternatives`, e.g. `"vxlan or host-gw"`).
+    ///
+    /// ```
+    /// # use flannel_core::NetworkConfig;
+    /// let dual = NetworkConfig::parse(
+    ///     r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"udp"}}"#,
+    /// ).unwrap();
+    /// let e = dual.ipv4_only("udp", "vxlan or host-gw").unwrap_err();
+    /// assert!(e.to_string().contains("carries IPv4 only"), "{e}");
+    /// ```
+    pub fn ipv4_only(
+        &self,
+        backend: &str,
+        alternatives: &str,
+    ) -> Result<Ipv4Net, crate::BackendError> {
+        match (self.network(), self.ipv6_network()) {
+            (Some(n), None) => Ok(n),
+            _ => Err(crate::BackendError::invalid(
+                backend,
+                format!(
+                    "the {backend} backend carries IPv4 only, as upstream's: set EnableIPv6 to \
+                     false (with an IPv4 Network), or for IPv6 choose {alternatives}"
+                ),
+            )),
+        }
+    }
 }
 
 impl NetworkConfigInput {
@@ -479,6 +508,27 @@ mod tests {
         );
         let p = r.unwrap().ipv6.unwrap();
         assert_eq!(p.subnet_max().to_string(), "ffff:ffff:ffff:ffff::");
+    }
+
+    #[test]
+    fn ipv4_only_backends_get_the_ipv4_network_or_a_clear_refusal() {
+        let v4 = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16"}"#).unwrap();
+        assert_eq!(
+            v4.ipv4_only("ipip", "vxlan").unwrap().to_string(),
+            "10.5.0.0/16"
+        );
+        for json in [
+            r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56"}"#,
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56"}"#,
+        ] {
+            let e = NetworkConfig::parse(json)
+                .unwrap()
+                .ipv4_only("ipip", "vxlan or host-gw")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("ipip backend carries IPv4 only"), "{e}");
+            assert!(e.contains("choose vxlan or host-gw"), "{e}");
+        }
     }
 
     fn v4(cfg: &NetworkConfig) -> (String, u8, String, String) {
