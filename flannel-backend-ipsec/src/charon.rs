@@ -371,7 +371,8 @@ impl Charon {
     /// Ends the IKE_SAs (and so the CHILD_SAs and their kernel SAs) of the connection `name`,
     /// without waiting for the peer. `unload-conn` leaves them up: with upstream's settings
     /// (`dpd_action` restart, `keyingtries` 0) a rekey that times out would start them again
-    /// towards a peer that has left, for ever. Returns how many IKE_SAs there were; none is not an error.
+    /// towards a peer that has left, for ever. Returns how many IKE_SAs there were; none is not
+    /// an error.
     pub async fn terminate_ike(&self, name: &str) -> Result<u32, BackendError> {
         let t: Terminated = self
             .request(
