@@ -269,6 +269,33 @@ impl Lab {
             .expect("a Kubernetes lab (Lab::new_kube)")
     }
 
+    /// Checks that host `h`'s Node carries upstream's annotations for a backend whose leases have
+    /// no data (ipip, ipsec): `backend-type` `kind`, `backend-data` null, `public-ip` the host's
+    /// address; returns the Node.
+    ///
+    /// # Panics
+    /// When one differs (naming it, with the Node), or in an etcd lab.
+    pub fn assert_dataless_node_annotations(&self, h: usize, kind: &str) -> serde_json::Value {
+        let node = self
+            .api()
+            .node(&format!("host{}", h + 1))
+            .unwrap_or_else(|| panic!("no Node host{}", h + 1));
+        let annotations = &node["metadata"]["annotations"];
+        for (key, want) in [
+            ("backend-type", kind.to_string()),
+            ("backend-data", "null".to_string()),
+            ("public-ip", self.hosts[h].addr.to_string()),
+        ] {
+            assert_eq!(
+                annotations[format!("flannel.alpha.coreos.com/{key}")],
+                want.as_str(),
+                "{key} of host{}: {node}",
+                h + 1
+            );
+        }
+        node
+    }
+
     fn build(spec: &LabSpec, flanneld: PathBuf, kube: bool) -> Self {
         let id = LAB_COUNTER.fetch_add(1, Ordering::SeqCst);
         let tag = format!("l{id}");

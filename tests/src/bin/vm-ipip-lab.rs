@@ -237,24 +237,7 @@ fn main() {
     let failures = lab.ping_all(Duration::from_secs(60));
     assert!(failures.is_empty(), "Kubernetes mode: {failures:?}");
     for h in 0..2 {
-        let node = lab.api().node(&format!("host{}", h + 1)).unwrap();
-        let annotations = &node["metadata"]["annotations"];
-        let prefix = "flannel.alpha.coreos.com/";
-        assert_eq!(
-            annotations[format!("{prefix}backend-type")],
-            "ipip",
-            "{node}"
-        );
-        assert_eq!(
-            annotations[format!("{prefix}backend-data")],
-            "null",
-            "{node}"
-        );
-        assert_eq!(
-            annotations[format!("{prefix}public-ip")],
-            lab.hosts[h].addr.to_string(),
-            "{node}"
-        );
+        let node = lab.assert_dataless_node_annotations(h, "ipip");
         let other = node["spec"]["podCIDR"].as_str().unwrap().to_string();
         let routes = lab.hosts[1 - h].routes("");
         assert!(

@@ -352,20 +352,7 @@ fn main() {
     let failures = lab.ping_all(Duration::from_secs(90));
     assert!(failures.is_empty(), "Kubernetes mode: {failures:?}");
     for h in 0..2 {
-        let node = lab.api().node(&format!("host{}", h + 1)).unwrap();
-        let annotations = &node["metadata"]["annotations"];
-        let prefix = "flannel.alpha.coreos.com/";
-        for (key, want) in [
-            ("backend-type", "ipsec".to_string()),
-            ("backend-data", "null".to_string()),
-            ("public-ip", lab.hosts[h].addr.to_string()),
-        ] {
-            assert_eq!(
-                annotations[format!("{prefix}{key}")],
-                want.as_str(),
-                "{node}"
-            );
-        }
+        lab.assert_dataless_node_annotations(h, "ipsec");
     }
     step(
         "Kubernetes mode: upstream's annotations (backend-type ipsec, backend-data null), policies between the pod CIDRs, pods ping",
