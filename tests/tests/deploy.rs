@@ -4,6 +4,7 @@
 //! used. The image (`scripts/build-image`, buildah, FROM scratch) is built and inspected: its
 //! entrypoint, `flanneld --version` run from its root filesystem with chroot, the CNI plugin, the
 //! tools the manifest's commands name, and the ipsec backend's charon answering the image's swanctl.
+//! A strongSwan configuration on the build machine that is not Debian's is refused.
 
 #![allow(clippy::unwrap_used)]
 
@@ -347,6 +348,76 @@ fn the_cluster_role_grants_exactly_the_calls_flanneld_makes() {
         );
     }
     assert_eq!(rules.len(), 5, "{rules:?}");
+}
+
+/// Runs `scripts/build-image --no-build` with `args`; returns whether it succeeded and its stderr.
+fn build_image_with(args: &[&str]) -> (bool, String) {
+    let out = Command::new(repo().join("scripts/build-image"))
+        .arg("--no-build")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A build machine's own strongSwan settings do not go into the image unseen: strongSwan's
+/// configuration must be Debian's files as dpkg recorded them; a changed file and an added one are
+/// refused by name, with what to do, before anything is built; `--own-strongswan-conf` takes them.
+#[test]
+fn the_image_refuses_a_strongswan_configuration_that_is_not_debians() {
+    let name = "the_image_refuses_a_strongswan_configuration";
+    if Command::new("buildah").arg("--version").output().is_err()
+        || !std::path::Path::new("/etc/strongswan.conf").exists()
+    {
+        skip(name, "needs buildah and strongSwan (./scripts/install-deps)");
+        return;
+    }
+    let etc = tempfile::tempdir().unwrap();
+    let copied = Command::new("cp")
+        .args(["-a", "/etc/strongswan.conf", "/etc/strongswan.d"])
+        .arg(etc.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let dir = etc.path().to_str().unwrap();
+    // A profile with no binaries: a run that passes the check stops at them, before the image.
+    let no_bins = ["--profile", "no-such-profile", "--strongswan-etc", dir];
+    let (ok, err) = build_image_with(&no_bins);
+    assert!(!ok);
+    assert!(
+        err.contains("target/no-such-profile/flanneld not found") && !err.contains("strongSwan"),
+        "Debian's files as shipped pass the check: {err}"
+    );
+
+    let changed = etc.path().join("strongswan.d/charon.conf");
+    let mut text = std::fs::read_to_string(&changed).unwrap();
+    text.push_str("charon {\n  install_routes = no\n}\n");
+    std::fs::write(&changed, text).unwrap();
+    let added = etc.path().join("strongswan.d/charon/site.conf");
+    std::fs::write(&added, "charon {\n}\n").unwrap();
+    let (ok, err) = build_image_with(&no_bins);
+    assert!(!ok);
+    assert!(
+        err.contains("strongSwan's configuration here is not Debian's as shipped")
+            && err.contains(changed.to_str().unwrap())
+            && err.contains(added.to_str().unwrap())
+            && err.contains("--force-confmiss")
+            && err.contains("--own-strongswan-conf")
+            && !err.contains("flanneld not found"),
+        "{err}"
+    );
+    let unchanged = etc.path().join("strongswan.conf");
+    assert!(!err.contains(&format!("{}\n", unchanged.display())), "{err}");
+
+    let (ok, err) = build_image_with(&[&no_bins[..], &["--own-strongswan-conf"]].concat());
+    assert!(!ok);
+    assert!(
+        err.contains("target/no-such-profile/flanneld not found") && !err.contains("strongSwan"),
+        "--own-strongswan-conf takes the files as they are: {err}"
+    );
 }
 
 #[test]
