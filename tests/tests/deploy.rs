@@ -372,7 +372,10 @@ fn the_image_refuses_a_strongswan_configuration_that_is_not_debians() {
     if Command::new("buildah").arg("--version").output().is_err()
         || !std::path::Path::new("/etc/strongswan.conf").exists()
     {
-        skip(name, "needs buildah and strongSwan (./scripts/install-deps)");
+        skip(
+            name,
+            "needs buildah and strongSwan (./scripts/install-deps)",
+        );
         return;
     }
     let etc = tempfile::tempdir().unwrap();
@@ -410,7 +413,10 @@ fn the_image_refuses_a_strongswan_configuration_that_is_not_debians() {
         "{err}"
     );
     let unchanged = etc.path().join("strongswan.conf");
-    assert!(!err.contains(&format!("{}\n", unchanged.display())), "{err}");
+    assert!(
+        !err.contains(&format!("{}\n", unchanged.display())),
+        "{err}"
+    );
 
     let (ok, err) = build_image_with(&[&no_bins[..], &["--own-strongswan-conf"]].concat());
     assert!(!ok);
