@@ -1,6 +1,6 @@
 //! The set-up scripts as a new user meets them: `scripts/check-deps` passes on a machine that ran
 //! `scripts/install-deps`, and fails, naming the missing piece and the Debian package that brings
-//! it, when a tool, the well-known `.proto` files or a CNI plugin is missing.
+//! it, when a tool, the well-known `.proto` files, a CNI plugin or the CA certificates are missing.
 
 #![allow(clippy::unwrap_used)]
 
@@ -168,6 +168,31 @@ fn check_deps_names_missing_well_known_protos_and_cni_plugins() {
         p[0].contains("/bridge") && p[1].contains("/host-local"),
         "{err}"
     );
+}
+
+/// A minimal Debian has no CA certificates, and cargo cannot fetch a crate without them (found by
+/// running `.ci/run` in a debootstrap'ed Debian).
+#[test]
+fn check_deps_names_missing_ca_certificates() {
+    if !machine_is_set_up("check_deps_names_missing_ca_certificates") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("ca-certificates.crt");
+    let (code, err) = check_deps(&[("FLANNEL_CA_BUNDLE", &bundle)]);
+    assert_eq!(code, Some(1), "{err}");
+    let p = problems(&err);
+    assert_eq!(p.len(), 1, "{err}");
+    assert!(
+        p[0].contains(&format!("{} missing", bundle.display()))
+            && p[0].contains("HTTPS")
+            && p[0].contains("package ca-certificates"),
+        "{err}"
+    );
+    // An empty bundle is no better.
+    std::fs::write(&bundle, "").unwrap();
+    let (code, err) = check_deps(&[("FLANNEL_CA_BUNDLE", &bundle)]);
+    assert_eq!(code, Some(1), "{err}");
 }
 
 #[test]
