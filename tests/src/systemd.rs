@@ -55,10 +55,12 @@ impl UserManager {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            // "offline" is what systemctl says when it cannot reach the manager at all.
             let up = runtime.join("systemd/private").exists()
-                && mgr
-                    .systemctl(&["is-system-running"])
-                    .is_ok_and(|o| !o.stdout.is_empty());
+                && mgr.systemctl(&["is-system-running"]).is_ok_and(|o| {
+                    let state = String::from_utf8_lossy(&o.stdout);
+                    !state.trim().is_empty() && state.trim() != "offline"
+                });
             if up {
                 return Ok(mgr);
             }
@@ -87,6 +89,10 @@ impl UserManager {
                 "-t",
                 &self.pid().to_string(),
                 "-m",
+                // Entering a mount namespace puts a process at that namespace's root; the
+                // manager's own root (not the same one when the tests run in a chroot) is where
+                // XDG_RUNTIME_DIR's path leads.
+                "-r",
                 "--",
                 "systemctl",
                 "--user",
