@@ -5,7 +5,10 @@
 //!
 //! Needs root. `cargo build --release --workspace && ./target/release/bench-throughput`
 //! `bench-throughput --rounds 5` lets the paths take turns five times and summarises them (median
-//! and range; each ratio to vxlan within its round).
+//! and range; each ratio to vxlan within its round). `--pin` gives each of the two lab hosts a core
+//! of its own, as two real hosts have: host 0's flanneld (every thread) and iperf3 client on CPU 0,
+//! host 1's on CPU 1, and each host's underlay receive work (RPS on its `eth0`) on its own core,
+//! where without it the kernel's scheduler spreads all four processes over both cores.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -15,20 +18,62 @@ use flannel_tests::lab::{Lab, LabSpec};
 
 const SECONDS: u32 = 5;
 
-/// Runs iperf3 from namespace `client` to `server_ip` (server in namespace `server`); Gbit/s received.
-fn iperf(client: &str, server: &str, server_ip: &str) -> f64 {
+/// The command prefix that runs a lab process on `cpu` when pinning (`taskset -c CPU`), or none.
+fn on_cpu(pin: bool, cpu: usize) -> Vec<String> {
+    if pin {
+        vec!["taskset".into(), "-c".into(), cpu.to_string()]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Where a lab host's underlay device takes its RPS mask.
+const RPS_FILE: &str = "/sys/class/net/eth0/queues/rx-0/rps_cpus";
+
+/// With `--pin`: lab host `host` on core `cpu` alone: every thread of `pid` (its flanneld or
+/// wireguard-go) and the receive work of its underlay device (RPS on `eth0`, so a packet arriving
+/// from the other host is processed here, not on the sender's core as a veth's would be).
+fn pin_host(host: &flannel_tests::lab::Host, cpu: usize, pid: Option<u32>) {
+    if let Some(pid) = pid {
+        let status = Command::new("taskset")
+            .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+            .stdout(Stdio::null())
+            .status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "taskset -a -p -c {cpu} {pid} failed (package util-linux)"
+        );
+    }
+    let rps = format!("echo {:x} > {RPS_FILE}", 1u64 << cpu);
+    let read = host
+        .ns
+        .exec(&["sh", "-c", &format!("{rps} && cat {RPS_FILE}")])
+        .unwrap_or_else(|e| panic!("RPS on {}'s eth0: {e}", host.ns.name()));
+    let mask = u64::from_str_radix(read.trim().replace(',', "").as_str(), 16).unwrap_or(0);
+    assert_eq!(
+        mask,
+        1 << cpu,
+        "RPS on {}'s eth0 reads {read:?}",
+        host.ns.name()
+    );
+}
+
+/// Runs iperf3 from namespace `client` to `server_ip` (server in namespace `server`); Gbit/s
+/// received. With `pin`, the client runs on CPU 0 and the server on CPU 1.
+fn iperf(client: &str, server: &str, server_ip: &str, pin: bool) -> f64 {
     let mut srv = Command::new("ip")
-        .args(["netns", "exec", server, "iperf3", "-s", "-1", "-p", "5201"])
+        .args(["netns", "exec", server])
+        .args(on_cpu(pin, 1))
+        .args(["iperf3", "-s", "-1", "-p", "5201"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("iperf3 server (Debian package iperf3)");
     std::thread::sleep(Duration::from_millis(300));
     let out = Command::new("ip")
+        .args(["netns", "exec", client])
+        .args(on_cpu(pin, 0))
         .args([
-            "netns",
-            "exec",
-            client,
             "iperf3",
             "-c",
             server_ip,
@@ -99,7 +144,7 @@ fn cpu_seconds(pid: Option<u32>) -> f64 {
 /// Two lab hosts whose only tunnel is Debian's wireguard-go (`fltwg0` and `fltwg1`; 10.99.0.1 and
 /// .2, MTU 1420 as flannel's): host-to-host Gbit/s through it, the CPU seconds both wireguard-go
 /// processes used per Gbit, and the larger one's resident MiB.
-fn wireguard_go_anchor() -> Option<(f64, f64, f64)> {
+fn wireguard_go_anchor(pin: bool) -> Option<(f64, f64, f64)> {
     let spec = LabSpec {
         segments: vec![2],
         config: r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#.into(),
@@ -125,6 +170,11 @@ fn wireguard_go_anchor() -> Option<(f64, f64, f64)> {
     }
     // `ip netns exec` execs wireguard-go: these are its processes.
     let procs = [Some(a.0.id()), Some(b.0.id())];
+    if pin {
+        for (h, pid) in procs.iter().enumerate() {
+            pin_host(&lab.hosts[h], h, *pid);
+        }
+    }
     let up = flannel_tests::until(Duration::from_secs(10), || {
         lab.hosts[0]
             .ns
@@ -133,7 +183,12 @@ fn wireguard_go_anchor() -> Option<(f64, f64, f64)> {
     });
     let result = up.then(|| {
         let cpu_before: f64 = procs.iter().map(|p| cpu_seconds(*p)).sum();
-        let gbps = iperf(lab.hosts[0].ns.name(), lab.hosts[1].ns.name(), "10.99.0.2");
+        let gbps = iperf(
+            lab.hosts[0].ns.name(),
+            lab.hosts[1].ns.name(),
+            "10.99.0.2",
+            pin,
+        );
         let cpu: f64 = procs.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
         let rss = procs.iter().map(|p| rss_mib(*p)).fold(0.0, f64::max);
         let gbits = gbps * f64::from(SECONDS);
@@ -153,8 +208,8 @@ struct Row {
 
 /// Pod-to-pod over `backend` in a fresh two-host lab (and host to host on the underlay when
 /// `underlay` is set): its row, the receiving host's UDP receive-buffer drops and the underlay's
-/// Gbit/s. `None` when the pods cannot reach each other.
-fn measure(backend: &str, underlay: bool) -> Option<(Row, u64, f64)> {
+/// Gbit/s. `None` when the pods cannot reach each other. With `pin`, each host on a core of its own.
+fn measure(backend: &str, underlay: bool, pin: bool) -> Option<(Row, u64, f64)> {
     let spec = LabSpec {
         segments: vec![2],
         config: format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"{backend}"}}}}"#),
@@ -168,11 +223,17 @@ fn measure(backend: &str, underlay: bool) -> Option<(Row, u64, f64)> {
         eprintln!("{backend}: pods cannot reach each other; skipping");
         return None;
     }
+    if pin {
+        for h in 0..2 {
+            pin_host(&lab.hosts[h], h, lab.flanneld_pid(h));
+        }
+    }
     let underlay = if underlay {
         iperf(
             lab.hosts[0].ns.name(),
             lab.hosts[1].ns.name(),
             &lab.hosts[1].addr.to_string(),
+            pin,
         )
     } else {
         0.0
@@ -182,6 +243,7 @@ fn measure(backend: &str, underlay: bool) -> Option<(Row, u64, f64)> {
         lab.hosts[0].pods[0].ns.name(),
         lab.hosts[1].pods[0].ns.name(),
         &lab.hosts[1].pods[0].ip.to_string(),
+        pin,
     );
     let cpu = cpu_seconds(lab.flanneld_pid(0)) + cpu_seconds(lab.flanneld_pid(1)) - cpu_before;
     let drops = udp_rcvbuf_errors(&lab.hosts[1]);
@@ -225,12 +287,12 @@ struct Run {
 }
 
 /// One round: every backend in turn, then wireguard-go when wireguard is among them.
-fn round(backends: &[String]) -> Run {
+fn round(backends: &[String], pin: bool) -> Run {
     let mut rows = Vec::new();
     let mut drops = Vec::new();
     let mut underlay = 0.0;
     for backend in backends {
-        if let Some((row, d, u)) = measure(backend, backend == "vxlan") {
+        if let Some((row, d, u)) = measure(backend, backend == "vxlan", pin) {
             if backend == "vxlan" {
                 underlay = u;
             }
@@ -239,7 +301,7 @@ fn round(backends: &[String]) -> Run {
         }
     }
     if backends.iter().any(|b| b == "wireguard") {
-        match wireguard_go_anchor() {
+        match wireguard_go_anchor(pin) {
             Some((gbps, cpu_per_gbit, rss)) => rows.push((
                 "wireguard-go".into(),
                 Row {
@@ -258,11 +320,13 @@ fn round(backends: &[String]) -> Run {
     }
 }
 
-const USAGE: &str = "usage: bench-throughput [--rounds N] [BACKEND...]
+const USAGE: &str = "usage: bench-throughput [--rounds N] [--pin] [BACKEND...]
   BACKEND: vxlan, host-gw, udp, wireguard (default: vxlan udp wireguard); the underlay is measured
            in vxlan's lab, Debian's wireguard-go beside wireguard
   --rounds N: the paths take turns N times (1 to 20), each in a fresh lab, then a summary
               (median and range; each ratio to vxlan taken within its round)
+  --pin: each lab host on a core of its own (CPU 0 and 1: its flanneld, its iperf3, its underlay's
+         receive work), as two real hosts; without it all share the machine's cores
 needs root (network namespaces)";
 
 fn main() {
@@ -275,6 +339,11 @@ fn main() {
         let n = args.get(i + 1).map_or("", String::as_str);
         rounds = flannel_tests::bench::number_arg(USAGE, "--rounds", n, 1..=20);
         args.drain(i..i + 2);
+    }
+    let pin = args.iter().any(|a| a == "--pin");
+    args.retain(|a| a != "--pin");
+    if pin && std::thread::available_parallelism().map_or(1, usize::from) < 2 {
+        flannel_tests::bench::bad_args(USAGE, "--pin needs at least two CPUs");
     }
     if let Some(a) = args
         .iter()
@@ -293,7 +362,7 @@ fn main() {
         args
     };
     if rounds == 1 {
-        let run = round(&backends);
+        let run = round(&backends, pin);
         print_run(&run);
         for (b, n) in run.drops {
             println!("{b}: UDP receive-buffer drops on the receiving host: {n}");
@@ -302,7 +371,7 @@ fn main() {
     }
     let mut runs = Vec::new();
     for r in 1..=rounds {
-        let run = round(&backends);
+        let run = round(&backends, pin);
         println!("round {r} of {rounds}:");
         print_run(&run);
         for (b, n) in run.drops.iter().filter(|(_, n)| *n > 0) {
