@@ -42,4 +42,14 @@ fn help_and_bad_arguments_of_every_benchmark() {
         stderr.contains("--rounds must be a number from 1 to 20"),
         "{stderr}"
     );
+    // `--pin` is an option (listed in the usage), not taken for a backend; the word after it is
+    // still checked.
+    let (_, stdout, _) = run(exe, &["--help"]);
+    assert!(stdout.contains("--pin"), "{stdout}");
+    let (code, _, stderr) = run(exe, &["--pin", "vxlan", "foo"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("\"foo\"") && !stderr.contains("\"--pin\""),
+        "{stderr}"
+    );
 }
