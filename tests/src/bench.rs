@@ -220,3 +220,94 @@ pub fn number_arg(
         ),
     }
 }
+
+/// The CPUs this process may run on (its affinity mask, which a cpuset or `taskset` narrows), in
+/// ascending order; empty if the kernel will not say.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: `set` is a plain bitmask the kernel fills; its size is passed with it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// `cpu` alone as the kernel writes a CPU mask in sysfs (`rps_cpus`): hexadecimal groups of 32
+/// bits, highest first, joined by commas (`1`, `80000000`, `1,00000000`).
+pub fn cpu_mask(cpu: usize) -> String {
+    let mut groups = vec![0u32; cpu / 32 + 1];
+    groups[cpu / 32] = 1 << (cpu % 32);
+    groups
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, g)| {
+            if i == 0 {
+                format!("{g:x}")
+            } else {
+                format!("{g:08x}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The CPUs in a sysfs CPU mask (as [`cpu_mask`] writes one, of any width, with leading zero
+/// groups), ascending; `None` if `mask` is not one.
+pub fn parse_cpu_mask(mask: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for (i, group) in mask.trim().rsplit(',').enumerate() {
+        if group.is_empty() || group.len() > 8 {
+            return None;
+        }
+        let bits = u32::from_str_radix(group, 16).ok()?;
+        cpus.extend((0..32).filter(|b| bits & (1 << b) != 0).map(|b| i * 32 + b));
+    }
+    cpus.sort_unstable();
+    Some(cpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_masks_as_sysfs_writes_them() {
+        assert_eq!(cpu_mask(0), "1");
+        assert_eq!(cpu_mask(1), "2");
+        assert_eq!(cpu_mask(31), "80000000");
+        assert_eq!(cpu_mask(32), "1,00000000");
+        assert_eq!(cpu_mask(70), "40,00000000,00000000");
+        for cpu in [0, 1, 5, 31, 32, 63, 64, 100, 1023] {
+            assert_eq!(parse_cpu_mask(&cpu_mask(cpu)), Some(vec![cpu]), "cpu {cpu}");
+        }
+    }
+
+    #[test]
+    fn cpu_masks_read_back_from_sysfs() {
+        // A machine with more than 64 CPUs pads the mask with zero groups: still CPU 1 alone.
+        assert_eq!(
+            parse_cpu_mask("00000000,00000000,00000002\n"),
+            Some(vec![1])
+        );
+        assert_eq!(parse_cpu_mask("3"), Some(vec![0, 1]));
+        assert_eq!(parse_cpu_mask("0"), Some(vec![]));
+        assert_eq!(parse_cpu_mask("1,00000001"), Some(vec![0, 32]));
+        for bad in ["", "x", "1,,2", "123456789", ","] {
+            assert_eq!(parse_cpu_mask(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn this_process_may_run_somewhere() {
+        let cpus = allowed_cpus();
+        assert!(!cpus.is_empty(), "sched_getaffinity gave no CPU");
+        assert!(cpus.windows(2).all(|w| w[0] < w[1]), "{cpus:?}");
+        let n = std::thread::available_parallelism().map_or(1, usize::from);
+        assert!(cpus.len() >= n, "{cpus:?} but available_parallelism {n}");
+    }
+}

@@ -6,9 +6,10 @@
 //! Needs root. `cargo build --release --workspace && ./target/release/bench-throughput`
 //! `bench-throughput --rounds 5` lets the paths take turns five times and summarises them (median
 //! and range; each ratio to vxlan within its round). `--pin` gives each of the two lab hosts a core
-//! of its own, as two real hosts have: host 0's flanneld (every thread) and iperf3 client on CPU 0,
-//! host 1's on CPU 1, and each host's underlay receive work (RPS on its `eth0`) on its own core,
-//! where without it the kernel's scheduler spreads all four processes over both cores.
+//! of its own, as two real hosts have: host 0's flanneld (every thread) and iperf3 client on the
+//! first CPU this process may run on, host 1's on the second, and each host's underlay receive work
+//! (RPS on its `eth0`) on its own core, where without it the kernel's scheduler spreads all four
+//! processes over the machine's cores.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -18,12 +19,15 @@ use flannel_tests::lab::{Lab, LabSpec};
 
 const SECONDS: u32 = 5;
 
-/// The command prefix that runs a lab process on `cpu` when pinning (`taskset -c CPU`), or none.
-fn on_cpu(pin: bool, cpu: usize) -> Vec<String> {
-    if pin {
-        vec!["taskset".into(), "-c".into(), cpu.to_string()]
-    } else {
-        Vec::new()
+/// With `--pin`, the core of each of the two lab hosts: the first two this process may run on.
+type Cores = Option<[usize; 2]>;
+
+/// The command prefix that runs lab host `host`'s process on its core when pinning
+/// (`taskset -c CPU`), or none.
+fn on_cpu(cores: Cores, host: usize) -> Vec<String> {
+    match cores {
+        Some(cores) => vec!["taskset".into(), "-c".into(), cores[host].to_string()],
+        None => Vec::new(),
     }
 }
 
@@ -44,26 +48,29 @@ fn pin_host(host: &flannel_tests::lab::Host, cpu: usize, pid: Option<u32>) {
             "taskset -a -p -c {cpu} {pid} failed (package util-linux)"
         );
     }
-    let rps = format!("echo {:x} > {RPS_FILE}", 1u64 << cpu);
+    let mask = flannel_tests::bench::cpu_mask(cpu);
     let read = host
         .ns
-        .exec(&["sh", "-c", &format!("{rps} && cat {RPS_FILE}")])
+        .exec(&[
+            "sh",
+            "-c",
+            &format!("echo {mask} > {RPS_FILE} && cat {RPS_FILE}"),
+        ])
         .unwrap_or_else(|e| panic!("RPS on {}'s eth0: {e}", host.ns.name()));
-    let mask = u64::from_str_radix(read.trim().replace(',', "").as_str(), 16).unwrap_or(0);
     assert_eq!(
-        mask,
-        1 << cpu,
+        flannel_tests::bench::parse_cpu_mask(&read),
+        Some(vec![cpu]),
         "RPS on {}'s eth0 reads {read:?}",
         host.ns.name()
     );
 }
 
 /// Runs iperf3 from namespace `client` to `server_ip` (server in namespace `server`); Gbit/s
-/// received. With `pin`, the client runs on CPU 0 and the server on CPU 1.
-fn iperf(client: &str, server: &str, server_ip: &str, pin: bool) -> f64 {
+/// received. With `cores`, the client runs on host 0's core and the server on host 1's.
+fn iperf(client: &str, server: &str, server_ip: &str, cores: Cores) -> f64 {
     let mut srv = Command::new("ip")
         .args(["netns", "exec", server])
-        .args(on_cpu(pin, 1))
+        .args(on_cpu(cores, 1))
         .args(["iperf3", "-s", "-1", "-p", "5201"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -72,7 +79,7 @@ fn iperf(client: &str, server: &str, server_ip: &str, pin: bool) -> f64 {
     std::thread::sleep(Duration::from_millis(300));
     let out = Command::new("ip")
         .args(["netns", "exec", client])
-        .args(on_cpu(pin, 0))
+        .args(on_cpu(cores, 0))
         .args([
             "iperf3",
             "-c",
@@ -144,7 +151,7 @@ fn cpu_seconds(pid: Option<u32>) -> f64 {
 /// Two lab hosts whose only tunnel is Debian's wireguard-go (`fltwg0` and `fltwg1`; 10.99.0.1 and
 /// .2, MTU 1420 as flannel's): host-to-host Gbit/s through it, the CPU seconds both wireguard-go
 /// processes used per Gbit, and the larger one's resident MiB.
-fn wireguard_go_anchor(pin: bool) -> Option<(f64, f64, f64)> {
+fn wireguard_go_anchor(cores: Cores) -> Option<(f64, f64, f64)> {
     let spec = LabSpec {
         segments: vec![2],
         config: r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#.into(),
@@ -170,9 +177,9 @@ fn wireguard_go_anchor(pin: bool) -> Option<(f64, f64, f64)> {
     }
     // `ip netns exec` execs wireguard-go: these are its processes.
     let procs = [Some(a.0.id()), Some(b.0.id())];
-    if pin {
+    if let Some(cores) = cores {
         for (h, pid) in procs.iter().enumerate() {
-            pin_host(&lab.hosts[h], h, *pid);
+            pin_host(&lab.hosts[h], cores[h], *pid);
         }
     }
     let up = flannel_tests::until(Duration::from_secs(10), || {
@@ -187,7 +194,7 @@ fn wireguard_go_anchor(pin: bool) -> Option<(f64, f64, f64)> {
             lab.hosts[0].ns.name(),
             lab.hosts[1].ns.name(),
             "10.99.0.2",
-            pin,
+            cores,
         );
         let cpu: f64 = procs.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
         let rss = procs.iter().map(|p| rss_mib(*p)).fold(0.0, f64::max);
@@ -208,8 +215,8 @@ struct Row {
 
 /// Pod-to-pod over `backend` in a fresh two-host lab (and host to host on the underlay when
 /// `underlay` is set): its row, the receiving host's UDP receive-buffer drops and the underlay's
-/// Gbit/s. `None` when the pods cannot reach each other. With `pin`, each host on a core of its own.
-fn measure(backend: &str, underlay: bool, pin: bool) -> Option<(Row, u64, f64)> {
+/// Gbit/s. `None` when the pods cannot reach each other. With `cores`, each host on its core.
+fn measure(backend: &str, underlay: bool, cores: Cores) -> Option<(Row, u64, f64)> {
     let spec = LabSpec {
         segments: vec![2],
         config: format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"{backend}"}}}}"#),
@@ -223,9 +230,9 @@ fn measure(backend: &str, underlay: bool, pin: bool) -> Option<(Row, u64, f64)> 
         eprintln!("{backend}: pods cannot reach each other; skipping");
         return None;
     }
-    if pin {
-        for h in 0..2 {
-            pin_host(&lab.hosts[h], h, lab.flanneld_pid(h));
+    if let Some(cores) = cores {
+        for (h, cpu) in cores.into_iter().enumerate() {
+            pin_host(&lab.hosts[h], cpu, lab.flanneld_pid(h));
         }
     }
     let underlay = if underlay {
@@ -233,7 +240,7 @@ fn measure(backend: &str, underlay: bool, pin: bool) -> Option<(Row, u64, f64)> 
             lab.hosts[0].ns.name(),
             lab.hosts[1].ns.name(),
             &lab.hosts[1].addr.to_string(),
-            pin,
+            cores,
         )
     } else {
         0.0
@@ -243,7 +250,7 @@ fn measure(backend: &str, underlay: bool, pin: bool) -> Option<(Row, u64, f64)> 
         lab.hosts[0].pods[0].ns.name(),
         lab.hosts[1].pods[0].ns.name(),
         &lab.hosts[1].pods[0].ip.to_string(),
-        pin,
+        cores,
     );
     let cpu = cpu_seconds(lab.flanneld_pid(0)) + cpu_seconds(lab.flanneld_pid(1)) - cpu_before;
     let drops = udp_rcvbuf_errors(&lab.hosts[1]);
@@ -287,12 +294,12 @@ struct Run {
 }
 
 /// One round: every backend in turn, then wireguard-go when wireguard is among them.
-fn round(backends: &[String], pin: bool) -> Run {
+fn round(backends: &[String], cores: Cores) -> Run {
     let mut rows = Vec::new();
     let mut drops = Vec::new();
     let mut underlay = 0.0;
     for backend in backends {
-        if let Some((row, d, u)) = measure(backend, backend == "vxlan", pin) {
+        if let Some((row, d, u)) = measure(backend, backend == "vxlan", cores) {
             if backend == "vxlan" {
                 underlay = u;
             }
@@ -301,7 +308,7 @@ fn round(backends: &[String], pin: bool) -> Run {
         }
     }
     if backends.iter().any(|b| b == "wireguard") {
-        match wireguard_go_anchor(pin) {
+        match wireguard_go_anchor(cores) {
             Some((gbps, cpu_per_gbit, rss)) => rows.push((
                 "wireguard-go".into(),
                 Row {
@@ -325,8 +332,9 @@ const USAGE: &str = "usage: bench-throughput [--rounds N] [--pin] [BACKEND...]
            in vxlan's lab, Debian's wireguard-go beside wireguard
   --rounds N: the paths take turns N times (1 to 20), each in a fresh lab, then a summary
               (median and range; each ratio to vxlan taken within its round)
-  --pin: each lab host on a core of its own (CPU 0 and 1: its flanneld, its iperf3, its underlay's
-         receive work), as two real hosts; without it all share the machine's cores
+  --pin: each lab host on a core of its own (the first two CPUs this process may run on: its
+         flanneld, its iperf3, its underlay's receive work), as two real hosts; without it all
+         share the machine's cores
 needs root (network namespaces)";
 
 fn main() {
@@ -342,15 +350,20 @@ fn main() {
     }
     let pin = args.iter().any(|a| a == "--pin");
     args.retain(|a| a != "--pin");
-    if pin && std::thread::available_parallelism().map_or(1, usize::from) < 2 {
-        flannel_tests::bench::bad_args(USAGE, "--pin needs at least two CPUs");
-    }
     if let Some(a) = args
         .iter()
         .find(|a| !["vxlan", "host-gw", "udp", "wireguard"].contains(&a.as_str()))
     {
         flannel_tests::bench::bad_args(USAGE, &format!("unknown backend or option {a:?}"));
     }
+    let cores: Cores = match flannel_tests::bench::allowed_cpus()[..] {
+        _ if !pin => None,
+        [a, b, ..] => Some([a, b]),
+        ref cpus => flannel_tests::bench::bad_args(
+            USAGE,
+            &format!("--pin needs two CPUs to run on; this process may use {cpus:?}"),
+        ),
+    };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("bench-throughput needs root (network namespaces)");
@@ -362,7 +375,7 @@ fn main() {
         args
     };
     if rounds == 1 {
-        let run = round(&backends, pin);
+        let run = round(&backends, cores);
         print_run(&run);
         for (b, n) in run.drops {
             println!("{b}: UDP receive-buffer drops on the receiving host: {n}");
@@ -371,7 +384,7 @@ fn main() {
     }
     let mut runs = Vec::new();
     for r in 1..=rounds {
-        let run = round(&backends, pin);
+        let run = round(&backends, cores);
         println!("round {r} of {rounds}:");
         print_run(&run);
         for (b, n) in run.drops.iter().filter(|(_, n)| *n > 0) {
