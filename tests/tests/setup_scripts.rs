@@ -58,6 +58,7 @@ fn path_without(dir: &Path, leave_out: &[&str]) {
         "systemctl",
         "unshare",
         "nsenter",
+        "taskset",
         "swanctl",
         "qemu-system-x86_64",
         "mktemp",
