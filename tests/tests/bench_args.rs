@@ -53,15 +53,19 @@ fn help_and_bad_arguments_of_every_benchmark() {
         "{stderr}"
     );
     // `--pin` takes its cores from the CPUs this process may run on: with one (taskset), it is
-    // refused naming the one, before any lab is built (no root needed to get that far).
+    // refused naming the one, before any lab is built (no root needed to get that far). The one
+    // is the first CPU this test may use (CPU 0 need not be in its set).
+    let cpu = flannel_tests::bench::allowed_cpus()[0].to_string();
     let out = Command::new("taskset")
-        .args(["-c", "0", exe, "--pin", "vxlan"])
+        .args(["-c", &cpu, exe, "--pin", "vxlan"])
         .output()
         .expect("taskset (Debian package util-linux)");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("--pin needs two CPUs to run on; this process may use [0]"),
+        stderr.contains(&format!(
+            "--pin needs two CPUs to run on; this process may use [{cpu}]"
+        )),
         "{stderr}"
     );
 }
